@@ -1,0 +1,89 @@
+"""The ``i2e-deploy`` command line: each command parses, calls the library, prints."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import I2EError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export, run and verify I2E spiking networks.")
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """Export, run and verify I2E spiking networks."""
+
+err_console = Console(stderr=True)
+
+
+def command(*args, **kwargs):
+    """Register a command whose I2EError becomes one red line and exit code 2."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except I2EError as exc:
+                err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+        return app.command(*args, **kwargs)(run)
+    return wrap
+
+
+def load_model_arg(checkpoint: str, arch, classes, ratio, imgsz, events):
+    from .model.checkpoint import load_checkpoint
+    from .assets import resolve_model
+    return load_checkpoint(resolve_model(checkpoint), arch=arch, num_classes=classes,
+                           ratio=ratio, imgsz=imgsz, events=events)
+
+
+ArchOpt = typer.Option(None, "--arch", help="msresnet18 or msresnet34 (default: from the weights)")
+ClassesOpt = typer.Option(None, "--classes", help="number of classes (must match fc.weight)")
+RatioOpt = typer.Option(None, "--ratio", help="converter threshold ratio (default: card / paper)")
+ImgszOpt = typer.Option(None, "--imgsz", help="input size in px (default: card / paper)")
+EventsOpt = typer.Option(None, "--events/--images", help="event-input or image-input model")
+
+
+@command("info")
+def info(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'default'"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON"),
+         arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
+         ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
+         events: Optional[bool] = EventsOpt):
+    """Show a checkpoint's model card, what was inferred, parameters and GMACs."""
+    from .model.profile import count_macs, count_params
+    model, card = load_model_arg(checkpoint, arch, classes, ratio, imgsz, events)
+    stats = {"params": count_params(model), "gmacs_per_image": count_macs(model, card) / 1e9}
+    if as_json:
+        print(json.dumps({"card": card.to_dict(), **stats}, indent=2))
+        return
+    from rich.table import Table
+    table = Table(title=f"{checkpoint}", show_header=False)
+    for key, value in card.to_dict().items():
+        if key in ("inferred", "provenance"):
+            continue
+        table.add_row(key, str(value))
+    for key, value in card.provenance.items():
+        table.add_row(f"provenance.{key}", str(value))
+    table.add_row("parameters", f"{stats['params']:,}")
+    table.add_row("GMACs / image", f"{stats['gmacs_per_image']:.3f} (T={card.T}, "
+                  f"{card.imgsz}x{card.imgsz})")
+    console.print(table)
+    for note in card.inferred:
+        console.print(f"[yellow]inferred:[/yellow] {note}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

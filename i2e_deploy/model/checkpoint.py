@@ -1,0 +1,208 @@
+"""Load and save checkpoints safely (never unpickling code).
+
+Formats read: the paper's released dict ``{"epoch", "state_dict", "best_acc1"}`` with the
+``module.`` prefix, a bare state_dict, and ours ``{"format": "i2e-deploy", "card", "state_dict"}``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..card import ARCHS, ModelCard, default_resolution, sha256_file
+from ..errors import I2EError
+from .msresnet import MSResNet, build_model
+
+FORMAT = "i2e-deploy"
+FORMAT_VERSION = 1
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _read(path: Path) -> Any:
+    if not path.is_file():
+        raise I2EError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "Weights only load failed" in str(exc) or "Unsupported" in str(exc):
+            raise I2EError(f"{path}: refused to load: the file holds Python objects other than "
+                           "tensors (unpickling them could run code); re-save it as a plain "
+                           "state_dict") from None
+        raise I2EError(f"{path}: not a PyTorch checkpoint ({first or 'unpickling failed'})") from None
+    except Exception as exc:  # torch.load raises many types on garbage input
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise I2EError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                       f"{msg}") from None
+
+
+def _strip(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise I2EError(f"state_dict entry {key!r} is not a named tensor")
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _split(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """(format, state_dict, extras)."""
+    if not isinstance(obj, dict) or not obj:
+        raise I2EError("file is not a checkpoint: expected a dict of tensors or a dict with "
+                       "a 'state_dict' entry")
+    if obj.get("format") == FORMAT:
+        return "i2e-deploy", _strip(obj["state_dict"]), obj
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            return "released", _strip(obj[key]), obj
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return "state_dict", _strip(obj), {}
+    raise I2EError("file is not a checkpoint: no 'state_dict' entry and not a dict of tensors")
+
+
+def infer_arch(state_dict: dict[str, torch.Tensor]) -> str:
+    counts = []
+    for stage in range(1, 5):
+        blocks = {int(m.group(1)) for k in state_dict
+                  if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        counts.append(max(blocks) + 1 if blocks else 0)
+    for arch, layout in ARCHS.items():
+        if tuple(counts) == layout:
+            return arch
+    if not any(counts):
+        raise I2EError("checkpoint has no MS-ResNet blocks (no 'layer1.0.*' keys); "
+                       "is this an I2E MS-ResNet checkpoint?")
+    raise I2EError(f"block layout {counts} matches no supported arch "
+                   f"({', '.join(f'{a}={list(l)}' for a, l in ARCHS.items())})")
+
+
+def _check_keys(model: MSResNet, state_dict: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and k != "i2e.weight"]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing:
+        raise I2EError(f"checkpoint lacks {len(missing)} keys the model needs, e.g. "
+                       f"{missing[0]!r}")
+    if unexpected:
+        raise I2EError(f"checkpoint has {len(unexpected)} keys this model does not know, e.g. "
+                       f"{unexpected[0]!r}")
+    for key, value in state_dict.items():
+        if value.shape != expected[key].shape:
+            raise I2EError(f"checkpoint key {key!r} has shape {list(value.shape)}, the model "
+                           f"expects {list(expected[key].shape)}")
+
+
+def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None,
+                    num_classes: int | None = None, ratio: float | None = None,
+                    imgsz: int | None = None, events: bool | None = None,
+                    class_names: list[str] | None = None) -> tuple[MSResNet, ModelCard]:
+    """Load any supported checkpoint as ``(model in eval mode, card)``.
+
+    Values the file does not record are inferred and listed in ``card.inferred``; the keyword
+    arguments override them (and must agree with the weights).
+    """
+    path = Path(path)
+    fmt, state_dict, extras = _split(_read(path))
+    if fmt == "i2e-deploy":
+        card = ModelCard.from_dict(dict(extras["card"]))
+        card.inferred = []
+    else:
+        card = _card_from_weights(path, state_dict, events)
+    _apply_overrides(card, state_dict, arch, num_classes, ratio, imgsz, events, class_names)
+    card.provenance.update({"source": path.name, "sha256": sha256_file(path), "format": fmt})
+    for key in ("epoch", "best_acc1"):
+        if key in extras and fmt != "i2e-deploy":
+            value = extras[key]
+            card.provenance[key] = value.item() if isinstance(value, torch.Tensor) else value
+    model = build_model(card)
+    _check_keys(model, state_dict)
+    state_dict.setdefault("i2e.weight", model.i2e.weight)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval(), card
+
+
+def _card_from_weights(path: Path, state_dict, events: bool | None) -> ModelCard:
+    arch = infer_arch(state_dict)
+    if "fc.weight" not in state_dict:
+        raise I2EError("checkpoint has no 'fc.weight'; cannot tell the number of classes")
+    num_classes = int(state_dict["fc.weight"].shape[0])
+    imgsz, ratio, resize = default_resolution(num_classes)
+    notes = [f"arch {arch} from the block layout",
+             f"{num_classes} classes from fc.weight",
+             f"image size {imgsz}, ratio {ratio} are the paper's defaults for {num_classes} "
+             "classes (the file does not record them; override with --imgsz/--ratio)"]
+    input_kind = "images"
+    if events is None and "dvs" in path.name.lower():
+        input_kind = "events"
+        notes.append("event input guessed from 'dvs' in the file name (override with --images)")
+    return ModelCard(arch=arch, input=input_kind, num_classes=num_classes, ratio=ratio,
+                     imgsz=imgsz, resize=resize, inferred=notes)
+
+
+def _apply_overrides(card: ModelCard, state_dict, arch, num_classes, ratio, imgsz, events,
+                     class_names) -> None:
+    if arch is not None:
+        if arch not in ARCHS:
+            raise I2EError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        found = infer_arch(state_dict)
+        if arch != found:
+            raise I2EError(f"--arch {arch} does not match the checkpoint, whose blocks are "
+                           f"{found}")
+        card.arch = arch
+    if num_classes is not None:
+        found = int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else None
+        if found is not None and num_classes != found:
+            raise I2EError(f"--classes {num_classes} does not match the checkpoint's fc layer "
+                           f"({found} classes)")
+    if ratio is not None:
+        if not ratio > 0:
+            raise I2EError(f"--ratio must be positive, got {ratio}")
+        card.ratio = float(ratio)
+        card.inferred = [n for n in card.inferred if "ratio" not in n]
+    if imgsz is not None:
+        if imgsz < 32:
+            raise I2EError(f"--imgsz must be at least 32, got {imgsz}")
+        card.resize = max(imgsz, round(card.resize * imgsz / card.imgsz))
+        card.imgsz = int(imgsz)
+        card.inferred = [n for n in card.inferred if "image size" not in n]
+    if events is not None:
+        card.input = "events" if events else "images"
+        card.inferred = [n for n in card.inferred if "event input" not in n]
+    if class_names is not None:
+        if len(class_names) != card.num_classes:
+            raise I2EError(f"{len(class_names)} class names given for {card.num_classes} "
+                           "classes")
+        card.class_names = list(class_names)
+    ModelCard.from_dict(card.to_dict())  # re-validate
+
+
+def save_checkpoint(path: str | os.PathLike, model: MSResNet, card: ModelCard, *,
+                    half: bool = False, extra: dict[str, Any] | None = None) -> None:
+    """Write our format atomically; loadable with ``weights_only=True``."""
+    state = {k: (v.half() if half and v.is_floating_point() and k.endswith(("weight", "bias"))
+                 else v).detach().cpu().clone()
+             for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "card": card.to_dict(),
+               "state_dict": state, **(extra or {})}
+    atomic_save(payload, path)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

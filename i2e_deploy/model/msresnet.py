@@ -1,0 +1,104 @@
+"""MS-ResNet-18/34 with membrane shortcuts (SPEC §3): the one model definition.
+
+Tensors flow with time folded into the batch, ``[T*B, C, H, W]`` (T-major); only the LIF
+neurons unfold it. Module names equal the released checkpoints' keys.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..card import ARCHS, ModelCard
+from .converter import I2E, T as DEFAULT_T
+from .neuron import LIF
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """LIF -> conv3x3 -> BN -> LIF -> conv3x3 -> BN, plus the (membrane) shortcut; no neuron
+    after the sum: the next block's first LIF fires on it."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, T: int):
+        super().__init__()
+        self.sn1 = LIF(T)
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.sn2 = LIF(T)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                LIF(T), nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn1(self.conv1(self.sn1(x)))
+        out = self.bn2(self.conv2(self.sn2(out)))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return out + shortcut
+
+
+class MSResNet(nn.Module):
+    """Image input ``[B, 3, H, W]`` (float in [0,1] or uint8 NHWC; the I2E converter is the
+    first layer) or event input ``[B, T, 2, H, W]``. Returns logits ``[B, classes]``, the
+    mean over T of the head."""
+
+    def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, ratio: float = 0.07,
+                 input: str = "images", T: int = DEFAULT_T):
+        super().__init__()
+        self.input = input
+        self.T = T
+        self.i2e = I2E(ratio)
+        self.conv1 = nn.Conv2d(2, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        widths = (64, 128, 256, 512)
+        in_planes = 64
+        for stage, (planes, count) in enumerate(zip(widths, blocks), start=1):
+            stride = 1 if stage == 1 else 2
+            layers = [BasicBlock(in_planes if i == 0 else planes, planes,
+                                 stride if i == 0 else 1, T) for i in range(count)]
+            setattr(self, f"layer{stage}", nn.Sequential(*layers))
+            in_planes = planes
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.sn = LIF(T)
+        self.fc = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def to_events(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input -> time-major events ``[T, B, 2, H, W]``."""
+        if self.input == "images":
+            return self.i2e(x)
+        if x.dim() != 5 or x.shape[1] != self.T or x.shape[2] != 2:
+            raise ValueError(f"event input must be [B, {self.T}, 2, H, W], "
+                             f"got {tuple(x.shape)}")
+        return x.transpose(0, 1).float()
+
+    def forward_events(self, events: torch.Tensor) -> torch.Tensor:
+        """Time-major events ``[T, B, 2, H, W]`` -> logits ``[B, classes]``."""
+        batch = events.shape[1]
+        out = self.maxpool(self.bn1(self.conv1(events.flatten(0, 1))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = self.sn(self.avgpool(out)).flatten(1)
+        return self.fc(out).view(self.T, batch, -1).mean(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_events(self.to_events(x))
+
+
+def build_model(card: ModelCard) -> MSResNet:
+    return MSResNet(ARCHS[card.arch], card.num_classes, card.ratio, card.input, card.T)
+
+
+def msresnet18(num_classes: int = 10, ratio: float = 0.07, input: str = "images") -> MSResNet:
+    return MSResNet(ARCHS["msresnet18"], num_classes, ratio, input)
+
+
+def msresnet34(num_classes: int = 10, ratio: float = 0.07, input: str = "images") -> MSResNet:
+    return MSResNet(ARCHS["msresnet34"], num_classes, ratio, input)
