@@ -1,0 +1,386 @@
+"""One interface for every backend: ``load_runner(path).infer(batch) -> numpy``.
+
+Every runner of an image model takes the same input, a uint8 NHWC RGB batch at the card's
+size (what ``runtime.preprocess`` yields and a camera gives); a runner whose graph wants float
+NCHW converts it. Event models take ``[N, T, 2, H, W]``. Outputs are float32 logits
+``[N, classes]``, or the events for converter-only graphs (``runner.output == "events"``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from ..card import ModelCard
+from ..errors import I2EError
+
+TORCH_SUFFIXES = (".pth", ".pt", ".tar")
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".engine", ".plan")
+ONNX_CARD_KEY = "i2e_deploy.card"
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'cpu' -> ('cpu', 0); 'cuda' / 'cuda:N' -> ('cuda', N)."""
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip().lower())
+    if not match or (match.group(1) == "cpu" and match.group(2)):
+        raise I2EError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    return match.group(1), int(match.group(2) or 0)
+
+
+class Runner(ABC):
+    """A loaded model on one backend. Use as a context manager or call ``close()``."""
+
+    name: str
+    card: ModelCard
+    input_format: str  # 'uint8' (NHWC) | 'float' (NCHW, [0, 1]) | 'events' ([N, T, 2, H, W])
+    output: str = "logits"  # or 'events' for converter-only graphs
+    precision: str = "fp32"
+
+    def __init__(self, path: Path, device: str):
+        self.path = Path(path)
+        self.device = device
+
+    @abstractmethod
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """Run the backend on input already in ``self.input_format``."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(self._adapt(np.asarray(batch)))
+
+    def example_input(self, batch: int = 1) -> np.ndarray:
+        """A zero batch in the common input format (uint8 NHWC images, or events)."""
+        size = self.card.imgsz
+        if self.card.input == "events":
+            return np.zeros((batch, self.card.T, 2, size, size), np.float32)
+        return np.zeros((batch, size, size, 3), np.uint8)
+
+    def warmup(self, iterations: int = 1, batch: int = 1) -> None:
+        sample = self.example_input(batch)
+        for _ in range(iterations):
+            self.infer(sample)
+
+    def close(self) -> None:
+        """Release backend resources; the runner is unusable afterwards."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.path.name!r}, device={self.device!r}, "
+                f"input={self.input_format}, precision={self.precision})")
+
+    def _adapt(self, batch: np.ndarray) -> np.ndarray:
+        """Check the batch against the card and convert it to the graph's input format."""
+        size = self.card.imgsz
+        if self.card.input == "events":
+            expected = (self.card.T, 2, size, size)
+            if batch.ndim != 5 or batch.shape[1:] != expected:
+                raise I2EError(f"event batch must be [N, {', '.join(map(str, expected))}], "
+                               f"got {list(batch.shape)}")
+            return batch.astype(np.float32, copy=False)
+        if batch.dtype == np.uint8 and batch.ndim == 4 and batch.shape[1:] == (size, size, 3):
+            if self.input_format == "float":
+                return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), np.float32) / 255.0
+            return np.ascontiguousarray(batch)
+        if (self.input_format == "float" and batch.dtype == np.float32 and batch.ndim == 4
+                and batch.shape[1:] == (3, size, size)):
+            return batch
+        raise I2EError(f"image batch must be uint8 NHWC [N, {size}, {size}, 3] (RGB), got "
+                       f"{batch.dtype} {list(batch.shape)}")
+
+
+class TorchRunner(Runner):
+    """The PyTorch reference model (``load_checkpoint``); ``compile`` applies
+    ``torch.compile`` (CUDA graphs via mode 'reduce-overhead' on a GPU)."""
+
+    name = "torch"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None,
+                 compile: bool = False, **overrides):
+        import torch
+
+        from ..model.checkpoint import load_checkpoint
+
+        super().__init__(path, device)
+        kind, index = parse_device(device)
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise I2EError(f"device {device} requested but PyTorch sees no CUDA GPU; use --device cpu")
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
+        self._torch = torch
+        self._device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
+        self.model, self.card = load_checkpoint(path, **overrides)
+        self.model.to(self._device)
+        self.input_format = "events" if self.card.input == "events" else "uint8"
+        self._forward = self.model
+        if compile:
+            mode = "reduce-overhead" if kind == "cuda" else "default"
+            self._forward = torch.compile(self.model, mode=mode, dynamic=False)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self._device)
+            if self.card.input == "events":
+                x = x.float()
+            return self._forward(x).float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = self._forward = None
+
+
+def read_onnx_card(model) -> ModelCard:
+    """The model card stored in an ONNX model's ``metadata_props``."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if ONNX_CARD_KEY not in props:
+        raise I2EError("ONNX file has no i2e-deploy model card in its metadata; export it "
+                       "with `i2e-deploy export`")
+    return ModelCard.from_json(props[ONNX_CARD_KEY])
+
+
+def _onnx_card(path: Path) -> tuple[ModelCard, dict[str, str]]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors have many types
+        raise I2EError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    return read_onnx_card(model), props
+
+
+def ort_providers(device: str, providers: list[str] | None = None) -> list:
+    """Execution providers for a device, best first (TensorRT > CUDA > CPU), with options."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers:
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise I2EError(f"ONNX Runtime here lacks provider(s) {', '.join(missing)}; "
+                           f"available: {', '.join(available)}")
+        return list(providers)
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    if not gpu:
+        raise I2EError(f"device {device} requested but this onnxruntime has no GPU provider; "
+                       "install onnxruntime-gpu or use --device cpu")
+    return [(p, {"device_id": index}) for p in gpu] + ["CPUExecutionProvider"]
+
+
+class OrtRunner(Runner):
+    """An exported graph on ONNX Runtime."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None,
+                 providers: list[str] | None = None, optimization: str = "all"):
+        import onnxruntime as ort
+
+        super().__init__(path, device)
+        self.card, props = _onnx_card(path)
+        self.precision = props.get("i2e_deploy.precision", "fp32")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise I2EError(f"unknown optimization level {optimization!r}; choose one of "
+                           f"{', '.join(OPTIMIZATION_LEVELS)}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel,
+            "ORT_DISABLE_ALL" if optimization == "disable" else f"ORT_ENABLE_{optimization.upper()}")
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=ort_providers(device, providers))
+        except I2EError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise I2EError(f"{path}: ONNX Runtime cannot load it: {first}") from None
+        graph_input = self.session.get_inputs()[0]
+        self._input_name = graph_input.name
+        self.input_format = _graph_input_format(graph_input.type, len(graph_input.shape))
+        self.output = "events" if len(self.session.get_outputs()[0].shape) == 5 else "logits"
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        result = self.session.run(None, {self._input_name: batch})[0]
+        return result if self.output == "events" else result.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _graph_input_format(onnx_type: str, rank: int) -> str:
+    if rank == 5:
+        return "events"
+    if onnx_type == "tensor(uint8)":
+        return "uint8"
+    return "float"
+
+
+# --- TensorRT -------------------------------------------------------------------------------
+
+SIDECAR_SUFFIX = ".json"
+
+
+def engine_sidecar_path(engine: str | os.PathLike) -> Path:
+    """``model.engine`` -> ``model.engine.json``."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + SIDECAR_SUFFIX)
+
+
+def read_engine_sidecar(engine: str | os.PathLike) -> dict:
+    """The sidecar JSON of an engine: card, tensorrt_version, gpu_name, compute_capability
+    ("8.6"), precision, shapes (and optionally hardware_compatibility / version_compatible)."""
+    sidecar = engine_sidecar_path(engine)
+    if not sidecar.is_file():
+        raise I2EError(f"{engine}: engine sidecar {sidecar.name} is missing; rebuild the engine "
+                       "with `i2e-deploy build`")
+    try:
+        data = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise I2EError(f"{sidecar}: not valid JSON ({exc})") from None
+    required = ("card", "tensorrt_version", "gpu_name", "compute_capability", "precision")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise I2EError(f"{sidecar}: missing {', '.join(missing)}; rebuild the engine")
+    return data
+
+
+def check_engine_compatible(sidecar: dict, *, tensorrt_version: str, gpu_name: str,
+                            compute_capability: str) -> None:
+    """Refuse an engine built for another TensorRT version or GPU (engines are not portable
+    unless built version- or hardware-compatible)."""
+    hint = "rebuild it here from the ONNX file with `i2e-deploy build model.onnx`"
+    if not sidecar.get("version_compatible") and sidecar["tensorrt_version"] != tensorrt_version:
+        raise I2EError(f"engine was built with TensorRT {sidecar['tensorrt_version']}, this is "
+                       f"TensorRT {tensorrt_version}; {hint}")
+    built_cc = str(sidecar["compute_capability"])
+    if sidecar.get("hardware_compatibility"):
+        if _cc_tuple(compute_capability) < (8, 0):
+            raise I2EError(f"hardware-compatible engines need compute capability >= 8.0, this "
+                           f"GPU is {compute_capability}; {hint}")
+        return
+    if built_cc != compute_capability or sidecar["gpu_name"] != gpu_name:
+        raise I2EError(f"engine was built for {sidecar['gpu_name']} (sm {built_cc}), this GPU is "
+                       f"{gpu_name} (sm {compute_capability}); {hint}")
+
+
+def _cc_tuple(cc: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in str(cc).split("."))
+
+
+class TensorRTRunner(Runner):
+    """A serialized TensorRT engine (TensorRT 10 name-based I/O, ``execute_async_v3``);
+    device buffers and the CUDA stream come from ``torch.cuda``."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: Path, device: str = "cuda"):
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise I2EError("TensorRT is not installed; `pip install tensorrt` (on a machine with "
+                           "an NVIDIA GPU) or run the .onnx file instead") from None
+        import torch
+
+        super().__init__(path, device)
+        kind, index = parse_device(device if device != "cpu" else "cuda")
+        if not torch.cuda.is_available():
+            raise I2EError("TensorRT engines need an NVIDIA GPU, and PyTorch sees none")
+        sidecar = read_engine_sidecar(path)
+        props = torch.cuda.get_device_properties(index)
+        check_engine_compatible(sidecar, tensorrt_version=trt.__version__, gpu_name=props.name,
+                                compute_capability=f"{props.major}.{props.minor}")
+        self.card = ModelCard.from_dict(sidecar["card"])
+        self.precision = sidecar["precision"]
+        self._torch = torch
+        self._device = torch.device("cuda", index)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        with torch.cuda.device(index):
+            self._runtime = trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
+            if self.engine is None:
+                raise I2EError(f"{path}: TensorRT could not deserialize the engine (corrupt, or "
+                               "built by another TensorRT version)")
+            self.context = self.engine.create_execution_context()
+            self._stream = torch.cuda.Stream(self._device)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._inputs = [n for n in names
+                        if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in names
+                         if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        rank = len(self.engine.get_tensor_shape(self._inputs[0]))
+        self.input_format = _graph_input_format(
+            "tensor(uint8)" if self._dtypes[self._inputs[0]] == np.uint8 else "tensor(float)", rank)
+        self.output = "events" if len(self.engine.get_tensor_shape(self._outputs[0])) == 5 \
+            else "logits"
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        name = self._inputs[0]
+        x = torch.from_numpy(np.ascontiguousarray(batch, self._dtypes[name])).to(self._device)
+        self.context.set_input_shape(name, tuple(x.shape))
+        self.context.set_tensor_address(name, x.data_ptr())
+        outputs = {}
+        for out in self._outputs:
+            shape = tuple(self.context.get_tensor_shape(out))
+            dtype = getattr(torch, self._dtypes[out].name) if self._dtypes[out] != np.bool_ \
+                else torch.bool
+            outputs[out] = torch.empty(shape, dtype=dtype, device=self._device)
+            self.context.set_tensor_address(out, outputs[out].data_ptr())
+        with torch.cuda.stream(self._stream):
+            if not self.context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+        self._stream.synchronize()
+        result = outputs[self._outputs[0]].cpu().numpy()
+        return result if self.output == "events" else result.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.context = self.engine = self._runtime = None
+
+
+def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                providers: list[str] | None = None, optimization: str = "all",
+                warmup: int = 1, **torch_options) -> Runner:
+    """Open a model file on the backend its suffix names ('default' = the bundled model).
+
+    ``torch_options`` go to the PyTorch runner (``compile``, and ``load_checkpoint``
+    overrides such as ``imgsz``); they are refused for other backends.
+    """
+    from ..assets import resolve_model
+
+    path = resolve_model(str(path))
+    if not path.is_file():
+        raise I2EError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        runner: Runner = TorchRunner(path, device, threads, **torch_options)
+    elif torch_options:
+        raise I2EError(f"options {sorted(torch_options)} apply only to PyTorch checkpoints")
+    elif suffix in ONNX_SUFFIXES:
+        runner = OrtRunner(path, device, threads, providers, optimization)
+    elif suffix in ENGINE_SUFFIXES:
+        runner = TensorRTRunner(path, "cuda" if device == "cpu" else device)
+    else:
+        raise I2EError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected "
+                       f"{', '.join(TORCH_SUFFIXES + ONNX_SUFFIXES + ENGINE_SUFFIXES)}")
+    if warmup:
+        runner.warmup(warmup)
+    return runner
