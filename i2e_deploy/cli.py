@@ -81,6 +81,36 @@ def info(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'defaul
         console.print(f"[yellow]inferred:[/yellow] {note}", highlight=False)
 
 
+@command("train")
+def train_cmd(data: Path = typer.Argument(..., help="image folder, one sub-folder per class"),
+              output: Path = typer.Option(Path("runs/train"), "--output", "-o"),
+              recipe: str = typer.Option("baseline-ii", help="baseline-i | baseline-ii | transfer"),
+              arch: str = typer.Option("msresnet18"),
+              imgsz: Optional[int] = typer.Option(None, help="input size (default: paper's)"),
+              ratio: Optional[float] = typer.Option(None, help="converter ratio (default: paper's)"),
+              epochs: int = typer.Option(256), batch: int = typer.Option(64),
+              lr: float = typer.Option(0.1),
+              weight_decay: Optional[float] = typer.Option(None, help="default 2e-4 CIFAR, 1e-5 ImageNet"),
+              augment: Optional[str] = typer.Option(None, help="cifar | imagenet | none"),
+              val_split: float = typer.Option(0.0, help="hold out a count (>=1) or fraction"),
+              val_data: Optional[Path] = typer.Option(None, help="separate held-out folder"),
+              seed: int = typer.Option(0), workers: int = typer.Option(2),
+              device: str = typer.Option("cpu"),
+              from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="fine-tune from"),
+              resume: bool = typer.Option(False, help="continue OUTPUT/last.pt")):
+    """Train an MS-ResNet on an image folder with the paper's recipes."""
+    from .training.train import TrainConfig, train
+    cfg = TrainConfig(data=str(data), output=str(output), recipe=recipe, arch=arch, imgsz=imgsz,
+                      ratio=ratio, epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
+                      augment=augment, val_split=val_split,
+                      val_data=str(val_data) if val_data else None, seed=seed, workers=workers,
+                      device=device,
+                      from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
+                      resume=resume)
+    best = train(cfg, log=lambda msg: console.print(msg, highlight=False))
+    console.print(f"best checkpoint: {best}")
+
+
 def main() -> None:
     app()
 
