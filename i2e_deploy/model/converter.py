@@ -73,8 +73,9 @@ def convert(images: torch.Tensor, ratio: float, pairs=EVAL_PAIRS,
         return padded[:, 0, r:r + height, q:q + width]
 
     diffs = torch.stack([cell(b) - cell(a) for a, b in (pairs[k] for k in order)])  # [T,B,H,W]
-    on = (diffs >= threshold) & live
-    off = (-diffs >= threshold) & live
+    # max(D, 0) >= threshold as released: with ratio 0 every position fires both polarities.
+    on = (diffs.clamp(min=0) >= threshold) & live
+    off = ((-diffs).clamp(min=0) >= threshold) & live
     return torch.stack((on, off), dim=2).float()
 
 
