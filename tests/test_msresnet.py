@@ -1,0 +1,121 @@
+"""MS-ResNet-18/34 against an independent SpikingJelly build of the released architecture."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from i2e_deploy.model.msresnet import msresnet18, msresnet34
+from i2e_deploy.model.neuron import LIF
+from paper_model import paper_msresnet18, paper_msresnet34
+
+BUILDERS = {"msresnet18": (msresnet18, paper_msresnet18), "msresnet34": (msresnet34, paper_msresnet34)}
+
+
+def randomized(model: nn.Module, seed: int) -> nn.Module:
+    """Random BN affine and running statistics, so folding/ordering mistakes would show."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=gen) * 0.6 - 0.2)
+                m.running_mean.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            elif isinstance(m, nn.Linear):
+                m.bias.copy_(torch.randn(m.out_features, generator=gen) * 0.01)
+    return model
+
+
+def firing_rates(model: nn.Module) -> list[float]:
+    rates = []
+    hooks = [m.register_forward_hook(lambda mod, i, out: rates.append(out.mean().item()))
+             for m in model.modules() if isinstance(m, LIF)]
+    return rates, hooks
+
+
+def pair(arch: str, events: bool, num_classes: int = 10, seed: int = 0):
+    ours_builder, paper_builder = BUILDERS[arch]
+    torch.manual_seed(seed)
+    ours = randomized(ours_builder(num_classes, 0.07, "events" if events else "images"), seed)
+    paper = paper_builder(num_classes, 0.07, events=events)
+    paper.load_state_dict(ours.state_dict())
+    return ours, paper
+
+
+def sample_input(events: bool, size: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if events:
+        return (torch.rand(2, 8, 2, size, size, generator=gen) < 0.08).float()
+    return torch.rand(2, 3, size, size, generator=gen)
+
+
+@pytest.mark.parametrize("arch, events, size", [
+    ("msresnet18", False, 32), ("msresnet18", True, 32),
+    ("msresnet34", False, 32), ("msresnet34", True, 32),
+])
+def test_eval_matches_paper_model(arch, events, size):
+    ours, paper = pair(arch, events)
+    ours.eval(), paper.eval()
+    x = sample_input(events, size)
+    rates, hooks = firing_rates(ours)
+    with torch.no_grad():
+        got = ours(x)
+        want = paper(x)
+        again = paper(x)  # the reference resets its neurons per call
+    for h in hooks:
+        h.remove()
+    assert got.shape == (2, 10)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    assert torch.equal(want, again)
+    # The comparison only means something if neurons actually fire, and not everywhere.
+    mean_rate = sum(rates) / len(rates)
+    assert 0.01 < mean_rate < 0.9, mean_rate
+    assert (got[0] - got[1]).abs().max() > 1e-4  # outputs depend on the input
+
+
+def test_state_dict_keys_are_released_layout():
+    ours, paper = pair("msresnet34", events=False)
+    keys = set(ours.state_dict())
+    assert keys == set(paper.state_dict())
+    for key in ("i2e.weight", "conv1.weight", "bn1.num_batches_tracked", "layer1.2.conv2.weight",
+                "layer3.5.bn2.running_var", "layer2.0.downsample.1.weight",
+                "layer4.0.downsample.2.running_mean", "fc.weight", "fc.bias"):
+        assert key in keys
+    assert not any(k.startswith(("layer1.0.downsample", "layer2.1.downsample")) for k in keys)
+    ours.load_state_dict(paper.state_dict(), strict=True)
+
+
+def test_train_mode_outputs_and_gradients_match():
+    ours, paper = pair("msresnet18", events=True, seed=3)
+    ours.train(), paper.train()
+    x = sample_input(True, 32, seed=4)
+    target = torch.tensor([3, 7])
+    loss_ours = nn.functional.cross_entropy(ours(x), target)
+    loss_paper = nn.functional.cross_entropy(paper(x), target)
+    assert abs(loss_ours.item() - loss_paper.item()) <= 1e-5
+    loss_ours.backward()
+    loss_paper.backward()
+    grads_paper = dict(paper.named_parameters())
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.bn2.weight", "fc.weight"):
+        g_ours = dict(ours.named_parameters())[name].grad
+        assert g_ours.abs().max() > 0, name
+        torch.testing.assert_close(g_ours, grads_paper[name].grad, rtol=1e-4, atol=1e-6)
+    # BN running statistics are updated the same way (over T*B).
+    torch.testing.assert_close(ours.bn1.running_mean, paper.bn1.running_mean)
+
+
+def test_uint8_nhwc_input_equals_float():
+    ours, _ = pair("msresnet18", events=False)
+    ours.eval()
+    raw = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(ours(raw), ours(raw.permute(0, 3, 1, 2).float() / 255.0))
+
+
+def test_event_input_shape_checked():
+    ours, _ = pair("msresnet18", events=True)
+    with pytest.raises(ValueError):
+        ours(torch.zeros(2, 4, 2, 32, 32))
