@@ -100,3 +100,25 @@ def load_labelled_folder(folder: str | os.PathLike, card: ModelCard, limit: int 
     picked = picked[:limit] if limit else picked
     images = load_images([p for p, _ in picked], card)
     return images, np.array([label for _, label in picked], np.int64), names
+
+
+def synthetic_images(count: int, card: ModelCard, seed: int = 0) -> np.ndarray:
+    """Structured random images (uint8 NHWC at the card size): smooth colour fields, a few
+    shapes and mild noise, so the converter sees edges as in photos rather than pure noise."""
+    rng = np.random.default_rng(seed)
+    size = card.imgsz
+    batch = np.empty((count, size, size, 3), np.uint8)
+    for i in range(count):
+        coarse = rng.uniform(0, 255, (rng.integers(2, 6), rng.integers(2, 6), 3)).astype(np.float32)
+        image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+        for _ in range(rng.integers(1, 5)):
+            colour = rng.uniform(0, 255, 3).tolist()
+            centre = tuple(int(c) for c in rng.integers(0, size, 2))
+            if rng.random() < 0.5:
+                cv2.circle(image, centre, int(rng.integers(size // 10, size // 3)), colour, -1)
+            else:
+                corner = tuple(int(c) for c in rng.integers(0, size, 2))
+                cv2.rectangle(image, centre, corner, colour, -1)
+        image += rng.normal(0, 4, image.shape).astype(np.float32)
+        batch[i] = np.clip(image, 0, 255).astype(np.uint8)
+    return batch

@@ -134,6 +134,14 @@ class TorchRunner(Runner):
                 x = x.float()
             return self._forward(x).float().cpu().numpy()
 
+    def events(self, batch: np.ndarray) -> np.ndarray:
+        """The reference converter's events ``[N, T, 2, H, W]`` uint8, as converter-only
+        graphs output them."""
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(self._adapt(np.asarray(batch))).to(self._device)
+            return self.model.to_events(x).transpose(0, 1).to(torch.uint8).cpu().numpy()
+
     def close(self) -> None:
         self.model = self._forward = None
 
