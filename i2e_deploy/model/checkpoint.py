@@ -26,19 +26,21 @@ _PREFIXES = ("module.", "_orig_mod.")
 def _read(path: Path) -> Any:
     if not path.is_file():
         raise I2EError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise I2EError(f"{path}: the file is empty, not a checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "Weights only load failed" in str(exc) or "Unsupported" in str(exc):
+        # The weights-only unpickler names the blocked GLOBAL when a file references code.
+        if "GLOBAL" in str(exc):
             raise I2EError(f"{path}: refused to load: the file holds Python objects other than "
                            "tensors (unpickling them could run code); re-save it as a plain "
                            "state_dict") from None
-        raise I2EError(f"{path}: not a PyTorch checkpoint ({first or 'unpickling failed'})") from None
+        raise I2EError(f"{path}: not a PyTorch checkpoint (unreadable pickle data)") from None
     except Exception as exc:  # torch.load raises many types on garbage input
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise I2EError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                       f"{msg}") from None
+        detail = str(exc).strip().split(". ")[0] if isinstance(exc, RuntimeError) else ""
+        raise I2EError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or "
+                       f"another file type){': ' + detail if detail else ''}") from None
 
 
 def _strip(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
