@@ -264,8 +264,8 @@ def run_parity(model_a: str, model_b: str, *, data: str | None = None,
                         layers=layer_rows)
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temp file + rename): never a half-written report."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a report atomically (temp file + rename): never a half-written file."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,12 +274,15 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         raise I2EError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def render(report: ParityReport, console) -> None:

@@ -1,0 +1,371 @@
+"""``i2e-deploy benchmark MODEL``: every backend x precision this machine has, in one table.
+
+Each row runs in its own worker process (a fresh interpreter), so one backend's threads,
+caches and allocations cannot colour another's numbers. What is measured:
+
+- latency: wall time of ``runner.infer`` at batch 1 (p50 / p99 over ``iters`` calls after
+  ``warmup`` calls); inputs already preprocessed, so this is the model alone;
+- throughput: images/s of ``runner.infer`` at ``batch``;
+- memory: the worker's peak RSS (``ru_maxrss``), and that peak minus the RSS after the worker
+  imported its libraries (PyTorch, ONNX, ONNX Runtime: the package imports PyTorch, so every
+  worker carries it) and read the inputs: the delta is what loading and running the model
+  added;
+- accuracy: top-1 on the labelled folder (``--data``, ImageFolder layout);
+- parity: top-1 agreement and max |Δlogit| against the PyTorch reference on the same inputs.
+
+A row that cannot run here says why (``TensorRT not installed``) instead of vanishing.
+Exports go to a cache folder keyed by the checkpoint's sha256 and the export options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .card import ModelCard, sha256_file
+from .errors import I2EError
+from .runtime.runners import (ENGINE_SUFFIXES, ONNX_SUFFIXES, TORCH_SUFFIXES, _onnx_card,
+                              read_engine_sidecar)
+
+DEFAULT_CACHE = Path.home() / ".cache" / "i2e-deploy"
+TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
+SYNTHETIC_COUNT = 32
+
+
+@dataclass
+class Row:
+    backend: str
+    precision: str
+    model: str | None = None  # file the worker runs; None when the row cannot run
+    reason: str | None = None  # why the row did not run
+    device: str = "cpu"
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    throughput_ips: float | None = None
+    peak_rss_mb: float | None = None
+    model_rss_mb: float | None = None
+    accuracy: float | None = None
+    top1_agreement: float | None = None
+    max_abs_logit: float | None = None
+
+
+@dataclass
+class BenchmarkReport:
+    model: str
+    card: dict[str, Any]
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cache_key(checkpoint: Path, **options: Any) -> str:
+    """sha256 of the checkpoint, the export options and the package version."""
+    text = json.dumps({"sha256": sha256_file(checkpoint), "version": __version__, **options},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cached(cache: Path, checkpoint: Path, suffix: str, build: Callable[[Path], None],
+            **options: Any) -> Path:
+    """The cached export for these options, building it (atomically) when missing."""
+    target = cache / f"{checkpoint.stem}-{cache_key(checkpoint, **options)}{suffix}"
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def _export_fp32(checkpoint: Path, output: Path) -> None:
+    from .export.onnx import export_onnx
+
+    export_onnx(checkpoint, output, verify=False)
+
+
+def int8_exporter() -> Callable[..., None] | None:
+    """The INT8 exporter of ``i2e_deploy.calibration`` when this installation has one."""
+    try:
+        from .calibration import export_int8
+    except ImportError:
+        return None
+    return export_int8
+
+
+def tensorrt_status() -> str | None:
+    """None when TensorRT engines can be built and run here, else why not."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    try:
+        from .export.tensorrt import build_engine  # noqa: F401
+    except ImportError:
+        return "engine builder not available in this installation"
+    return None
+
+
+def plan_rows(model: Path, cache: Path, device: str, data: str | None) -> list[Row]:
+    """The rows for a model file: what runs, what must be exported first, what cannot run."""
+    suffix = model.suffix.lower()
+    rows: list[Row] = []
+    onnx_fp32: Path | None = None
+    if suffix in TORCH_SUFFIXES:
+        rows.append(Row("PyTorch (reference)", "fp32", str(model), device=device))
+        try:
+            onnx_fp32 = _cached(cache, model, ".onnx", lambda out: _export_fp32(model, out),
+                                precision="fp32")
+            rows.append(Row("ONNX Runtime", "fp32", str(onnx_fp32), device=device))
+        except ImportError:
+            rows.append(Row("ONNX Runtime", "fp32", reason="ONNX exporter not available"))
+        exporter = int8_exporter()
+        if exporter is None:
+            rows.append(Row("ONNX Runtime", "int8", reason="INT8 exporter not available"))
+        elif onnx_fp32 is not None:
+            int8 = _cached(cache, model, ".onnx",
+                           lambda out: exporter(model, out, data=data), precision="int8",
+                           data=str(data) if data else None)
+            rows.append(Row("ONNX Runtime", "int8", str(int8), device=device))
+    elif suffix in ONNX_SUFFIXES:
+        rows.append(Row("PyTorch (reference)", "fp32",
+                        reason="give the checkpoint to benchmark the reference"))
+        card_props = _onnx_card(model)[1]
+        rows.append(Row("ONNX Runtime", card_props.get("i2e_deploy.precision", "fp32"),
+                        str(model), device=device))
+        onnx_fp32 = model
+    elif suffix in ENGINE_SUFFIXES:
+        precision = read_engine_sidecar(model)["precision"]
+        rows.append(Row("TensorRT", precision, str(model), device="cuda"))
+        return rows
+    else:
+        raise I2EError(f"{model}: unknown model format {suffix or '(no suffix)'}")
+    rows.extend(_tensorrt_rows(model, onnx_fp32, cache))
+    return rows
+
+
+def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path) -> list[Row]:
+    reason = tensorrt_status() or (None if onnx_fp32 else "no ONNX graph to build from")
+    if reason:
+        return [Row("TensorRT", p, reason=reason) for p in TENSORRT_PRECISIONS]
+    from .export.tensorrt import build_engine
+
+    rows = []
+    for precision in TENSORRT_PRECISIONS:
+        try:
+            engine = _cached(cache, source, ".engine",
+                             lambda out, p=precision: build_engine(onnx_fp32, out, precision=p),
+                             precision=precision, backend="tensorrt")
+            rows.append(Row("TensorRT", precision, str(engine), device="cuda"))
+        except I2EError as exc:
+            rows.append(Row("TensorRT", precision, reason=str(exc)))
+    return rows
+
+
+def _load_inputs(card: ModelCard, data: str | None, limit: int
+                 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """(inputs, labels or None, description)."""
+    if card.input == "events":
+        if data is not None:
+            raise I2EError("event-input models take events; accuracy on an image folder does "
+                           "not apply (drop --data)")
+        rng = np.random.default_rng(0)
+        shape = (SYNTHETIC_COUNT, card.T, 2, card.imgsz, card.imgsz)
+        return (rng.random(shape) < 0.1).astype(np.float32), None, {"source": "random events"}
+    if data is not None:
+        from .runtime.preprocess import load_labelled_folder
+
+        images, labels, names = load_labelled_folder(data, card, limit)
+        return images, labels, {"source": str(data), "count": len(images)}
+    from .runtime.preprocess import synthetic_images
+
+    return (synthetic_images(SYNTHETIC_COUNT, card), None,
+            {"source": "structured random images", "count": SYNTHETIC_COUNT})
+
+
+def _card_of(model: Path) -> ModelCard:
+    suffix = model.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        from .model.checkpoint import load_checkpoint
+
+        return load_checkpoint(model)[1]
+    if suffix in ONNX_SUFFIXES:
+        return _onnx_card(model)[0]
+    if suffix in ENGINE_SUFFIXES:
+        return ModelCard.from_dict(read_engine_sidecar(model)["card"])
+    raise I2EError(f"{model}: unknown model format {suffix or '(no suffix)'}; expected "
+                   f"{', '.join(TORCH_SUFFIXES + ONNX_SUFFIXES + ENGINE_SUFFIXES)}")
+
+
+def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iters: int = 50,
+                  warmup: int = 5, batch: int = 8, device: str = "cpu",
+                  threads: int | None = None, cache: str | None = None,
+                  log: Callable[[str], None] = lambda msg: None) -> BenchmarkReport:
+    """Benchmark every backend x precision available for ``model`` (see the module doc)."""
+    from .assets import resolve_model
+
+    for name, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0),
+                               ("--batch", batch, 1), ("--limit", limit, 1)):
+        if value < least:
+            raise I2EError(f"{name} must be at least {least}, got {value}")
+    path = resolve_model(model)
+    if not path.is_file():
+        raise I2EError(f"model file not found: {path}")
+    card = _card_of(path)
+    inputs, labels, input_info = _load_inputs(card, data, limit)
+    cache_dir = Path(cache).expanduser() if cache else DEFAULT_CACHE
+    log(f"exporting into {cache_dir} (cached by checkpoint sha256 + options)")
+    rows = plan_rows(path, cache_dir, device, data)
+    settings = {"iters": iters, "warmup": warmup, "batch": batch, "device": device,
+                "threads": threads, "inputs": input_info}
+    reference: np.ndarray | None = None
+    with tempfile.TemporaryDirectory(prefix="i2e-bench-") as tmp:
+        inputs_file = Path(tmp) / "inputs.npy"
+        np.save(inputs_file, inputs)
+        for row in rows:
+            if row.model is None:
+                continue
+            log(f"running {row.backend} {row.precision} ...")
+            outputs_file = Path(tmp) / "outputs.npy"
+            result = _run_worker({"model": row.model, "device": row.device, "threads": threads,
+                                  "iters": iters, "warmup": warmup, "batch": batch,
+                                  "inputs": str(inputs_file), "outputs": str(outputs_file)})
+            if "error" in result:
+                row.reason = result["error"]
+                continue
+            for key in ("latency_p50_ms", "latency_p99_ms", "throughput_ips", "peak_rss_mb",
+                        "model_rss_mb"):
+                setattr(row, key, result[key])
+            logits = np.load(outputs_file)
+            if labels is not None:
+                row.accuracy = float((logits.argmax(1) == labels).mean())
+            if row.backend.startswith("PyTorch"):
+                reference = logits
+            if reference is not None:
+                row.top1_agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+                row.max_abs_logit = float(np.abs(logits - reference).max())
+    return BenchmarkReport(model=str(path), card=card.to_dict(), settings=settings,
+                           environment=environment(), rows=rows)
+
+
+def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "i2e_deploy.benchmark"],
+                          input=json.dumps(spec), capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    return {"error": f"worker failed: {tail}"}
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one model file (runs in a fresh process; see the module doc)."""
+    import resource
+    import time
+
+    import onnx  # noqa: F401  # imported before the baseline: libraries are not the model
+    import onnxruntime  # noqa: F401
+    import psutil
+    import torch  # noqa: F401
+
+    from .runtime.runners import load_runner
+
+    inputs = np.load(spec["inputs"])
+    baseline = psutil.Process().memory_info().rss
+    batch = spec["batch"]
+    with load_runner(spec["model"], device=spec["device"], threads=spec["threads"],
+                     warmup=0) as runner:
+        single = inputs[:1]
+        for _ in range(spec["warmup"]):
+            runner.infer(single)
+        latencies = []
+        for _ in range(spec["iters"]):
+            start = time.perf_counter()
+            runner.infer(single)
+            latencies.append(time.perf_counter() - start)
+        full = np.resize(inputs, (batch, *inputs.shape[1:]))  # repeats inputs if too few
+        runner.infer(full)
+        runs = max(2, -(-spec["iters"] // batch))
+        start = time.perf_counter()
+        for _ in range(runs):
+            runner.infer(full)
+        throughput = runs * batch / (time.perf_counter() - start)
+        outputs = np.concatenate([runner.infer(inputs[i:i + batch])
+                                  for i in range(0, len(inputs), batch)])
+    np.save(spec["outputs"], outputs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"latency_p50_ms": float(np.percentile(latencies, 50) * 1e3),
+            "latency_p99_ms": float(np.percentile(latencies, 99) * 1e3),
+            "throughput_ips": float(throughput), "peak_rss_mb": peak / 2**20,
+            "model_rss_mb": (peak - baseline) / 2**20}
+
+
+def environment() -> dict[str, Any]:
+    import onnxruntime
+
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "onnxruntime": onnxruntime.__version__, "i2e_deploy": __version__}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def markdown(report: BenchmarkReport) -> str:
+    """The report as a Markdown table (one row per backend x precision)."""
+    batch = report.settings["batch"]
+    head = ["backend", "precision", "device", "p50 ms (b=1)", "p99 ms (b=1)",
+            f"img/s (b={batch})", "peak RSS MB (model)", "top-1 acc", "agree vs ref",
+            "max Δlogit", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report.rows:
+        ran = row.latency_p50_ms is not None
+        memory = (f"{row.peak_rss_mb:.0f} ({row.model_rss_mb:.0f})" if ran else "")
+        cells = [row.backend, row.precision, row.device if ran else "",
+                 _cell(row.latency_p50_ms, ".1f"), _cell(row.latency_p99_ms, ".1f"),
+                 _cell(row.throughput_ips, ".1f"), memory,
+                 _cell(None if row.accuracy is None else 100 * row.accuracy, ".1f"),
+                 _cell(None if row.top1_agreement is None else 100 * row.top1_agreement, ".1f"),
+                 _cell(row.max_abs_logit, ".2g"), row.reason or ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        result = _worker(json.loads(sys.stdin.read()))
+    except I2EError as exc:
+        result = {"error": str(exc)}
+    except Exception as exc:  # a backend failing must become a row's note, not a crash
+        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    print(json.dumps(result))
