@@ -1,0 +1,95 @@
+"""Annotated view of one prediction: the frame with its top-k labels, and beside it the T
+event frames the spiking network sees (ON red, OFF blue), tiled two rows high."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from .sources import Frame
+    from .stream import Prediction
+
+# BGR, since the canvas goes straight to cv2.VideoWriter / imshow.
+ON_BGR = np.array([60, 70, 255], np.uint8)
+OFF_BGR = np.array([255, 140, 70], np.uint8)
+BACKGROUND = 24
+MIN_HEIGHT, MAX_HEIGHT = 256, 720
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def event_tiles(events: np.ndarray, tile: int, rows: int = 2) -> np.ndarray:
+    """[T, 2, H, W] 0/1 events -> BGR mosaic of T tiles (rows x T/rows), each ``tile`` px."""
+    T = events.shape[0]
+    cols = -(-T // rows)
+    on = events[:, 0].astype(bool)
+    off = events[:, 1].astype(bool)
+    coloured = np.full(on.shape + (3,), BACKGROUND, np.uint8)
+    coloured[on] = ON_BGR
+    coloured[off] = OFF_BGR
+    coloured[on & off] = (ON_BGR // 2 + OFF_BGR // 2)
+    mosaic = np.full((rows * tile, cols * tile, 3), BACKGROUND, np.uint8)
+    for t in range(T):
+        r, c = divmod(t, cols)
+        cell = cv2.resize(coloured[t], (tile - 2, tile - 2), interpolation=cv2.INTER_NEAREST)
+        mosaic[r * tile + 1:(r + 1) * tile - 1, c * tile + 1:(c + 1) * tile - 1] = cell
+        cv2.putText(mosaic, f"t{t}", (c * tile + 5, r * tile + 16), FONT, 0.4, (200, 200, 200), 1,
+                    cv2.LINE_AA)
+    return mosaic
+
+
+def _panel(image_rgb: np.ndarray) -> np.ndarray:
+    height = image_rgb.shape[0]
+    target = min(max(height, MIN_HEIGHT), MAX_HEIGHT)
+    bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    if target != height:
+        width = round(image_rgb.shape[1] * target / height)
+        bgr = cv2.resize(bgr, (width, target), interpolation=cv2.INTER_AREA if target < height
+                         else cv2.INTER_NEAREST)
+    return bgr
+
+
+def _shade(canvas: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
+    roi = canvas[max(y0, 0):y1, max(x0, 0):x1]
+    roi[:] = (roi.astype(np.uint16) * 2 // 5).astype(np.uint8)
+
+
+def crop_box(shape: tuple[int, int], resize: int, imgsz: int) -> tuple[int, int, int, int]:
+    """The region of an HxW frame that resize-shorter-side + centre-crop keeps."""
+    height, width = shape
+    side = imgsz * min(height, width) / resize
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return round(x0), round(y0), round(x0 + side), round(y0 + side)
+
+
+def annotate(frame: "Frame", prediction: "Prediction", status: str | None = None) -> np.ndarray:
+    """BGR canvas: the frame (top-k labels, model's crop outlined, ``status`` at the bottom)
+    and the event mosaic beside it, same height."""
+    panel = _panel(frame.image)
+    height, width = panel.shape[:2]
+    scale = height / frame.image.shape[0]
+    font = max(0.45, height / 480 * 0.7)
+    thick = 1 if font < 0.8 else 2
+    line = int(28 * font / 0.7)
+    if frame.events is None:  # image input: outline what the model actually sees
+        card = prediction.card
+        x0, y0, x1, y1 = crop_box(frame.image.shape[:2], card.resize, card.imgsz)
+        cv2.rectangle(panel, (round(x0 * scale), round(y0 * scale)),
+                      (round(x1 * scale) - 1, round(y1 * scale) - 1), (0, 220, 255), 1)
+    lines = [f"{label} {prob:.0%}" for label, prob in zip(prediction.labels, prediction.probs)]
+    text_width = max(cv2.getTextSize(t, FONT, font, thick)[0][0] for t in lines) + 16
+    _shade(panel, 0, 0, text_width, line * len(lines) + 10)
+    for i, text in enumerate(lines):
+        colour = (80, 255, 80) if i == 0 else (230, 230, 230)
+        cv2.putText(panel, text, (8, line * (i + 1)), FONT, font, colour, thick, cv2.LINE_AA)
+    if status:
+        size = cv2.getTextSize(status, FONT, font * 0.8, 1)[0]
+        _shade(panel, 0, height - size[1] - 14, size[0] + 16, height)
+        cv2.putText(panel, status, (8, height - 8), FONT, font * 0.8, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+    mosaic = event_tiles(prediction.events, height // 2)
+    canvas = np.full((height, width + mosaic.shape[1], 3), BACKGROUND, np.uint8)
+    canvas[:, :width] = panel
+    canvas[:mosaic.shape[0], width:] = mosaic
+    return canvas

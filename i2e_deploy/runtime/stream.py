@@ -1,0 +1,462 @@
+"""The streaming loop: sources -> preprocess -> infer -> overlay -> sinks, with statistics.
+
+Python API, in the style of jetson-inference's examples::
+
+    from i2e_deploy.runtime.stream import Classifier
+    from i2e_deploy.runtime.sources import open_source
+    from i2e_deploy.runtime.sinks import open_sink
+
+    model = Classifier("model.onnx")
+    with open_source("video.mp4") as source, open_sink("out.mp4") as sink:
+        for frame in source:
+            sink.render(frame, model(frame))
+
+``Stream`` (and ``run_stream`` for the CLI) adds what a live camera needs: capture on its own
+thread with a latest-frame policy (stale frames are dropped and counted), several sources
+micro-batched into one inference, FPS / latency percentiles / per-stage times in bounded
+memory, reconnection, and a clean end on Ctrl-C or end of input.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..card import ModelCard
+from ..errors import I2EError
+from .overlay import annotate
+from .preprocess import preprocess
+from .runners import Runner, load_runner
+from .sinks import Sink, open_sinks
+from .sources import Frame, Source, open_source
+
+STAGES = ("capture", "preprocess", "infer", "overlay", "sink")
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one frame, and what the network saw (for the event view)."""
+    indices: np.ndarray
+    labels: list[str]
+    probs: np.ndarray
+    logits: np.ndarray
+    model_input: np.ndarray  # uint8 [S, S, 3] crop, or events [T, 2, S, S]
+    card: ModelCard
+
+    @cached_property
+    def events(self) -> np.ndarray:
+        """[T, 2, S, S] 0/1 events: the model input itself, or the I2E conversion of the crop."""
+        if self.model_input.ndim == 4:
+            return self.model_input
+        return image_to_events(self.model_input, self.card.ratio)
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+
+def image_to_events(crop: np.ndarray, ratio: float) -> np.ndarray:
+    """uint8 HWC RGB -> [T, 2, H, W] uint8, with the model's own converter (SPEC §1)."""
+    import torch
+
+    from ..model.converter import convert
+
+    with torch.inference_mode():
+        events = convert(torch.from_numpy(np.ascontiguousarray(crop))[None], ratio)
+    return events[:, 0].to(torch.uint8).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def open_runner(model: str | os.PathLike, *, backend: str = "auto", device: str = "cpu",
+                threads: int | None = None, **overrides) -> Runner:
+    """Load a model for streaming. ``backend='onnx'`` runs a PyTorch checkpoint on ONNX
+    Runtime, exporting it once into the cache (``$I2E_CACHE``, default ~/.cache/i2e-deploy);
+    'auto' and 'torch' use the backend the file's suffix names."""
+    from .runners import TORCH_SUFFIXES
+
+    if backend not in ("auto", "torch", "onnx"):
+        raise I2EError(f"unknown backend {backend!r}; choose auto, torch or onnx")
+    from ..assets import resolve_model
+
+    path = resolve_model(str(model))
+    if backend == "onnx" and path.suffix.lower() in TORCH_SUFFIXES:
+        path = cached_onnx(path, **overrides)
+        overrides = {}
+    elif backend == "torch" and path.suffix.lower() not in TORCH_SUFFIXES:
+        raise I2EError(f"--backend torch needs a PyTorch checkpoint, got {path.name}")
+    return load_runner(path, device=device, threads=threads, **overrides)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("I2E_CACHE", Path.home() / ".cache" / "i2e-deploy"))
+
+
+def cached_onnx(checkpoint: Path, **overrides) -> Path:
+    """The ONNX export of a checkpoint, made once per file content and overrides."""
+    import hashlib
+
+    from ..card import sha256_file
+    from ..export.onnx import export_onnx
+
+    key = hashlib.sha256((sha256_file(checkpoint) + json.dumps(overrides, sort_keys=True))
+                         .encode()).hexdigest()[:16]
+    target = cache_dir() / "onnx" / f"{checkpoint.stem}-{key}.onnx"
+    if not target.is_file():
+        from ..model.checkpoint import load_checkpoint
+
+        model, card = load_checkpoint(checkpoint, **overrides)
+        export_onnx(model, card, target)
+    return target
+
+
+class Classifier:
+    """A model that classifies frames: ``Classifier(path)(frame) -> Prediction``."""
+
+    def __init__(self, model: str | os.PathLike | Runner, *, topk: int = 3,
+                 backend: str = "auto", device: str = "cpu", threads: int | None = None,
+                 **overrides):
+        if topk < 1:
+            raise I2EError(f"topk must be >= 1, got {topk}")
+        self.runner = model if isinstance(model, Runner) else open_runner(
+            model, backend=backend, device=device, threads=threads, **overrides)
+        self.card: ModelCard = self.runner.card
+        self.topk = min(topk, self.card.num_classes)
+
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
+    def prepare(self, frame: Frame) -> np.ndarray:
+        """The model input for one frame: the card's crop, or events [T, 2, S, S]."""
+        if frame.events is not None:
+            if self.card.input != "events":
+                raise I2EError("event-camera frames need an event-input model")
+            return frame.events
+        crop = preprocess(frame.image, self.card)
+        if self.card.input == "events":  # an event model watching a camera: I2E makes events
+            return image_to_events(crop, self.card.ratio)
+        return crop
+
+    def classify(self, inputs: list[np.ndarray]) -> list[Prediction]:
+        """One inference over a micro-batch of prepared inputs."""
+        logits = self.runner.infer(np.stack(inputs))
+        probs = softmax(logits.astype(np.float64))
+        top = np.argsort(-probs, axis=1)[:, :self.topk]
+        return [Prediction(top[i], [self.card.label(int(k)) for k in top[i]], probs[i, top[i]],
+                           logits[i], inputs[i], self.card) for i in range(len(inputs))]
+
+    def __call__(self, frame: Frame) -> Prediction:
+        return self.classify([self.prepare(frame)])[0]
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "Classifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Ring:
+    """The last ``capacity`` samples (for percentiles) plus whole-run count and sum, in
+    fixed memory however long the stream runs."""
+
+    def __init__(self, capacity: int = 8192):
+        self.values = np.zeros(capacity)
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.values[self.count % len(self.values)] = value
+        self.count += 1
+        self.total += value
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def percentile(self, q: float) -> float:
+        n = min(self.count, len(self.values))
+        return float(np.percentile(self.values[:n], q)) if n else 0.0
+
+
+@dataclass
+class StreamStats:
+    sources: list[str]
+    backend: str
+    frames: int = 0
+    seconds: float = 0.0
+    dropped: int = 0
+    unreadable: int = 0
+    reconnects: int = 0
+    interrupted: bool = False
+    error: str | None = None
+    latency: Ring = field(default_factory=Ring)
+    stages: dict[str, Ring] = field(default_factory=lambda: {s: Ring() for s in STAGES})
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        infer_s = self.stages["infer"].total / 1e3
+        return {
+            "sources": self.sources, "backend": self.backend,
+            "frames": self.frames, "seconds": round(self.seconds, 4), "fps": round(self.fps, 3),
+            "latency_ms": {"p50": round(self.latency.percentile(50), 3),
+                           "p90": round(self.latency.percentile(90), 3),
+                           "p99": round(self.latency.percentile(99), 3),
+                           "mean": round(self.latency.mean, 3)},
+            "stages_ms": {name: round(ring.mean, 3) for name, ring in self.stages.items()},
+            # Share of wall time not spent inside the network: the pipeline's own cost.
+            "pipeline_overhead_pct": round(100 * (1 - infer_s / self.seconds), 2)
+            if self.seconds > 0 else 0.0,
+            "dropped": self.dropped, "unreadable": self.unreadable,
+            "reconnects": self.reconnects, "interrupted": self.interrupted, "error": self.error,
+        }
+
+    def summary(self) -> str:
+        d = self.to_dict()
+        lat, st = d["latency_ms"], d["stages_ms"]
+        end = "interrupted" if self.interrupted else ("stopped by error" if self.error else "done")
+        return (f"{end}: {self.frames} frames in {self.seconds:.1f} s = {self.fps:.1f} FPS "
+                f"({self.backend}) | latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms | "
+                f"per frame: capture {st['capture']:.1f}, preprocess {st['preprocess']:.1f}, "
+                f"infer {st['infer']:.1f}, overlay {st['overlay']:.1f}, sink {st['sink']:.1f} ms "
+                f"| dropped {self.dropped}, unreadable {self.unreadable}")
+
+
+_END = object()
+
+
+class _Capture(threading.Thread):
+    """Reads one source on its own thread into a small queue. Live sources keep only the
+    newest frames (the oldest is dropped and counted); recordings block instead, so every
+    frame is processed."""
+
+    def __init__(self, source: Source, index: int, queue_size: int, latest: bool):
+        super().__init__(name=f"capture-{index}", daemon=True)
+        self.source, self.index, self.latest = source, index, latest
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.stop = threading.Event()
+        self.dropped = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            for frame in self.source:
+                if self.stop.is_set():
+                    break
+                frame.source = self.index
+                self._put(frame)
+        except I2EError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # a decoder failing mid-stream must not kill the loop silently
+            self.error = f"source {self.source.uri} failed: {type(exc).__name__}: {exc}"
+        finally:
+            self.source.close()  # here, not from the main thread, which may still be reading
+            self._put_blocking(_END)
+
+    def _put(self, frame: Frame) -> None:
+        if not self.latest:
+            self._put_blocking(frame)
+            return
+        while True:
+            try:
+                self.queue.put_nowait(frame)
+                return
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+
+    def _put_blocking(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self):
+        """Next frame, or _END; waits in short steps so Ctrl-C is seen promptly."""
+        while True:
+            try:
+                return self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self.is_alive() and self.queue.empty():
+                    return _END
+
+
+class Stream:
+    """Run ``classifier`` over ``sources`` into ``sink`` until the sources end, ``max_frames``
+    are done, the sink's window is closed, or Ctrl-C. The stream closes sources and sink.
+
+    ``latest`` (default: for live sources) selects the latest-frame policy; ``queue_size``
+    bounds each source's queue (1-2 keeps latency low)."""
+
+    def __init__(self, classifier: Classifier, sources: list[Source], sink: Sink, *,
+                 max_frames: int | None = None, queue_size: int = 1, latest: bool | None = None):
+        if not sources:
+            raise I2EError("no source given")
+        if queue_size < 1:
+            raise I2EError(f"queue size must be >= 1, got {queue_size}")
+        self.classifier, self.sources, self.sink = classifier, sources, sink
+        self.max_frames = max_frames
+        self.captures = [_Capture(s, i, queue_size, s.live if latest is None else latest)
+                         for i, s in enumerate(sources)]
+        self.stats = StreamStats([s.uri for s in sources], classifier.name)
+
+    def run(self) -> StreamStats:
+        stats = self.stats
+        start = time.perf_counter()
+        for capture in self.captures:
+            capture.start()
+        active = list(self.captures)
+        rate = 0.0
+        try:
+            while active and not self.sink.stopped:
+                frames = []
+                for capture in list(active):
+                    item = capture.get()
+                    if item is _END:
+                        active.remove(capture)
+                    else:
+                        frames.append(item)
+                if self.max_frames is not None:
+                    frames = frames[:self.max_frames - stats.frames]
+                if not frames:
+                    continue
+                began = time.perf_counter()
+                inputs = [self.classifier.prepare(f) for f in frames]
+                prepared = time.perf_counter()
+                predictions = self.classifier.classify(inputs)
+                inferred = time.perf_counter()
+                canvases = [None] * len(frames)
+                if self.sink.needs_canvas:
+                    status = f"{rate:.1f} FPS | {stats.latency.percentile(50):.0f} ms | " \
+                             f"{self.classifier.name}"
+                    canvases = [annotate(f, p, status) for f, p in zip(frames, predictions)]
+                drawn = time.perf_counter()
+                for frame, prediction, canvas in zip(frames, predictions, canvases):
+                    self.sink.write(frame, prediction, canvas)
+                written = time.perf_counter()
+                n = len(frames)
+                for frame in frames:
+                    stats.latency.add((written - frame.timestamp) * 1e3)
+                    stats.stages["capture"].add(frame.capture_ms)
+                    for name, seconds in (("preprocess", prepared - began),
+                                          ("infer", inferred - prepared),
+                                          ("overlay", drawn - inferred),
+                                          ("sink", written - drawn)):
+                        stats.stages[name].add(seconds * 1e3 / n)
+                stats.frames += n
+                elapsed = written - start
+                rate = stats.frames / elapsed if elapsed > 0 else 0.0
+                if self.max_frames is not None and stats.frames >= self.max_frames:
+                    break
+        except KeyboardInterrupt:
+            stats.interrupted = True
+        finally:
+            stats.seconds = time.perf_counter() - start
+            self._shutdown()
+        return stats
+
+    def _shutdown(self) -> None:
+        for capture in self.captures:
+            capture.stop.set()
+        for capture in self.captures:
+            capture.join(timeout=5.0)  # a live read can block; the thread is a daemon
+        self.sink.close()
+        stats = self.stats
+        stats.dropped = sum(c.dropped for c in self.captures)
+        stats.unreadable = sum(s.unreadable for s in self.sources)
+        stats.reconnects = sum(s.reconnects for s in self.sources)
+        errors = [c.error for c in self.captures if c.error]
+        if errors and not stats.interrupted:
+            stats.error = errors[0]
+
+
+def run_stream(model: str, sources: list[str], outputs: list[str], *,
+               max_frames: int | None = None, topk: int = 3, backend: str = "auto",
+               device: str = "cpu", threads: int | None = None, resolution: str | None = None,
+               fps: float | None = None, loop: bool = False, stride: int = 1,
+               window_ms: float = 100.0, queue_size: int = 1, stats_json: str | None = None,
+               **overrides) -> StreamStats:
+    """Open everything by name, run the stream, write ``stats_json``. Open failures (missing
+    file, dead URL, no camera) raise I2EError before anything runs; a failure mid-stream
+    (camera lost) ends the stream and is reported in ``stats.error``."""
+    if max_frames is not None and max_frames < 1:
+        raise I2EError(f"--max-frames must be >= 1, got {max_frames}")
+    classifier = Classifier(model, topk=topk, backend=backend, device=device, threads=threads,
+                            **overrides)
+    opened: list[Source] = []
+    try:
+        for uri in sources:
+            opened.append(open_source(uri, card=classifier.card, resolution=resolution, fps=fps,
+                                      loop=loop, stride=stride, window_ms=window_ms))
+        sink = open_sinks(outputs or ["display"], fps=opened[0].fps if opened else 25.0)
+    except BaseException:
+        for source in opened:
+            source.close()
+        raise
+    try:
+        stats = Stream(classifier, opened, sink, max_frames=max_frames,
+                       queue_size=queue_size).run()
+    finally:
+        classifier.close()
+    if stats_json:
+        write_json_atomic(stats_json, stats.to_dict())
+    return stats
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def run_demo(*, model: str = "default", output: list[str] | None = None,
+             backend: str = "auto", device: str = "cpu", threads: int | None = None,
+             max_frames: int | None = None, stats_json: str | None = None
+             ) -> tuple[StreamStats, list[str]]:
+    """The zero-argument demo: the bundled model on the bundled 'demo' clip; a window when
+    a screen and a GUI OpenCV are there, else demo.mp4 + demo.jsonl in the current folder.
+    Returns the stats and the outputs used."""
+    from .sinks import DisplaySink, screen_available
+    from .sources import DemoSource
+
+    if output is None:
+        output = ["demo.mp4", "demo.jsonl"]
+        if screen_available():
+            try:
+                DisplaySink().close()
+                output = ["display"]
+            except I2EError:
+                pass  # a screen but a headless OpenCV: fall back to files
+    paced = "display" in output  # on screen, play at the clip's own speed
+    stats = run_stream(model, ["demo"], output, max_frames=max_frames, backend=backend,
+                       device=device, threads=threads, fps=DemoSource.nominal_fps if paced else None,
+                       stats_json=stats_json)
+    return stats, output
