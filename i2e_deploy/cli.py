@@ -145,6 +145,95 @@ def parity_cmd(model_a: str = typer.Argument(..., help="reference: checkpoint, .
         raise typer.Exit(1)
 
 
+@command("stream")
+def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .engine) or 'default'"),
+           source: list[str] = typer.Option(..., "--source", "-s",
+                                            help="camera index or /dev/videoN, video file, rtsp:// "
+                                                 "or http:// URL, image folder or glob, 'demo', "
+                                                 "event recording (.aedat4, .raw, .bin); repeat to "
+                                                 "micro-batch several"),
+           output: list[str] = typer.Option(["display"], "--output", "-o",
+                                            help="display, none, out.mp4 or preds.jsonl; repeatable"),
+           max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after N frames"),
+           stats_json: Optional[Path] = typer.Option(None, "--json", help="write stream statistics here"),
+           topk: int = typer.Option(3, "--topk", help="labels shown and logged per frame"),
+           backend: str = typer.Option("auto", "--backend",
+                                       help="auto (by file suffix), torch, or onnx (exports a "
+                                            "checkpoint once into the cache)"),
+           device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
+           threads: Optional[int] = typer.Option(None, "--threads", help="inference threads"),
+           fps: Optional[float] = typer.Option(None, "--fps",
+                                               help="camera rate; recordings play at this rate "
+                                                    "like a live camera (stale frames dropped)"),
+           loop: bool = typer.Option(False, "--loop", help="restart recordings at their end"),
+           stride: int = typer.Option(1, "--stride", help="use every N-th frame"),
+           resolution: Optional[str] = typer.Option(None, "--resolution", help="frame size WxH"),
+           window_ms: float = typer.Option(100.0, "--window-ms",
+                                           help="event recordings: window per prediction"),
+           arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
+           ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
+           events: Optional[bool] = EventsOpt):
+    """Classify a camera, video, stream or event recording live, with the event view."""
+    from .runtime.stream import run_stream
+    overrides = {k: v for k, v in dict(arch=arch, num_classes=classes, ratio=ratio, imgsz=imgsz,
+                                       events=events).items() if v is not None}
+    stats = run_stream(model, source, output, max_frames=max_frames, topk=topk, backend=backend,
+                       device=device, threads=threads, resolution=resolution, fps=fps, loop=loop,
+                       stride=stride, window_ms=window_ms,
+                       stats_json=str(stats_json) if stats_json else None, **overrides)
+    console.print(stats.summary(), highlight=False)
+    if stats.error:
+        raise I2EError(stats.error)
+
+
+@command("demo")
+def demo(model: str = typer.Option("default", "--model", help="model file or 'default'"),
+         output: Optional[list[str]] = typer.Option(None, "--output", "-o",
+                                                    help="default: a window if there is a screen, "
+                                                         "else demo.mp4 + demo.jsonl here"),
+         backend: str = typer.Option("auto", "--backend", help="auto, torch or onnx"),
+         max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after N frames"),
+         stats_json: Optional[Path] = typer.Option(None, "--json", help="write stream statistics here")):
+    """Zero-argument demo: the bundled model watching bundled real photos, with its events."""
+    from .runtime.stream import run_demo
+    stats, outputs = run_demo(model=model, output=output or None, backend=backend,
+                              max_frames=max_frames,
+                              stats_json=str(stats_json) if stats_json else None)
+    console.print(stats.summary(), highlight=False)
+    files = [o for o in outputs if o not in ("display", "none")]
+    if files:
+        console.print(f"wrote {', '.join(files)}", highlight=False)
+    if stats.error:
+        raise I2EError(stats.error)
+
+
+@command("benchmark")
+def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or 'default'"),
+                  data: Optional[Path] = typer.Option(None, "--data", help="labelled ImageFolder for accuracy"),
+                  limit: int = typer.Option(500, "--limit", help="images taken from --data"),
+                  iters: int = typer.Option(50, "--iters", help="timed calls at batch 1"),
+                  warmup: int = typer.Option(5, "--warmup", help="untimed calls first"),
+                  batch: int = typer.Option(8, "--batch", help="batch size for throughput"),
+                  device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
+                  threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads"),
+                  cache: Optional[Path] = typer.Option(None, "--cache", help="export cache (default ~/.cache/i2e-deploy)"),
+                  json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here"),
+                  markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="write the table here")):
+    """Latency, throughput, memory, accuracy and parity of every backend x precision here."""
+    from .benchmark import markdown, run_benchmark
+    from .parity import write_json, write_text
+    report = run_benchmark(model, data=str(data) if data else None, limit=limit, iters=iters,
+                           warmup=warmup, batch=batch, device=device, threads=threads,
+                           cache=str(cache) if cache else None,
+                           log=lambda msg: err_console.print(msg, highlight=False))
+    table = markdown(report)
+    print(table)
+    if markdown_path:
+        write_text(markdown_path, table + "\n")
+    if json_path:
+        write_json(json_path, report.to_dict())
+
+
 def main() -> None:
     app()
 
