@@ -231,3 +231,25 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, writer):
     assert not marker.exists()
     pickle.loads(pickle.dumps(exploit))  # control: unpickling it unguarded does run the command
     assert marker.exists()
+
+
+def test_stale_converter_kernels_in_file_are_ignored(reference, tmp_path):
+    # The released code rewrites i2e.weight every forward, so a file may hold the last training
+    # draw (or anything); the converter must still use the fixed eval kernels.
+    state = {f"module.{k}": v for k, v in reference.state_dict().items()}
+    state["module.i2e.weight"] = torch.randn(8, 1, 3, 3)
+    path = tmp_path / "stale.pth.tar"
+    torch.save({"epoch": 1, "state_dict": state, "best_acc1": 1.0}, path)
+    model, _ = load_checkpoint(path)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.i2e(x), reference.i2e(x))
+
+
+def test_card_validation_and_json():
+    card = ModelCard(num_classes=3, class_names=["a", "b", "c"], ratio=0.1)
+    assert ModelCard.from_json(card.to_json()) == card
+    for bad in ('{"arch": "vgg"}', '{"input": "audio"}', '{"num_classes": 0}', '{"imgsz": 8}',
+                '{"num_classes": 2, "class_names": ["a"]}', '{"colour": 1}', "[1]", "{oops"):
+        with pytest.raises(I2EError):
+            ModelCard.from_json(bad)
