@@ -36,7 +36,7 @@ from . import __version__
 from .card import ModelCard, sha256_file
 from .errors import I2EError
 from .runtime.runners import (ENGINE_SUFFIXES, ONNX_SUFFIXES, TORCH_SUFFIXES, _onnx_card,
-                              read_engine_sidecar)
+                              engine_sidecar_path, read_engine_sidecar)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "i2e-deploy"
 TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
@@ -81,16 +81,20 @@ def cache_key(checkpoint: Path, **options: Any) -> str:
 
 def _cached(cache: Path, checkpoint: Path, suffix: str, build: Callable[[Path], None],
             **options: Any) -> Path:
-    """The cached export for these options, building it (atomically) when missing."""
+    """The cached export for these options, building it (atomically) when missing. An engine's
+    sidecar moves with it."""
     target = cache / f"{checkpoint.stem}-{cache_key(checkpoint, **options)}{suffix}"
     if not target.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
         try:
             build(tmp)
+            if engine_sidecar_path(tmp).is_file():
+                os.replace(engine_sidecar_path(tmp), engine_sidecar_path(target))
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+            engine_sidecar_path(tmp).unlink(missing_ok=True)
     return target
 
 
@@ -168,14 +172,18 @@ def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path) -> list[Ro
     reason = tensorrt_status() or (None if onnx_fp32 else "no ONNX graph to build from")
     if reason:
         return [Row("TensorRT", p, reason=reason) for p in TENSORRT_PRECISIONS]
+    import tensorrt
+    import torch
+
     from .export.tensorrt import build_engine
 
     rows = []
     for precision in TENSORRT_PRECISIONS:
-        try:
+        try:  # engines are tied to the TensorRT version and the GPU: both are in the key
             engine = _cached(cache, source, ".engine",
                              lambda out, p=precision: build_engine(onnx_fp32, out, precision=p),
-                             precision=precision, backend="tensorrt")
+                             precision=precision, backend="tensorrt",
+                             tensorrt=tensorrt.__version__, gpu=torch.cuda.get_device_name())
             rows.append(Row("TensorRT", precision, str(engine), device="cuda"))
         except I2EError as exc:
             rows.append(Row("TensorRT", precision, reason=str(exc)))
