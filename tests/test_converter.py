@@ -68,12 +68,13 @@ def test_resized_real_images_match_paper(cifar_images, ratio):
     assert torch.equal(convert(big, ratio), paper_convert(big, ratio))
 
 
-def test_non_square_and_uint8_real_images(cifar_images):
+@pytest.mark.parametrize("ratio", [0.0, 0.05, 0.07, 0.12, 0.5, 1.0])
+def test_non_square_and_uint8_real_images(cifar_images, ratio):
     crop = cifar_images[:, :, 3:30, 1:32]  # 27 x 31
     as_uint8 = (crop * 255).round().to(torch.uint8)
-    reference = paper_convert(as_uint8.float() / 255.0, 0.07)
-    assert torch.equal(convert(as_uint8.permute(0, 2, 3, 1).contiguous(), 0.07), reference)
-    assert torch.equal(convert(as_uint8.float() / 255.0, 0.07), reference)
+    reference = paper_convert(as_uint8.float() / 255.0, ratio)
+    assert torch.equal(convert(as_uint8.permute(0, 2, 3, 1).contiguous(), ratio), reference)
+    assert torch.equal(convert(as_uint8.float() / 255.0, ratio), reference)
 
 
 def test_module_eval_matches_paper(cifar_images):
@@ -147,12 +148,18 @@ def test_range_is_per_image():
     assert torch.equal(events[:, :2], paper_convert(batch[:2], 0.1))
 
 
-def test_uint8_nhwc_equals_float_nchw():
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.07, 0.3])
+def test_uint8_nhwc_equals_float_nchw(ratio):
     torch.manual_seed(1)
-    raw = torch.randint(0, 256, (3, 20, 24, 3), dtype=torch.uint8)
+    raw = torch.randint(0, 256, (40, 20, 24, 3), dtype=torch.uint8)  # > 1 chunk of images
+    raw[1] = raw[1] // 64 + 100  # low contrast: a threshold between few levels
+    raw[2, :, :12] = 7  # half flat
+    raw[3] = 200  # flat
     as_float = raw.permute(0, 3, 1, 2).float() / 255.0
-    assert torch.equal(convert(raw, 0.07), convert(as_float, 0.07))
-    assert torch.equal(I2E(0.07).eval()(raw), paper_convert(as_float, 0.07))
+    expected = paper_convert(as_float, ratio)
+    expected[:, 3] = 0  # our flat-image rule
+    assert torch.equal(convert(raw, ratio), convert(as_float, ratio))
+    assert torch.equal(I2E(ratio).eval()(raw), expected)
 
 
 def test_output_shape_dtype_values():
