@@ -1,0 +1,465 @@
+"""SNN-aware INT8: every conv / linear layer of an MS-ResNet reads only 0/1 values.
+
+Spikes and I2E events are exactly representable with scale 1 and zero point 0, so those
+activations need no calibration; weights are quantized per output channel, symmetric INT8.
+Everything else (the converter, LIF chains, BN-folded biases and sums, residual membranes,
+the mean over T) stays FP32. ``onnxruntime.quantization.quantize_static`` does the
+quantization, in QDQ format, with the known activation parameters given as
+``TensorQuantOverrides``; the graph's own structure proves which inputs are binary (a cast of
+a boolean comparison, through shape-only ops), and a conv whose input is not provably binary
+is refused rather than guessed.
+
+Two flavours:
+
+- ``tensorrt`` (S8S8): the Q/DQ graph as TensorRT wants it, signed INT8 with zero point 0;
+  TensorRT fuses ``DQ -> Conv`` into INT8 convolutions with FP32 outputs.
+- ``onnxruntime`` (U8S8, x86 CPUs): ONNX Runtime fuses ``Q -> DQ -> Conv`` only with a
+  quantized output (``QLinearConv``), which would round the BN-folded membrane input to
+  8 bits. So each quantized conv is lowered instead to what ONNX Runtime runs fast with FP32
+  output: the boolean spikes cast straight to uint8 (no QuantizeLinear), an NHWC im2col
+  (``Gather`` of a precomputed index), and ``com.microsoft.MatMulIntegerToFloat`` (uint8 x
+  int8 GEMM, per-channel scale and bias applied on the FP32 output). Weights, scales and
+  biases are read from the Q/DQ graph, so both flavours quantize identically.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from ..card import ModelCard
+from ..errors import I2EError
+
+FLAVOURS = ("onnxruntime", "tensorrt")
+PRECISION_KEY = "i2e_deploy.precision"
+FLAVOUR_KEY = "i2e_deploy.int8_flavour"
+QUANTIZED_OPS = ("Conv", "Gemm")
+# Ops that move or select values without changing them: 0/1 in, 0/1 out.
+_VALUE_PRESERVING = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                     "Slice", "Split", "Concat", "MaxPool", "Expand", "Tile", "Gather", "Pad")
+
+
+def _producers(graph) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = list(inferred.graph.value_info) + list(inferred.graph.input) + \
+        list(inferred.graph.output)
+    return {v.name: v.type.tensor_type.elem_type for v in values}
+
+
+def is_binary(tensor: str, producers, types: dict[str, int], binary_inputs: set[str]) -> bool:
+    """Whether ``tensor`` provably holds only 0 and 1: a boolean cast to a number, or a graph
+    input declared binary (event input), reached through value-preserving ops only."""
+    seen: set[str] = set()
+    stack = [tensor]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in binary_inputs:
+            continue
+        node = producers.get(name)
+        if node is None:
+            return False
+        if node.op_type == "Cast":
+            if types.get(node.input[0]) == TensorProto.BOOL:
+                continue
+            stack.append(node.input[0])
+        elif node.op_type in _VALUE_PRESERVING:
+            if node.op_type == "Pad" and not _pads_with_zero(node):
+                return False
+            data = node.input if node.op_type == "Concat" else node.input[:1]
+            stack.extend(data)
+        else:
+            return False
+    return True
+
+
+def _pads_with_zero(node) -> bool:
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    return mode != b"constant" or len(node.input) < 3 or not node.input[2]
+
+
+def binary_activations(model: onnx.ModelProto, card: ModelCard) -> dict[str, str]:
+    """``{conv/gemm node name: its input tensor}`` for every Conv/Gemm of the graph; raises
+    if one reads a tensor that is not provably 0/1 (the graph is not an MS-ResNet export)."""
+    graph = model.graph
+    producers = _producers(graph)
+    types = _elem_types(model)
+    binary_inputs = {graph.input[0].name} if card.input == "events" else set()
+    found = {}
+    for node in graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        if not is_binary(node.input[0], producers, types, binary_inputs):
+            raise I2EError(f"{node.name or node.op_type}: its input is not provably 0/1 spikes, "
+                           "so INT8 with exact activations does not apply; export the graph "
+                           "with `i2e-deploy export`")
+        found[node.name] = node.input[0]
+    if not found:
+        raise I2EError("the graph has no Conv/Gemm layers to quantize")
+    return found
+
+
+def _set_props(model: onnx.ModelProto, **props: str) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in props.items():
+        entry = existing.get(key) or model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+class _OneBatchReader(CalibrationDataReader):
+    """quantize_static insists on a calibration pass; the overridden ranges ignore it."""
+
+    def __init__(self, feed: dict[str, np.ndarray]):
+        self._feeds = [feed]
+
+    def get_next(self):
+        return self._feeds.pop() if self._feeds else None
+
+
+def quantize_qdq(fp32: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike,
+                 *, unsigned: bool = False) -> Path:
+    """The Q/DQ graph: binary Conv/Gemm inputs at scale 1 / zero point 0 (int8, or uint8 with
+    ``unsigned``), weights per-channel symmetric int8, outputs and biases FP32."""
+    from ..runtime.runners import read_onnx_card
+
+    model = fp32 if isinstance(fp32, onnx.ModelProto) else onnx.load(str(fp32))
+    card = read_onnx_card(model)
+    activations = binary_activations(model, card)
+    zero = np.array(0, np.uint8 if unsigned else np.int8)
+    overrides = {tensor: [{"scale": np.array(1.0, np.float32), "zero_point": zero}]
+                 for tensor in set(activations.values())}
+    reader = _OneBatchReader({model.graph.input[0].name: _zero_input(model)})
+    output = Path(output)
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "fp32.onnx"
+        onnx.save(model, str(source))
+        quantize_static(
+            str(source), str(output), reader, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=list(activations),
+            per_channel=True, activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            extra_options={"WeightSymmetric": True, "QuantizeBias": False,
+                           "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                           "TensorQuantOverrides": overrides})
+    quantized = onnx.load(str(output))
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(model.metadata_props)
+    _set_props(quantized, **{PRECISION_KEY: "int8", FLAVOUR_KEY: "tensorrt" if not unsigned
+                             else "qdq-u8s8"})
+    onnx.save(quantized, str(output))
+    return output
+
+
+def _zero_input(model: onnx.ModelProto) -> np.ndarray:
+    value = model.graph.input[0]
+    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    return np.zeros(dims, dtype)
+
+
+def _probe_shapes(model: onnx.ModelProto, tensors: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``tensors`` for a batch-1 input, by running the graph once: shape
+    inference cannot follow the converter's per-image slicing, a run always can."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors
+                              if t not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    results = session.run(None, {model.graph.input[0].name: _zero_input(model)})
+    return {name: value.shape for name, value in zip(names, results) if name in tensors}
+
+
+class _Lowering:
+    """Rewrites the Q/DQ graph's quantized Conv/Gemm nodes into the ONNX Runtime CPU form."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.producers = _producers(self.graph)
+        self.initializers = {i.name: i for i in self.graph.initializer}
+        self.types = _elem_types(model)
+        self.new_initializers: list[onnx.TensorProto] = []
+        self.uint8_nhwc: dict[str, str] = {}  # binary source tensor -> its uint8 NHWC copy
+        self.count = 0
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        self.count += 1
+        name = f"{hint}__i8c{self.count}"
+        self.new_initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def fresh(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}__i8t{self.count}"
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self.initializers:
+            raise I2EError(f"{name}: expected a constant in the Q/DQ graph")
+        return numpy_helper.to_array(self.initializers[name])
+
+    def dequantized(self, tensor: str):
+        """(quantized tensor, scale, zero point, DQ node) behind a DequantizeLinear output."""
+        node = self.producers.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        return node.input[0], self.array(node.input[1]), self.array(node.input[2]), node
+
+    def uint8_source(self, dq_input: str, nodes: list) -> str:
+        """The 0/1 activation as uint8: the boolean spikes cast straight to uint8 when the
+        quantized tensor is a cast of booleans, else the QuantizeLinear output itself."""
+        quantize = self.producers[dq_input]
+        source = quantize.input[0]
+        cast = self.producers.get(source)
+        if cast is not None and cast.op_type == "Cast" and \
+                self.types.get(cast.input[0]) == TensorProto.BOOL:
+            as_uint8 = self.fresh(source + "_u8")
+            nodes.append(helper.make_node("Cast", [cast.input[0]], [as_uint8], to=TensorProto.UINT8))
+            return as_uint8
+        return dq_input
+
+    def activation(self, node, nodes: list) -> str:
+        found = self.dequantized(node.input[0])
+        if found is None:
+            raise I2EError(f"{node.name}: input is not dequantized; not a Q/DQ graph")
+        q_tensor, scale, zero_point, _ = found
+        if float(scale) != 1.0 or int(zero_point) != 0:
+            raise I2EError(f"{node.name}: activation scale {scale}/zero point {zero_point} is not "
+                           "the exact 0/1 encoding")
+        return self.uint8_source(q_tensor, nodes)
+
+    def weights(self, node, transpose_gemm: bool = False):
+        found = self.dequantized(node.input[1])
+        if found is None:
+            raise I2EError(f"{node.name}: weights are not quantized")
+        w_name, scale, zero_point, _ = found
+        weight = self.array(w_name)
+        if weight.dtype != np.int8 or np.any(zero_point != 0):
+            raise I2EError(f"{node.name}: weights must be symmetric int8")
+        bias = self.array(node.input[2]).astype(np.float32) if len(node.input) > 2 and \
+            node.input[2] else np.zeros(weight.shape[0], np.float32)
+        scale = np.broadcast_to(scale.astype(np.float32), (weight.shape[0],)).copy()
+        return weight, scale, bias
+
+    def matmul(self, col: str, weight_kn: np.ndarray, scale, bias, out: str, nodes, hint):
+        channels = weight_kn.shape[1]
+        nodes.append(helper.make_node(
+            "MatMulIntegerToFloat",
+            [col, self.const(np.ascontiguousarray(weight_kn), hint + "_w"),
+             self.const(np.array(1.0, np.float32), hint + "_as"), self.const(scale, hint + "_ws"),
+             self.const(np.array(0, np.uint8), hint + "_azp"),
+             self.const(np.zeros(channels, np.int8), hint + "_wzp"),
+             self.const(bias, hint + "_b")],
+            [out], domain="com.microsoft", name=hint + "_matmul"))
+
+    def conv(self, node, in_shape, nodes: list) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight, scale, bias = self.weights(node)
+        out_ch, in_ch, kh, kw = weight.shape
+        if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])) \
+                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise I2EError(f"{node.name}: only plain convolutions are lowered")
+        sh, sw = attrs.get("strides", [1, 1])
+        top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+        _, channels, height, width = in_shape
+        hp, wp = height + top + bottom, width + left + right
+        ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+        hint = node.name.strip("/").replace("/", "_") or "conv"
+
+        source = self.activation(node, nodes)
+        nhwc = self.uint8_nhwc.get(source)
+        if nhwc is None:
+            nhwc = self.fresh(hint + "_nhwc")
+            nodes.append(helper.make_node("Transpose", [source], [nhwc], perm=[0, 2, 3, 1]))
+            self.uint8_nhwc[source] = nhwc
+        if top or left or bottom or right:
+            padded = self.fresh(hint + "_pad")
+            nodes.append(helper.make_node(
+                "Pad", [nhwc, self.const(np.array([0, top, left, 0, 0, bottom, right, 0],
+                                                  np.int64), hint + "_pads")], [padded]))
+        else:
+            padded = nhwc
+        if kh == kw == 1:
+            col = padded
+            if sh != 1 or sw != 1:
+                col = self.fresh(hint + "_strided")
+                nodes.append(helper.make_node(
+                    "Slice", [padded, self.const(np.array([0, 0], np.int64), hint + "_s0"),
+                              self.const(np.array([hp, wp], np.int64), hint + "_s1"),
+                              self.const(np.array([1, 2], np.int64), hint + "_ax"),
+                              self.const(np.array([sh, sw], np.int64), hint + "_st")], [col]))
+        else:
+            # im2col as one Gather: row (y, x) of the patch matrix lists the kh*kw input pixels
+            # (ky, kx order) of output pixel (y, x); channels stay innermost.
+            oy, ox, ky, kx = np.meshgrid(np.arange(ho), np.arange(wo), np.arange(kh),
+                                         np.arange(kw), indexing="ij")
+            index = ((oy * sh + ky) * wp + ox * sw + kx).reshape(-1).astype(np.int64)
+            flat, gathered, col = (self.fresh(hint + s) for s in ("_flat", "_gather", "_col"))
+            nodes += [
+                helper.make_node("Reshape", [padded, self.const(np.array([0, hp * wp, channels],
+                                                                         np.int64), hint + "_r1")],
+                                 [flat]),
+                helper.make_node("Gather", [flat, self.const(index, hint + "_idx")], [gathered],
+                                 axis=1),
+                helper.make_node("Reshape", [gathered, self.const(
+                    np.array([0, ho, wo, kh * kw * channels], np.int64), hint + "_r2")], [col])]
+        weight_kn = weight.transpose(2, 3, 1, 0).reshape(kh * kw * in_ch, out_ch)
+        out_nhwc = self.fresh(hint + "_out")
+        self.matmul(col, weight_kn, scale, bias, out_nhwc, nodes, hint)
+        nodes.append(helper.make_node("Transpose", [out_nhwc], [node.output[0]], perm=[0, 3, 1, 2]))
+
+    def gemm(self, node, nodes: list) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            raise I2EError(f"{node.name}: only Gemm(x, W^T) + b is lowered")
+        weight, scale, bias = self.weights(node)
+        weight_kn = weight.T if attrs.get("transB", 0) else weight
+        if not attrs.get("transB", 0):
+            raise I2EError(f"{node.name}: expected a Gemm with transB=1 (PyTorch Linear)")
+        hint = node.name.strip("/").replace("/", "_") or "gemm"
+        self.matmul(self.activation(node, nodes), weight_kn, scale, bias, node.output[0], nodes,
+                    hint)
+
+    def run(self) -> onnx.ModelProto:
+        targets = [n for n in self.graph.node if n.op_type in QUANTIZED_OPS]
+        shapes = _probe_shapes(self.model, [n.input[0] for n in targets if n.op_type == "Conv"])
+        nodes: list = []
+        for node in self.graph.node:
+            if node.op_type == "Conv":
+                self.conv(node, shapes[node.input[0]], nodes)
+            elif node.op_type == "Gemm":
+                self.gemm(node, nodes)
+            else:
+                nodes.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        self.graph.initializer.extend(self.new_initializers)
+        _remove_dead(self.graph)
+        if not any(op.domain == "com.microsoft" for op in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return self.model
+
+
+def _remove_dead(graph) -> None:
+    """Drop nodes and initializers nothing reads (the replaced Q/DQ/Conv/Cast chains)."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    used = [init for init in graph.initializer if init.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(used)
+
+
+def lower_for_onnxruntime(qdq: onnx.ModelProto) -> onnx.ModelProto:
+    """The U8S8 ONNX Runtime CPU graph of a Q/DQ graph (see the module docstring)."""
+    lowered = _Lowering(qdq).run()
+    _set_props(lowered, **{PRECISION_KEY: "int8", FLAVOUR_KEY: "onnxruntime"})
+    return lowered
+
+
+def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, card: ModelCard,
+                   precision: str, *, data: str | os.PathLike | None = None,
+                   count: int = 64, log=None) -> dict:
+    """Compare a reduced-precision graph with its FP32 graph on ONNX Runtime (``data``
+    images or structured random ones) against the parity tool's limits for ``precision``;
+    raise I2EError when it fails them."""
+    import onnxruntime as ort
+
+    from ..export.onnx import verification_inputs
+    from ..parity import logit_metrics, thresholds_for
+
+    log = log or (lambda _msg: None)
+    inputs, source = verification_inputs(card, data, count)
+    outputs = []
+    for path in (reference, candidate):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        feed = inputs
+        if session.get_inputs()[0].type == "tensor(float)" and card.input == "images":
+            feed = np.ascontiguousarray(inputs.transpose(0, 3, 1, 2), np.float32) / 255.0
+        outputs.append(np.concatenate([session.run(None, {name: feed[i:i + 8]})[0]
+                                       for i in range(0, len(feed), 8)]).astype(np.float32))
+    limits = thresholds_for(precision)
+    metrics = logit_metrics(outputs[0], outputs[1], limits.tie_margin)
+    log(f"verify {precision}: {source}: top-1 agreement with FP32 {metrics['top1_agreement']:.2%}"
+        f" ({metrics['near_ties']} near-ties), median |Δlogit| {metrics['median_abs']:.3g}, "
+        f"max {metrics['max_abs']:.3g}")
+    failed = []
+    if metrics["top1_agreement"] < limits.top1:
+        failed.append(f"top-1 agreement {metrics['top1_agreement']:.2%} is below "
+                      f"{limits.top1:.0%}")
+    if limits.median_abs is not None and metrics["median_abs"] > limits.median_abs:
+        failed.append(f"median |Δlogit| {metrics['median_abs']:.3g} exceeds {limits.median_abs:g}")
+    metrics.update(source=source, passed=not failed)
+    if failed:
+        raise I2EError(f"{precision} verification failed: {'; '.join(failed)} (vs the FP32 "
+                       "graph); no file written")
+    return metrics
+
+
+def export_int8(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
+                flavour: str = "onnxruntime", data: str | os.PathLike | None = None,
+                verify: bool = True, verify_count: int = 64, log=None,
+                **export_options) -> Path:
+    """Checkpoint -> SNN-aware INT8 ONNX graph (``flavour``: 'onnxruntime' U8S8 for x86
+    CPUs, 'tensorrt' S8S8 Q/DQ); verified against the FP32 graph unless ``verify=False``.
+
+    ``export_options`` go to :func:`i2e_deploy.export.onnx.export_onnx` (input format,
+    batch, overrides). Writes ``<checkpoint stem>.int8.onnx`` by default; returns the path.
+    """
+    from ..export.onnx import default_output, export_onnx, read_card
+
+    if flavour not in FLAVOURS:
+        raise I2EError(f"unknown INT8 flavour {flavour!r}; choose {' or '.join(FLAVOURS)}")
+    output = Path(output) if output else default_output(checkpoint).with_suffix(".int8.onnx")
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32 = export_onnx(checkpoint, Path(scratch) / "fp32.onnx", verify=verify, data=data,
+                           log=log, **export_options).path
+        quantized = quantize_qdq(fp32, Path(scratch) / "qdq.onnx",
+                                 unsigned=flavour == "onnxruntime")
+        if flavour == "onnxruntime":
+            onnx.save(lower_for_onnxruntime(onnx.load(str(quantized))), str(quantized))
+        card = read_card(fp32)
+        if verify:
+            verify_reduced(fp32, quantized, card, "int8", data=data, count=verify_count, log=log)
+        return _move(quantized, output)
+
+
+def _move(source: Path, output: Path) -> Path:
+    """Copy into place atomically (temp file next to the output + rename)."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+        os.close(fd)
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, output)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise I2EError(f"cannot write {output}: {exc.strerror}") from None
+    return output
