@@ -61,7 +61,7 @@ def info(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'defaul
     """Show a checkpoint's model card, what was inferred, parameters and GMACs."""
     from .model.profile import count_macs, count_params
     model, card = load_model_arg(checkpoint, arch, classes, ratio, imgsz, events)
-    stats = {"params": count_params(model), "gmacs_per_image": count_macs(model, card) / 1e9}
+    stats = {"params": count_params(model), "gmacs_per_image": count_macs(card) / 1e9}
     if as_json:
         print(json.dumps({"card": card.to_dict(), **stats}, indent=2))
         return
@@ -192,12 +192,14 @@ def demo(model: str = typer.Option("default", "--model", help="model file or 'de
                                                     help="default: a window if there is a screen, "
                                                          "else demo.mp4 + demo.jsonl here"),
          backend: str = typer.Option("auto", "--backend", help="auto, torch or onnx"),
+         device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
+         threads: Optional[int] = typer.Option(None, "--threads", help="inference threads"),
          max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after N frames"),
          stats_json: Optional[Path] = typer.Option(None, "--json", help="write stream statistics here")):
     """Zero-argument demo: the bundled model watching bundled real photos, with its events."""
     from .runtime.stream import run_demo
     stats, outputs = run_demo(model=model, output=output or None, backend=backend,
-                              max_frames=max_frames,
+                              device=device, threads=threads, max_frames=max_frames,
                               stats_json=str(stats_json) if stats_json else None)
     console.print(stats.summary(), highlight=False)
     files = [o for o in outputs if o not in ("display", "none")]

@@ -122,15 +122,16 @@ def cached_onnx(checkpoint: Path, **overrides) -> Path:
 
 
 class Classifier:
-    """A model that classifies frames: ``Classifier(path)(frame) -> Prediction``."""
+    """A model that classifies frames: ``Classifier(path)(frame) -> Prediction``. ``model`` is
+    a file name, or an already loaded runner (anything with ``card`` and ``infer``)."""
 
     def __init__(self, model: str | os.PathLike | Runner, *, topk: int = 3,
                  backend: str = "auto", device: str = "cpu", threads: int | None = None,
                  **overrides):
         if topk < 1:
             raise I2EError(f"topk must be >= 1, got {topk}")
-        self.runner = model if isinstance(model, Runner) else open_runner(
-            model, backend=backend, device=device, threads=threads, **overrides)
+        self.runner = open_runner(model, backend=backend, device=device, threads=threads,
+                                  **overrides) if isinstance(model, (str, os.PathLike)) else model
         self.card: ModelCard = self.runner.card
         self.topk = min(topk, self.card.num_classes)
 

@@ -1,0 +1,120 @@
+"""Shared helpers for the stream tests: a small real model, videos, an MJPEG server."""
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from i2e_deploy.card import CIFAR10_CLASSES, ModelCard
+from i2e_deploy.model.checkpoint import save_checkpoint
+from i2e_deploy.model.msresnet import build_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+BIKES = SHARED / "data" / "video" / "bikes.mp4"
+DVS = SHARED / "data" / "dvs"
+
+
+def make_checkpoint(path: Path, *, events: bool = False, imgsz: int = 32) -> Path:
+    """A real MS-ResNet-18 with random weights and non-trivial BN statistics, so that logits
+    differ from frame to frame."""
+    torch.manual_seed(0)
+    card = ModelCard(input="events" if events else "images", imgsz=imgsz, resize=imgsz,
+                     class_names=list(CIFAR10_CLASSES), ratio=0.1)
+    model = build_model(card)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.8, 1.6)
+            module.bias.data.uniform_(0.2, 0.6)  # push membranes up so spikes propagate
+    save_checkpoint(path, model.eval(), card)
+    return path
+
+
+def synthetic_frames(count: int, size=(96, 64), seed: int = 0) -> list[np.ndarray]:
+    """RGB frames of a few coloured shapes moving over a gradient."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    base = np.zeros((height, width, 3), np.uint8)
+    base[..., 0] = np.linspace(30, 200, width, dtype=np.uint8)[None]
+    base[..., 2] = np.linspace(200, 30, height, dtype=np.uint8)[:, None]
+    shapes = [(rng.integers(0, width), rng.integers(0, height), rng.integers(6, 16),
+               tuple(int(c) for c in rng.integers(0, 256, 3))) for _ in range(4)]
+    frames = []
+    for i in range(count):
+        image = base.copy()
+        for k, (x, y, r, colour) in enumerate(shapes):
+            cx = int(x + 3 * i * (1 if k % 2 else -1)) % width
+            cv2.circle(image, (cx, int(y)), int(r), colour, -1)
+        frames.append(image)
+    return frames
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 25.0) -> Path:
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def read_video(path: Path) -> list[np.ndarray]:
+    """All frames of a video, RGB."""
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    capture.release()
+    return frames
+
+
+class MjpegServer:
+    """An HTTP MJPEG camera on localhost: each of the first ``connections`` clients gets
+    ``frames_per_connection`` JPEG frames, then the connection drops (a camera lost);
+    later clients get 503 (it does not come back)."""
+
+    def __init__(self, frames_per_connection: int, connections: int):
+        served = {"count": 0}
+        frames = synthetic_frames(frames_per_connection, size=(64, 48))
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                served["count"] += 1
+                if served["count"] > connections:
+                    self.send_error(503)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                for image in frames:
+                    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\n"
+                                     b"Content-Length: %d\r\n\r\n" % len(jpeg))
+                    self.wfile.write(jpeg.tobytes() + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.01)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stream.mjpg"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "MjpegServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

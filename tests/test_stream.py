@@ -1,0 +1,235 @@
+"""The streaming loop end to end, headless: video in, predictions JSONL + annotated video +
+stats out, checked against the runner run directly on the same frames."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from i2e_deploy.card import CIFAR10_CLASSES
+from i2e_deploy.cli import app
+from i2e_deploy.errors import I2EError
+from i2e_deploy.runtime.preprocess import preprocess
+from i2e_deploy.runtime.runners import load_runner
+from i2e_deploy.runtime.sinks import NullSink, open_sink
+from i2e_deploy.runtime.sources import open_source
+from i2e_deploy.runtime.stream import Classifier, Ring, Stream, run_stream
+
+from stream_fixtures import BIKES, make_checkpoint, read_video, synthetic_frames, write_video
+
+N_FRAMES = 12
+# One thread: on a shared 2-core box, OpenMP spinning on 2 threads is many times slower.
+THREADS = 1
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", synthetic_frames(N_FRAMES))
+
+
+def stream(checkpoint, sources, outputs, **options):
+    return run_stream(str(checkpoint), sources, outputs, threads=THREADS, **options)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_stream_video_to_jsonl_video_and_stats(checkpoint, video, tmp_path):
+    out, preds, stats_path = tmp_path / "out.mp4", tmp_path / "preds.jsonl", tmp_path / "s.json"
+    stats = stream(checkpoint, [str(video)], [str(out), str(preds)], topk=3,
+                       stats_json=str(stats_path))
+    assert stats.error is None and stats.frames == N_FRAMES
+
+    # Predictions: one per frame, equal to the runner applied directly to the decoded frames.
+    records = read_jsonl(preds)
+    assert [r["frame"] for r in records] == list(range(N_FRAMES))
+    runner = load_runner(checkpoint, threads=THREADS)
+    decoded = read_video(video)
+    direct = runner.infer(np.stack([preprocess(f, runner.card) for f in decoded]))
+    probs = np.exp(direct - direct.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    for record, p in zip(records, probs):
+        top = record["top"]
+        assert len(top) == 3
+        assert [t["class"] for t in top] == list(np.argsort(-p)[:3])
+        assert top[0]["label"] == CIFAR10_CLASSES[top[0]["class"]]
+        assert top[0]["prob"] == pytest.approx(p.max(), abs=1e-5)
+
+    # Annotated video: every frame, frame panel scaled to 256 px high + 2x4 event tiles.
+    annotated = read_video(out)
+    assert len(annotated) == N_FRAMES
+    height, width = annotated[0].shape[:2]
+    assert height == 256 and width == 96 * 256 // 64 + 4 * 128
+
+    saved = json.loads(stats_path.read_text())
+    assert saved["frames"] == N_FRAMES and saved["fps"] > 0
+    assert 0 < saved["latency_ms"]["p50"] <= saved["latency_ms"]["p99"]
+    assert set(saved["stages_ms"]) == {"capture", "preprocess", "infer", "overlay", "sink"}
+    assert saved["stages_ms"]["infer"] > 0 and saved["stages_ms"]["overlay"] > 0
+    assert saved["dropped"] == 0 and saved["unreadable"] == 0  # recordings never drop
+    assert not list(tmp_path.glob(".*tmp*"))  # temp files renamed into place
+
+
+@pytest.mark.skipif(not BIKES.is_file(), reason="../shared/data/video/bikes.mp4 not present")
+def test_stream_real_street_video(checkpoint, tmp_path):
+    out, preds = tmp_path / "bikes.mp4", tmp_path / "bikes.jsonl"
+    stats = stream(checkpoint, [str(BIKES)], [str(out), str(preds)], stride=10,
+                       max_frames=8)
+    assert stats.frames == 8
+    assert [r["frame"] for r in read_jsonl(preds)] == list(range(0, 80, 10))
+    annotated = read_video(out)
+    assert len(annotated) == 8
+    assert annotated[0].shape[:2] == (272, 640 + 4 * 136)  # 640x272 frame + event tiles
+
+
+class SlowRunner:
+    """A real runner that takes at least ``delay`` seconds per batch (a slow accelerator)."""
+
+    def __init__(self, runner, delay):
+        self.runner, self.delay = runner, delay
+        self.card, self.name = runner.card, runner.name
+
+    def infer(self, batch):
+        time.sleep(self.delay)
+        return self.runner.infer(batch)
+
+    def close(self):
+        self.runner.close()
+
+
+def test_slow_model_drops_stale_frames_of_a_live_source(checkpoint, video):
+    # Played back at 100 FPS like a live camera, a ~12 FPS model must skip frames, and
+    # every frame is either processed or counted as dropped.
+    model = Classifier(SlowRunner(load_runner(checkpoint, threads=THREADS), 0.08))
+    source = open_source(str(video), fps=100)
+    seen = []
+
+    class Recorder(NullSink):
+        def write(self, frame, prediction, canvas):
+            seen.append(frame.index)
+
+    stats = Stream(model, [source], Recorder(), queue_size=1).run()
+    assert stats.dropped > 0
+    assert stats.frames + stats.dropped == N_FRAMES
+    assert seen == sorted(seen) and seen[-1] == N_FRAMES - 1  # newest frames kept, in order
+
+
+def test_python_api_reads_like_jetson_inference(checkpoint, video, tmp_path):
+    model = Classifier(str(checkpoint), topk=2, threads=THREADS)
+    with open_source(str(video), stride=4) as source, \
+            open_sink(str(tmp_path / "p.jsonl")) as sink:
+        for frame in source:
+            sink.render(frame, model(frame))
+    records = read_jsonl(tmp_path / "p.jsonl")
+    assert [r["frame"] for r in records] == [0, 4, 8, 12]
+    assert all(len(r["top"]) == 2 for r in records)
+
+
+def test_two_sources_are_micro_batched(checkpoint, video, tmp_path):
+    single = stream(checkpoint, [str(video)], [str(tmp_path / "one.jsonl")])
+    both = stream(checkpoint, [str(video), str(video)],
+                      [str(tmp_path / "two.jsonl"), str(tmp_path / "two.mp4")])
+    assert single.frames == N_FRAMES and both.frames == 2 * N_FRAMES
+    records = read_jsonl(tmp_path / "two.jsonl")
+    one = read_jsonl(tmp_path / "one.jsonl")
+    for source in (0, 1):
+        mine = [r for r in records if r["source"] == source]
+        assert [r["frame"] for r in mine] == list(range(N_FRAMES))
+        # Batched inference gives the same classes as one frame at a time.
+        assert [r["top"][0]["class"] for r in mine] == [r["top"][0]["class"] for r in one]
+    assert len(read_video(tmp_path / "two.mp4")) == N_FRAMES
+    assert len(read_video(tmp_path / "two.1.mp4")) == N_FRAMES
+
+
+def test_image_folder_skips_and_counts_unreadable_files(checkpoint, tmp_path):
+    import cv2
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(synthetic_frames(4, size=(40, 40))):
+        cv2.imwrite(str(folder / f"{i}.png"), image)
+    (folder / "2b.jpg").write_bytes(b"not a jpeg")
+    preds = tmp_path / "p.jsonl"
+    stats = stream(checkpoint, [str(folder)], [str(preds)])
+    assert stats.frames == 4 and stats.unreadable == 1
+    assert len(read_jsonl(preds)) == 4
+    glob_stats = stream(checkpoint, [str(folder / "[01]*.png")], ["none"])
+    assert glob_stats.frames == 2
+
+
+def test_max_frames_and_loop(checkpoint, video):
+    stats = stream(checkpoint, [str(video)], ["none"], loop=True,
+                       max_frames=N_FRAMES + 3)
+    assert stats.frames == N_FRAMES + 3 and stats.error is None
+
+
+def test_ring_keeps_bounded_memory_and_exact_recent_percentiles():
+    ring = Ring(capacity=100)
+    values = np.random.default_rng(0).uniform(0, 50, 1000)
+    for v in values[:60]:
+        ring.add(v)
+    assert ring.percentile(99) == pytest.approx(np.percentile(values[:60], 99))
+    for v in values[60:]:
+        ring.add(v)
+    assert ring.values.size == 100 and ring.count == 1000
+    assert ring.percentile(50) == pytest.approx(np.percentile(values[-100:], 50))
+    assert ring.mean == pytest.approx(values.mean())
+
+
+def test_cli_stream_and_demo(checkpoint, video, tmp_path, monkeypatch):
+    runner = CliRunner()
+    stats_path = tmp_path / "stats.json"
+    result = runner.invoke(app, ["stream", str(checkpoint), "--source", str(video), "--output",
+                                 "none", "--max-frames", "3", "--json", str(stats_path),
+                                 "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "3 frames" in result.output and "FPS" in result.output
+    assert json.loads(stats_path.read_text())["frames"] == 3
+
+    result = runner.invoke(app, ["stream", str(checkpoint), "--source", str(tmp_path / "x.mp4"),
+                                 "--output", "none"])
+    assert result.exit_code == 2
+    assert "source not found" in result.output and "Traceback" not in result.output
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    result = runner.invoke(app, ["demo", "--model", str(checkpoint), "--max-frames", "4",
+                                 "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(read_jsonl(tmp_path / "demo.jsonl")) == 4
+    assert len(read_video(tmp_path / "demo.mp4")) == 4
+
+
+def test_open_errors_are_one_clear_line(checkpoint, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.perf_counter()
+    with pytest.raises(I2EError, match="cannot open stream"):
+        open_source(f"rtsp://127.0.0.1:{port}/live", timeout_s=2)
+    assert time.perf_counter() - started < 10
+    with pytest.raises(I2EError, match="camera 57 not found"):
+        open_source("57")
+    with pytest.raises(I2EError, match="source not found"):
+        open_source(str(tmp_path / "missing.mp4"))
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(I2EError, match="cannot decode video"):
+        open_source(str(tmp_path / "broken.mp4"))
+    with pytest.raises(I2EError, match="WIDTHxHEIGHT"):
+        open_source("demo", resolution="640-480")
+    with pytest.raises(I2EError, match="unknown output"):
+        open_sink(str(tmp_path / "out.txt"))
+    with pytest.raises(I2EError, match="model file not found"):
+        run_stream(str(tmp_path / "none.pt"), ["demo"], ["none"])
