@@ -236,6 +236,38 @@ def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .eng
         write_json(json_path, report.to_dict())
 
 
+@command("build")
+def build_cmd(onnx_file: Path = typer.Argument(..., help=".onnx graph from `i2e-deploy export`"),
+              output: Optional[Path] = typer.Option(None, "--output", "-o", help="engine file (default: ONNX name, .engine)"),
+              half: bool = typer.Option(False, "--half", help="FP16 convs, neurons pinned to FP32"),
+              int8: bool = typer.Option(False, "--int8", help="INT8 convs, neurons pinned to FP32"),
+              calibrator: str = typer.Option("qdq", "--calibrator",
+                                             help="INT8: qdq (exact 0/1 spikes, no data) | entropy | minmax (implicit, from --data)"),
+              data: Optional[Path] = typer.Option(None, "--data", help="image folder for --calibrator entropy/minmax"),
+              calib_size: int = typer.Option(512, "--calib-size", help="calibration images"),
+              calib_cache: Optional[Path] = typer.Option(None, "--calib-cache", help="calibration cache file"),
+              min_batch: Optional[int] = typer.Option(None, "--min-batch", help="profile min batch (default 1)"),
+              batch: Optional[int] = typer.Option(None, "--batch", help="profile opt batch (default: min)"),
+              max_batch: Optional[int] = typer.Option(None, "--max-batch", help="profile max batch (default 8)"),
+              workspace: float = typer.Option(4.0, "--workspace", help="workspace limit, GiB"),
+              dla_core: Optional[int] = typer.Option(None, "--dla-core", help="Jetson DLA core (GPU fallback on)"),
+              timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="reuse/update this timing cache"),
+              device: str = typer.Option("cuda", "--device", help="cuda or cuda:N")):
+    """Build a TensorRT engine (+ JSON sidecar) from an exported ONNX graph, on the target."""
+    from .export.tensorrt import build_engine
+    if half and int8:
+        raise I2EError("choose one of --half and --int8")
+    if data is not None and not (int8 and calibrator != "qdq"):
+        raise I2EError("--data feeds implicit INT8 calibration only: add --int8 --calibrator "
+                       "entropy (or minmax); the qdq INT8 graph needs no data")
+    engine = build_engine(onnx_file, output, precision="int8" if int8 else "fp16" if half else "fp32",
+                          int8_mode=calibrator, min_batch=min_batch, opt_batch=batch,
+                          max_batch=max_batch, workspace_gib=workspace, dla_core=dla_core,
+                          timing_cache=timing_cache, calib_data=data, calib_size=calib_size,
+                          calib_cache=calib_cache, device=device)
+    console.print(f"wrote {engine} and {engine.name}.json", highlight=False)
+
+
 def main() -> None:
     app()
 

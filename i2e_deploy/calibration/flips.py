@@ -1,0 +1,71 @@
+"""Spike-flip rates: per LIF layer, how often a reduced-precision graph fires differently.
+
+Both graphs come from the same FP32 export, so their boolean spike tensors (each LIF's
+concatenated comparisons) keep the same names; they are exposed as extra outputs and compared
+bit for bit on the same inputs.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .quantize import _elem_types
+
+
+def spike_tensors(model: onnx.ModelProto) -> list[str]:
+    """The boolean spike (and event) tensors of a graph, in network order: outputs of
+    Concat nodes joining boolean comparisons."""
+    types = _elem_types(model)
+    return [node.output[0] for node in model.graph.node
+            if node.op_type == "Concat" and types.get(node.output[0]) == TensorProto.BOOL]
+
+
+def layer_name(tensor: str) -> str:
+    """Module name from the exporter's scope: '/layer1/layer1.0/sn1/Concat_output_0' ->
+    'layer1.0.sn1', '/i2e/Concat_2_output_0' -> 'i2e' (the events)."""
+    parts = [p for p in tensor.split("/") if p][:-1]
+    if not parts:
+        return tensor
+    if len(parts) >= 2 and "." in parts[-2]:
+        return f"{parts[-2]}.{parts[-1]}"
+    return parts[-1]
+
+
+def _session(model: onnx.ModelProto, outputs: list[str]):
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.BOOL, None)
+                              for t in outputs if t not in known)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(probe.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def spike_agreement(reference: str | os.PathLike, other: str | os.PathLike,
+                    inputs: np.ndarray, batch: int = 8) -> list[dict]:
+    """Per spike tensor: agreement (fraction of equal bits), flips and spike rate of
+    ``other`` against ``reference`` on ``inputs`` (fed to both graphs as they are)."""
+    ref_model, other_model = onnx.load(str(reference)), onnx.load(str(other))
+    tensors = [t for t in spike_tensors(ref_model) if t in set(spike_tensors(other_model))]
+    sessions = [_session(m, tensors) for m in (ref_model, other_model)]
+    flips = dict.fromkeys(tensors, 0)
+    spikes = dict.fromkeys(tensors, 0)
+    sizes = dict.fromkeys(tensors, 0)
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start:start + batch]
+        results = [dict(zip([o.name for o in s.get_outputs()],
+                            s.run(None, {s.get_inputs()[0].name: chunk}))) for s in sessions]
+        for t in tensors:
+            a, b = results[0][t], results[1][t]
+            flips[t] += int((a != b).sum())
+            spikes[t] += int(a.sum())
+            sizes[t] += a.size
+    return [{"layer": layer_name(t), "tensor": t, "agreement": 1 - flips[t] / sizes[t],
+             "flips": flips[t], "rate": spikes[t] / sizes[t]} for t in tensors]
