@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets, transforms
@@ -11,15 +12,28 @@ from torchvision.transforms import InterpolationMode
 
 from ..card import ModelCard
 from ..errors import I2EError
+from ..runtime.preprocess import preprocess, read_image
+
+
+class CardPreprocess:
+    """The deployment preprocessing (``runtime.preprocess.preprocess``: resize the shorter
+    side, centre-crop) as a transform: PIL or RGB uint8 HWC -> uint8 HWC tensor. Held-out
+    accuracy during training is thereby measured on the pixels ``val`` and runners see."""
+
+    def __init__(self, card: ModelCard):
+        self.card = card
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.from_numpy(preprocess(np.array(image), self.card))
 
 
 def eval_transform(card: ModelCard) -> transforms.Compose:
-    """Resize the shorter side, centre-crop, float [0, 1] (no mean/std normalisation)."""
-    return transforms.Compose([
-        transforms.Resize(card.resize, interpolation=InterpolationMode.BILINEAR, antialias=True),
-        transforms.CenterCrop(card.imgsz),
-        transforms.ToTensor(),
-    ])
+    """The deployment preprocessing, as float CHW in [0, 1] (no mean/std normalisation)."""
+    return transforms.Compose([CardPreprocess(card), _uint8_hwc_to_float])
+
+
+def _uint8_hwc_to_float(image: torch.Tensor) -> torch.Tensor:
+    return image.permute(2, 0, 1).float().div_(255.0)
 
 
 def train_transform(card: ModelCard, style: str, source_size: int) -> transforms.Compose:
@@ -98,3 +112,18 @@ class Subset(torch.utils.data.Dataset):
         path, target = self.folder.samples[self.indices[i]]
         with Image.open(path) as img:
             return self.transform(img.convert("RGB")), target
+
+
+class HeldOut(torch.utils.data.Dataset):
+    """Evaluation images decoded and preprocessed exactly as deployment does
+    (``read_image`` + ``preprocess``) -> ``(uint8 HWC tensor, label)``."""
+
+    def __init__(self, samples: list[tuple[str, int]], card: ModelCard):
+        self.samples, self.card = samples, card
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        return torch.from_numpy(preprocess(read_image(path), self.card)), target

@@ -1,25 +1,28 @@
 """Train and fine-tune MS-ResNets with the paper's recipes (SGD + cosine, label smoothing,
-on-the-fly I2E conversion with random directions)."""
+on-the-fly I2E conversion with random directions), on image folders or I2E event datasets,
+on one device or many through torchrun."""
 from __future__ import annotations
 
 import csv
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..card import ARCHS, ModelCard, default_resolution
 from ..errors import I2EError
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.msresnet import MSResNet, build_model
 from . import data as D
+from . import distributed as dist_util
+from .eventsets import EventFolder, is_event_folder
 
 RECIPES = ("baseline-i", "baseline-ii", "transfer")
+LOG_EVERY = 50  # steps between log lines when no progress bar is shown
 
 
 @dataclass
@@ -31,7 +34,7 @@ class TrainConfig:
     imgsz: int | None = None
     ratio: float | None = None
     epochs: int = 256
-    batch: int = 64
+    batch: int = 64             # global batch, split evenly over torchrun processes
     lr: float = 0.1
     min_lr: float = 5e-5
     momentum: float = 0.9
@@ -44,38 +47,60 @@ class TrainConfig:
     workers: int = 2
     device: str = "cpu"
     from_checkpoint: str | None = None
-    events: bool = False
+    events: bool = False        # the trained model takes events (its card says input 'events')
     resume: bool = False
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans all epochs
     class_names: list[str] | None = field(default=None)
+    mixup: bool = False         # CutMix or MixUp per batch for the first 2/3 of the epochs
+    tensorboard: bool = False   # also log scalars to OUTPUT/tensorboard
 
 
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise I2EError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
-def _card(cfg: TrainConfig, classes: list[str]) -> ModelCard:
-    imgsz, ratio, resize = default_resolution(len(classes))
-    imgsz = cfg.imgsz or imgsz
+def build_card(arch: str, classes: list[str], imgsz: int | None, ratio: float | None,
+               events: bool = False) -> ModelCard:
+    """The card of a new model: the paper's size and ratio for the class count unless given."""
+    default_size, default_ratio, _ = default_resolution(len(classes))
+    imgsz = imgsz or default_size
     resize = imgsz if len(classes) < 1000 else max(imgsz, round(imgsz * 256 / 224))
-    return ModelCard(arch=cfg.arch, input="images", num_classes=len(classes),
-                     class_names=list(classes), ratio=cfg.ratio if cfg.ratio is not None else ratio,
-                     imgsz=imgsz, resize=resize)
+    return ModelCard(arch=arch, input="events" if events else "images",
+                     num_classes=len(classes), class_names=list(classes),
+                     ratio=ratio if ratio is not None else default_ratio, imgsz=imgsz,
+                     resize=resize)
 
 
-def _initial_model(cfg: TrainConfig, card: ModelCard) -> MSResNet:
+def _initial_model(cfg: TrainConfig, card: ModelCard, log) -> MSResNet:
+    """A fresh model, or one fine-tuned from ``--from``: every weight but a head of the wrong
+    size is copied, so an image-trained checkpoint also starts an event-input model."""
     model = build_model(card)
     if cfg.from_checkpoint:
-        source, _ = load_checkpoint(cfg.from_checkpoint)
+        source, source_card = load_checkpoint(cfg.from_checkpoint)
+        if source_card.arch != card.arch:
+            raise I2EError(f"--from {cfg.from_checkpoint} is a {source_card.arch}; pass "
+                           f"--arch {source_card.arch}")
+        target = model.state_dict()
         state = {k: v for k, v in source.state_dict().items()
-                 if not (k.startswith("fc.") and v.shape != model.state_dict()[k].shape)}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-            raise I2EError(f"--from {cfg.from_checkpoint}: architecture differs from --arch "
-                           f"{cfg.arch}")
+                 if not (k.startswith("fc.") and v.shape != target[k].shape)}
+        model.load_state_dict(state, strict=False)
+        head = "new head" if "fc.weight" not in state else "its head"
+        log(f"fine-tuning from {cfg.from_checkpoint} ({source_card.input} input, "
+            f"{source_card.num_classes} classes) with {head}")
     return model
+
+
+class TrainForward(nn.Module):
+    """Routes a batch of images ([B, 3, H, W] / uint8 NHWC, converted by the model's I2E
+    layer) or of event samples ([B, T, 2, H, W]) through one module, whatever input the
+    model's card names, so DistributedDataParallel sees a single forward."""
+
+    def __init__(self, model: MSResNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            events = x.transpose(0, 1).float()
+        else:
+            events = self.model.i2e(x)
+        return self.model.forward_events(events)
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> int:
@@ -84,61 +109,187 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    model.eval()
+def evaluate(forward: nn.Module, loader: DataLoader, device: torch.device) -> list[float]:
+    """(top-1 correct, top-5 correct, count) on this process's share of the held-out set."""
+    forward.eval()
     correct1 = correct5 = total = 0
-    for images, targets in loader:
-        logits = model(images.to(device, non_blocking=True))
+    for inputs, targets in loader:
+        logits = forward(inputs.to(device, non_blocking=True))
         targets = targets.to(device)
         correct1 += accuracy(logits, targets, 1)
         correct5 += accuracy(logits, targets, 5)
         total += len(targets)
-    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1)}
+    return [correct1, correct5, total]
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
-    """Run a training job; returns the path of the best checkpoint."""
+@dataclass
+class _Data:
+    train: torch.utils.data.Dataset
+    heldout: torch.utils.data.Dataset | None
+    card: ModelCard
+    style: str  # augmentation, or 'events'
+
+
+def _prepare_data(cfg: TrainConfig, shard: slice) -> _Data:
+    """Datasets and the new model's card. ``shard`` picks this process's held-out share."""
+    if is_event_folder(cfg.data):
+        return _event_data(cfg, shard)
+    folder = D.image_folder(cfg.data)
+    src_size = D.source_size(folder)
+    classes = cfg.class_names or folder.classes
+    if len(classes) != len(folder.classes):
+        raise I2EError(f"{len(classes)} class names given for {len(folder.classes)} class folders")
+    card = build_card(cfg.arch, classes, cfg.imgsz, cfg.ratio, cfg.events)
+    style = cfg.augment or ("none" if cfg.recipe == "baseline-i"
+                            else "cifar" if src_size <= 64 else "imagenet")
+    if cfg.val_data:
+        val_folder = D.image_folder(cfg.val_data)
+        if val_folder.classes != folder.classes:
+            raise I2EError(f"--val-data {cfg.val_data} has other class folders than {cfg.data}")
+        train_idx, val_idx = list(range(len(folder))), list(range(len(val_folder)))
+    else:
+        val_folder = folder
+        train_idx, val_idx = D.split_indices(folder.targets, cfg.val_split, cfg.seed)
+    train_set = D.Subset(folder, train_idx, D.train_transform(card, style, src_size))
+    heldout = D.HeldOut([val_folder.samples[i] for i in val_idx[shard]], card) if val_idx else None
+    return _Data(train_set, heldout, card, style)
+
+
+def _event_data(cfg: TrainConfig, shard: slice) -> _Data:
+    folder = EventFolder(cfg.data)
+    steps, _, height, width = folder.sample_shape
+    if height != width:
+        raise I2EError(f"{cfg.data}: event samples are {height}x{width}; models take square input")
+    if cfg.imgsz and cfg.imgsz != height:
+        raise I2EError(f"--imgsz {cfg.imgsz} differs from the event samples' size {height}; "
+                       "convert the dataset at the size you want")
+    ratio = cfg.ratio if cfg.ratio is not None else folder.meta.get("ratio")
+    card = build_card(cfg.arch, cfg.class_names or folder.classes, height, ratio, cfg.events)
+    if steps != card.T:
+        raise I2EError(f"{cfg.data}: samples have {steps} time steps, models take {card.T}")
+    if cfg.val_data:
+        heldout_folder = EventFolder(cfg.val_data)
+        train_idx, val_idx = list(range(len(folder))), list(range(len(heldout_folder)))
+    else:
+        heldout_folder = folder
+        train_idx, val_idx = D.split_indices(folder.targets, cfg.val_split, cfg.seed)
+    train_set = torch.utils.data.Subset(folder, train_idx)
+    heldout = torch.utils.data.Subset(heldout_folder, val_idx[shard]) if val_idx else None
+    return _Data(train_set, heldout, card, "events")
+
+
+def _mixer(num_classes: int):
+    from torchvision.transforms import v2
+
+    return v2.RandomChoice([v2.CutMix(num_classes=num_classes), v2.MixUp(num_classes=num_classes)])
+
+
+def _mix(mixer, inputs: torch.Tensor, targets: torch.Tensor):
+    if inputs.dim() == 5:  # event samples: torchvision treats [B, T, C, H, W] as videos
+        from torchvision import tv_tensors
+
+        mixed, soft = mixer(tv_tensors.Video(inputs.float()), targets)
+        return mixed.as_subclass(torch.Tensor), soft
+    return mixer(inputs, targets)
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise I2EError("--tensorboard needs the tensorboard package: pip install tensorboard"
+                       ) from None
+    return SummaryWriter(str(path))
+
+
+class _Reporter:
+    """A rich progress bar on a terminal; a log line every LOG_EVERY steps otherwise."""
+
+    def __init__(self, console, log, enabled: bool):
+        self.log = log
+        self.bar = None
+        if enabled and console is not None and console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(),
+                                MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                                TimeRemainingColumn(), console=console)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=0, epoch="", stats="")
+        self.enabled = enabled
+
+    def epoch(self, label: str, steps: int) -> None:
+        self.label = label
+        if self.bar:
+            self.bar.reset(self.task, total=steps, epoch=label, stats="")
+
+    def step(self, step: int, total: int, stats: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, advance=1, stats=stats)
+        elif self.enabled and step % LOG_EVERY == 0:
+            self.log(f"epoch {self.label} step {step}/{total} {stats}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def train(cfg: TrainConfig, log=print, console=None) -> Path:
+    """Run a training job; returns the path of the best checkpoint. Under torchrun every
+    process runs this; rank 0 alone logs and writes."""
     if cfg.recipe not in RECIPES:
         raise I2EError(f"unknown recipe {cfg.recipe!r}; choose one of {', '.join(RECIPES)}")
     if cfg.arch not in ARCHS:
         raise I2EError(f"unknown arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     if cfg.recipe == "transfer" and not cfg.from_checkpoint:
         raise I2EError("--recipe transfer needs --from CHECKPOINT")
+    ctx, device = dist_util.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, device, log if ctx.main else (lambda msg: None), console)
+    finally:
+        dist_util.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
+           console) -> Path:
+    if cfg.batch % ctx.world:
+        raise I2EError(f"--batch {cfg.batch} does not split evenly over {ctx.world} processes")
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
-    folder = D.image_folder(cfg.data)
-    src_size = D.source_size(folder)
-    card = _card(cfg, folder.classes)
-    style = cfg.augment or ("none" if cfg.recipe == "baseline-i"
-                            else "cifar" if src_size <= 64 else "imagenet")
+    data = _prepare_data(cfg, slice(ctx.rank, None, ctx.world))
+    card = data.card
+    style = data.style
     wd = cfg.weight_decay if cfg.weight_decay is not None else (2e-4 if style != "imagenet" else 1e-5)
-
-    if cfg.val_data:
-        val_folder = D.image_folder(cfg.val_data)
-        train_idx, val_idx = list(range(len(folder))), list(range(len(val_folder)))
-    else:
-        val_folder = folder
-        train_idx, val_idx = D.split_indices(folder.targets, cfg.val_split, cfg.seed)
-    train_set = D.Subset(folder, train_idx, D.train_transform(card, style, src_size))
-    val_set = D.Subset(val_folder, val_idx, D.eval_transform(card))
-    loader_kw = dict(batch_size=cfg.batch, num_workers=cfg.workers,
+    batch = cfg.batch // ctx.world
+    loader_kw = dict(batch_size=batch, num_workers=cfg.workers,
                      persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=True, **loader_kw)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_kw) if val_idx else None
+    sampler = (DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed,
+                                  drop_last=True) if ctx.enabled else None)
+    train_loader = DataLoader(data.train, shuffle=sampler is None, sampler=sampler,
+                              drop_last=True, **loader_kw)
+    val_loader = DataLoader(data.heldout, shuffle=False, **loader_kw) if data.heldout else None
     if len(train_loader) == 0:
-        raise I2EError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch}")
+        raise I2EError(f"{len(data.train)} training samples are fewer than one batch of "
+                       f"{cfg.batch}")
 
-    model = _initial_model(cfg, card).to(device, memory_format=torch.channels_last)
+    model = _initial_model(cfg, card, log).to(device, memory_format=torch.channels_last)
+    forward = TrainForward(model)
+    net = (nn.parallel.DistributedDataParallel(
+        forward, device_ids=[device.index] if device.type == "cuda" else None)
+        if ctx.enabled else forward)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=wd)
     total_steps = cfg.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps, cfg.min_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    mixer = _mixer(card.num_classes) if cfg.mixup else None
 
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    start_epoch, best, step = 0, -1.0, 0
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+    start_epoch, best, step = 0, -math.inf, 0
     last_path, best_path = out / "last.pt", out / "best.pt"
     if cfg.resume:
         if not last_path.is_file():
@@ -148,29 +299,46 @@ def train(cfg: TrainConfig, log=print) -> Path:
                                for k, v in state["state_dict"].items()})
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         scheduler.load_state_dict(state["train_state"]["scheduler"])
+        if amp and "scaler" in state["train_state"]:
+            scaler.load_state_dict(state["train_state"]["scaler"])
         start_epoch, best = state["train_state"]["epoch"] + 1, state["train_state"]["best"]
         step = start_epoch * len(train_loader)
-        log(f"resumed from {last_path} at epoch {start_epoch}")
+        log(f"resumed from {last_path} at epoch {start_epoch + 1}")
 
+    heldout_images = dist_util.sum_across(ctx, [len(data.heldout or ())], device)[0]
     card.provenance = {"trained_by": "i2e-deploy train", "recipe": cfg.recipe,
                        "augment": style, "data": Path(cfg.data).name,
-                       "train_images": len(train_set), "heldout_images": len(val_set),
-                       "val_split": cfg.val_split, "seed": cfg.seed, "epochs": cfg.epochs}
+                       "train_images": len(data.train), "heldout_images": int(heldout_images),
+                       "val_split": cfg.val_split, "seed": cfg.seed, "epochs": cfg.epochs,
+                       "batch": cfg.batch, "processes": ctx.world, "mixup": cfg.mixup}
+    if cfg.from_checkpoint:
+        card.provenance["fine_tuned_from"] = Path(cfg.from_checkpoint).name
+    board = _tensorboard(out / "tensorboard") if cfg.tensorboard and ctx.main else None
+    reporter = _Reporter(console, log, enabled=ctx.main)
     log_path = out / "log.csv"
     new_log = not (cfg.resume and log_path.is_file())
-    with open(log_path, "w" if new_log else "a", newline="") as log_file:
-        writer = csv.writer(log_file)
-        if new_log:
+    log_file = open(log_path, "w" if new_log else "a", newline="") if ctx.main else None
+    try:
+        writer = csv.writer(log_file) if log_file else None
+        if writer and new_log:
             writer.writerow(["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "lr",
                              "seconds"])
         for epoch in range(start_epoch, cfg.epochs):
-            model.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            net.train()
+            reporter.epoch(f"{epoch + 1}/{cfg.epochs}", len(train_loader))
+            mixing = mixer is not None and epoch < math.ceil(cfg.epochs * 2 / 3)
             began, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-            for images, targets in train_loader:
-                images = images.to(device, non_blocking=True)
+            for inputs, targets in train_loader:
+                inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                with torch.autocast(device.type, enabled=device.type == "cuda"):
-                    logits = model(images)
+                labels = targets
+                if mixing:
+                    inputs, targets = _mix(mixer, inputs, targets)
+                    labels = targets.argmax(dim=1)
+                with torch.autocast(device.type, enabled=amp):
+                    logits = net(inputs)
                     loss = criterion(logits, targets)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -178,35 +346,57 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 scaler.update()
                 scheduler.step()
                 step += 1
-                loss_sum += loss.item() * len(targets)
-                correct += accuracy(logits.detach(), targets)
-                seen += len(targets)
-                if step % 50 == 0:
-                    log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} "
-                        f"loss {loss_sum / seen:.4f} top1 {100 * correct / seen:.2f} "
-                        f"{seen / (time.time() - began):.1f} img/s")
+                loss_sum += loss.item() * len(labels)
+                correct += accuracy(logits.detach(), labels)
+                seen += len(labels)
+                reporter.step(step, total_steps,
+                              f"loss {loss_sum / seen:.4f} top1 {100 * correct / seen:.2f} "
+                              f"{seen * ctx.world / (time.time() - began):.1f} img/s")
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
-            metrics = evaluate(model, val_loader, device) if val_loader else {"top1": math.nan,
-                                                                              "top5": math.nan}
+            dist_util.average_batchnorm(ctx, model)
+            loss_sum, correct, seen = dist_util.sum_across(ctx, [loss_sum, correct, seen], device)
+            metrics = {"top1": math.nan, "top5": math.nan}
+            if val_loader is not None:
+                c1, c5, n = dist_util.sum_across(ctx, evaluate(forward, val_loader, device),
+                                                 device)
+                metrics = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
             seconds = time.time() - began
-            writer.writerow([epoch + 1, f"{loss_sum / max(seen, 1):.4f}",
-                             f"{100 * correct / max(seen, 1):.2f}", f"{metrics['top1']:.2f}",
-                             f"{metrics['top5']:.2f}", f"{scheduler.get_last_lr()[0]:.6f}",
-                             f"{seconds:.0f}"])
-            log_file.flush()
-            log(f"epoch {epoch + 1}: train loss {loss_sum / max(seen, 1):.4f}, held-out top1 "
+            train_loss, train_top1 = loss_sum / max(seen, 1), 100 * correct / max(seen, 1)
+            lr = scheduler.get_last_lr()[0]
+            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, held-out top1 "
                 f"{metrics['top1']:.2f} top5 {metrics['top5']:.2f} ({seconds:.0f} s)")
-            score = metrics["top1"] if val_loader else -epoch
-            card.provenance.update({"epochs_done": epoch + 1, "heldout_top1": metrics["top1"],
-                                    "heldout_top5": metrics["top5"]})
-            train_state = {"epoch": epoch, "best": max(best, score),
-                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "config": asdict(cfg)}
-            save_checkpoint(last_path, model, card, extra={"train_state": train_state})
-            if score > best:
-                best = score
-                save_checkpoint(best_path, model, card)
+            # Without held-out data the latest epoch counts as the best.
+            score = metrics["top1"] if val_loader is not None else float(epoch)
+            if ctx.main:
+                writer.writerow([epoch + 1, f"{train_loss:.4f}", f"{train_top1:.2f}",
+                                 f"{metrics['top1']:.2f}", f"{metrics['top5']:.2f}",
+                                 f"{lr:.6f}", f"{seconds:.0f}"])
+                log_file.flush()
+                if board:
+                    for name, value in (("train/loss", train_loss), ("train/top1", train_top1),
+                                        ("heldout/top1", metrics["top1"]),
+                                        ("heldout/top5", metrics["top5"]), ("lr", lr)):
+                        board.add_scalar(name, value, epoch + 1)
+                    board.flush()
+                card.provenance.update({"epochs_done": epoch + 1,
+                                        "heldout_top1": metrics["top1"],
+                                        "heldout_top5": metrics["top5"]})
+                train_state = {"epoch": epoch, "best": max(best, score),
+                               "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "config": asdict(cfg)}
+                if amp:
+                    train_state["scaler"] = scaler.state_dict()
+                save_checkpoint(last_path, model, card, extra={"train_state": train_state})
+                if score > best:
+                    save_checkpoint(best_path, model, card)
+            best = max(best, score)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
+    finally:
+        reporter.close()
+        if log_file:
+            log_file.close()
+        if board:
+            board.close()
     return best_path
