@@ -114,10 +114,8 @@ def cached_onnx(checkpoint: Path, **overrides) -> Path:
                          .encode()).hexdigest()[:16]
     target = cache_dir() / "onnx" / f"{checkpoint.stem}-{key}.onnx"
     if not target.is_file():
-        from ..model.checkpoint import load_checkpoint
-
-        model, card = load_checkpoint(checkpoint, **overrides)
-        export_onnx(model, card, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(checkpoint, output=target, **overrides)  # verified against the checkpoint
     return target
 
 
@@ -244,64 +242,68 @@ _END = object()
 
 
 class _Capture(threading.Thread):
-    """Reads one source on its own thread into a small queue. Live sources keep only the
-    newest frames (the oldest is dropped and counted); recordings block instead, so every
-    frame is processed."""
+    """Reads one source on its own thread into a queue of ``queue_size`` frames. Live sources
+    keep only the newest frames (the oldest is dropped and counted); recordings wait for a
+    free slot before decoding, so every frame is processed and none ages in the queue."""
 
     def __init__(self, source: Source, index: int, queue_size: int, latest: bool):
         super().__init__(name=f"capture-{index}", daemon=True)
         self.source, self.index, self.latest = source, index, latest
-        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue: queue.Queue = queue.Queue()  # bounded by the slots; +1 for the end marker
+        self.slots = threading.Semaphore(queue_size)
         self.stop = threading.Event()
         self.dropped = 0
         self.error: str | None = None
 
     def run(self) -> None:
         try:
-            for frame in self.source:
-                if self.stop.is_set():
+            frames = iter(self.source)
+            while not self.stop.is_set():
+                if not self.latest and not self._take_slot():
+                    break
+                frame = next(frames, None)
+                if frame is None:
                     break
                 frame.source = self.index
-                self._put(frame)
+                if self.latest and not self.slots.acquire(blocking=False):
+                    self._drop_oldest()
+                self.queue.put(frame)
         except I2EError as exc:
             self.error = str(exc)
         except Exception as exc:  # a decoder failing mid-stream must not kill the loop silently
             self.error = f"source {self.source.uri} failed: {type(exc).__name__}: {exc}"
         finally:
             self.source.close()  # here, not from the main thread, which may still be reading
-            self._put_blocking(_END)
+            self.queue.put(_END)
 
-    def _put(self, frame: Frame) -> None:
-        if not self.latest:
-            self._put_blocking(frame)
-            return
+    def _take_slot(self) -> bool:
+        while not self.stop.is_set():
+            if self.slots.acquire(timeout=0.1):
+                return True
+        return False
+
+    def _drop_oldest(self) -> None:
+        """Full: the new frame takes the slot of the oldest queued one, unless the consumer
+        took that one meanwhile and freed a slot."""
         while True:
             try:
-                self.queue.put_nowait(frame)
+                self.queue.get_nowait()
+                self.dropped += 1
                 return
-            except queue.Full:
-                try:
-                    self.queue.get_nowait()
-                    self.dropped += 1
-                except queue.Empty:
-                    pass
-
-    def _put_blocking(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            except queue.Empty:
+                if self.slots.acquire(timeout=0.01):
+                    return
 
     def get(self):
         """Next frame, or _END; waits in short steps so Ctrl-C is seen promptly."""
         while True:
             try:
-                return self.queue.get(timeout=0.1)
+                item = self.queue.get(timeout=0.1)
             except queue.Empty:
-                if not self.is_alive() and self.queue.empty():
-                    return _END
+                continue
+            if item is not _END:
+                self.slots.release()
+            return item
 
 
 class Stream:
