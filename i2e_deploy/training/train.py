@@ -235,9 +235,21 @@ class _Reporter:
             self.bar.stop()
 
 
+@dataclass
+class TrainResult:
+    best: Path
+    last: Path
+    model: MSResNet  # this process's final weights
+
+
 def train(cfg: TrainConfig, log=print, console=None) -> Path:
-    """Run a training job; returns the path of the best checkpoint. Under torchrun every
-    process runs this; rank 0 alone logs and writes."""
+    """Run a training job; returns the path of the best checkpoint."""
+    return run_training(cfg, log, console).best
+
+
+def run_training(cfg: TrainConfig, log=print, console=None) -> TrainResult:
+    """Run a training job. Under torchrun every process runs this; rank 0 alone logs and
+    writes, and every process returns its own final model."""
     if cfg.recipe not in RECIPES:
         raise I2EError(f"unknown recipe {cfg.recipe!r}; choose one of {', '.join(RECIPES)}")
     if cfg.arch not in ARCHS:
@@ -252,7 +264,7 @@ def train(cfg: TrainConfig, log=print, console=None) -> Path:
 
 
 def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
-           console) -> Path:
+           console) -> TrainResult:
     if cfg.batch % ctx.world:
         raise I2EError(f"--batch {cfg.batch} does not split evenly over {ctx.world} processes")
     torch.manual_seed(cfg.seed)
@@ -302,7 +314,9 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
         if amp and "scaler" in state["train_state"]:
             scaler.load_state_dict(state["train_state"]["scaler"])
         start_epoch, best = state["train_state"]["epoch"] + 1, state["train_state"]["best"]
-        step = start_epoch * len(train_loader)
+        step = scheduler.last_epoch
+        if "rng" in state["train_state"]:  # same shuffles and directions as an unbroken run
+            torch.set_rng_state(state["train_state"]["rng"])
         log(f"resumed from {last_path} at epoch {start_epoch + 1}")
 
     heldout_images = dist_util.sum_across(ctx, [len(data.heldout or ())], device)[0]
@@ -384,7 +398,8 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                                         "heldout_top5": metrics["top5"]})
                 train_state = {"epoch": epoch, "best": max(best, score),
                                "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "config": asdict(cfg)}
+                               "scheduler": scheduler.state_dict(), "config": asdict(cfg),
+                               "rng": torch.get_rng_state()}
                 if amp:
                     train_state["scaler"] = scaler.state_dict()
                 save_checkpoint(last_path, model, card, extra={"train_state": train_state})
@@ -399,4 +414,4 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
             log_file.close()
         if board:
             board.close()
-    return best_path
+    return TrainResult(best_path, last_path, model)

@@ -153,6 +153,29 @@ class _EventSamples(torch.utils.data.Dataset):
         return torch.from_numpy(read_sample(path)), target
 
 
+def report_tables(report: Report, max_matrix: int = 20) -> list:
+    """rich tables: per-class accuracy, and the confusion matrix for up to ``max_matrix``
+    classes."""
+    from rich.table import Table
+
+    per_class = Table(title="per-class accuracy")
+    per_class.add_column("class")
+    per_class.add_column("top-1 %", justify="right")
+    per_class.add_column("images", justify="right")
+    support = report.confusion.sum(axis=1).tolist()
+    for (name, acc), count in zip(report.per_class().items(), support):
+        per_class.add_row(name, "-" if acc is None else f"{acc:.2f}", str(count))
+    if len(report.classes) > max_matrix:
+        return [per_class]
+    matrix = Table(title="confusion (rows: true, columns: predicted)")
+    matrix.add_column("")
+    for name in report.classes:
+        matrix.add_column(name[:6], justify="right")
+    for name, row in zip(report.classes, report.confusion.tolist()):
+        matrix.add_row(name, *(str(v) if v else "." for v in row))
+    return [per_class, matrix]
+
+
 def write_json(report: Report, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda fh: fh.write(json.dumps(report.to_dict(), indent=2)
                                                   .encode()))
