@@ -82,7 +82,7 @@ def info(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'defaul
 
 
 @command("train")
-def train_cmd(data: Path = typer.Argument(..., help="image folder, one sub-folder per class"),
+def train_cmd(data: Path = typer.Argument(..., help="image folder or I2E event dataset, one sub-folder per class"),
               output: Path = typer.Option(Path("runs/train"), "--output", "-o"),
               recipe: str = typer.Option("baseline-ii", help="baseline-i | baseline-ii | transfer"),
               arch: str = typer.Option("msresnet18"),
@@ -97,8 +97,12 @@ def train_cmd(data: Path = typer.Argument(..., help="image folder, one sub-folde
               seed: int = typer.Option(0), workers: int = typer.Option(2),
               device: str = typer.Option("cpu"),
               from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="fine-tune from"),
-              resume: bool = typer.Option(False, help="continue OUTPUT/last.pt")):
-    """Train an MS-ResNet on an image folder with the paper's recipes."""
+              resume: bool = typer.Option(False, help="continue OUTPUT/last.pt"),
+              events: bool = typer.Option(False, "--events", help="train an event-input model (e.g. --from an image checkpoint on an event dataset)"),
+              mixup: bool = typer.Option(False, "--mixup", help="CutMix or MixUp for the first 2/3 of the epochs"),
+              tensorboard: bool = typer.Option(False, "--tensorboard", help="also log to OUTPUT/tensorboard"),
+              max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after N steps (smoke runs)")):
+    """Train an MS-ResNet with the paper's recipes; under torchrun, one process per device."""
     from .training.train import TrainConfig, train
     cfg = TrainConfig(data=str(data), output=str(output), recipe=recipe, arch=arch, imgsz=imgsz,
                       ratio=ratio, epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
@@ -106,8 +110,9 @@ def train_cmd(data: Path = typer.Argument(..., help="image folder, one sub-folde
                       val_data=str(val_data) if val_data else None, seed=seed, workers=workers,
                       device=device,
                       from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
-                      resume=resume)
-    best = train(cfg, log=lambda msg: console.print(msg, highlight=False))
+                      resume=resume, events=events, mixup=mixup, tensorboard=tensorboard,
+                      max_steps=max_steps)
+    best = train(cfg, log=lambda msg: console.print(msg, highlight=False), console=console)
     console.print(f"best checkpoint: {best}")
 
 
@@ -266,6 +271,56 @@ def build_cmd(onnx_file: Path = typer.Argument(..., help=".onnx graph from `i2e-
                           timing_cache=timing_cache, calib_data=data, calib_size=calib_size,
                           calib_cache=calib_cache, device=device)
     console.print(f"wrote {engine} and {engine.name}.json", highlight=False)
+
+
+@command("val")
+def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or 'default'"),
+            data: Path = typer.Argument(..., help="labelled image folder (or I2E event dataset for event models)"),
+            val_split: Optional[float] = typer.Option(None, "--val-split", help="evaluate only what `train --val-split N --seed S` held out (default: the card's split when DATA is its training folder; 0 = all)"),
+            seed: Optional[int] = typer.Option(None, "--seed", help="seed of that split (default: the card's)"),
+            device: str = typer.Option("cpu", "--device"),
+            batch: int = typer.Option(64, "--batch"), workers: int = typer.Option(2, "--workers"),
+            json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
+            plot: Optional[Path] = typer.Option(None, "--plot", help="save the confusion matrix as PNG")):
+    """Top-1/top-5, per-class accuracy and confusion matrix of a model on a labelled folder."""
+    from rich.progress import Progress
+    from .training.validate import plot_confusion, report_tables, validate, write_json
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("validating", total=None)
+        report = validate(model, data, device=device, batch=batch, workers=workers,
+                          val_split=val_split, seed=seed,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total),
+                          log=lambda msg: console.print(msg, highlight=False))
+    for table in report_tables(report):
+        console.print(table)
+    console.print(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  on {report.images} images",
+                  highlight=False)
+    if json_path:
+        write_json(report, json_path)
+        console.print(f"wrote {json_path}", highlight=False)
+    if plot:
+        plot_confusion(report, plot)
+        console.print(f"wrote {plot}", highlight=False)
+
+
+@command("convert")
+def convert_cmd(src: Path = typer.Argument(..., help="image folder, one sub-folder per class"),
+                dst: Path = typer.Argument(..., help="event dataset folder (resumes if it exists)"),
+                fmt: str = typer.Option("npz", "--format", help="npz (compressed, one .npz per sample) | packed (header + packbits .npy)"),
+                ratio: Optional[float] = typer.Option(None, "--ratio", help="converter ratio (default: paper's for the class count)"),
+                imgsz: Optional[int] = typer.Option(None, "--imgsz", help="output size in px (default: paper's)"),
+                batch: int = typer.Option(256, "--batch"),
+                workers: int = typer.Option(2, "--workers", help="decoding processes")):
+    """Convert an image dataset into an I2E event dataset (the paper's layouts)."""
+    from rich.progress import Progress
+    from .training.convert import convert_folder
+    with Progress(console=console) as bar:
+        task = bar.add_task("converting", total=None)
+        stats = convert_folder(src, dst, fmt, ratio=ratio, imgsz=imgsz, batch=batch,
+                               workers=workers,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"wrote {stats.written} samples ({stats.skipped} already there) in "
+                  f"{stats.seconds:.1f} s, {stats.rate:.0f} images/s", highlight=False)
 
 
 def main() -> None:
