@@ -15,25 +15,27 @@ if TYPE_CHECKING:
 ON_BGR = np.array([60, 70, 255], np.uint8)
 OFF_BGR = np.array([255, 140, 70], np.uint8)
 BACKGROUND = 24
+_PALETTE = np.array([[BACKGROUND] * 3, ON_BGR, OFF_BGR, ON_BGR // 2 + OFF_BGR // 2], np.uint8)
 MIN_HEIGHT, MAX_HEIGHT = 256, 720
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def event_tiles(events: np.ndarray, tile: int, rows: int = 2) -> np.ndarray:
     """[T, 2, H, W] 0/1 events -> BGR mosaic of T tiles (rows x T/rows), each ``tile`` px."""
-    T = events.shape[0]
+    T, _, height, width = events.shape
     cols = -(-T // rows)
-    on = events[:, 0].astype(bool)
-    off = events[:, 1].astype(bool)
-    coloured = np.full(on.shape + (3,), BACKGROUND, np.uint8)
-    coloured[on] = ON_BGR
-    coloured[off] = OFF_BGR
-    coloured[on & off] = (ON_BGR // 2 + OFF_BGR // 2)
-    mosaic = np.full((rows * tile, cols * tile, 3), BACKGROUND, np.uint8)
+    codes = np.zeros((rows * cols, height, width), np.uint8)
+    codes[:T] = events[:, 0] + 2 * events[:, 1]  # 0 none, 1 ON, 2 OFF, 3 both
+    coloured = np.take(_PALETTE, codes, axis=0)  # [rows*cols, H, W, 3]; take: 5x fancy indexing
+    grid = coloured.reshape(rows, cols, height, width, 3).transpose(0, 2, 1, 3, 4)
+    mosaic = cv2.resize(grid.reshape(rows * height, cols * width, 3), (cols * tile, rows * tile),
+                        interpolation=cv2.INTER_NEAREST)
+    for r in range(1, rows):
+        mosaic[r * tile] = BACKGROUND
+    for c in range(cols + 1):
+        mosaic[:, min(c * tile, cols * tile - 1)] = BACKGROUND
     for t in range(T):
         r, c = divmod(t, cols)
-        cell = cv2.resize(coloured[t], (tile - 2, tile - 2), interpolation=cv2.INTER_NEAREST)
-        mosaic[r * tile + 1:(r + 1) * tile - 1, c * tile + 1:(c + 1) * tile - 1] = cell
         cv2.putText(mosaic, f"t{t}", (c * tile + 5, r * tile + 16), FONT, 0.4, (200, 200, 200), 1,
                     cv2.LINE_AA)
     return mosaic
