@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .quantize import _elem_types
+from .graph import elem_types
 
 
 def spike_tensors(model: onnx.ModelProto) -> list[str]:
     """The boolean spike (and event) tensors of a graph, in network order: outputs of
     Concat nodes joining boolean comparisons."""
-    types = _elem_types(model)
+    types = elem_types(model)
     return [node.output[0] for node in model.graph.node
             if node.op_type == "Concat" and types.get(node.output[0]) == TensorProto.BOOL]
 

@@ -16,8 +16,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import I2EError
-from .quantize import (PRECISION_KEY, QUANTIZED_OPS, _elem_types, _move, _producers,
-                       _remove_dead, _set_props, binary_activations, verify_reduced)
+from .graph import elem_types, producers, remove_dead, set_props
+from .quantize import PRECISION_KEY, QUANTIZED_OPS, _move, binary_activations, verify_reduced
 
 
 def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -26,8 +26,8 @@ def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
     binary_activations(model, read_onnx_card(model))  # refuses graphs that are not ours
     graph = model.graph
-    producers = _producers(graph)
-    types = _elem_types(model)
+    writers = producers(graph)
+    types = elem_types(model)
     initializers = {init.name: init for init in graph.initializer}
     half_inputs: dict[str, str] = {}
     nodes = []
@@ -36,7 +36,7 @@ def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
             continue
         source = node.input[0]
-        cast = producers.get(source)
+        cast = writers.get(source)
         if cast is not None and cast.op_type == "Cast" and \
                 types.get(cast.input[0]) == TensorProto.BOOL:
             source = cast.input[0]
@@ -58,8 +58,8 @@ def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes += [half, helper.make_node("Cast", [out16], [node.output[0]], to=TensorProto.FLOAT)]
     del graph.node[:]
     graph.node.extend(nodes)
-    _remove_dead(graph)
-    _set_props(model, **{PRECISION_KEY: "fp16"})
+    remove_dead(graph)
+    set_props(model, **{PRECISION_KEY: "fp16"})
     return model
 
 

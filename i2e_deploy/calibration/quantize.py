@@ -18,8 +18,12 @@ Two flavours:
   8 bits. So each quantized conv is lowered instead to what ONNX Runtime runs fast with FP32
   output: the boolean spikes cast straight to uint8 (no QuantizeLinear), an NHWC im2col
   (``Gather`` of a precomputed index), and ``com.microsoft.MatMulIntegerToFloat`` (uint8 x
-  int8 GEMM, per-channel scale and bias applied on the FP32 output). Weights, scales and
-  biases are read from the Q/DQ graph, so both flavours quantize identically.
+  int8 GEMM, per-channel scale and bias applied on the FP32 output), one 2-D GEMM over all
+  time steps and pixels. Convs with few input channels (the 2-channel stem, whose patch rows
+  would be 2 bytes) run as float convs with the dequantized weights on the exact 0/1 input.
+  Weights, scales and biases are read from the Q/DQ graph, so both flavours compute the same
+  function. Once the convs are INT8 the neuron chains dominate, so they are rewritten into
+  an exact, cheaper form too (:mod:`.lif`).
 """
 from __future__ import annotations
 
@@ -35,28 +39,23 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from ..card import ModelCard
 from ..errors import I2EError
+from .graph import elem_types, producers, remove_dead, set_props
 
 FLAVOURS = ("onnxruntime", "tensorrt")
 PRECISION_KEY = "i2e_deploy.precision"
 FLAVOUR_KEY = "i2e_deploy.int8_flavour"
 QUANTIZED_OPS = ("Conv", "Gemm")
+MIN_GATHER_CHANNELS = 16
 # Ops that move or select values without changing them: 0/1 in, 0/1 out.
 _VALUE_PRESERVING = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
                      "Slice", "Split", "Concat", "MaxPool", "Expand", "Tile", "Gather", "Pad")
 
 
-def _producers(graph) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output}
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    values = list(inferred.graph.value_info) + list(inferred.graph.input) + \
-        list(inferred.graph.output)
-    return {v.name: v.type.tensor_type.elem_type for v in values}
 
 
-def is_binary(tensor: str, producers, types: dict[str, int], binary_inputs: set[str]) -> bool:
+def is_binary(tensor: str, writers, types: dict[str, int], binary_inputs: set[str]) -> bool:
     """Whether ``tensor`` provably holds only 0 and 1: a boolean cast to a number, or a graph
     input declared binary (event input), reached through value-preserving ops only."""
     seen: set[str] = set()
@@ -68,7 +67,7 @@ def is_binary(tensor: str, producers, types: dict[str, int], binary_inputs: set[
         seen.add(name)
         if name in binary_inputs:
             continue
-        node = producers.get(name)
+        node = writers.get(name)
         if node is None:
             return False
         if node.op_type == "Cast":
@@ -94,14 +93,14 @@ def binary_activations(model: onnx.ModelProto, card: ModelCard) -> dict[str, str
     """``{conv/gemm node name: its input tensor}`` for every Conv/Gemm of the graph; raises
     if one reads a tensor that is not provably 0/1 (the graph is not an MS-ResNet export)."""
     graph = model.graph
-    producers = _producers(graph)
-    types = _elem_types(model)
+    writers = producers(graph)
+    types = elem_types(model)
     binary_inputs = {graph.input[0].name} if card.input == "events" else set()
     found = {}
     for node in graph.node:
         if node.op_type not in QUANTIZED_OPS:
             continue
-        if not is_binary(node.input[0], producers, types, binary_inputs):
+        if not is_binary(node.input[0], writers, types, binary_inputs):
             raise I2EError(f"{node.name or node.op_type}: its input is not provably 0/1 spikes, "
                            "so INT8 with exact activations does not apply; export the graph "
                            "with `i2e-deploy export`")
@@ -111,11 +110,6 @@ def binary_activations(model: onnx.ModelProto, card: ModelCard) -> dict[str, str
     return found
 
 
-def _set_props(model: onnx.ModelProto, **props: str) -> None:
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in props.items():
-        entry = existing.get(key) or model.metadata_props.add()
-        entry.key, entry.value = key, value
 
 
 class _OneBatchReader(CalibrationDataReader):
@@ -156,7 +150,7 @@ def quantize_qdq(fp32: str | os.PathLike | onnx.ModelProto, output: str | os.Pat
     quantized = onnx.load(str(output))
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)
-    _set_props(quantized, **{PRECISION_KEY: "int8", FLAVOUR_KEY: "tensorrt" if not unsigned
+    set_props(quantized, **{PRECISION_KEY: "int8", FLAVOUR_KEY: "tensorrt" if not unsigned
                              else "qdq-u8s8"})
     onnx.save(quantized, str(output))
     return output
@@ -194,9 +188,9 @@ class _Lowering:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
-        self.producers = _producers(self.graph)
+        self.producers = producers(self.graph)
         self.initializers = {i.name: i for i in self.graph.initializer}
-        self.types = _elem_types(model)
+        self.types = elem_types(model)
         self.new_initializers: list[onnx.TensorProto] = []
         self.uint8_nhwc: dict[str, str] = {}  # binary source tensor -> its uint8 NHWC copy
         self.count = 0
@@ -266,7 +260,7 @@ class _Lowering:
             [col, self.const(np.ascontiguousarray(weight_kn), hint + "_w"),
              self.const(np.array(1.0, np.float32), hint + "_as"), self.const(scale, hint + "_ws"),
              self.const(np.array(0, np.uint8), hint + "_azp"),
-             self.const(np.zeros(channels, np.int8), hint + "_wzp"),
+             self.const(np.array(0, np.int8), hint + "_wzp"),
              self.const(bias, hint + "_b")],
             [out], domain="com.microsoft", name=hint + "_matmul"))
 
@@ -277,12 +271,23 @@ class _Lowering:
         if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])) \
                 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             raise I2EError(f"{node.name}: only plain convolutions are lowered")
+        hint = node.name.strip("/").replace("/", "_") or "conv"
+        if in_ch < MIN_GATHER_CHANNELS:
+            # Patch rows of a few bytes make the im2col gather slower than the whole float
+            # conv (the 2-channel stem): run the dequantized weights on the exact 0/1 input.
+            float_input = self.producers[self.producers[node.input[0]].input[0]].input[0]
+            dequantized = weight.astype(np.float32) * scale.reshape(-1, 1, 1, 1)
+            conv = helper.make_node("Conv", [float_input, self.const(dequantized, hint + "_wdq"),
+                                             self.const(bias, hint + "_b")], list(node.output),
+                                    name=node.name)
+            conv.attribute.extend(node.attribute)
+            nodes.append(conv)
+            return
         sh, sw = attrs.get("strides", [1, 1])
         top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
         _, channels, height, width = in_shape
         hp, wp = height + top + bottom, width + left + right
         ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-        hint = node.name.strip("/").replace("/", "_") or "conv"
 
         source = self.activation(node, nodes)
         nhwc = self.uint8_nhwc.get(source)
@@ -298,33 +303,39 @@ class _Lowering:
         else:
             padded = nhwc
         if kh == kw == 1:
-            col = padded
+            patches = padded
             if sh != 1 or sw != 1:
-                col = self.fresh(hint + "_strided")
+                patches = self.fresh(hint + "_strided")
                 nodes.append(helper.make_node(
                     "Slice", [padded, self.const(np.array([0, 0], np.int64), hint + "_s0"),
                               self.const(np.array([hp, wp], np.int64), hint + "_s1"),
                               self.const(np.array([1, 2], np.int64), hint + "_ax"),
-                              self.const(np.array([sh, sw], np.int64), hint + "_st")], [col]))
+                              self.const(np.array([sh, sw], np.int64), hint + "_st")], [patches]))
         else:
             # im2col as one Gather: row (y, x) of the patch matrix lists the kh*kw input pixels
             # (ky, kx order) of output pixel (y, x); channels stay innermost.
             oy, ox, ky, kx = np.meshgrid(np.arange(ho), np.arange(wo), np.arange(kh),
                                          np.arange(kw), indexing="ij")
             index = ((oy * sh + ky) * wp + ox * sw + kx).reshape(-1).astype(np.int64)
-            flat, gathered, col = (self.fresh(hint + s) for s in ("_flat", "_gather", "_col"))
+            flat, patches = self.fresh(hint + "_flat"), self.fresh(hint + "_gather")
             nodes += [
                 helper.make_node("Reshape", [padded, self.const(np.array([0, hp * wp, channels],
                                                                          np.int64), hint + "_r1")],
                                  [flat]),
-                helper.make_node("Gather", [flat, self.const(index, hint + "_idx")], [gathered],
-                                 axis=1),
-                helper.make_node("Reshape", [gathered, self.const(
-                    np.array([0, ho, wo, kh * kw * channels], np.int64), hint + "_r2")], [col])]
+                helper.make_node("Gather", [flat, self.const(index, hint + "_idx")], [patches],
+                                 axis=1)]
+        # One 2-D GEMM over all (time, image, pixel) rows: batch dimensions would split it
+        # into many small ones.
+        rows, out_rows, out_nhwc = (self.fresh(hint + s) for s in ("_rows", "_mm", "_out"))
+        nodes.append(helper.make_node("Reshape", [patches, self.const(
+            np.array([-1, kh * kw * channels], np.int64), hint + "_r2")], [rows]))
         weight_kn = weight.transpose(2, 3, 1, 0).reshape(kh * kw * in_ch, out_ch)
-        out_nhwc = self.fresh(hint + "_out")
-        self.matmul(col, weight_kn, scale, bias, out_nhwc, nodes, hint)
-        nodes.append(helper.make_node("Transpose", [out_nhwc], [node.output[0]], perm=[0, 3, 1, 2]))
+        self.matmul(rows, weight_kn, scale, bias, out_rows, nodes, hint)
+        nodes += [
+            helper.make_node("Reshape", [out_rows, self.const(np.array([-1, ho, wo, out_ch],
+                                                                       np.int64), hint + "_r3")],
+                             [out_nhwc]),
+            helper.make_node("Transpose", [out_nhwc], [node.output[0]], perm=[0, 3, 1, 2])]
 
     def gemm(self, node, nodes: list) -> None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -352,31 +363,22 @@ class _Lowering:
         del self.graph.node[:]
         self.graph.node.extend(nodes)
         self.graph.initializer.extend(self.new_initializers)
-        _remove_dead(self.graph)
+        remove_dead(self.graph)
         if not any(op.domain == "com.microsoft" for op in self.model.opset_import):
             self.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         return self.model
 
 
-def _remove_dead(graph) -> None:
-    """Drop nodes and initializers nothing reads (the replaced Q/DQ/Conv/Cast chains)."""
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    used = [init for init in graph.initializer if init.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(used)
 
 
 def lower_for_onnxruntime(qdq: onnx.ModelProto) -> onnx.ModelProto:
-    """The U8S8 ONNX Runtime CPU graph of a Q/DQ graph (see the module docstring)."""
+    """The U8S8 ONNX Runtime CPU graph of a Q/DQ graph (see the module docstring), with the
+    LIF chains in their cheaper exact form (:mod:`.lif`)."""
+    from .lif import rewrite_lif
+
     lowered = _Lowering(qdq).run()
-    _set_props(lowered, **{PRECISION_KEY: "int8", FLAVOUR_KEY: "onnxruntime"})
+    rewrite_lif(lowered)
+    set_props(lowered, **{PRECISION_KEY: "int8", FLAVOUR_KEY: "onnxruntime"})
     return lowered
 
 
