@@ -254,7 +254,6 @@ class _Lowering:
         return weight, scale, bias
 
     def matmul(self, col: str, weight_kn: np.ndarray, scale, bias, out: str, nodes, hint):
-        channels = weight_kn.shape[1]
         nodes.append(helper.make_node(
             "MatMulIntegerToFloat",
             [col, self.const(np.ascontiguousarray(weight_kn), hint + "_w"),
