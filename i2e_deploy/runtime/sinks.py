@@ -128,6 +128,7 @@ class JsonlSink(Sink):
                           for i, label, p in zip(prediction.indices, prediction.labels,
                                                  prediction.probs)]}
         self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # one small write per frame; the temp file shows progress
 
     def close(self) -> None:
         if self.file is None:  # no frames: publish an empty file, the truthful result
