@@ -38,8 +38,9 @@ from .errors import I2EError
 from .runtime.runners import (ENGINE_SUFFIXES, ONNX_SUFFIXES, TORCH_SUFFIXES, _onnx_card,
                               engine_sidecar_path, read_engine_sidecar)
 
-DEFAULT_CACHE = Path.home() / ".cache" / "i2e-deploy"
-TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_CACHE = Path(os.environ.get("I2E_CACHE", Path.home() / ".cache" / "i2e-deploy"))
+PRECISIONS = ("fp32", "fp16", "int8")
+TENSORRT_PRECISIONS = PRECISIONS
 SYNTHETIC_COUNT = 32
 
 
@@ -101,13 +102,13 @@ def _cached(cache: Path, checkpoint: Path, suffix: str, build: Callable[[Path], 
 def _export_fp32(checkpoint: Path, output: Path) -> None:
     from .export.onnx import export_onnx
 
-    export_onnx(checkpoint, output, verify=False)
+    export_onnx(checkpoint, output, verify=False)  # parity is measured by the benchmark
 
 
-def int8_exporter() -> Callable[..., None] | None:
+def int8_exporter() -> Callable[..., Path] | None:
     """The INT8 exporter of ``i2e_deploy.calibration`` when this installation has one."""
     try:
-        from .calibration import export_int8
+        from .calibration.quantize import export_int8
     except ImportError:
         return None
     return export_int8
@@ -130,55 +131,76 @@ def tensorrt_status() -> str | None:
     return None
 
 
-def plan_rows(model: Path, cache: Path, device: str, data: str | None) -> list[Row]:
-    """The rows for a model file: what runs, what must be exported first, what cannot run."""
+def _check_precisions(precisions: tuple[str, ...]) -> None:
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise I2EError(f"unknown precision {', '.join(unknown) or '(none)'}; choose from "
+                       f"{', '.join(PRECISIONS)}")
+
+
+def plan_rows(model: Path, cache: Path, device: str,
+              precisions: tuple[str, ...] = PRECISIONS) -> list[Row]:
+    """The rows for a model file: what runs, what must be exported first, what cannot run.
+    ``precisions`` filters the exported rows; the PyTorch reference always runs."""
+    _check_precisions(precisions)
     suffix = model.suffix.lower()
+    if suffix in ENGINE_SUFFIXES:
+        return [Row("TensorRT", read_engine_sidecar(model)["precision"], str(model),
+                    device="cuda")]
     rows: list[Row] = []
     onnx_fp32: Path | None = None
     if suffix in TORCH_SUFFIXES:
         rows.append(Row("PyTorch (reference)", "fp32", str(model), device=device))
-        try:
-            onnx_fp32 = _cached(cache, model, ".onnx", lambda out: _export_fp32(model, out),
-                                precision="fp32")
-            rows.append(Row("ONNX Runtime", "fp32", str(onnx_fp32), device=device))
-        except ImportError:
-            rows.append(Row("ONNX Runtime", "fp32", reason="ONNX exporter not available"))
-        exporter = int8_exporter()
-        if exporter is None:
-            rows.append(Row("ONNX Runtime", "int8", reason="INT8 exporter not available"))
-        elif onnx_fp32 is not None:
-            int8 = _cached(cache, model, ".onnx",
-                           lambda out: exporter(model, out, data=data), precision="int8",
-                           data=str(data) if data else None)
-            rows.append(Row("ONNX Runtime", "int8", str(int8), device=device))
+        onnx_fp32 = _export_row(rows, cache, model, device, "fp32",
+                                lambda out: _export_fp32(model, out),
+                                keep=("fp32" in precisions))
+        if "int8" in precisions:
+            exporter = int8_exporter()
+            if exporter is None:
+                rows.append(Row("ONNX Runtime", "int8", reason="INT8 exporter not available"))
+            else:  # SNN-aware INT8 needs no calibration data: spikes are exactly 0/1
+                _export_row(rows, cache, model, device, "int8",
+                            lambda out: exporter(model, out, flavour="onnxruntime",
+                                                 verify=False), flavour="onnxruntime")
     elif suffix in ONNX_SUFFIXES:
         rows.append(Row("PyTorch (reference)", "fp32",
                         reason="give the checkpoint to benchmark the reference"))
-        card_props = _onnx_card(model)[1]
-        rows.append(Row("ONNX Runtime", card_props.get("i2e_deploy.precision", "fp32"),
-                        str(model), device=device))
-        onnx_fp32 = model
-    elif suffix in ENGINE_SUFFIXES:
-        precision = read_engine_sidecar(model)["precision"]
-        rows.append(Row("TensorRT", precision, str(model), device="cuda"))
-        return rows
+        precision = _onnx_card(model)[1].get("i2e_deploy.precision", "fp32")
+        rows.append(Row("ONNX Runtime", precision, str(model), device=device))
+        onnx_fp32 = model if precision == "fp32" else None
     else:
         raise I2EError(f"{model}: unknown model format {suffix or '(no suffix)'}")
-    rows.extend(_tensorrt_rows(model, onnx_fp32, cache))
+    wanted = tuple(p for p in TENSORRT_PRECISIONS if p in precisions)
+    rows.extend(_tensorrt_rows(model, onnx_fp32, cache, wanted))
     return rows
 
 
-def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path) -> list[Row]:
-    reason = tensorrt_status() or (None if onnx_fp32 else "no ONNX graph to build from")
+def _export_row(rows: list[Row], cache: Path, checkpoint: Path, device: str, precision: str,
+                build: Callable[[Path], Any], keep: bool = True, **options: Any) -> Path | None:
+    """Export (or reuse) an ONNX Runtime graph; add its row (or why it failed) if ``keep``."""
+    try:
+        path = _cached(cache, checkpoint, ".onnx", build, precision=precision, **options)
+    except I2EError as exc:
+        if keep:
+            rows.append(Row("ONNX Runtime", precision, reason=f"export failed: {exc}"))
+        return None
+    if keep:
+        rows.append(Row("ONNX Runtime", precision, str(path), device=device))
+    return path
+
+
+def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path,
+                   precisions: tuple[str, ...]) -> list[Row]:
+    reason = tensorrt_status() or (None if onnx_fp32 else "no FP32 ONNX graph to build from")
     if reason:
-        return [Row("TensorRT", p, reason=reason) for p in TENSORRT_PRECISIONS]
+        return [Row("TensorRT", p, reason=reason) for p in precisions]
     import tensorrt
     import torch
 
     from .export.tensorrt import build_engine
 
     rows = []
-    for precision in TENSORRT_PRECISIONS:
+    for precision in precisions:
         try:  # engines are tied to the TensorRT version and the GPU: both are in the key
             engine = _cached(cache, source, ".engine",
                              lambda out, p=precision: build_engine(onnx_fp32, out, precision=p),
@@ -228,6 +250,7 @@ def _card_of(model: Path) -> ModelCard:
 def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iters: int = 50,
                   warmup: int = 5, batch: int = 8, device: str = "cpu",
                   threads: int | None = None, cache: str | None = None,
+                  precisions: tuple[str, ...] = PRECISIONS,
                   log: Callable[[str], None] = lambda msg: None) -> BenchmarkReport:
     """Benchmark every backend x precision available for ``model`` (see the module doc)."""
     from .assets import resolve_model
@@ -236,6 +259,7 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
                                ("--batch", batch, 1), ("--limit", limit, 1)):
         if value < least:
             raise I2EError(f"{name} must be at least {least}, got {value}")
+    _check_precisions(tuple(precisions))
     path = resolve_model(model)
     if not path.is_file():
         raise I2EError(f"model file not found: {path}")
@@ -243,7 +267,7 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
     inputs, labels, input_info = _load_inputs(card, data, limit)
     cache_dir = Path(cache).expanduser() if cache else DEFAULT_CACHE
     log(f"exporting into {cache_dir} (cached by checkpoint sha256 + options)")
-    rows = plan_rows(path, cache_dir, device, data)
+    rows = plan_rows(path, cache_dir, device, tuple(precisions))
     settings = {"iters": iters, "warmup": warmup, "batch": batch, "device": device,
                 "threads": threads, "inputs": input_info}
     reference: np.ndarray | None = None

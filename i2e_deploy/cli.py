@@ -134,12 +134,14 @@ def parity_cmd(model_a: str = typer.Argument(..., help="reference: checkpoint, .
                event_agreement: Optional[float] = typer.Option(None, "--event-agreement",
                                                                help="min event agreement"),
                device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
+               threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads"),
                batch: int = typer.Option(8, "--batch", help="inference batch size"),
                json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here")):
     """Check that model B predicts what model A predicts (exit 0 pass, 1 fail, 2 bad input)."""
     from .parity import render, run_parity, write_json
     report = run_parity(model_a, model_b, data=data, random=random, limit=limit,
-                        precision=precision, layers=layers, device=device, batch_size=batch,
+                        precision=precision, layers=layers, device=device, threads=threads,
+                        batch_size=batch,
                         overrides={"top1": top1, "top5": top5, "median_abs": median_abs,
                                    "max_abs": max_abs, "decisive": flips,
                                    "tie_margin": tie_margin, "events": event_agreement})
@@ -224,14 +226,17 @@ def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .eng
                   device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
                   threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads"),
                   cache: Optional[Path] = typer.Option(None, "--cache", help="export cache (default ~/.cache/i2e-deploy)"),
+                  precision: Optional[list[str]] = typer.Option(None, "--precision",
+                                                                help="only these (fp32, fp16, int8); repeatable"),
                   json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here"),
                   markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="write the table here")):
     """Latency, throughput, memory, accuracy and parity of every backend x precision here."""
-    from .benchmark import markdown, run_benchmark
+    from .benchmark import PRECISIONS, markdown, run_benchmark
     from .parity import write_json, write_text
     report = run_benchmark(model, data=str(data) if data else None, limit=limit, iters=iters,
                            warmup=warmup, batch=batch, device=device, threads=threads,
                            cache=str(cache) if cache else None,
+                           precisions=tuple(precision) if precision else PRECISIONS,
                            log=lambda msg: err_console.print(msg, highlight=False))
     table = markdown(report)
     print(table)

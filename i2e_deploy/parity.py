@@ -175,13 +175,19 @@ def check_cards_match(a: Runner, b: Runner) -> None:
                            f"{vb}); parity compares two forms of the same model")
 
 
-def parity_inputs(card, data: str | os.PathLike | None, random: int | None,
-                  limit: int | None, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-    """The comparison batch: preprocessed images of a folder, or structured random ones."""
+def check_input_flags(data: str | os.PathLike | None, random: int | None) -> None:
     if data is not None and random is not None:
         raise I2EError("give either --data DIR or --random N, not both")
     if random is not None and random < 1:
         raise I2EError(f"--random must be at least 1, got {random}")
+    if data is not None and not Path(data).is_dir():
+        raise I2EError(f"image folder not found: {data}")
+
+
+def parity_inputs(card, data: str | os.PathLike | None, random: int | None,
+                  limit: int | None, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """The comparison batch: preprocessed images of a folder, or structured random ones."""
+    check_input_flags(data, random)
     if card.input == "events":
         if data is not None:
             raise I2EError("event-input models take events, not images; use --random N")
@@ -238,13 +244,16 @@ def layer_agreement(runner: TorchRunner, batch: np.ndarray,
 def run_parity(model_a: str, model_b: str, *, data: str | None = None,
                random: int | None = None, limit: int | None = None,
                precision: str | None = None, overrides: dict[str, Any] | None = None,
-               layers: bool = False, device: str = "cpu", batch_size: int = 8,
-               seed: int = 0) -> ParityReport:
+               layers: bool = False, device: str = "cpu", threads: int | None = None,
+               batch_size: int = 8, seed: int = 0) -> ParityReport:
     """Compare model B with model A (the reference) and judge it; see the module docstring."""
     if batch_size < 1:
         raise I2EError(f"--batch must be at least 1, got {batch_size}")
-    with load_runner(model_a, device=device, warmup=0) as a, \
-            load_runner(model_b, device=device, warmup=0) as b:
+    if precision is not None:
+        thresholds_for(precision)  # fail on a bad flag before loading models
+    check_input_flags(data, random)
+    with load_runner(model_a, device=device, threads=threads, warmup=0) as a, \
+            load_runner(model_b, device=device, threads=threads, warmup=0) as b:
         check_cards_match(a, b)
         batch, inputs = parity_inputs(a.card, data, random, limit, seed)
         precision = precision or lower_precision(a.precision, b.precision)

@@ -21,7 +21,6 @@ from ..errors import I2EError
 TORCH_SUFFIXES = (".pth", ".pt", ".tar")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
-ONNX_CARD_KEY = "i2e_deploy.card"
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -147,23 +146,21 @@ class TorchRunner(Runner):
 
 
 def read_onnx_card(model) -> ModelCard:
-    """The model card stored in an ONNX model's ``metadata_props``."""
+    """The model card stored in a loaded ONNX model's ``metadata_props``."""
+    from ..export.onnx import CARD_KEY
+
     props = {p.key: p.value for p in model.metadata_props}
-    if ONNX_CARD_KEY not in props:
+    if CARD_KEY not in props:
         raise I2EError("ONNX file has no i2e-deploy model card in its metadata; export it "
                        "with `i2e-deploy export`")
-    return ModelCard.from_json(props[ONNX_CARD_KEY])
+    return ModelCard.from_json(props[CARD_KEY])
 
 
 def _onnx_card(path: Path) -> tuple[ModelCard, dict[str, str]]:
-    import onnx
+    """(card, metadata) of an ONNX file."""
+    from ..export.onnx import read_card, read_metadata
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf decode errors have many types
-        raise I2EError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    return read_onnx_card(model), props
+    return read_card(path), read_metadata(path)
 
 
 def ort_providers(device: str, providers: list[str] | None = None) -> list:

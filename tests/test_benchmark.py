@@ -1,0 +1,81 @@
+"""`i2e-deploy benchmark`: one row per backend x precision, absent backends say why."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from i2e_deploy.benchmark import cache_key, plan_rows, tensorrt_status
+from i2e_deploy.cli import app
+from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
+from runtime_models import shared_cifar, shared_model
+
+cli = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return shared_model("ckpt")
+
+
+def test_benchmark_table_and_json(ckpt, tmp_path):
+    data = shared_cifar()
+    cache = tmp_path / "cache"
+    args = ["benchmark", str(ckpt), "--data", str(data), "--iters", "3", "--warmup", "1",
+            "--batch", "2", "--cache", str(cache), "--precision", "fp32", "--threads", "1",
+            "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    rows = {(r["backend"], r["precision"]): r for r in report["rows"]}
+    torch_row, ort_row = rows[("PyTorch (reference)", "fp32")], rows[("ONNX Runtime", "fp32")]
+    for row in (torch_row, ort_row):
+        assert row["reason"] is None, row
+        assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+        assert row["throughput_ips"] > 0 and row["peak_rss_mb"] > row["model_rss_mb"] > 0
+        assert 0 <= row["accuracy"] <= 1
+    assert torch_row["top1_agreement"] == 1.0 and torch_row["max_abs_logit"] == 0.0
+    assert ort_row["top1_agreement"] == 1.0
+    assert report["settings"]["inputs"]["count"] == 20
+    assert sorted(rows) == [("ONNX Runtime", "fp32"), ("PyTorch (reference)", "fp32"),
+                            ("TensorRT", "fp32")]  # --precision fp32 keeps the reference
+    trt = rows[("TensorRT", "fp32")]
+    if tensorrt_status():
+        assert trt["reason"] == tensorrt_status() and trt["latency_p50_ms"] is None
+    table = (tmp_path / "b.md").read_text()
+    assert table.count("\n") == 2 + len(report["rows"])
+    assert "| TensorRT | fp32 |" in table and (tensorrt_status() or "") in table
+    exports = sorted(cache.glob("*.onnx"))
+    assert exports and not list(cache.glob(".*tmp*"))
+    stamps = [p.stat().st_mtime_ns for p in exports]
+    again = plan_rows(ckpt, cache, "cpu", ("fp32",))
+    assert [r.model for r in again] == [r["model"] for r in report["rows"]]
+    assert [p.stat().st_mtime_ns for p in sorted(cache.glob("*.onnx"))] == stamps  # reused
+
+
+def test_cache_key_tracks_weights_and_options(tmp_path):
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    first.write_bytes(b"weights")
+    second.write_bytes(b"weightz")
+    assert cache_key(first, precision="fp32") == cache_key(first, precision="fp32")
+    assert cache_key(first, precision="fp32") != cache_key(first, precision="int8")
+    assert cache_key(first, precision="fp32") != cache_key(second, precision="fp32")
+
+
+def test_onnx_model_rows_say_what_is_missing(tmp_path):
+    rows = plan_rows(shared_model("onnx"), tmp_path, "cpu")
+    assert rows[0].backend == "PyTorch (reference)" and "checkpoint" in rows[0].reason
+    assert (rows[1].backend, rows[1].precision, rows[1].reason) == ("ONNX Runtime", "fp32", None)
+    assert [r.precision for r in rows[2:]] == ["fp32", "fp16", "int8"]
+    assert all(r.backend == "TensorRT" and r.reason == tensorrt_status() for r in rows[2:])
+
+
+def test_bad_input_exits_2(ckpt, tmp_path):
+    for args in (["benchmark", str(tmp_path / "missing.pt")],
+                 ["benchmark", str(ckpt), "--iters", "0"],
+                 ["benchmark", str(ckpt), "--precision", "fp8"],
+                 ["benchmark", str(ckpt), "--data", str(tmp_path / "nowhere")]):
+        result = cli.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.output.startswith("error:")

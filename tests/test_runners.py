@@ -1,0 +1,226 @@
+"""Runners: every backend takes the same input and agrees; loading errors are one clear line."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from i2e_deploy.card import ModelCard
+from i2e_deploy.errors import I2EError
+from i2e_deploy.runtime.preprocess import (load_image_folder, load_labelled_folder, preprocess,
+                                           synthetic_images)
+from i2e_deploy.runtime.runners import (OrtRunner, TorchRunner, check_engine_compatible,
+                                        engine_sidecar_path, load_runner, ort_providers,
+                                        parse_device, read_engine_sidecar)
+from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
+from runtime_models import shared_cifar, shared_model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"ckpt": shared_model("ckpt"), "onnx": shared_model("onnx")}
+
+
+@pytest.fixture(scope="module")
+def images():
+    card = ModelCard(imgsz=32, resize=32)
+    return synthetic_images(6, card, seed=3)
+
+
+def test_torch_runner_equals_reference_model(models, images):
+    with load_runner(models["ckpt"]) as runner:
+        assert isinstance(runner, TorchRunner) and runner.input_format == "uint8"
+        assert runner.card.imgsz == 32 and runner.card.num_classes == 10
+        expected = runner.model(torch.from_numpy(images)).detach().numpy()
+        out = runner.infer(images)
+    assert out.dtype == np.float32 and out.shape == (6, 10)
+    np.testing.assert_array_equal(out, expected)
+    assert len(set(out.argmax(1))) > 1 or np.ptp(out, axis=0).max() > 1e-3  # not a constant model
+
+
+def test_onnx_runner_agrees_with_torch(models, images):
+    with load_runner(models["ckpt"]) as ref, load_runner(models["onnx"]) as ort:
+        assert isinstance(ort, OrtRunner) and ort.name == "onnxruntime"
+        assert ort.card.to_dict()["imgsz"] == ref.card.imgsz
+        assert ort.input_format == "uint8" and ort.output == "logits"
+        a, b = ref.infer(images), ort.infer(images)
+    assert b.dtype == np.float32
+    assert np.median(np.abs(a - b)) <= 1e-5
+    np.testing.assert_array_equal(a.argmax(1), b.argmax(1))
+
+
+def test_float_graph_takes_the_same_uint8_batch(models, images):
+    with load_runner(shared_model("float.onnx"), threads=1, optimization="basic") as runner, \
+            load_runner(models["onnx"]) as uint8:
+        assert runner.input_format == "float"
+        from_uint8 = runner.infer(images)
+        from_float = runner.infer(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+        np.testing.assert_array_equal(from_uint8, from_float)
+        np.testing.assert_allclose(from_uint8, uint8.infer(images), atol=1e-4)
+
+
+def test_converter_only_graph_outputs_reference_events(models, images):
+    with load_runner(shared_model("converter.onnx")) as runner, load_runner(models["ckpt"]) as ref:
+        assert runner.output == "events"
+        events = runner.infer(images)
+        np.testing.assert_array_equal(events, ref.events(images))
+    assert events.shape == (6, 8, 2, 32, 32) and 0 < events.mean() < 0.5
+
+
+def test_event_model_runners_agree():
+    events = (np.random.default_rng(0).random((2, 8, 2, 32, 32)) < 0.1).astype(np.float32)
+    with load_runner(shared_model("events.ckpt")) as ref, \
+            load_runner(shared_model("events.onnx")) as ort:
+        assert ref.input_format == ort.input_format == "events"
+        np.testing.assert_allclose(ref.infer(events), ort.infer(events), atol=1e-4)
+        with pytest.raises(I2EError, match="event batch"):
+            ort.infer(events[:, :4])
+
+
+def test_wrong_batch_is_one_clear_error(models):
+    with load_runner(models["onnx"], warmup=0) as runner:
+        with pytest.raises(I2EError, match=r"uint8 NHWC \[N, 32, 32, 3\]"):
+            runner.infer(np.zeros((1, 3, 32, 32), np.float32))
+        with pytest.raises(I2EError, match="uint8 NHWC"):
+            runner.infer(np.zeros((1, 64, 64, 3), np.uint8))
+
+
+def test_load_errors(tmp_path, models):
+    with pytest.raises(I2EError, match="not found"):
+        load_runner(tmp_path / "missing.onnx")
+    (tmp_path / "model.tflite").write_bytes(b"x")
+    with pytest.raises(I2EError, match="unknown model format"):
+        load_runner(tmp_path / "model.tflite")
+    (tmp_path / "garbage.onnx").write_bytes(b"\x00garbage")
+    with pytest.raises(I2EError, match="not a readable ONNX|card"):
+        load_runner(tmp_path / "garbage.onnx")
+    bare = onnx.load(str(models["onnx"]))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    with pytest.raises(I2EError, match="no i2e-deploy model card"):
+        load_runner(tmp_path / "bare.onnx")
+    with pytest.raises(I2EError, match="optimization level"):
+        load_runner(models["onnx"], optimization="max")
+    with pytest.raises(I2EError, match="only to PyTorch"):
+        load_runner(models["onnx"], compile=True)
+
+
+def test_engine_without_tensorrt_says_so(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    (tmp_path / "m.engine").write_bytes(b"\x00")
+    with pytest.raises(I2EError, match="TensorRT is not installed"):
+        load_runner(tmp_path / "m.engine")
+
+
+def test_devices_and_providers():
+    assert parse_device("cpu") == ("cpu", 0)
+    assert parse_device("cuda") == ("cuda", 0)
+    assert parse_device("CUDA:1") == ("cuda", 1)
+    for bad in ("gpu", "cuda:x", "cpu:0", ""):
+        with pytest.raises(I2EError, match="unknown device"):
+            parse_device(bad)
+    assert ort_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(I2EError, match="lacks provider"):
+        ort_providers("cpu", ["NoSuchExecutionProvider"])
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert ort_providers("cuda:1")[-2] == ("CUDAExecutionProvider", {"device_id": 1})
+    else:
+        with pytest.raises(I2EError, match="no GPU provider"):
+            ort_providers("cuda")
+
+
+def write_sidecar(engine, **changes):
+    record = {"card": ModelCard(imgsz=32, resize=32).to_dict(), "tensorrt_version": "10.3.0",
+              "gpu_name": "NVIDIA A100", "compute_capability": "8.0", "precision": "fp16",
+              **changes}
+    engine_sidecar_path(engine).write_text(json.dumps(record))
+    return record
+
+
+def test_engine_sidecar_read_and_compatibility(tmp_path):
+    engine = tmp_path / "m.engine"
+    assert engine_sidecar_path(engine).name == "m.engine.json"
+    with pytest.raises(I2EError, match="sidecar m.engine.json is missing"):
+        read_engine_sidecar(engine)
+    engine_sidecar_path(engine).write_text("{not json")
+    with pytest.raises(I2EError, match="not valid JSON"):
+        read_engine_sidecar(engine)
+    engine_sidecar_path(engine).write_text(json.dumps({"card": {}}))
+    with pytest.raises(I2EError, match="missing tensorrt_version"):
+        read_engine_sidecar(engine)
+    record = write_sidecar(engine)
+    assert read_engine_sidecar(engine) == record
+    here = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA A100", "compute_capability": "8.0"}
+    check_engine_compatible(record, **here)
+    with pytest.raises(I2EError, match="built with TensorRT 10.3.0, this is TensorRT 10.4.0"):
+        check_engine_compatible(record, **{**here, "tensorrt_version": "10.4.0"})
+    with pytest.raises(I2EError, match="built for NVIDIA A100 .sm 8.0., this GPU is Orin"):
+        check_engine_compatible(record, **{**here, "gpu_name": "Orin", "compute_capability": "8.7"})
+    check_engine_compatible({**record, "version_compatible": True},
+                            **{**here, "tensorrt_version": "10.4.0"})
+    portable = {**record, "hardware_compatibility": True}
+    check_engine_compatible(portable, **{**here, "gpu_name": "H100", "compute_capability": "9.0"})
+    with pytest.raises(I2EError, match=">= 8.0"):
+        check_engine_compatible(portable, **{**here, "gpu_name": "T4", "compute_capability": "7.5"})
+
+
+def test_preprocess_per_card():
+    card = ModelCard(imgsz=32, resize=40)
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[:, 40:] = 255  # right half white: the centre crop keeps both halves
+    out = preprocess(image, card)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert out[:, 0].max() == 0 and out[:, -1].min() == 255
+    same = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(preprocess(same, ModelCard(imgsz=32, resize=32)), same)
+    with pytest.raises(I2EError, match="RGB uint8"):
+        preprocess(np.zeros((32, 32), np.uint8), card)
+
+
+def test_image_folders_from_real_images(tmp_path):
+    folder = shared_cifar()
+    card = ModelCard(imgsz=32, resize=32, class_names=sorted(p.name for p in folder.iterdir()))
+    images, paths = load_image_folder(folder, card, limit=5)
+    assert images.shape == (5, 32, 32, 3) and len(paths) == 5
+    images, labels, names = load_labelled_folder(folder, card, limit=12)
+    assert images.shape == (12, 32, 32, 3)
+    assert labels[:10].tolist() == list(range(10))  # round-robin: every class in a subset
+    other = ModelCard(imgsz=32, resize=32, class_names=[f"c{i}" for i in range(10)])
+    with pytest.raises(I2EError, match="not classes of the model"):
+        load_labelled_folder(folder, other)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(I2EError, match="no images"):
+        load_image_folder(empty, card)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_runner_on_cuda_matches_cpu(models, images):
+    with load_runner(models["ckpt"]) as cpu, load_runner(models["ckpt"], device="cuda") as gpu, \
+            load_runner(models["ckpt"], device="cuda", compile=True) as compiled:
+        expected = cpu.infer(images)
+        np.testing.assert_allclose(gpu.infer(images), expected, atol=1e-3)
+        np.testing.assert_allclose(compiled.infer(images), expected, atol=1e-3)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="needs TensorRT and a CUDA GPU")
+def test_tensorrt_runner_matches_onnx(models, images):
+    from i2e_deploy.export.tensorrt import build_engine
+
+    engine = build_engine(models["onnx"], models["root"] / "tiny.engine", precision="fp32")
+    with load_runner(engine) as trt, load_runner(models["onnx"]) as ort:
+        assert trt.name == "tensorrt" and trt.precision == "fp32"
+        np.testing.assert_array_equal(trt.infer(images).argmax(1), ort.infer(images).argmax(1))
