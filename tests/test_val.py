@@ -1,0 +1,118 @@
+"""`val`: top-1/top-5, per-class accuracy and confusion matrix, checked against the runner's own
+predictions; held-out splits from the card; JSON and PNG outputs; one-line errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from i2e_deploy.assets import DEFAULT_MODEL
+from i2e_deploy.cli import app
+from i2e_deploy.errors import I2EError
+from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
+from i2e_deploy.runtime.preprocess import load_labelled_folder
+from i2e_deploy.runtime.runners import load_runner
+from i2e_deploy.training import data as D
+from i2e_deploy.training.validate import validate
+from runtime_models import save_active
+from training_data import cifar_folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the box has 2 cores; tests share them
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return cifar_folder(tmp_path)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return save_active(tmp_path / "active.pt", imgsz=32)
+
+
+def test_report_matches_runner_predictions(folder, checkpoint):
+    report = validate(str(checkpoint), folder, workers=0, batch=7, log=lambda _: None)
+    with load_runner(checkpoint) as runner:
+        images, labels, names = load_labelled_folder(folder, runner.card)
+        logits = runner.infer(images)
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    assert report.classes == names and report.images == len(labels) == 24
+    assert report.top1 == pytest.approx(100 * np.mean(top5[:, 0] == labels))
+    assert report.top5 == pytest.approx(100 * np.mean((top5 == labels[:, None]).any(axis=1)))
+    expected = np.zeros((10, 10), np.int64)
+    np.add.at(expected, (labels, top5[:, 0]), 1)
+    assert np.array_equal(report.confusion, expected)
+    assert len(set(top5[:, 0].tolist())) > 1  # the model is not constant: the check has teeth
+    per_class = report.per_class()
+    present = {names[i] for i in set(labels.tolist())}
+    for name, value in per_class.items():
+        assert (value is None) == (name not in present)
+
+
+def test_cli_json_and_plot(folder, checkpoint, tmp_path):
+    out, png = tmp_path / "report.json", tmp_path / "confusion.png"
+    result = CliRunner().invoke(app, ["val", str(checkpoint), str(folder), "--workers", "0",
+                                      "--json", str(out), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "top-1" in result.output and "per-class accuracy" in result.output
+    report = json.loads(out.read_text())
+    assert {"top1", "top5", "per_class", "confusion"} <= report.keys()
+    confusion = np.array(report["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == report["images"] == 24
+    assert report["top1"] == pytest.approx(100 * np.trace(confusion) / 24)
+    assert 0 <= report["top1"] <= report["top5"] <= 100
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_heldout_split_from_card_and_flags(folder, tmp_path):
+    model, card = load_checkpoint(save_active(tmp_path / "a.pt", imgsz=32))
+    card.provenance = {"data": folder.name, "val_split": 6, "seed": 3, "train_images": 18,
+                       "heldout_images": 6}
+    save_checkpoint(tmp_path / "trained.pt", model, card)
+    messages = []
+    report = validate(str(tmp_path / "trained.pt"), folder, workers=0, log=messages.append)
+    assert report.images == 6 and report.heldout == {"val_split": 6.0, "seed": 3}
+    assert any("held out in training" in m for m in messages)
+    # Exactly the images `train --val-split 6 --seed 3` held out.
+    images = D.image_folder(folder)
+    _, held = D.split_indices(images.targets, 6, 3)
+    support = np.zeros(10, np.int64)
+    for i in held:
+        support[card.class_names.index(images.classes[images.targets[i]])] += 1
+    assert np.array_equal(report.confusion.sum(axis=1), support)
+    assert validate(str(tmp_path / "trained.pt"), folder, workers=0, val_split=0).images == 24
+    explicit = validate(str(tmp_path / "trained.pt"), folder, workers=0, val_split=6, seed=3)
+    assert np.array_equal(explicit.confusion, report.confusion)
+    # Another folder (here: other name) is evaluated whole.
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    assert validate(str(tmp_path / "trained.pt"), other, workers=0).images == 24
+
+
+def test_errors_are_one_line(folder, tmp_path):
+    events_model = save_active(tmp_path / "events.pt", imgsz=32, events=True)
+    runner = CliRunner()
+    result = runner.invoke(app, ["val", str(events_model), str(folder), "--workers", "0"])
+    assert result.exit_code == 2 and "takes events" in result.output
+    (folder / "unicorn").mkdir()
+    shutil.copy(next(folder.rglob("*.jpg")), folder / "unicorn" / "x.jpg")
+    with pytest.raises(I2EError, match="unicorn"):
+        validate(str(save_active(tmp_path / "img.pt", imgsz=32)), folder, workers=0)
+    missing = runner.invoke(app, ["val", str(tmp_path / "none.pt"), str(folder)])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="bundled model not built yet")
+def test_bundled_model_validates(folder):
+    report = validate("default", folder, workers=0, val_split=0)
+    assert report.images == 24 and report.top1 > 40  # a trained CIFAR-10 model, 3 classes seen
