@@ -8,6 +8,7 @@ N-MNIST ``.bin``) for event-input models.
 from __future__ import annotations
 
 import glob
+import itertools
 import math
 import os
 import re
@@ -197,6 +198,8 @@ class LiveSource(Source):
         self.nominal_fps = self.capture.get(cv2.CAP_PROP_FPS) or 30.0
         if not 1 <= self.nominal_fps <= 240:
             self.nominal_fps = 30.0
+        # A file served over HTTP has a frame count and a real end; a live stream has neither.
+        self.finite = not self.is_camera and self.capture.get(cv2.CAP_PROP_FRAME_COUNT) > 0
 
     @property
     def is_camera(self) -> bool:
@@ -255,6 +258,8 @@ class LiveSource(Source):
             began = time.perf_counter()
             ok = self.capture.grab()
             if not ok:
+                if self.finite:
+                    return
                 self._reconnect()
                 continue
             index += 1
@@ -385,24 +390,27 @@ def _read_aedat4(path: str):
 
 def _read_evt3(path: str):
     """Chunks of (t us, x, y, p) and the sensor size from a Prophesee EVT3 file
-    (``expelliarmus``). The size comes from the header's geometry/format line when present."""
+    (``expelliarmus``), read in chunks so long recordings stream. The size comes from the
+    header's geometry/format line, else from the first chunk's largest coordinates."""
     try:
         from expelliarmus import Wizard
     except ImportError:
         raise I2EError("reading Prophesee .raw needs the 'expelliarmus' package: "
                        "pip install 'i2e-deploy[events]'") from None
-    size = _evt3_header_size(path)
-    wizard = Wizard(encoding="evt3", fpath=path)
+    wizard = Wizard(encoding="evt3", fpath=path, chunk_size=1 << 18)
+    chunks = wizard.read_chunk()
     try:
-        events = wizard.read()
+        first = next(chunks, None)
     except Exception as exc:
         raise I2EError(f"{path}: not a readable EVT3 recording ({exc})") from None
-    if size is None and len(events):
-        size = (int(events["x"].max()) + 1, int(events["y"].max()) + 1)
+    if first is None or not len(first):
+        raise I2EError(f"{path}: EVT3 recording holds no events")
+    size = _evt3_header_size(path) or (int(first["x"].max()) + 1, int(first["y"].max()) + 1)
 
-    def chunks():
-        yield events["t"].astype(np.int64), events["x"], events["y"], events["p"]
-    return chunks(), size or (1, 1)
+    def columns():
+        for events in itertools.chain([first], chunks):
+            yield events["t"].astype(np.int64), events["x"], events["y"], events["p"]
+    return columns(), size
 
 
 def _evt3_header_size(path: str) -> tuple[int, int] | None:
@@ -441,27 +449,32 @@ def events_to_frames(x, y, p, sensor: tuple[int, int], card: ModelCard) -> np.nd
     """Events of one window -> ``[T, 2, imgsz, imgsz]`` uint8 0/1.
 
     Split into T slices of equal event count (SpikingJelly's ``split_by='number'``, as the
-    paper's CIFAR10-DVS pipeline), integrate per polarity, map the sensor onto the card's
-    geometry (shorter side -> ``resize``, centre crop ``imgsz``), clip to 0/1.
+    paper's CIFAR10-DVS pipeline), integrate per polarity, map onto the card's geometry like
+    an image (centre square of the shorter side, resized to ``imgsz``: any event in an output
+    pixel's area when shrinking, nearest neighbour when enlarging), and clip to 0/1.
     """
     T, size = card.T, card.imgsz
-    frames = np.zeros((T, 2, size, size), np.uint8)
     n = len(x)
     if n == 0:
-        return frames
+        return np.zeros((T, 2, size, size), np.uint8)
     width, height = sensor
-    scale = card.resize / min(width, height)
-    offset_x = (round(width * scale) - size) // 2
-    offset_y = (round(height * scale) - size) // 2
-    col = np.floor(np.asarray(x) * scale).astype(np.int64) - offset_x
-    row = np.floor(np.asarray(y) * scale).astype(np.int64) - offset_y
+    side = round(min(width, height) * size / card.resize)  # the centre crop, in sensor pixels
+    col = np.asarray(x, np.int64) - (width - side) // 2
+    row = np.asarray(y, np.int64) - (height - side) // 2
     step = np.repeat(np.arange(T), np.diff(_count_split(n, T)))
-    keep = (col >= 0) & (col < size) & (row >= 0) & (row < size)
+    keep = (col >= 0) & (col < side) & (row >= 0) & (row < side)
+    col, row = col[keep], row[keep]
+    grid = side
+    if side > size:  # shrink: an output pixel fires if any event falls in its area
+        col, row, grid = col * size // side, row * size // side, size
     # Polarity channel 0 = ON, 1 = OFF (SPEC §1).
-    channel = 1 - (np.asarray(p)[keep] > 0)
-    flat = ((step[keep] * 2 + channel) * size + row[keep]) * size + col[keep]
-    frames.reshape(-1)[np.unique(flat)] = 1
-    return frames
+    plane = step[keep] * 2 + 1 - (np.asarray(p)[keep] > 0)
+    counts = np.bincount((plane * grid + row) * grid + col, minlength=2 * T * grid * grid)
+    fired = (counts.reshape(T, 2, grid, grid) > 0).astype(np.uint8)
+    if grid < size:  # enlarge: nearest neighbour
+        index = np.arange(size) * grid // size
+        fired = fired[:, :, index][:, :, :, index]
+    return np.ascontiguousarray(fired)
 
 
 def _count_split(n: int, T: int) -> np.ndarray:
