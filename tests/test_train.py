@@ -3,6 +3,7 @@ exactly, and image-trained weights start event-input models (sim-to-real)."""
 from __future__ import annotations
 
 import csv
+import sys
 
 import pytest
 import torch
@@ -132,3 +133,11 @@ def test_train_cli_and_errors(tmp_path):
         train(config(data, tmp_path / "fresh", resume=True))
     with pytest.raises(I2EError, match="fewer than one batch"):
         train(config(data, tmp_path / "big", batch=64))
+
+
+def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from i2e_deploy.training import train as train_module
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(I2EError, match="pip install tensorboard"):
+        train_module._tensorboard(tmp_path)
