@@ -112,8 +112,7 @@ def train_cmd(data: Path = typer.Argument(..., help="image folder or I2E event d
                       from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
                       resume=resume, events=events, mixup=mixup, tensorboard=tensorboard,
                       max_steps=max_steps)
-    best = train(cfg, log=lambda msg: console.print(msg, highlight=False), console=console)
-    console.print(f"best checkpoint: {best}")
+    train(cfg, log=lambda msg: console.print(msg, highlight=False), console=console)
 
 
 @command("parity")

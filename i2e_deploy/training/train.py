@@ -414,4 +414,5 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
             log_file.close()
         if board:
             board.close()
+    log(f"best checkpoint: {best_path}")
     return TrainResult(best_path, last_path, model)
