@@ -13,7 +13,8 @@ from i2e_deploy.runtime.sinks import NullSink
 from i2e_deploy.runtime.sources import DemoSource, events_to_frames, open_source
 from i2e_deploy.runtime.stream import Classifier, Stream, run_stream
 
-from stream_fixtures import DVS, MjpegServer, make_checkpoint
+from stream_fixtures import (DVS, FileServer, MjpegServer, make_checkpoint, synthetic_frames,
+                             write_video)
 
 
 def test_demo_clip_is_real_moving_and_deterministic():
@@ -119,3 +120,11 @@ def test_lost_network_camera_reconnects_then_fails_clearly(event_checkpoint, tmp
     assert stats.frames == 10
     assert "lost" in stats.error and "2 reconnect attempts" in stats.error
     assert json.dumps(stats.to_dict())  # stats stay serialisable with an error in them
+
+
+def test_video_file_over_http_ends_instead_of_reconnecting(tmp_path):
+    video = write_video(tmp_path / "clip.mp4", synthetic_frames(9))
+    with FileServer(video) as server:
+        source = open_source(server.url, reconnect_attempts=1, backoff_s=0.05)
+        frames = list(source)
+    assert len(frames) == 9 and source.reconnects == 0
