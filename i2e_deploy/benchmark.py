@@ -6,7 +6,7 @@ caches and allocations cannot colour another's numbers. What is measured:
 - latency: wall time of ``runner.infer`` at batch 1 (p50 / p99 over ``iters`` calls after
   ``warmup`` calls); inputs already preprocessed, so this is the model alone;
 - throughput: images/s of ``runner.infer`` at ``batch``;
-- memory: the worker's peak RSS (``ru_maxrss``), and that peak minus the RSS after the worker
+- memory: the worker's peak RSS (``VmHWM``), and that peak minus the RSS after the worker
   imported its libraries (PyTorch, ONNX, ONNX Runtime: the package imports PyTorch, so every
   worker carries it) and read the inputs: the delta is what loading and running the model
   added;
@@ -84,7 +84,8 @@ def _cached(cache: Path, checkpoint: Path, suffix: str, build: Callable[[Path], 
             **options: Any) -> Path:
     """The cached export for these options, building it (atomically) when missing. An engine's
     sidecar moves with it."""
-    target = cache / f"{checkpoint.stem}-{cache_key(checkpoint, **options)}{suffix}"
+    label = "-".join(str(options[k]) for k in ("backend", "precision") if k in options)
+    target = cache / f"{checkpoint.stem}-{label}-{cache_key(checkpoint, **options)}{suffix}"
     if not target.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
@@ -180,13 +181,19 @@ def _export_row(rows: list[Row], cache: Path, checkpoint: Path, device: str, pre
     """Export (or reuse) an ONNX Runtime graph; add its row (or why it failed) if ``keep``."""
     try:
         path = _cached(cache, checkpoint, ".onnx", build, precision=precision, **options)
-    except I2EError as exc:
+    except Exception as exc:  # one backend failing must not take the table down
         if keep:
-            rows.append(Row("ONNX Runtime", precision, reason=f"export failed: {exc}"))
+            rows.append(Row("ONNX Runtime", precision, reason=f"export failed: {_describe(exc)}"))
         return None
     if keep:
         rows.append(Row("ONNX Runtime", precision, str(path), device=device))
     return path
+
+
+def _describe(exc: Exception) -> str:
+    """One line: the message of a user-facing error, type and message of anything else."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, I2EError) else f"{type(exc).__name__}: {text}"
 
 
 def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path,
@@ -207,8 +214,8 @@ def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path,
                              precision=precision, backend="tensorrt",
                              tensorrt=tensorrt.__version__, gpu=torch.cuda.get_device_name())
             rows.append(Row("TensorRT", precision, str(engine), device="cuda"))
-        except I2EError as exc:
-            rows.append(Row("TensorRT", precision, reason=str(exc)))
+        except Exception as exc:  # likewise
+            rows.append(Row("TensorRT", precision, reason=f"build failed: {_describe(exc)}"))
     return rows
 
 
@@ -312,7 +319,6 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one model file (runs in a fresh process; see the module doc)."""
-    import resource
     import time
 
     import onnx  # noqa: F401  # imported before the baseline: libraries are not the model
@@ -345,11 +351,26 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         outputs = np.concatenate([runner.infer(inputs[i:i + batch])
                                   for i in range(0, len(inputs), batch)])
     np.save(spec["outputs"], outputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = _peak_rss()
     return {"latency_p50_ms": float(np.percentile(latencies, 50) * 1e3),
             "latency_p99_ms": float(np.percentile(latencies, 99) * 1e3),
             "throughput_ips": float(throughput), "peak_rss_mb": peak / 2**20,
             "model_rss_mb": (peak - baseline) / 2**20}
+
+
+def _peak_rss() -> int:
+    """Peak RSS in bytes of this process since its exec. Linux's ``ru_maxrss`` would include
+    the parent's RSS at fork time, ``VmHWM`` does not."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # elsewhere (macOS: bytes) the best there is
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def environment() -> dict[str, Any]:
@@ -399,5 +420,5 @@ if __name__ == "__main__":
     except I2EError as exc:
         result = {"error": str(exc)}
     except Exception as exc:  # a backend failing must become a row's note, not a crash
-        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        result = {"error": _describe(exc)}
     print(json.dumps(result))
