@@ -77,7 +77,7 @@ def export(checkpoint: Path, output: Path, **options) -> Path:
 @functools.cache
 def shared_model(name: str) -> Path:
     """Session-wide tiny models (32 px): 'ckpt', 'onnx' (uint8 input), 'float.onnx',
-    'converter.onnx', 'events.ckpt', 'events.onnx'."""
+    'static.onnx' (batch fixed to 2), 'converter.onnx', 'events.ckpt', 'events.onnx'."""
     root = _session_dir()
     if name == "ckpt":
         return save_active(root / "tiny.pt")
@@ -87,6 +87,7 @@ def shared_model(name: str) -> Path:
     if name == "events.onnx":
         return export(shared_model("events.ckpt"), root / "events.onnx", simplify=False)
     options = {"onnx": {}, "float.onnx": {"input_format": "float", "simplify": False},
+               "static.onnx": {"batch": 2, "dynamic": False, "simplify": False},
                "converter.onnx": {"converter_only": True, "simplify": False}}[name]
     return export(shared_model("ckpt"), root / name.replace("onnx", "tiny.onnx"), **options)
 

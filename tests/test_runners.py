@@ -63,6 +63,14 @@ def test_float_graph_takes_the_same_uint8_batch(models, images):
         np.testing.assert_allclose(from_uint8, uint8.infer(images), atol=1e-4)
 
 
+def test_static_batch_graph_takes_any_batch(models, images):
+    with load_runner(shared_model("static.onnx")) as static, load_runner(models["onnx"]) as ort:
+        assert static.batch_limit == 2 and static.pad
+        for count in (1, 2, 5):  # padded, exact, chunked and padded
+            np.testing.assert_allclose(static.infer(images[:count]), ort.infer(images[:count]),
+                                       atol=1e-4)
+
+
 def test_converter_only_graph_outputs_reference_events(models, images):
     with load_runner(shared_model("converter.onnx")) as runner, load_runner(models["ckpt"]) as ref:
         assert runner.output == "events"

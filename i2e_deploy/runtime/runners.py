@@ -49,8 +49,24 @@ class Runner(ABC):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Run the backend on input already in ``self.input_format``."""
 
+    # Largest batch one backend call takes (a static graph's batch, an engine profile's max);
+    # ``pad``: the graph takes exactly that many, so a short last chunk is padded.
+    batch_limit: int | None = None
+    pad: bool = False
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self._run(self._adapt(np.asarray(batch)))
+        batch = self._adapt(np.asarray(batch))
+        size = self.batch_limit
+        if size is None or len(batch) == size or (len(batch) < size and not self.pad):
+            return self._run(batch)
+        outputs = []
+        for start in range(0, len(batch), size):
+            chunk = batch[start:start + size]
+            count = len(chunk)
+            if self.pad and count < size:  # repeat the last input; its outputs are dropped
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - count, axis=0)])
+            outputs.append(self._run(chunk)[:count])
+        return np.concatenate(outputs)
 
     def example_input(self, batch: int = 1) -> np.ndarray:
         """A zero batch in the common input format (uint8 NHWC images, or events)."""
@@ -216,6 +232,8 @@ class OrtRunner(Runner):
         graph_input = self.session.get_inputs()[0]
         self._input_name = graph_input.name
         self.input_format = _graph_input_format(graph_input.type, len(graph_input.shape))
+        if isinstance(graph_input.shape[0], int):  # exported with --static
+            self.batch_limit, self.pad = graph_input.shape[0], True
         self.output = "events" if len(self.session.get_outputs()[0].shape) == 5 else "logits"
 
     @property
@@ -331,7 +349,12 @@ class TensorRTRunner(Runner):
         self._outputs = [n for n in names
                          if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        rank = len(self.engine.get_tensor_shape(self._inputs[0]))
+        shape = self.engine.get_tensor_shape(self._inputs[0])
+        rank = len(shape)
+        if shape[0] >= 0:
+            self.batch_limit, self.pad = shape[0], True
+        else:  # dynamic batch: profile 0's max
+            self.batch_limit = self.engine.get_tensor_profile_shape(self._inputs[0], 0)[2][0]
         self.input_format = _graph_input_format(
             "tensor(uint8)" if self._dtypes[self._inputs[0]] == np.uint8 else "tensor(float)", rank)
         self.output = "events" if len(self.engine.get_tensor_shape(self._outputs[0])) == 5 \
