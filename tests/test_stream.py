@@ -210,8 +210,9 @@ def test_cli_stream_and_demo(checkpoint, video, tmp_path, monkeypatch):
     assert len(read_video(tmp_path / "demo.mp4")) == 4
 
 
-def test_open_errors_are_one_clear_line(checkpoint, tmp_path):
+def test_open_errors_are_one_clear_line(checkpoint, tmp_path, monkeypatch):
     import socket
+    import sys
 
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
         sock.bind(("127.0.0.1", 0))
@@ -231,6 +232,11 @@ def test_open_errors_are_one_clear_line(checkpoint, tmp_path):
         open_source("demo", resolution="640-480")
     with pytest.raises(I2EError, match="unknown output"):
         open_sink(str(tmp_path / "out.txt"))
+    if sys.platform.startswith("linux"):
+        monkeypatch.delenv("DISPLAY", raising=False)
+        monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+        with pytest.raises(I2EError, match="no screen"):
+            open_sink("display")
     with pytest.raises(I2EError, match="model file not found"):
         run_stream(str(tmp_path / "none.pt"), ["demo"], ["none"])
 

@@ -18,9 +18,11 @@ memory, reconnection, and a clean end on Ctrl-C or end of input.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..card import ModelCard
+from ..assets import resolve_model
+from ..card import ModelCard, sha256_file
 from ..errors import I2EError
 from .overlay import annotate
 from .preprocess import preprocess
-from .runners import Runner, load_runner
+from .runners import TORCH_SUFFIXES, Runner, load_runner
 from .sinks import Sink, open_sinks
 from .sources import Frame, Source, open_source
 
@@ -57,10 +60,6 @@ class Prediction:
             return self.model_input
         return image_to_events(self.model_input, self.card.ratio)
 
-    @property
-    def label(self) -> str:
-        return self.labels[0]
-
 
 def image_to_events(crop: np.ndarray, ratio: float) -> np.ndarray:
     """uint8 HWC RGB -> [T, 2, H, W] uint8: the converter's exact integer path (SPEC §1),
@@ -81,12 +80,8 @@ def open_runner(model: str | os.PathLike, *, backend: str = "auto", device: str 
     """Load a model for streaming. ``backend='onnx'`` runs a PyTorch checkpoint on ONNX
     Runtime, exporting it once into the cache (``$I2E_CACHE``, default ~/.cache/i2e-deploy);
     'auto' and 'torch' use the backend the file's suffix names."""
-    from .runners import TORCH_SUFFIXES
-
     if backend not in ("auto", "torch", "onnx"):
         raise I2EError(f"unknown backend {backend!r}; choose auto, torch or onnx")
-    from ..assets import resolve_model
-
     path = resolve_model(str(model))
     if backend == "onnx" and path.suffix.lower() in TORCH_SUFFIXES:
         path = cached_onnx(path, **overrides)
@@ -102,10 +97,7 @@ def cache_dir() -> Path:
 
 def cached_onnx(checkpoint: Path, **overrides) -> Path:
     """The ONNX export of a checkpoint, made once per file content and overrides."""
-    import hashlib
-
-    from ..card import sha256_file
-    from ..export.onnx import export_onnx
+    from ..export.onnx import export_onnx  # pulls in the exporter only when needed
 
     key = hashlib.sha256((sha256_file(checkpoint) + json.dumps(overrides, sort_keys=True))
                          .encode()).hexdigest()[:16]
@@ -432,8 +424,6 @@ def run_stream(model: str, sources: list[str], outputs: list[str], *,
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    import tempfile
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
