@@ -373,11 +373,21 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
     import onnxruntime
 
     info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
             "onnxruntime": onnxruntime.__version__, "i2e_deploy": __version__}
     try:
         import torch
