@@ -1,8 +1,8 @@
 """Spike-flip rates: per LIF layer, how often a reduced-precision graph fires differently.
 
 Both graphs come from the same FP32 export, so their boolean spike tensors (each LIF's
-concatenated comparisons) keep the same names; they are exposed as extra outputs and compared
-bit for bit on the same inputs.
+concatenated comparisons, per-step casts merged first) keep the same names; they are exposed
+as extra outputs and compared bit for bit on the same inputs.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .graph import elem_types
+from .graph import elem_types, merge_spike_casts
 
 
 def spike_tensors(model: onnx.ModelProto) -> list[str]:
@@ -24,7 +24,7 @@ def spike_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def layer_name(tensor: str) -> str:
-    """Module name from the exporter's scope: '/layer1/layer1.0/sn1/Concat_output_0' ->
+    """Module name from the exporter's scope: '/layer1/layer1.0/sn1/Concat_output_0__bool' ->
     'layer1.0.sn1', '/i2e/Concat_2_output_0' -> 'i2e' (the events)."""
     parts = [p for p in tensor.split("/") if p][:-1]
     if not parts:
@@ -53,6 +53,8 @@ def spike_agreement(reference: str | os.PathLike, other: str | os.PathLike,
     """Per spike tensor: agreement (fraction of equal bits), flips and spike rate of
     ``other`` against ``reference`` on ``inputs`` (fed to both graphs as they are)."""
     ref_model, other_model = onnx.load(str(reference)), onnx.load(str(other))
+    for model in (ref_model, other_model):
+        merge_spike_casts(model)
     tensors = [t for t in spike_tensors(ref_model) if t in set(spike_tensors(other_model))]
     sessions = [_session(m, tensors) for m in (ref_model, other_model)]
     flips = dict.fromkeys(tensors, 0)

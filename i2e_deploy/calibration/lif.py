@@ -22,13 +22,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import remove_dead
+from .graph import attribute, merge_spike_casts, remove_dead
 
 
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
         self.graph = model.graph
         self.producers = {o: n for n in self.graph.node for o in n.output}
+        self.initializers = {i.name: i for i in self.graph.initializer}
         self.constants = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
         for node in self.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -36,62 +37,122 @@ class _Graph:
 
     def scalar(self, name: str) -> float | None:
         value = self.constants.get(name)
-        return float(value) if value is not None and value.size == 1 else None
+        return float(value.reshape(())) if value is not None and value.size == 1 else None
 
-    def node(self, name: str, op_type: str):
-        node = self.producers.get(name)
-        return node if node is not None and node.op_type == op_type else None
+
+def _region(g: _Graph, concat, limit: int = 16):
+    """The nodes computing ``concat`` from the outputs of one equal-part, axis-0 Split with as
+    many outputs as the Concat has inputs (scalar constants aside), or None."""
+    steps = len(concat.input)
+    if steps < 2 or attribute(concat, "axis") != 0:
+        return None
+    split, region, stack, seen = None, [], list(concat.input), set()
+    while stack:
+        name = stack.pop()
+        if name in seen or g.scalar(name) is not None:
+            continue
+        seen.add(name)
+        node = g.producers.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Split":
+            if split is not None and node is not split:
+                return None
+            split = node
+            continue
+        if node.op_type == "Constant" or len(region) > limit * steps:
+            return None
+        region.append(node)
+        stack.extend(i for i in node.input if i)
+    if split is None or len(split.output) != steps or len(split.input) > 1 or \
+            attribute(split, "axis", 0) != 0 or attribute(split, "num_outputs", steps) != steps:
+        return None
+    order = {id(n): i for i, n in enumerate(g.graph.node)}
+    return split, sorted(region, key=lambda n: order[id(n)])
+
+
+def _probe(steps: int, theta: float, decay: float, count: int = 4096) -> np.ndarray:
+    """Inputs ``[T, count]`` that exercise a LIF hard: dyadic values (exact arithmetic, so
+    membranes land exactly on the threshold), thresholds themselves, and random floats."""
+    rng = np.random.default_rng(0)
+    dyadic = rng.integers(-4 * 64, 4 * 64, (steps, count // 2)) / 64.0 * theta
+    # h = theta/2, then exactly theta (must fire), or one ulp below it (must not).
+    exact = np.full((steps, 2), theta / 2, np.float32)
+    exact[1::2] = np.float32(theta - decay * theta / 2)
+    exact[1::2, 1] = np.nextafter(exact[1::2, 1], np.float32(-np.inf))
+    noise = rng.normal(theta / 2, theta, (steps, count - count // 2))
+    return np.concatenate([dyadic, exact, noise], axis=1).astype(np.float32)
+
+
+def reference_lif(x: np.ndarray, theta: float, decay: float) -> np.ndarray:
+    """SPEC §2 in numpy: spikes ``[T, ...]`` bool for inputs ``[T, ...]``."""
+    v = np.zeros_like(x[0])
+    spikes = []
+    for x_t in x:
+        h = (v * np.float32(decay) + x_t).astype(np.float32)
+        s = h >= np.float32(theta)
+        spikes.append(s)
+        v = np.where(s, np.float32(0), h)
+    return np.stack(spikes)
+
+
+def _identify(g: _Graph, split, region, concat) -> tuple[float, float, np.dtype] | None:
+    """(theta, decay, spike dtype) when the region computes exactly the reference LIF's
+    spikes, by running it on probe inputs for each candidate pair of its scalar constants;
+    else None."""
+    import onnxruntime as ort
+
+    steps = len(split.output)
+    used = {i for n in region for i in n.input}
+    scalars = sorted({g.scalar(i) for i in used if g.scalar(i) is not None})
+    inputs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [None]) for o in split.output]
+    output = helper.make_empty_tensor_value_info(concat.output[0])
+    inits = [g.initializers[i] for i in used if i in g.initializers]
+    consts = [g.producers[i] for i in used if i not in g.initializers and i in g.constants]
+    probe_graph = helper.make_graph(consts + region + [concat], "lif", inputs, [output], inits)
+    model = helper.make_model(probe_graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+    except Exception:  # not a self-contained elementwise region
+        return None
+    for theta in scalars:
+        for decay in scalars:
+            if not 0 < decay < 1 or theta <= 0:
+                continue
+            x = _probe(steps, theta, decay)
+            try:
+                got = session.run(None, dict(zip(split.output, x)))[0]
+            except Exception:
+                return None
+            want = reference_lif(x, theta, decay)
+            if got.shape == (steps * x.shape[1],) and np.isin(got, (0, 1)).all() and \
+                    np.array_equal(got.reshape(steps, -1) != 0, want):
+                return theta, decay, got.dtype
+    return None
 
 
 def _match_chain(g: _Graph, concat) -> dict | None:
-    """The LIF behind a Concat of spikes, or None when it is not the exported chain."""
-    steps = len(concat.input)
-    axis = next((a.i for a in concat.attribute if a.name == "axis"), None)
-    if axis != 0 or steps < 2:
+    """The LIF behind a Concat of spikes, or None when it is not one (checked by running it)."""
+    found = _region(g, concat)
+    if found is None:
         return None
-    split = theta = decay = None
-    previous = None
-    for t, spike in enumerate(concat.input):
-        compare = g.node(spike, "GreaterOrEqual")
-        if compare is None:
-            return None
-        membrane, threshold = compare.input
-        theta = g.scalar(threshold) if theta is None else theta
-        if theta is None or g.scalar(threshold) != theta:
-            return None
-        if t == 0:
-            source = g.producers.get(membrane)
-            if source is None or source.op_type != "Split" or list(source.output).index(membrane) != 0:
-                return None
-            split = source
-        else:
-            add = g.node(membrane, "Add")
-            if add is None:
-                return None
-            mul_name, x_name = add.input if g.node(add.input[0], "Mul") else add.input[::-1]
-            mul = g.node(mul_name, "Mul")
-            if mul is None or x_name != split.output[t]:
-                return None
-            v_name, d_name = mul.input if g.scalar(mul.input[1]) is not None else mul.input[::-1]
-            decay = g.scalar(d_name) if decay is None else decay
-            where = g.node(v_name, "Where")
-            if decay is None or g.scalar(d_name) != decay or where is None or \
-                    where.input[0] != previous[0] or g.scalar(where.input[1]) != 0.0 or \
-                    where.input[2] != previous[1]:
-                return None
-        previous = (spike, membrane)
-    split_axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
-    if split_axis != 0 or len(split.output) != steps or len(split.input) > 1:
+    split, region = found
+    identified = _identify(g, split, region, concat)
+    if identified is None:
         return None
-    if not decay or not 0 < decay < 1 or not math.log2(decay).is_integer():
+    theta, decay, dtype = identified
+    if not math.log2(decay).is_integer():
         return None  # the rescaling is exact only for power-of-two decays
-    return {"input": split.input[0], "steps": steps, "theta": theta, "decay": decay,
-            "output": concat.output[0]}
+    return {"input": split.input[0], "steps": len(split.output), "theta": theta, "decay": decay,
+            "output": concat.output[0], "dtype": dtype}
 
 
 def rewrite_lif(model: onnx.ModelProto) -> int:
     """Replace every exported LIF chain of ``model`` (in place) by the form above; returns how
-    many were rewritten. Chains that do not match exactly are left as they are."""
+    many were rewritten. Chains that do not match exactly are left as they are. Per-step
+    spike casts are merged first (:func:`.graph.merge_spike_casts`)."""
+    merge_spike_casts(model)
     g = _Graph(model)
     chains = [c for c in (_match_chain(g, n) for n in g.graph.node if n.op_type == "Concat") if c]
     if not chains:
@@ -154,6 +215,10 @@ def _fast_chain(chain: dict, prefix: str, opset: int) -> list:
                                    alpha=-theta * decay ** -(t - 1)),
                   helper.make_node("Add", [parts[t], kept], [membrane])]
         membranes.append(membrane)
+    fired = out if chain["dtype"] == np.bool_ else f"{base}_fired"
     nodes += [helper.make_node("Concat", membranes, [f"{base}_all"], axis=0),
-              helper.make_node("LessOrEqual", [f"{base}_all", f"{prefix}_fire"], [out])]
+              helper.make_node("LessOrEqual", [f"{base}_all", f"{prefix}_fire"], [fired])]
+    if fired != out:
+        nodes.append(helper.make_node("Cast", [fired], [out], to=helper.np_dtype_to_tensor_dtype(
+            np.dtype(chain["dtype"]))))
     return nodes

@@ -39,7 +39,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from ..card import ModelCard
 from ..errors import I2EError
-from .graph import elem_types, producers, remove_dead, set_props
+from .graph import elem_types, merge_spike_casts, producers, remove_dead, set_props
 
 FLAVOURS = ("onnxruntime", "tensorrt")
 PRECISION_KEY = "i2e_deploy.precision"
@@ -375,6 +375,7 @@ def lower_for_onnxruntime(qdq: onnx.ModelProto) -> onnx.ModelProto:
     LIF chains in their cheaper exact form (:mod:`.lif`)."""
     from .lif import rewrite_lif
 
+    merge_spike_casts(qdq)
     lowered = _Lowering(qdq).run()
     rewrite_lif(lowered)
     set_props(lowered, **{PRECISION_KEY: "int8", FLAVOUR_KEY: "onnxruntime"})
