@@ -29,12 +29,14 @@ def data():
 
 
 def corrupt(source, target, op_type: str, index: int, scale: float):
-    """Scale the constant second input of one ``op_type`` node (a weight, or a threshold):
-    a wrong graph that still loads and runs."""
+    """Scale the constant second input of one ``op_type`` node (a weight, or a threshold;
+    an initializer or a Constant node): a wrong graph that still loads and runs."""
     model = onnx.load(str(source))
-    initializers = {init.name: init for init in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type == op_type and n.input[1] in initializers]
-    tensor = initializers[nodes[index].input[1]]
+    constants = {init.name: init for init in model.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    nodes = [n for n in model.graph.node if n.op_type == op_type and n.input[1] in constants]
+    tensor = constants[nodes[index].input[1]]
     tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, tensor.name))
     onnx.save(model, str(target))
     return target
