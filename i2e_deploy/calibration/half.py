@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import I2EError
 from .graph import elem_types, producers, remove_dead, set_props
-from .quantize import PRECISION_KEY, QUANTIZED_OPS, _move, binary_activations, verify_reduced
+from .quantize import (PRECISION_KEY, QUANTIZED_OPS, binary_activations, copy_into_place,
+                       verify_reduced)
 
 
 def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -63,20 +64,32 @@ def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def export_fp16(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
-                data: str | os.PathLike | None = None, verify: bool = True,
-                verify_count: int = 64, log=None, **export_options) -> Path:
-    """Checkpoint -> FP16 ONNX graph, verified against the FP32 graph unless ``verify=False``.
-    Writes ``<checkpoint stem>.fp16.onnx`` by default; returns the path."""
-    from ..export.onnx import default_output, export_onnx, read_card
+def to_fp16(fp32: str | os.PathLike, output: str | os.PathLike, *,
+            data: str | os.PathLike | None = None, verify: bool = True, verify_count: int = 64,
+            log=None) -> Path:
+    """An exported FP32 graph -> its FP16 graph, verified against it unless ``verify=False``.
+    Writes ``output`` atomically."""
+    from ..export.onnx import read_card
 
-    output = Path(output) if output else default_output(checkpoint).with_suffix(".fp16.onnx")
     with tempfile.TemporaryDirectory() as scratch:
-        fp32 = export_onnx(checkpoint, Path(scratch) / "fp32.onnx", verify=verify, data=data,
-                           log=log, **export_options).path
         half = Path(scratch) / "fp16.onnx"
         onnx.save(half_graph(onnx.load(str(fp32))), str(half))
         if verify:
             verify_reduced(fp32, half, read_card(fp32), "fp16", data=data, count=verify_count,
                            log=log)
-        return _move(half, output)
+        return copy_into_place(half, Path(output))
+
+
+def export_fp16(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
+                data: str | os.PathLike | None = None, verify: bool = True,
+                verify_count: int = 64, log=None, **export_options) -> Path:
+    """Checkpoint -> FP32 export -> :func:`to_fp16`. Writes ``<checkpoint stem>.fp16.onnx``
+    by default; returns the path."""
+    from ..export.onnx import default_output, export_onnx
+
+    output = Path(output) if output else default_output(checkpoint).with_suffix(".fp16.onnx")
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32 = export_onnx(checkpoint, Path(scratch) / "fp32.onnx", verify=verify, data=data,
+                           log=log, **export_options).path
+        return to_fp16(fp32, output, data=data, verify=verify, verify_count=verify_count,
+                       log=log)

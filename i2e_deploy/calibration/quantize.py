@@ -424,35 +424,45 @@ def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, c
     return metrics
 
 
+def to_int8(fp32: str | os.PathLike, output: str | os.PathLike, *,
+            flavour: str = "onnxruntime", data: str | os.PathLike | None = None,
+            verify: bool = True, verify_count: int = 64, log=None) -> Path:
+    """An exported FP32 graph -> its SNN-aware INT8 graph (``flavour``: 'onnxruntime' U8S8
+    for x86 CPUs, 'tensorrt' S8S8 Q/DQ), verified against the FP32 graph on ``data`` images
+    (or structured random ones) unless ``verify=False``. Writes ``output`` atomically."""
+    from ..export.onnx import read_card
+
+    if flavour not in FLAVOURS:
+        raise I2EError(f"unknown INT8 flavour {flavour!r}; choose {' or '.join(FLAVOURS)}")
+    with tempfile.TemporaryDirectory() as scratch:
+        quantized = quantize_qdq(fp32, Path(scratch) / "int8.onnx",
+                                 unsigned=flavour == "onnxruntime")
+        if flavour == "onnxruntime":
+            onnx.save(lower_for_onnxruntime(onnx.load(str(quantized))), str(quantized))
+        if verify:
+            verify_reduced(fp32, quantized, read_card(fp32), "int8", data=data,
+                           count=verify_count, log=log)
+        return copy_into_place(quantized, Path(output))
+
+
 def export_int8(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
                 flavour: str = "onnxruntime", data: str | os.PathLike | None = None,
                 verify: bool = True, verify_count: int = 64, log=None,
                 **export_options) -> Path:
-    """Checkpoint -> SNN-aware INT8 ONNX graph (``flavour``: 'onnxruntime' U8S8 for x86
-    CPUs, 'tensorrt' S8S8 Q/DQ); verified against the FP32 graph unless ``verify=False``.
+    """Checkpoint -> FP32 export -> :func:`to_int8`. ``export_options`` go to
+    :func:`i2e_deploy.export.onnx.export_onnx` (input format, batch, overrides). Writes
+    ``<checkpoint stem>.int8.onnx`` by default; returns the path."""
+    from ..export.onnx import default_output, export_onnx
 
-    ``export_options`` go to :func:`i2e_deploy.export.onnx.export_onnx` (input format,
-    batch, overrides). Writes ``<checkpoint stem>.int8.onnx`` by default; returns the path.
-    """
-    from ..export.onnx import default_output, export_onnx, read_card
-
-    if flavour not in FLAVOURS:
-        raise I2EError(f"unknown INT8 flavour {flavour!r}; choose {' or '.join(FLAVOURS)}")
     output = Path(output) if output else default_output(checkpoint).with_suffix(".int8.onnx")
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = export_onnx(checkpoint, Path(scratch) / "fp32.onnx", verify=verify, data=data,
                            log=log, **export_options).path
-        quantized = quantize_qdq(fp32, Path(scratch) / "qdq.onnx",
-                                 unsigned=flavour == "onnxruntime")
-        if flavour == "onnxruntime":
-            onnx.save(lower_for_onnxruntime(onnx.load(str(quantized))), str(quantized))
-        card = read_card(fp32)
-        if verify:
-            verify_reduced(fp32, quantized, card, "int8", data=data, count=verify_count, log=log)
-        return _move(quantized, output)
+        return to_int8(fp32, output, flavour=flavour, data=data, verify=verify,
+                       verify_count=verify_count, log=log)
 
 
-def _move(source: Path, output: Path) -> Path:
+def copy_into_place(source: Path, output: Path) -> Path:
     """Copy into place atomically (temp file next to the output + rename)."""
     tmp = None
     try:

@@ -218,16 +218,22 @@ def _read_onnx(onnx_path: Path) -> tuple[ModelCard, bool]:
     return read_onnx_card(model), any(n.op_type == "QuantizeLinear" for n in model.graph.node)
 
 
+def tensorrt_module():
+    """``import tensorrt``, or the one-line error saying where to build instead."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise I2EError("TensorRT is not installed; install it on the target (`pip install "
+                       "tensorrt`, or JetPack on Jetson) and run `i2e-deploy build` there") from None
+    return tensorrt
+
+
 def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None = None,
                  **options) -> Path:
     """Build ``onnx_path`` into an engine (+ sidecar) and return its path; ``options`` are
     :class:`BuildRequest`'s (precision, batches, workspace, DLA, caches, calibration)."""
     request = BuildRequest(onnx_path, output, **options)
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise I2EError("TensorRT is not installed; install it on the target (`pip install "
-                       "tensorrt`, or JetPack on Jetson) and run `i2e-deploy build` there") from None
+    trt = tensorrt_module()
     import torch
 
     if not torch.cuda.is_available():
