@@ -294,7 +294,7 @@ def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or
         report = validate(model, data, device=device, batch=batch, workers=workers,
                           val_split=val_split, seed=seed,
                           progress=lambda done, total: bar.update(task, completed=done, total=total),
-                          log=lambda msg: console.print(msg, highlight=False))
+                          log=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
     for table in report_tables(report):
         console.print(table)
     console.print(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  on {report.images} images",
@@ -325,6 +325,31 @@ def convert_cmd(src: Path = typer.Argument(..., help="image folder, one sub-fold
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
     console.print(f"wrote {stats.written} samples ({stats.skipped} already there) in "
                   f"{stats.seconds:.1f} s, {stats.rate:.0f} images/s", highlight=False)
+
+
+@command("export")
+def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'default'"),
+               output: Optional[Path] = typer.Option(None, "--output", "-o", help="ONNX file (default: next to the checkpoint, .onnx)"),
+               input_format: Optional[str] = typer.Option(None, "--input-format", help="image graphs: uint8 (NHWC RGB, default) or float (NCHW in [0, 1])"),
+               converter_only: bool = typer.Option(False, "--converter-only", help="images -> uint8 events [N, T, 2, H, W] only"),
+               batch: int = typer.Option(1, "--batch", help="batch traced (fixed in the graph with --static)"),
+               static: bool = typer.Option(False, "--static", help="fixed batch size instead of a dynamic one"),
+               opset: int = typer.Option(17, "--opset", help="ONNX opset (13-20; TensorRT 8.5 reads up to 17)"),
+               verify: bool = typer.Option(True, "--verify/--no-verify", help="compare ONNX Runtime with the reference model"),
+               data: Optional[Path] = typer.Option(None, "--data", help="image folder (recursive) for the verification (default: structured random images)"),
+               arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
+               ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
+               events: Optional[bool] = EventsOpt):
+    """Export a checkpoint to an ONNX graph (verified against the reference by default)."""
+    from .assets import resolve_model
+    from .export.onnx import default_output, export_onnx
+    model, card = load_model_arg(checkpoint, arch, classes, ratio, imgsz, events)
+    if output is None:  # the bundled model's folder may be read-only: write it here
+        source = resolve_model(checkpoint)
+        output = default_output(source.name if checkpoint == "default" else source, converter_only)
+    export_onnx(model, card, output, input_format=input_format, converter_only=converter_only,
+                batch=batch, dynamic=not static, opset=opset, verify=verify, data=data,
+                log=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
 
 
 def main() -> None:

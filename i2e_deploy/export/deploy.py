@@ -26,12 +26,15 @@ returns the output of every LIF layer as ``{name: [T, N, ...] float 0/1}`` under
 reference's module names (``layer1.0.sn1``, ..., ``layer2.0.downsample.0``, ``sn``); for a
 deploy module the shared shortcut LIF is reported under its reference name too, so the two
 dictionaries have the same keys and ``(a[k] == b[k]).float().mean()`` is the spike agreement
-of layer ``k``.
+of layer ``k``. :func:`run_with_spikes` returns the model output with them (one pass).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..model.converter import EVAL_PAIRS, TIME_ORDER
 from ..model.msresnet import BasicBlock, MSResNet
@@ -59,17 +62,16 @@ def split_time(x: torch.Tensor, T: int) -> tuple[torch.Tensor, ...]:
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A conv with bias computing ``bn(conv(x))`` in eval mode (statistics frozen)."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    bias = bn.bias.double() - bn.running_mean.double() * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias.double() * scale
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, conv.dilation, conv.groups, bias=True)
-    with torch.no_grad():
-        fused.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).float())
-        fused.bias.copy_(bias.float())
-    return fused.requires_grad_(False)
+    """A conv with bias computing ``bn(conv(x))`` with BN's running statistics; the folded
+    weights are computed in float64 and rounded once."""
+    fused = copy.deepcopy(conv).requires_grad_(False)
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+        bn.running_mean.double(), bn.running_var.double(), bn.eps, bn.weight.double(),
+        bn.bias.double())
+    fused.weight = nn.Parameter(weight.detach().to(conv.weight.dtype), requires_grad=False)
+    fused.bias = nn.Parameter(bias.detach().to(conv.weight.dtype), requires_grad=False)
+    return fused
 
 
 class UnrolledLIF(nn.Module):
@@ -121,6 +123,13 @@ class DeployBlock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(spikes))
 
 
+def _replicate_pad(v: torch.Tensor) -> torch.Tensor:
+    """1-pixel edge padding from slices and concats: constant bounds for any size, and no
+    Pad op (whose form changes at opset 18)."""
+    v = torch.cat((v[:, :, :1], v, v[:, :, -1:]), dim=2)
+    return torch.cat((v[:, :, :, :1], v, v[:, :, :, -1:]), dim=3)
+
+
 def _cell(padded: torch.Tensor, cell: tuple[int, int]) -> torch.Tensor:
     """The unpadded-size window of ``padded`` shifted to ``(row, col)`` of the 3x3
     neighbourhood; negative ends keep the slice bounds constant for any image size."""
@@ -146,8 +155,8 @@ class DeployI2E(nn.Module):
             v = images.amax(dim=1, keepdim=True)
         value_range = v.amax(dim=(1, 2, 3), keepdim=True) - v.amin(dim=(1, 2, 3), keepdim=True)
         # A flat image (range 0) has all differences 0: threshold 1 keeps it silent.
-        threshold = torch.where(value_range > 0, value_range * self.ratio, 1.0)
-        padded = nn.functional.pad(v, (1, 1, 1, 1), mode="replicate")
+        threshold = value_range * self.ratio + (value_range <= 0).to(v.dtype)
+        padded = _replicate_pad(v)
         diffs = torch.cat([_cell(padded, b) - _cell(padded, a)
                            for b, a in self.cells])  # [T*N, 1, H, W]
         threshold = threshold.repeat(len(self.cells), 1, 1, 1)
@@ -222,9 +231,9 @@ def converter(model: MSResNet, input_format: str = "uint8") -> DeployConverter:
 
 
 @torch.no_grad()
-def spike_maps(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Spikes of every LIF layer, ``{reference name: [T, N, ...] float}``, for a reference
-    :class:`MSResNet` or a :class:`DeployMSResNet` run on input ``x``."""
+def run_with_spikes(module: nn.Module, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(module(x), spike_maps)`` from one forward pass; see :func:`spike_maps`."""
     T = module.T
     maps: dict[str, torch.Tensor] = {}
     order: list[str] = []
@@ -238,9 +247,15 @@ def spike_maps(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         elif isinstance(sub, nn.Conv2d) and name.endswith(".downsample"):
             order.append(f"{name}.0")  # the shared shortcut LIF, reference position
     try:
-        module(x)
+        output = module(x)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: maps[name] if name in maps else maps[name.rsplit(".", 2)[0] + ".sn1"]
-            for name in order}
+    return output, {name: maps[name] if name in maps else maps[name.rsplit(".", 2)[0] + ".sn1"]
+                    for name in order}
+
+
+def spike_maps(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Spikes of every LIF layer, ``{reference name: [T, N, ...] float}``, for a reference
+    :class:`MSResNet` or a :class:`DeployMSResNet` run on input ``x``."""
+    return run_with_spikes(module, x)[1]

@@ -80,7 +80,7 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
                 output: str | os.PathLike | None = None, *, input_format: str | None = None,
                 converter_only: bool = False, batch: int = 1, dynamic: bool = True,
                 opset: int = DEFAULT_OPSET, verify: bool = True,
-                data: str | os.PathLike | None = None, simplify: bool = True,
+                data: str | os.PathLike | None = None, simplify: bool = False,
                 verify_count: int = VERIFY_COUNT, precision: str = "fp32",
                 log: Callable[[str], None] | None = None, **overrides) -> ExportResult:
     """Export ``model`` (with its ``card``) to ``output``; or, given a checkpoint path,
@@ -106,6 +106,9 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
     output = Path(output)
     graph, input_format = _check_options(card, input_format, converter_only, batch, opset,
                                          precision)
+    if verify and data is not None and not Path(data).is_dir():
+        raise I2EError(f"--data {data} is not a folder; give an image folder (searched "
+                       "recursively) or leave it out to verify on structured random images")
     _check_writable(output)
 
     module = (DeployConverter(card.ratio, input_format) if graph == "converter"
@@ -114,6 +117,8 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
     if simplify:
         proto = _simplify(proto)
     proto = onnx_shape_inference(proto)
+    for problem in tensorrt_violations(proto):
+        log(f"warning: TensorRT may not parse this graph: {problem}")
     metadata = _metadata(card, graph, input_format, batch, dynamic, opset, precision)
     set_metadata(proto, metadata)
     _check(proto)
@@ -296,6 +301,77 @@ def read_card(path: str | os.PathLike) -> ModelCard:
         raise I2EError(f"{path} has no i2e-deploy model card in its metadata; export it with "
                        "`i2e-deploy export`")
     return ModelCard.from_json(metadata[CARD_KEY])
+
+
+# --- TensorRT operator table -----------------------------------------------------------------
+
+def tensorrt_table() -> dict[str, Any]:
+    """onnx-tensorrt's operator support matrix as recorded in ``data/tensorrt_onnx_ops.json``."""
+    from importlib import resources
+
+    return json.loads(resources.files("i2e_deploy").joinpath("data/tensorrt_onnx_ops.json")
+                      .read_text())
+
+
+def tensorrt_violations(proto) -> list[str]:
+    """What in an ONNX model falls outside TensorRT's documented ONNX support: operators,
+    the data type of each node's first input, and the restrictions the table marks as checked
+    (constant axes, UINT8 only at the graph's I/O, 2-D/3-D pooling without dilation or
+    indices, Q/DQ zero points of 0, the opset range)."""
+    import onnx
+    from onnx import TensorProto
+
+    type_names = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16",
+                  TensorProto.BFLOAT16: "BF16", TensorProto.INT32: "INT32",
+                  TensorProto.INT64: "INT64", TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8",
+                  TensorProto.BOOL: "BOOL", TensorProto.DOUBLE: "DOUBLE",
+                  TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.INT4: "INT4"}
+    table = tensorrt_table()
+    rules = table["checked_restrictions"]
+    graph = onnx.shape_inference.infer_shapes(proto).graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*graph.input, *graph.output, *graph.value_info)}
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+            types[node.output[0]] = node.attribute[0].t.data_type
+    problems = []
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not table["opset"]["min"] <= opset <= table["opset"]["max"]:
+        problems.append(f"opset {opset} outside TensorRT's {table['opset']['min']}.."
+                        f"{table['opset']['max']}")
+    for node in graph.node:
+        where = f"{node.op_type} {node.name or node.output[0]!r}"
+        spec = table["operators"].get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or spec is None or not spec["supported"]:
+            problems.append(f"{where}: operator not supported")
+            continue
+        if node.input and node.input[0] in types:
+            name = type_names.get(types[node.input[0]], str(types[node.input[0]]))
+            if name not in spec["types"]:
+                problems.append(f"{where}: input type {name} not in {spec['types']}")
+        index = rules["axes_constant"].get(node.op_type)
+        if index is not None and len(node.input) > index and node.input[index] \
+                and node.input[index] not in constants:
+            problems.append(f"{where}: axes input is not a constant")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in rules["pooling_2d_or_3d"] and len(attrs.get("kernel_shape", ())) not in (2, 3):
+            problems.append(f"{where}: only 2-D or 3-D pooling")
+        if node.op_type in rules["dilations_all_ones"] and any(d != 1 for d in attrs.get("dilations", ())):
+            problems.append(f"{where}: dilations must be all ones")
+        if node.op_type in rules["single_output"] and len([o for o in node.output if o]) > 1:
+            problems.append(f"{where}: Indices output unsupported")
+        index = rules["zero_point_zero"].get(node.op_type)
+        if index is not None and len(node.input) > index and node.input[index]:
+            zero = constants.get(node.input[index])
+            if zero is None or np.any(zero != 0):
+                problems.append(f"{where}: zero point must be a constant 0")
+    io = {v.name for v in (*graph.input, *graph.output)}
+    problems += [f"UINT8 tensor {name!r} inside the graph (TensorRT: UINT8 only at the I/O)"
+                 for name, kind in types.items() if kind == TensorProto.UINT8 and name not in io]
+    return problems
 
 
 # --- verification ---------------------------------------------------------------------------
