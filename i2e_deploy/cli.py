@@ -294,7 +294,7 @@ def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or
         report = validate(model, data, device=device, batch=batch, workers=workers,
                           val_split=val_split, seed=seed,
                           progress=lambda done, total: bar.update(task, completed=done, total=total),
-                          log=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
+                          log=lambda msg: console.print(msg, highlight=False))
     for table in report_tables(report):
         console.print(table)
     console.print(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  on {report.images} images",
