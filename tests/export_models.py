@@ -1,10 +1,13 @@
 """Random MS-ResNets whose neurons fire, and inputs, for the export tests."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from i2e_deploy.card import ARCHS, ModelCard
+from i2e_deploy.export.onnx import export_onnx
+
+from i2e_deploy.card import ModelCard
 from i2e_deploy.model.converter import convert
 from i2e_deploy.model.msresnet import build_model
 from i2e_deploy.runtime.preprocess import synthetic_images
@@ -45,4 +48,32 @@ def sample_inputs(card: ModelCard, count: int, seed: int = 0) -> torch.Tensor:
     return images
 
 
-assert set(ARCHS) == {"msresnet18", "msresnet34"}
+@pytest.fixture(scope="session")
+def graphs(tmp_path_factory):
+    """The exported graphs shared by the export test modules (exported once per session)."""
+    if not _GRAPHS:  # a fixture imported into two modules is two fixtures: share the work
+        _GRAPHS.update(_export_graphs(tmp_path_factory.mktemp("export")))
+    return _GRAPHS
+
+
+_GRAPHS: dict = {}
+
+
+def _export_graphs(root) -> dict:
+    model, card = firing_model("msresnet18", imgsz=32, seed=5)
+    ev_model, ev_card = firing_model("msresnet18", events=True, imgsz=32, seed=6)
+    paths = {
+        "uint8": export_onnx(model, card, root / "uint8.onnx", verify=False).path,
+        "float": export_onnx(model, card, root / "float.onnx", input_format="float",
+                             verify=False).path,
+        "static": export_onnx(model, card, root / "static.onnx", batch=2, dynamic=False,
+                              verify=False).path,
+        "events": export_onnx(ev_model, ev_card, root / "events.onnx", verify=False).path,
+        "converter": export_onnx(model, card, root / "converter.onnx", converter_only=True,
+                                 verify=False).path,
+        "converter_float": export_onnx(model, card, root / "converter_float.onnx",
+                                       converter_only=True, input_format="float", batch=3,
+                                       dynamic=False, verify=False).path,
+    }
+    return {"paths": paths, "model": model, "card": card, "ev_model": ev_model,
+            "ev_card": ev_card, "root": root}

@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from export_models import firing_model, sample_images, sample_inputs
+from export_models import firing_model, graphs, sample_images, sample_inputs  # noqa: F401
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.export.deploy import (DeployMSResNet, UnrolledLIF, converter, deploy,
@@ -121,28 +121,6 @@ def test_converter_module_is_bit_exact():
 
 
 # --- ONNX graphs ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def graphs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    model, card = firing_model("msresnet18", imgsz=32, seed=5)
-    ev_model, ev_card = firing_model("msresnet18", events=True, imgsz=32, seed=6)
-    paths = {
-        "uint8": export_onnx(model, card, root / "uint8.onnx", verify=False).path,
-        "float": export_onnx(model, card, root / "float.onnx", input_format="float",
-                             verify=False).path,
-        "static": export_onnx(model, card, root / "static.onnx", batch=2, dynamic=False,
-                              verify=False).path,
-        "events": export_onnx(ev_model, ev_card, root / "events.onnx", verify=False).path,
-        "converter": export_onnx(model, card, root / "converter.onnx", converter_only=True,
-                                 verify=False).path,
-        "converter_float": export_onnx(model, card, root / "converter_float.onnx",
-                                       converter_only=True, input_format="float", batch=3,
-                                       dynamic=False, verify=False).path,
-    }
-    return {"paths": paths, "model": model, "card": card, "ev_model": ev_model,
-            "ev_card": ev_card, "root": root}
-
 
 @functools.cache
 def session(path: Path) -> ort.InferenceSession:

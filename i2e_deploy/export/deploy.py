@@ -159,7 +159,7 @@ class DeployI2E(nn.Module):
         padded = _replicate_pad(v)
         diffs = torch.cat([_cell(padded, b) - _cell(padded, a)
                            for b, a in self.cells])  # [T*N, 1, H, W]
-        threshold = threshold.repeat(len(self.cells), 1, 1, 1)
+        threshold = torch.cat([threshold] * len(self.cells))
         return torch.cat(((diffs >= threshold).to(v.dtype), (diffs <= -threshold).to(v.dtype)),
                          dim=1)
 

@@ -348,7 +348,8 @@ def tensorrt_violations(proto) -> list[str]:
         if node.domain not in ("", "ai.onnx") or spec is None or not spec["supported"]:
             problems.append(f"{where}: operator not supported")
             continue
-        if node.input and node.input[0] in types:
+        if node.input and node.input[0] in types \
+                and node.op_type not in rules["types_of_first_input_except"]:
             name = type_names.get(types[node.input[0]], str(types[node.input[0]]))
             if name not in spec["types"]:
                 problems.append(f"{where}: input type {name} not in {spec['types']}")
