@@ -55,7 +55,8 @@ def spike_agreement(reference: str | os.PathLike, other: str | os.PathLike,
     ref_model, other_model = onnx.load(str(reference)), onnx.load(str(other))
     for model in (ref_model, other_model):
         merge_spike_casts(model)
-    tensors = [t for t in spike_tensors(ref_model) if t in set(spike_tensors(other_model))]
+    produced = {o for node in other_model.graph.node for o in node.output}
+    tensors = [t for t in spike_tensors(ref_model) if t in produced]
     sessions = [_session(m, tensors) for m in (ref_model, other_model)]
     flips = dict.fromkeys(tensors, 0)
     spikes = dict.fromkeys(tensors, 0)
