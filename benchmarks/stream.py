@@ -1,12 +1,13 @@
 """Streaming pipeline cost on this machine: end-to-end FPS, latency p50/p99, the per-stage
 split, pipeline overhead (wall time not spent in the network), and RSS growth over a long run.
 
-    python benchmarks/stream.py [--model default|FILE] [--frames 300] [--rss-frames 5000]
+    python benchmarks/stream.py [--model default|FILE | --standin 128] [--frames 300]
+                                [--rss-frames 5000] [--rss-imgsz N]
 
-The model runs on ONNX Runtime (a checkpoint is exported once into the cache). Without the
-bundled model, a same-architecture stand-in (MS-ResNet-18, 10 classes, 128x128, random
-weights: the same dense compute per frame) is used and the output says so. The long RSS run
-may use a smaller input size (``--rss-imgsz``) to fit the time; the table says which.
+The model runs on ONNX Runtime (a checkpoint is exported once into the cache). ``--standin N``
+(also used when the bundled model is absent) runs a same-architecture stand-in instead:
+MS-ResNet-18, 10 classes, NxN, random weights, the same dense compute per frame as a trained
+model. The long RSS run may use a smaller input size (``--rss-imgsz``) to fit the time.
 Prints a Markdown table and writes JSON (default benchmarks/results/stream.json).
 """
 from __future__ import annotations
@@ -76,6 +77,8 @@ def run(model: Classifier, source_uri: str, sink, frames: int, loop: bool = True
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="'default' (bundled) or a file")
+    parser.add_argument("--standin", type=int, default=None,
+                        help="use a same-architecture stand-in of this input size")
     parser.add_argument("--source", default=None, help="default: ../shared bikes.mp4, else demo")
     parser.add_argument("--frames", type=int, default=300, help="frames per FPS run")
     parser.add_argument("--rss-frames", type=int, default=5000, help="frames of the RSS run")
@@ -88,10 +91,11 @@ def main() -> None:
     source = args.source or (str(BIKES) if BIKES.is_file() else "demo")
     scratch = Path(tempfile.mkdtemp(prefix="i2e-stream-bench-"))
     notes = []
-    if args.model == "default" and not DEFAULT_MODEL.is_file():
-        model_path = stand_in(128)
-        notes.append("bundled model absent: same-architecture stand-in (MS-ResNet-18, 128x128, "
-                     "random weights)")
+    if args.standin or (args.model == "default" and not DEFAULT_MODEL.is_file()):
+        size = args.standin or 128
+        model_path = stand_in(size)
+        notes.append(f"same-architecture stand-in (MS-ResNet-18, {size}x{size}, random weights)"
+                     + ("" if args.standin else ": the bundled model is absent"))
     else:
         model_path = args.model
     model = Classifier(str(model_path), backend="onnx", threads=args.threads)
@@ -141,8 +145,9 @@ def main() -> None:
           f"(max {rss['rss_mb_max']} MB), growth {rss['growth_pct']:+.2f}%")
     for note in notes:
         print(f"note: {note}")
-    print("Stage columns: mean ms per frame (capture runs on its own thread, in parallel). "
-          "Overhead: share of wall time not spent inside the network.")
+    print("Stage columns: mean ms per frame; capture and preprocess run on the capture thread, "
+          "in parallel with inference. Overhead: share of wall time not spent inside the "
+          "network.")
 
     write_json_atomic(args.json, {
         "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()},

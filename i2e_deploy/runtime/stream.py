@@ -119,6 +119,12 @@ class Classifier:
             raise I2EError(f"topk must be >= 1, got {topk}")
         self.runner = open_runner(model, backend=backend, device=device, threads=threads,
                                   **overrides) if isinstance(model, (str, os.PathLike)) else model
+        if self.runner.name != "torch":
+            import torch
+
+            # Torch only preprocesses here; for such small ops its thread pool costs more
+            # than it gives, many times more when the cores are busy.
+            torch.set_num_threads(1)
         self.card: ModelCard = self.runner.card
         self.topk = min(topk, self.card.num_classes)
 
@@ -231,13 +237,14 @@ _END = object()
 
 
 class _Capture(threading.Thread):
-    """Reads one source on its own thread into a queue of ``queue_size`` frames. Live sources
-    keep only the newest frames (the oldest is dropped and counted); recordings wait for a
-    free slot before decoding, so every frame is processed and none ages in the queue."""
+    """Reads and preprocesses one source on its own thread, in parallel with inference, into
+    a queue of ``queue_size`` items ``(frame, model input, preprocess ms)``. Live sources keep
+    only the newest frames (the oldest is dropped and counted); recordings wait for a free
+    slot before decoding, so every frame is processed and none ages in the queue."""
 
-    def __init__(self, source: Source, index: int, queue_size: int, latest: bool):
+    def __init__(self, source: Source, index: int, prepare, queue_size: int, latest: bool):
         super().__init__(name=f"capture-{index}", daemon=True)
-        self.source, self.index, self.latest = source, index, latest
+        self.source, self.index, self.prepare, self.latest = source, index, prepare, latest
         self.queue: queue.Queue = queue.Queue()  # bounded by the slots; +1 for the end marker
         self.slots = threading.Semaphore(queue_size)
         self.stop = threading.Event()
@@ -254,9 +261,12 @@ class _Capture(threading.Thread):
                 if frame is None:
                     break
                 frame.source = self.index
+                began = time.perf_counter()
+                model_input = self.prepare(frame)
+                prepared_ms = (time.perf_counter() - began) * 1e3
                 if self.latest and not self.slots.acquire(blocking=False):
                     self._drop_oldest()
-                self.queue.put(frame)
+                self.queue.put((frame, model_input, prepared_ms))
         except I2EError as exc:
             self.error = str(exc)
         except Exception as exc:  # a decoder failing mid-stream must not kill the loop silently
@@ -284,7 +294,7 @@ class _Capture(threading.Thread):
                     return
 
     def get(self):
-        """Next frame, or _END; waits in short steps so Ctrl-C is seen promptly."""
+        """Next item, or _END; waits in short steps so Ctrl-C is seen promptly."""
         while True:
             try:
                 item = self.queue.get(timeout=0.1)
@@ -310,7 +320,8 @@ class Stream:
             raise I2EError(f"queue size must be >= 1, got {queue_size}")
         self.classifier, self.sources, self.sink = classifier, sources, sink
         self.max_frames = max_frames
-        self.captures = [_Capture(s, i, queue_size, s.live if latest is None else latest)
+        self.captures = [_Capture(s, i, classifier.prepare, queue_size,
+                                  s.live if latest is None else latest)
                          for i, s in enumerate(sources)]
         self.stats = StreamStats([s.uri for s in sources], classifier.name)
 
@@ -323,21 +334,20 @@ class Stream:
         rate = 0.0
         try:
             while active and not self.sink.stopped:
-                frames = []
+                items = []
                 for capture in list(active):
                     item = capture.get()
                     if item is _END:
                         active.remove(capture)
                     else:
-                        frames.append(item)
+                        items.append(item)
                 if self.max_frames is not None:
-                    frames = frames[:self.max_frames - stats.frames]
-                if not frames:
+                    items = items[:self.max_frames - stats.frames]
+                if not items:
                     continue
-                began = time.perf_counter()
-                inputs = [self.classifier.prepare(f) for f in frames]
+                frames, inputs, prepared_ms = zip(*items)
                 prepared = time.perf_counter()
-                predictions = self.classifier.classify(inputs)
+                predictions = self.classifier.classify(list(inputs))
                 inferred = time.perf_counter()
                 canvases = [None] * len(frames)
                 if self.sink.needs_canvas:
@@ -349,11 +359,11 @@ class Stream:
                     self.sink.write(frame, prediction, canvas)
                 written = time.perf_counter()
                 n = len(frames)
-                for frame in frames:
+                for frame, prep_ms in zip(frames, prepared_ms):
                     stats.latency.add((written - frame.timestamp) * 1e3)
                     stats.stages["capture"].add(frame.capture_ms)
-                    for name, seconds in (("preprocess", prepared - began),
-                                          ("infer", inferred - prepared),
+                    stats.stages["preprocess"].add(prep_ms)
+                    for name, seconds in (("infer", inferred - prepared),
                                           ("overlay", drawn - inferred),
                                           ("sink", written - drawn)):
                         stats.stages[name].add(seconds * 1e3 / n)
@@ -397,12 +407,6 @@ def run_stream(model: str, sources: list[str], outputs: list[str], *,
         raise I2EError(f"--max-frames must be >= 1, got {max_frames}")
     classifier = Classifier(model, topk=topk, backend=backend, device=device, threads=threads,
                             **overrides)
-    if classifier.name != "torch":
-        import torch
-
-        # Torch only preprocesses here; for such small ops its thread pool costs more than it
-        # gives, many times more when the cores are busy.
-        torch.set_num_threads(1)
     opened: list[Source] = []
     try:
         for uri in sources:
