@@ -197,7 +197,9 @@ def demo(model: str = typer.Option("default", "--model", help="model file or 'de
          output: Optional[list[str]] = typer.Option(None, "--output", "-o",
                                                     help="default: a window if there is a screen, "
                                                          "else demo.mp4 + demo.jsonl here"),
-         backend: str = typer.Option("auto", "--backend", help="auto, torch or onnx"),
+         backend: str = typer.Option("auto", "--backend",
+                                     help="auto (ONNX Runtime for a checkpoint, exported once "
+                                          "into the cache; PyTorch if that fails), torch or onnx"),
          device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
          threads: Optional[int] = typer.Option(None, "--threads", help="inference threads"),
          max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after N frames"),
@@ -206,7 +208,8 @@ def demo(model: str = typer.Option("default", "--model", help="model file or 'de
     from .runtime.stream import run_demo
     stats, outputs = run_demo(model=model, output=output or None, backend=backend,
                               device=device, threads=threads, max_frames=max_frames,
-                              stats_json=str(stats_json) if stats_json else None)
+                              stats_json=str(stats_json) if stats_json else None,
+                              log=lambda msg: console.print(msg, highlight=False))
     console.print(stats.summary(), highlight=False)
     files = [o for o in outputs if o not in ("display", "none")]
     if files:

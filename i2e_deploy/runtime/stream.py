@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -95,7 +96,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("I2E_CACHE", Path.home() / ".cache" / "i2e-deploy"))
 
 
-def cached_onnx(checkpoint: Path, **overrides) -> Path:
+def cached_onnx(checkpoint: Path, log: Callable[[str], None] | None = None,
+                **overrides) -> Path:
     """The ONNX export of a checkpoint, made once per file content and overrides."""
     from ..export.onnx import export_onnx  # pulls in the exporter only when needed
 
@@ -103,6 +105,8 @@ def cached_onnx(checkpoint: Path, **overrides) -> Path:
                          .encode()).hexdigest()[:16]
     target = cache_dir() / "onnx" / f"{checkpoint.stem}-{key}.onnx"
     if not target.is_file():
+        if log:
+            log(f"exporting {checkpoint.name} to ONNX once (cached in {target.parent})")
         target.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(checkpoint, output=target, **overrides)  # verified against the checkpoint
     return target
@@ -439,13 +443,24 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
 
 def run_demo(*, model: str = "default", output: list[str] | None = None,
              backend: str = "auto", device: str = "cpu", threads: int | None = None,
-             max_frames: int | None = None, stats_json: str | None = None
-             ) -> tuple[StreamStats, list[str]]:
+             max_frames: int | None = None, stats_json: str | None = None,
+             log: Callable[[str], None] = print) -> tuple[StreamStats, list[str]]:
     """The zero-argument demo: the bundled model on the bundled 'demo' clip; a window when
     a screen and a GUI OpenCV are there, else demo.mp4 + demo.jsonl in the current folder.
-    Returns the stats and the outputs used."""
+    Returns the stats and the outputs used.
+
+    ``backend='auto'`` runs a PyTorch checkpoint on ONNX Runtime (exported once into the
+    cache; several times faster on a CPU), and on PyTorch if that export fails."""
     from .sinks import DisplaySink, screen_available
     from .sources import DemoSource
+
+    path = resolve_model(model)
+    if backend == "auto" and path.suffix.lower() in TORCH_SUFFIXES and device == "cpu":
+        try:
+            model = str(cached_onnx(path, log=log))
+        except Exception as exc:  # the demo must run; PyTorch runs the same network
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log(f"ONNX export failed ({first}); running on PyTorch")
 
     if output is None:
         output = ["demo.mp4", "demo.jsonl"]
