@@ -16,7 +16,7 @@ from i2e_deploy.runtime.preprocess import preprocess
 from i2e_deploy.runtime.runners import load_runner
 from i2e_deploy.runtime.sinks import NullSink, open_sink
 from i2e_deploy.runtime.sources import open_source
-from i2e_deploy.runtime.stream import Classifier, Ring, Stream, run_stream
+from i2e_deploy.runtime.stream import Classifier, Ring, Stream, run_demo, run_stream
 
 from stream_fixtures import BIKES, make_checkpoint, read_video, synthetic_frames, write_video
 
@@ -28,6 +28,12 @@ THREADS = 1
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """One export cache for the module: the checkpoint is exported to ONNX at most once."""
+    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +191,7 @@ def test_ring_keeps_bounded_memory_and_exact_recent_percentiles():
     assert ring.mean == pytest.approx(values.mean())
 
 
-def test_cli_stream_and_demo(checkpoint, video, tmp_path, monkeypatch):
+def test_cli_stream_and_demo(checkpoint, video, onnx_cache, tmp_path, monkeypatch):
     runner = CliRunner()
     stats_path = tmp_path / "stats.json"
     result = runner.invoke(app, ["stream", str(checkpoint), "--source", str(video), "--output",
@@ -201,13 +207,26 @@ def test_cli_stream_and_demo(checkpoint, video, tmp_path, monkeypatch):
     assert "source not found" in result.output and "Traceback" not in result.output
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("I2E_CACHE", str(onnx_cache))
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     result = runner.invoke(app, ["demo", "--model", str(checkpoint), "--max-frames", "4",
                                  "--threads", "1"])
     assert result.exit_code == 0, result.output
+    assert "(onnxruntime)" in result.output  # a checkpoint runs on ONNX Runtime by default
     assert len(read_jsonl(tmp_path / "demo.jsonl")) == 4
     assert len(read_video(tmp_path / "demo.mp4")) == 4
+
+
+def test_demo_falls_back_to_pytorch_when_export_fails(checkpoint, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("I2E_CACHE", str(blocker))  # the cache cannot be created
+    notes = []
+    stats, outputs = run_demo(model=str(checkpoint), output=["none"], max_frames=2, threads=1,
+                              log=notes.append)
+    assert stats.backend == "torch" and stats.frames == 2 and outputs == ["none"]
+    assert any("running on PyTorch" in n for n in notes)
 
 
 def test_open_errors_are_one_clear_line(checkpoint, tmp_path, monkeypatch):
@@ -241,12 +260,13 @@ def test_open_errors_are_one_clear_line(checkpoint, tmp_path, monkeypatch):
         run_stream(str(tmp_path / "none.pt"), ["demo"], ["none"])
 
 
-def test_backend_onnx_exports_once_into_the_cache(checkpoint, video, tmp_path, monkeypatch):
-    monkeypatch.setenv("I2E_CACHE", str(tmp_path / "cache"))
+def test_backend_onnx_exports_once_into_the_cache(checkpoint, video, onnx_cache, tmp_path,
+                                                  monkeypatch):
+    monkeypatch.setenv("I2E_CACHE", str(onnx_cache))
     torch_run = stream(checkpoint, [str(video)], [str(tmp_path / "t.jsonl")])
     ort_run = stream(checkpoint, [str(video)], [str(tmp_path / "o.jsonl")], backend="onnx")
     assert torch_run.backend == "torch" and ort_run.backend == "onnxruntime"
-    exported = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    exported = list((onnx_cache / "onnx").glob("*.onnx"))
     assert len(exported) == 1
     stamp = exported[0].stat().st_mtime_ns
     stream(checkpoint, [str(video)], ["none"], backend="onnx", max_frames=2)
