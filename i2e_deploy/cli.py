@@ -342,17 +342,39 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or '
                data: Optional[Path] = typer.Option(None, "--data", help="image folder (recursive) for the verification (default: structured random images)"),
                arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
                ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
-               events: Optional[bool] = EventsOpt):
+               events: Optional[bool] = EventsOpt,
+               fmt: str = typer.Option("onnx", "--format", help="onnx | engine (TensorRT, built on this machine) | triton (model repository at --output)"),
+               int8: bool = typer.Option(False, "--int8", help="SNN-aware INT8 (exact 0/1 activations): U8S8 for ONNX Runtime CPUs, S8S8 Q/DQ for TensorRT/GPUs"),
+               half: bool = typer.Option(False, "--half", help="FP16 convs, FP32 neurons"),
+               calib_size: int = typer.Option(512, "--calib-size", help="--data images that check INT8/FP16 against FP32"),
+               device: str = typer.Option("cpu", "--device", help="target device: cpu or cuda[:N] (picks the INT8 flavour)"),
+               max_batch: int = typer.Option(8, "--max-batch", help="engine profile / Triton max batch size")):
     """Export a checkpoint to an ONNX graph (verified against the reference by default)."""
     from .assets import resolve_model
     from .export.onnx import default_output, export_onnx
     model, card = load_model_arg(checkpoint, arch, classes, ratio, imgsz, events)
+    defaulted = output is None
     if output is None:  # the bundled model's folder may be read-only: write it here
         source = resolve_model(checkpoint)
         output = default_output(source.name if checkpoint == "default" else source, converter_only)
+    def log(msg: str) -> None:
+        console.print(msg, highlight=False, soft_wrap=True)
+    if int8 and half:
+        raise I2EError("choose one of --int8 and --half")
+    if int8 or half or fmt != "onnx":
+        from .export.targets import export_target, target_output
+        precision = "int8" if int8 else "fp16" if half else "fp32"
+        name = default_output(resolve_model(checkpoint).name).stem
+        if defaulted:
+            output = target_output(Path(output), fmt, precision)
+        export_target(model, card, output, fmt=fmt, precision=precision, device=device,
+                      data=data, calib_size=calib_size, verify=verify, name=name,
+                      max_batch=max_batch, log=log, input_format=input_format,
+                      converter_only=converter_only, batch=batch, dynamic=not static,
+                      opset=opset)
+        return
     export_onnx(model, card, output, input_format=input_format, converter_only=converter_only,
-                batch=batch, dynamic=not static, opset=opset, verify=verify, data=data,
-                log=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
+                batch=batch, dynamic=not static, opset=opset, verify=verify, data=data, log=log)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ Two flavours:
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -136,17 +137,24 @@ def quantize_qdq(fp32: str | os.PathLike | onnx.ModelProto, output: str | os.Pat
                  for tensor in set(activations.values())}
     reader = _OneBatchReader({model.graph.input[0].name: _zero_input(model)})
     output = Path(output)
+    root = logging.getLogger()
+    level = root.level
     with tempfile.TemporaryDirectory() as scratch:
         source = Path(scratch) / "fp32.onnx"
         onnx.save(model, str(source))
-        quantize_static(
-            str(source), str(output), reader, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=list(activations),
-            per_channel=True, activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            extra_options={"WeightSymmetric": True, "QuantizeBias": False,
-                           "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
-                           "TensorQuantOverrides": overrides})
+        root.setLevel(logging.ERROR)  # quantize_static advises pre-processing we do not need
+        try:
+            quantize_static(
+                str(source), str(output), reader, quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=list(activations),
+                per_channel=True,
+                activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                extra_options={"WeightSymmetric": True, "QuantizeBias": False,
+                               "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                               "TensorQuantOverrides": overrides})
+        finally:
+            root.setLevel(level)
     quantized = onnx.load(str(output))
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)
@@ -384,10 +392,14 @@ def lower_for_onnxruntime(qdq: onnx.ModelProto) -> onnx.ModelProto:
 
 def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, card: ModelCard,
                    precision: str, *, data: str | os.PathLike | None = None,
-                   count: int = 64, log=None) -> dict:
+                   count: int = 64, strict: bool = False, log=None) -> dict:
     """Compare a reduced-precision graph with its FP32 graph on ONNX Runtime (``data``
-    images or structured random ones) against the parity tool's limits for ``precision``;
-    raise I2EError when it fails them."""
+    images or structured random ones) against the parity tool's limits for ``precision``.
+
+    Falling short is reported (``passed`` False, a warning line) and raises I2EError only
+    with ``strict``: how far a spiking network's predictions move under weight rounding is
+    a property of the model (see ``calibration.qat`` for INT8-exact checkpoints), not a
+    fault of the graph."""
     import onnxruntime as ort
 
     from ..export.onnx import verification_inputs
@@ -418,9 +430,14 @@ def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, c
     if limits.median_abs is not None and metrics["median_abs"] > limits.median_abs:
         failed.append(f"median |Δlogit| {metrics['median_abs']:.3g} exceeds {limits.median_abs:g}")
     metrics.update(source=source, passed=not failed)
-    if failed:
+    if failed and strict:
         raise I2EError(f"{precision} verification failed: {'; '.join(failed)} (vs the FP32 "
                        "graph); no file written")
+    if failed:
+        log(f"warning: {precision} is below the parity limits ({'; '.join(failed)}): this "
+            "model's spikes are sensitive to the rounding; for INT8, fine-tune an INT8-exact "
+            "checkpoint (i2e_deploy.calibration.qat.finetune_int8) whose INT8 graph equals "
+            "its FP32 graph")
     return metrics
 
 

@@ -55,9 +55,11 @@ def export_target(model, card: ModelCard, output: str | os.PathLike, *, fmt: str
         tensorrt_module()  # fail before the exports, not after
     count = calib_size if data else DEFAULT_VERIFY_COUNT
     output = Path(output)
+    # The FP32 graph is an intermediate here: keep its verification lines, not its path.
+    quiet = (lambda msg: None if msg.startswith("wrote ") else log(msg)) if log else None
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = export_onnx(model, card, Path(scratch) / "model.onnx", verify=verify, data=data,
-                           log=log, **export_options).path
+                           log=quiet, **export_options).path
         graph = fp32
         if precision == "int8":
             graph = to_int8(fp32, Path(scratch) / "model.int8.onnx", data=data, verify=verify,
