@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from i2e_deploy.calibration.quantize import to_int8
 from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
@@ -96,6 +97,9 @@ def test_build_request_checks_arguments_before_tensorrt(tmp_path):
              ({"min_batch": 0}, "at least 1"),
              ({"workspace_gib": 0}, "must be positive"),
              ({"device": "gpu"}, "unknown device")]
+    ort_int8 = tmp_path / "cpu.int8.onnx"
+    to_int8(onnx_file, ort_int8, verify=False)
+    cases.append(({"onnx_path": ort_int8}, "INT8 graph for ONNX Runtime on CPUs"))
     for change, message in cases:
         args = {"onnx_path": onnx_file, **change}
         with pytest.raises(I2EError, match=message):

@@ -124,6 +124,10 @@ class BuildRequest:
         if calib_size < 1:
             raise I2EError(f"--calib-size must be at least 1, got {calib_size}")
         self.device_index = parse_device(device if device != "cpu" else "cuda")[1]
+        from .onnx import read_metadata
+        if read_metadata(self.onnx_path).get("i2e_deploy.int8_flavour") == "onnxruntime":
+            raise I2EError(f"{onnx_path} is the INT8 graph for ONNX Runtime on CPUs; build from "
+                           "the FP32 graph with --int8, or export with --int8 --device cuda")
         self.output = Path(output) if output else self.onnx_path.with_suffix(".engine")
         if self.output.suffix.lower() not in (".engine", ".plan"):
             raise I2EError(f"{self.output}: engine files end in .engine or .plan")
