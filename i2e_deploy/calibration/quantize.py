@@ -309,7 +309,14 @@ class _Lowering:
                                                   np.int64), hint + "_pads")], [padded]))
         else:
             padded = nhwc
-        if kh == kw == 1:
+        # Taps that read padding for every output pixel (a 3x3 conv on a 1x1 map keeps only
+        # its centre) add nothing: leave them out of the GEMM.
+        rows_used = [k for k in range(kh) if any(top <= y * sh + k < top + height
+                                                 for y in range(ho))]
+        cols_used = [k for k in range(kw) if any(left <= x * sw + k < left + width
+                                                 for x in range(wo))]
+        taps = [(ky, kx) for ky in rows_used for kx in cols_used]
+        if taps == [(0, 0)] and kh == kw == 1:
             patches = padded
             if sh != 1 or sw != 1:
                 patches = self.fresh(hint + "_strided")
@@ -319,11 +326,12 @@ class _Lowering:
                               self.const(np.array([1, 2], np.int64), hint + "_ax"),
                               self.const(np.array([sh, sw], np.int64), hint + "_st")], [patches]))
         else:
-            # im2col as one Gather: row (y, x) of the patch matrix lists the kh*kw input pixels
-            # (ky, kx order) of output pixel (y, x); channels stay innermost.
-            oy, ox, ky, kx = np.meshgrid(np.arange(ho), np.arange(wo), np.arange(kh),
-                                         np.arange(kw), indexing="ij")
-            index = ((oy * sh + ky) * wp + ox * sw + kx).reshape(-1).astype(np.int64)
+            # im2col as one Gather: row (y, x) of the patch matrix lists the input pixels of
+            # output pixel (y, x) under each kept tap (ky, kx order); channels stay innermost.
+            offsets = np.array([ky * wp + kx for ky, kx in taps], np.int64)
+            oy, ox = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
+            starts = (oy * sh * wp + ox * sw).reshape(-1, 1)
+            index = (starts + offsets.reshape(1, -1)).reshape(-1)
             flat, patches = self.fresh(hint + "_flat"), self.fresh(hint + "_gather")
             nodes += [
                 helper.make_node("Reshape", [padded, self.const(np.array([0, hp * wp, channels],
@@ -335,8 +343,8 @@ class _Lowering:
         # into many small ones.
         rows, out_rows, out_nhwc = (self.fresh(hint + s) for s in ("_rows", "_mm", "_out"))
         nodes.append(helper.make_node("Reshape", [patches, self.const(
-            np.array([-1, kh * kw * channels], np.int64), hint + "_r2")], [rows]))
-        weight_kn = weight.transpose(2, 3, 1, 0).reshape(kh * kw * in_ch, out_ch)
+            np.array([-1, len(taps) * channels], np.int64), hint + "_r2")], [rows]))
+        weight_kn = np.concatenate([weight[:, :, ky, kx].T for ky, kx in taps])
         self.matmul(rows, weight_kn, scale, bias, out_rows, nodes, hint)
         nodes += [
             helper.make_node("Reshape", [out_rows, self.const(np.array([-1, ho, wo, out_ch],
