@@ -89,6 +89,22 @@ def test_deploy_matches_reference(arch, events, input_format, batch):
                     f"deploy {arch} {input_format} batch {batch}")
 
 
+def test_unrolled_lif_is_bit_exact():
+    lif = LIF(8)
+    gen = torch.Generator().manual_seed(0)
+    below_one = float(np.nextafter(np.float32(1), np.float32(0)))
+    x = torch.cat([torch.randn(8 * 2, 3000, generator=gen) * 0.8 + 0.4,
+                   torch.randint(-256, 256, (8 * 2, 1000), generator=gen) / 64.0,  # exact sums
+                   torch.full((8 * 2, 3), 1.0), torch.full((8 * 2, 3), below_one),
+                   # 0.5, then 0.5*0.5 + 0.75: membranes exactly on the threshold
+                   torch.tensor([0.5, 0.75] * 4).repeat_interleave(2).view(16, 1)], dim=1)
+    expected = lif(x)
+    assert torch.equal(UnrolledLIF(lif, 8)(x), expected)
+    assert 0.05 < expected.mean() < 0.5
+    with pytest.raises(ValueError, match="power-of-two"):
+        UnrolledLIF(LIF(8, tau=3.0), 8)
+
+
 def test_deploy_structure_is_derived():
     model, _ = firing_model("msresnet18", seed=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}

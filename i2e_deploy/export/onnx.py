@@ -181,6 +181,9 @@ def _check_writable(output: Path) -> None:
 def _temp_path(output: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
     return Path(name)
 
 
