@@ -17,6 +17,7 @@ from i2e_deploy.calibration.flips import spike_agreement
 from i2e_deploy.calibration.graph import elem_types, producers
 from i2e_deploy.calibration.half import half_graph
 from i2e_deploy.calibration.lif import rewrite_lif
+from i2e_deploy.calibration.qat import fake_quantize, finetune_int8, grid_error, snap_to_int8_grid
 from i2e_deploy.calibration.quantize import (binary_activations, lower_for_onnxruntime,
                                              quantize_qdq)
 from i2e_deploy.card import ModelCard
@@ -142,46 +143,17 @@ def test_lowered_graph_reads_spikes_as_uint8_and_matches_the_qdq_graph():
     assert all(r["agreement"] == 1.0 for r in spike_agreement(graph("s8s8"), graph("ort"), x))
 
 
-def on_int8_grid(model):
-    """The model with every conv and linear weight moved onto the per-channel symmetric INT8
-    grid as the deploy graph sees it (after BatchNorm folding), so quantizing it rounds
-    nothing: any INT8-vs-FP32 difference then comes from activations or neurons."""
-    import torch
-
-    def snap(weight, fold):
-        folded = weight.double() * fold.view(-1, *[1] * (weight.dim() - 1))
-        step = folded.abs().flatten(1).amax(1) / 127
-        grid = torch.round(folded / step.view_as(fold).view(-1, *[1] * (weight.dim() - 1)))
-        return (grid * step.view(-1, *[1] * (weight.dim() - 1))
-                / fold.view(-1, *[1] * (weight.dim() - 1))).float()
-
-    with torch.no_grad():
-        for conv, bn in pairs(model):
-            fold = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-            conv.weight.copy_(snap(conv.weight, fold))
-        model.fc.weight.copy_(snap(model.fc.weight, torch.ones(model.fc.out_features,
-                                                               dtype=torch.float64)))
-    return model
-
-
-def pairs(model):
-    yield model.conv1, model.bn1
-    for stage in range(1, 5):
-        for block in getattr(model, f"layer{stage}"):
-            yield block.conv1, block.bn1
-            yield block.conv2, block.bn2
-            if block.downsample is not None:
-                yield block.downsample[1], block.downsample[2]
-
-
 def test_int8_is_lossless_when_weights_are_on_the_grid(tmp_path):
     """Spikes and events are exact in INT8 and neurons stay FP32: with on-grid weights the
     INT8 graph predicts what the FP32 graph predicts."""
-    from i2e_deploy.model.checkpoint import save_checkpoint
+    from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
     from runtime_models import active_model, export
 
     card = ModelCard(imgsz=32, resize=32)
-    save_checkpoint(tmp_path / "grid.pt", on_int8_grid(active_model(card, seed=1)), card)
+    model = active_model(card, seed=1)
+    assert grid_error(model) > 0.4  # random weights sit anywhere between grid points
+    save_checkpoint(tmp_path / "grid.pt", snap_to_int8_grid(model), card)
+    assert grid_error(load_checkpoint(tmp_path / "grid.pt")[0]) < 1e-3
     fp32 = export(tmp_path / "grid.pt", tmp_path / "grid.onnx")
     quantize_qdq(fp32, tmp_path / "grid.u8.onnx", unsigned=True)
     onnx.save(lower_for_onnxruntime(onnx.load(str(tmp_path / "grid.u8.onnx"))),
@@ -287,3 +259,34 @@ def test_int8_graph_keeps_the_card():
     assert props["i2e_deploy.precision"] == "int8"
     assert props["i2e_deploy.int8_flavour"] == "onnxruntime"
     assert read_onnx_card(model) == read_onnx_card(onnx.load(str(graph("fp32"))))
+
+
+def test_fake_quantize_rounds_forward_and_passes_gradients():
+    import torch
+
+    weight = torch.tensor([[0.5, -0.25, 0.1], [1.0, 0.003, -0.7]], requires_grad=True)
+    rounded = fake_quantize(weight)
+    steps = weight.detach().abs().amax(1, keepdim=True) / 127
+    assert torch.allclose(rounded / steps, (weight / steps).round())
+    rounded.sum().backward()
+    assert torch.equal(weight.grad, torch.ones_like(weight))  # straight through
+
+
+def test_finetune_int8_writes_an_int8_exact_checkpoint(tmp_path):
+    from i2e_deploy.model.checkpoint import load_checkpoint
+    from runtime_models import save_active
+
+    for label in ("cat", "dog"):  # two of the model's CIFAR-10 classes
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(tmp_path / "data" / label / f"{i}.png"), images(4)[i + 2 * (label == "dog")])
+    source = save_active(tmp_path / "model.pt")
+    out = finetune_int8(source, tmp_path / "data", tmp_path / "exact.pt", steps=2, batch=2,
+                        workers=0, log=lambda _msg: None)
+    model, card = load_checkpoint(out)
+    assert grid_error(model) < 1e-3
+    assert card.provenance["int8_exact"] and card.provenance["qat"]["steps"] == 2
+    (tmp_path / "data" / "zebra").mkdir()
+    cv2.imwrite(str(tmp_path / "data" / "zebra" / "0.png"), images(4)[0])
+    with pytest.raises(I2EError, match="zebra.* not classes of the model"):
+        finetune_int8(source, tmp_path / "data", tmp_path / "x.pt", steps=1, workers=0)

@@ -122,6 +122,12 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     teacher, card = load_checkpoint(checkpoint)
     student, _ = load_checkpoint(checkpoint)
     folder = image_folder(data)
+    names = card.class_names or [str(i) for i in range(card.num_classes)]
+    unknown = [c for c in folder.classes if c not in names]
+    if unknown:
+        raise I2EError(f"{data}: class folder(s) {', '.join(unknown[:3])} are not classes of "
+                       f"the model ({', '.join(names[:5])}, ...)")
+    to_model_label = torch.tensor([names.index(c) for c in folder.classes])
     train_idx = list(range(len(folder)))
     held = card.provenance.get("val_split")
     if held:
@@ -146,7 +152,8 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
             logits = student(images)
             distill = nn.functional.kl_div(torch.log_softmax(logits / temperature, dim=1),
                                            target, reduction="batchmean") * temperature ** 2
-            loss = distill + label_weight * nn.functional.cross_entropy(logits, labels)
+            loss = distill + label_weight * nn.functional.cross_entropy(
+                logits, to_model_label[labels])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

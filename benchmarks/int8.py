@@ -1,0 +1,259 @@
+"""ONNX Runtime INT8 vs FP32 on this CPU: speed at batch 1, and agreement / accuracy of the
+bundled model on held-out CIFAR-10 images.
+
+Graphs compared (all from the project's own export):
+
+- FP32: ``i2e-deploy export`` as is;
+- FP32 + fast LIF: the same graph with the exact, cheaper neuron chains of
+  ``calibration.lif`` (bit-identical outputs), to separate what INT8 buys from what the neuron
+  rewrite buys (left out when the export already emits that form);
+- INT8 U8S8: ``export --int8`` for CPUs (``calibration.quantize``, ONNX Runtime lowering);
+- INT8 S8S8: the TensorRT Q/DQ flavour, run here on ONNX Runtime CPU for reference;
+- FP16 (accuracy and spike flips only: this CPU has no fast FP16 convolutions).
+
+Speed: MS-ResNet-18 @128 (10 classes, random weights with firing neurons) and the bundled
+model at its own size, batch 1, ``--threads`` intra-op threads, interleaved rounds so that
+load on this shared box hits all graphs alike; medians of the per-round medians.
+Accuracy: ``--count`` images of the bundled model's held-out split (named by its card:
+``val_split`` images of the training folder with ``seed``), from ``--data`` (the CIFAR-10
+training JPEGs in ImageFolder layout, as the model was trained from). ``--int8-exact CKPT``
+adds a checkpoint made by ``calibration.qat.finetune_int8`` (weights on the INT8 grid).
+
+    python benchmarks/int8.py --data /tmp/cifar/train [--count 2000] [--threads 2]
+
+Prints a Markdown table and writes JSON + Markdown to benchmarks/results/ (int8.json,
+int8.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from i2e_deploy.assets import DEFAULT_MODEL
+from i2e_deploy.calibration.flips import spike_agreement
+from i2e_deploy.calibration.half import half_graph
+from i2e_deploy.calibration.lif import rewrite_lif
+from i2e_deploy.calibration.quantize import lower_for_onnxruntime, quantize_qdq
+from i2e_deploy.card import ModelCard
+from i2e_deploy.export.onnx import export_onnx
+from i2e_deploy.model.checkpoint import load_checkpoint
+from i2e_deploy.model.msresnet import build_model
+from i2e_deploy.parity import logit_metrics
+from i2e_deploy.runtime.preprocess import load_images, synthetic_images
+from i2e_deploy.training.data import image_folder, split_indices
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPEED_GRAPHS = ("fp32", "fp32 + fast LIF", "int8 u8s8", "int8 s8s8")
+
+
+def firing_model(card: ModelCard, seed: int = 0):
+    """Random MS-ResNet whose neurons fire: untrained BatchNorm statistics leave it silent."""
+    torch.manual_seed(seed)
+    model = build_model(card)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.weight.uniform_(0.5, 1.0)
+                m.bias.uniform_(0.0, 0.5)
+    return model.eval()
+
+
+def build_graphs(model, card: ModelCard, folder: Path, precisions) -> dict[str, Path]:
+    """The graphs of one model: FP32 export and the forms derived from it."""
+    fp32 = export_onnx(model, card, folder / "fp32.onnx", verify=False).path
+    graphs = {"fp32": fp32}
+    if "fp32 + fast LIF" in precisions:
+        fast = onnx.load(str(fp32))
+        if rewrite_lif(fast):  # else the export already has the fast neuron form
+            onnx.save(fast, str(folder / "fp32_lif.onnx"))
+            graphs["fp32 + fast LIF"] = folder / "fp32_lif.onnx"
+    if "int8 u8s8" in precisions:
+        quantize_qdq(fp32, folder / "u8.onnx", unsigned=True)
+        onnx.save(lower_for_onnxruntime(onnx.load(str(folder / "u8.onnx"))),
+                  str(folder / "int8_u8s8.onnx"))
+        graphs["int8 u8s8"] = folder / "int8_u8s8.onnx"
+    if "int8 s8s8" in precisions:
+        graphs["int8 s8s8"] = quantize_qdq(fp32, folder / "int8_s8s8.onnx")
+    if "fp16" in precisions:
+        onnx.save(half_graph(onnx.load(str(fp32))), str(folder / "fp16.onnx"))
+        graphs["fp16"] = folder / "fp16.onnx"
+    return graphs
+
+
+def session(path: Path, threads: int):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def speed(graphs: dict[str, Path], image: np.ndarray, threads: int, rounds: int,
+          iters: int) -> dict[str, float]:
+    """ms per image at batch 1: median over rounds of each round's median."""
+    sessions = {name: session(path, threads) for name, path in graphs.items()}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, {"images": image})
+    per_round: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            times = []
+            for _ in range(iters):
+                began = time.perf_counter()
+                s.run(None, {"images": image})
+                times.append((time.perf_counter() - began) * 1e3)
+            per_round[name].append(statistics.median(times))
+    return {name: statistics.median(values) for name, values in per_round.items()}
+
+
+def logits(path: Path, images: np.ndarray, threads: int, batch: int = 50) -> np.ndarray:
+    s = session(path, threads)
+    return np.concatenate([s.run(None, {"images": images[i:i + batch]})[0]
+                           for i in range(0, len(images), batch)])
+
+
+def heldout(card: ModelCard, data: Path, count: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """``count`` images of the card's held-out split, spread evenly over it."""
+    folder = image_folder(data)
+    holdout, seed = card.provenance.get("val_split"), card.provenance.get("seed", 0)
+    if not holdout:
+        raise SystemExit("the model's card names no held-out split (provenance.val_split)")
+    _, held = split_indices(folder.targets, holdout, seed)
+    picks = [held[i] for i in np.linspace(0, len(held) - 1, min(count, len(held))).astype(int)]
+    paths = [Path(folder.samples[i][0]) for i in picks]
+    labels = np.array([folder.samples[i][1] for i in picks])
+    source = (f"{len(picks)} of the {len(held)} held-out images (val_split={holdout}, "
+              f"seed={seed}) of {data}")
+    return load_images(paths, card), labels, source
+
+
+def accuracy_rows(graphs: dict[str, Path], images, labels, threads, reference: str = "fp32"):
+    outputs = {name: logits(path, images, threads) for name, path in graphs.items()}
+    rows = {}
+    for name, out in outputs.items():
+        metrics = logit_metrics(outputs[reference], out, tie_margin=0.05)
+        rows[name] = {"top1": float((out.argmax(1) == labels).mean() * 100),
+                      "agreement_vs_fp32": metrics["top1_agreement"] * 100,
+                      "decisive_mismatches": metrics["decisive_mismatches"],
+                      "median_abs_dlogit": metrics["median_abs"],
+                      "max_abs_dlogit": metrics["max_abs"]}
+    return rows, outputs
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# ONNX Runtime INT8 vs FP32, {report['machine']}", "",
+             f"ONNX Runtime {report['onnxruntime']}, {report['threads']} intra-op thread(s), "
+             f"batch 1, {report['rounds']} interleaved rounds x {report['iters']} runs; "
+             f"load average at start {report['load_average']}.", "",
+             "| model | graph | ms / image | speedup vs FP32 |", "|---|---|---|---|"]
+    for model, rows in report["speed"].items():
+        base = rows["fp32"]
+        for name, ms in rows.items():
+            lines.append(f"| {model} | {name} | {ms:.2f} | {base / ms:.2f}x |")
+    lines += ["", f"Held-out accuracy: {report['accuracy_source']}.", "",
+              "| model | graph | top-1 % | agreement vs its FP32 % | decisive flips | "
+              "median abs Δlogit |", "|---|---|---|---|---|---|"]
+    for model, rows in report["accuracy"].items():
+        for name, row in rows.items():
+            lines.append(f"| {model} | {name} | {row['top1']:.2f} | "
+                         f"{row['agreement_vs_fp32']:.2f} | {row['decisive_mismatches']} | "
+                         f"{row['median_abs_dlogit']:.3g} |")
+    for model, extra in report.get("cross", {}).items():
+        lines.append(f"\n{model}: {extra}")
+    lines += ["", "Spike agreement per LIF layer vs FP32 (first "
+              f"{report['flip_images']} held-out images):", "",
+              "| layer | spike rate | " + " | ".join(report["flips"]) + " |",
+              "|---|---|" + "---|" * len(report["flips"])]
+    first = next(iter(report["flips"].values()))
+    for i, row in enumerate(first):
+        cells = [f"{report['flips'][k][i]['agreement'] * 100:.3f}" for k in report["flips"]]
+        lines.append(f"| {row['layer']} | {row['rate']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True,
+                        help="CIFAR-10 training JPEGs, ImageFolder layout (the held-out split "
+                             "is taken from it)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--int8-exact", type=Path, help="checkpoint from finetune_int8")
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--flip-images", type=int, default=64)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    model, card = load_checkpoint(args.model)
+    report = {"machine": f"this {platform.machine()} CPU ({torch.get_num_threads()} threads "
+                         "visible, shared with other jobs)",
+              "onnxruntime": ort.__version__, "threads": args.threads, "rounds": args.rounds,
+              "iters": args.iters, "model": str(args.model.name),
+              "load_average": " ".join(f"{x:.1f}" for x in __import__("os").getloadavg()),
+              "speed": {}, "accuracy": {}, "cross": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        big_card = ModelCard(imgsz=128, resize=128)
+        (scratch / "r18_128").mkdir()
+        (scratch / "bundled").mkdir()
+        big = build_graphs(firing_model(big_card), big_card, scratch / "r18_128", SPEED_GRAPHS)
+        bundled = build_graphs(model, card, scratch / "bundled", SPEED_GRAPHS + ("fp16",))
+        images, labels, source = heldout(card, args.data, args.count)
+        report["accuracy_source"] = source
+
+        print("timing ...", flush=True)
+        big_image = synthetic_images(1, big_card, seed=1)
+        report["speed"]["MS-ResNet-18 @128 (random weights)"] = speed(
+            big, big_image, args.threads, args.rounds, args.iters)
+        report["speed"][f"bundled @{card.imgsz}"] = speed(
+            {k: bundled[k] for k in SPEED_GRAPHS if k in bundled}, images[:1], args.threads,
+            args.rounds, args.iters)
+
+        print("accuracy ...", flush=True)
+        rows, outputs = accuracy_rows(bundled, images, labels, args.threads)
+        report["accuracy"][f"bundled @{card.imgsz}"] = rows
+        u8, s8 = outputs["int8 u8s8"], outputs["int8 s8s8"]
+        report["cross"]["bundled: INT8 U8S8 vs S8S8"] = (
+            f"top-1 agreement {np.mean(u8.argmax(1) == s8.argmax(1)) * 100:.2f} %, max |Δlogit| "
+            f"{np.abs(u8 - s8).max():.3g}")
+        report["flip_images"] = args.flip_images
+        report["flips"] = {name: spike_agreement(bundled["fp32"], bundled[name],
+                                                 images[:args.flip_images])
+                           for name in ("int8 u8s8", "fp16")}
+        if args.int8_exact:
+            exact_model, exact_card = load_checkpoint(args.int8_exact)
+            (scratch / "exact").mkdir()
+            exact = build_graphs(exact_model, exact_card, scratch / "exact",
+                                 ("int8 u8s8",))
+            exact_rows, exact_out = accuracy_rows(exact, images, labels, args.threads)
+            report["accuracy"][f"INT8-exact ({args.int8_exact.name})"] = exact_rows
+            original = outputs["fp32"].argmax(1)
+            report["cross"][f"INT8-exact ({args.int8_exact.name})"] = (
+                "top-1 agreement with the original bundled FP32: FP32 graph "
+                f"{np.mean(exact_out['fp32'].argmax(1) == original) * 100:.2f} %, INT8 graph "
+                f"{np.mean(exact_out['int8 u8s8'].argmax(1) == original) * 100:.2f} %")
+            report["flips"]["INT8-exact int8 vs its fp32"] = spike_agreement(
+                exact["fp32"], exact["int8 u8s8"], images[:args.flip_images])
+    args.output.mkdir(parents=True, exist_ok=True)
+    text = markdown(report)
+    (args.output / "int8.md").write_text(text)
+    (args.output / "int8.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
