@@ -117,6 +117,9 @@ def test_image_checkpoint_starts_event_model_on_event_data(tmp_path):
 
     report = validate(str(result.last), events, workers=0, log=lambda _: None)
     assert report.images == 6 and report.heldout == {"val_split": 6.0, "seed": 0}
+    with open(tmp_path / "run" / "log.csv") as fh:
+        logged = list(csv.DictReader(fh))[-1]
+    assert float(logged["val_top1"]) == round(report.top1, 2)  # `val` reproduces the log
 
 
 def test_train_cli_and_errors(tmp_path):

@@ -3,6 +3,7 @@ on-the-fly I2E conversion with random directions), on image folders or I2E event
 on one device or many through torchrun."""
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import time
@@ -372,7 +373,11 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
             loss_sum, correct, seen = dist_util.sum_across(ctx, [loss_sum, correct, seen], device)
             metrics = {"top1": math.nan, "top5": math.nan}
             if val_loader is not None:
-                c1, c5, n = dist_util.sum_across(ctx, evaluate(forward, val_loader, device),
+                # A contiguous copy: the layout deployment runs (channels_last convolutions
+                # round differently and flip a few spikes), so `val` reproduces this number.
+                reference = TrainForward(copy.deepcopy(model).to(
+                    memory_format=torch.contiguous_format))
+                c1, c5, n = dist_util.sum_across(ctx, evaluate(reference, val_loader, device),
                                                  device)
                 metrics = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
             seconds = time.time() - began
