@@ -13,6 +13,7 @@ Prints a Markdown table and writes JSON (default benchmarks/results/stream.json)
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -89,6 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = args.source or (str(BIKES) if BIKES.is_file() else "demo")
+    load_start = os.getloadavg()[0]  # other work on the machine skews every number here
     scratch = Path(tempfile.mkdtemp(prefix="i2e-stream-bench-"))
     notes = []
     if args.standin or (args.model == "default" and not DEFAULT_MODEL.is_file()):
@@ -128,8 +130,10 @@ def main() -> None:
            "growth_pct": round(100 * (last - first) / first, 2),
            "samples": [(n, round(s / 2**20, 1)) for n, s in probe.samples]}
 
+    load_end = os.getloadavg()[0]
     print(f"\nStream benchmark: {label}, source {Path(source).name}, "
-          f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs\n")
+          f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+          f"load average {load_start:.1f} -> {load_end:.1f}\n")
     print(f"Inference alone: {infer_ms:.1f} ms/frame = {1e3 / infer_ms:.1f} FPS\n")
     print("| output | FPS | latency p50 / p99 ms | capture | preprocess | infer | overlay | sink "
           "| overhead |")
@@ -150,7 +154,9 @@ def main() -> None:
           "network.")
 
     write_json_atomic(args.json, {
-        "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(),
+                    "load_average_start": round(load_start, 2),
+                    "load_average_end": round(load_end, 2)},
         "model": label, "source": Path(source).name, "notes": notes,
         "inference_only_ms": round(infer_ms, 3), "runs": rows, "rss": rss})
     print(f"wrote {args.json}")
