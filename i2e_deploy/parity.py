@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .errors import I2EError
+from .fileio import atomic_output
 from .runtime.preprocess import load_image_folder, synthetic_images
 from .runtime.runners import Runner, TorchRunner, load_runner
 
@@ -275,19 +275,8 @@ def run_parity(model_a: str, model_b: str, *, data: str | None = None,
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a report atomically (temp file + rename): never a half-written file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise I2EError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, "w") as fh:
+        fh.write(text)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

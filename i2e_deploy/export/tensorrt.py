@@ -24,6 +24,7 @@ import numpy as np
 from .. import __version__
 from ..card import ModelCard, sha256_file
 from ..errors import I2EError
+from ..fileio import atomic_output
 from ..runtime.runners import engine_sidecar_path, parse_device
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -72,14 +73,8 @@ def sidecar_record(card: ModelCard, *, tensorrt_version: str, gpu_name: str,
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as fh:
+        fh.write(data)
 
 
 def write_engine(engine_path: str | os.PathLike, engine: bytes, sidecar: dict) -> Path:

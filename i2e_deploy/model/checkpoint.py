@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 
 from ..card import ARCHS, ModelCard, default_resolution, sha256_file
 from ..errors import I2EError
+from ..fileio import atomic_path
 from .msresnet import MSResNet, build_model
 
 FORMAT = "i2e-deploy"
@@ -198,13 +198,5 @@ def save_checkpoint(path: str | os.PathLike, model: MSResNet, card: ModelCard, *
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import queue
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import numpy as np
 from ..assets import resolve_model
 from ..card import ModelCard, sha256_file
 from ..errors import I2EError
+from ..fileio import atomic_output
 from .overlay import annotate
 from .preprocess import preprocess
 from .runners import TORCH_SUFFIXES, Runner, load_runner
@@ -432,13 +432,9 @@ def run_stream(model: str, sources: list[str], outputs: list[str], *,
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
+    with atomic_output(path, "w") as fh:
         json.dump(data, fh, indent=2)
         fh.write("\n")
-    os.replace(tmp, path)
 
 
 def run_demo(*, model: str = "default", output: list[str] | None = None,

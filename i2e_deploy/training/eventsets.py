@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import I2EError
+from ..fileio import atomic_output
 
 FORMATS = {"npz": ".npz", "packed": ".npy"}
 SUFFIX_FORMATS = {suffix: name for name, suffix in FORMATS.items()}
@@ -69,26 +69,16 @@ def read_sample(path: str | os.PathLike) -> np.ndarray:
 def write_sample(path: str | os.PathLike, events: np.ndarray, fmt: str) -> None:
     """Write one sample atomically (temp file + rename), so an interrupted run leaves no
     half-written file for a resumed run to skip."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if fmt == "npz":
-                np.savez_compressed(fh, events)
-            else:
-                np.save(fh, pack(events))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as fh:
+        if fmt == "npz":
+            np.savez_compressed(fh, events)
+        else:
+            np.save(fh, pack(events))
 
 
 def write_meta(root: str | os.PathLike, meta: dict[str, Any]) -> None:
-    path = Path(root) / META_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{META_FILE}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
+    with atomic_output(Path(root) / META_FILE, "w") as fh:
         json.dump(meta, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def read_meta(root: str | os.PathLike) -> dict[str, Any]:
