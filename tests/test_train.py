@@ -18,17 +18,10 @@ from i2e_deploy.runtime.preprocess import load_labelled_folder
 from i2e_deploy.training.convert import convert_folder
 from i2e_deploy.training.train import TrainConfig, build_card, run_training, train
 from i2e_deploy.training.validate import validate
-from training_data import cifar_folder
+from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 
 SIZE, RATIO = 32, 0.2
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the box has 2 cores; tests share them
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(data, output, **overrides) -> TrainConfig:

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from i2e_deploy.assets import DEFAULT_MODEL
@@ -19,15 +18,8 @@ from i2e_deploy.runtime.runners import load_runner
 from i2e_deploy.training import data as D
 from i2e_deploy.training.validate import validate
 from runtime_models import save_active
-from training_data import cifar_folder
+from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the box has 2 cores; tests share them
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_TAR = SHARED / "data" / "cifar10-train.tar.gz"
@@ -47,3 +48,11 @@ def cifar_folder(tmp_path: Path, classes: int = 3, per_class: int = 8) -> Path:
     target = tmp_path / "images"
     shutil.copytree(_extract(classes, per_class), target)
     return target
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the box has 2 cores; tests share them
+    yield
+    torch.set_num_threads(threads)
