@@ -1,10 +1,13 @@
 """``i2e-deploy benchmark MODEL``: every backend x precision this machine has, in one table.
 
 Each row runs in its own worker process (a fresh interpreter), so one backend's threads,
-caches and allocations cannot colour another's numbers. What is measured:
+caches and allocations cannot colour another's numbers. The workers stay loaded and take
+turns, one at a time: latency is timed in interleaved rounds, so that a shared machine's slow
+spells fall on every row alike and ratios between rows hold. What is measured:
 
 - latency: wall time of ``runner.infer`` at batch 1 (p50 / p99 over ``iters`` calls after
-  ``warmup`` calls); inputs already preprocessed, so this is the model alone;
+  ``warmup`` calls, in up to ``ROUNDS`` rounds); inputs already preprocessed, so this is the
+  model alone;
 - throughput: images/s of ``runner.infer`` at ``batch``;
 - memory: the worker's peak RSS (``VmHWM``), and that peak minus the RSS after the worker
   imported its libraries (PyTorch, ONNX, ONNX Runtime: the package imports PyTorch, so every
@@ -26,6 +29,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -277,23 +281,47 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
     rows = plan_rows(path, cache_dir, device, tuple(precisions))
     settings = {"iters": iters, "warmup": warmup, "batch": batch, "device": device,
                 "threads": threads, "inputs": input_info}
-    reference: np.ndarray | None = None
     with tempfile.TemporaryDirectory(prefix="i2e-bench-") as tmp:
         inputs_file = Path(tmp) / "inputs.npy"
         np.save(inputs_file, inputs)
+        _measure([row for row in rows if row.model is not None], Path(tmp), inputs_file, labels,
+                 {"threads": threads, "warmup": warmup, "batch": batch, "iters": iters}, log)
+    return BenchmarkReport(model=str(path), card=card.to_dict(), settings=settings,
+                           environment=environment(), rows=rows)
+
+
+ROUNDS = 10
+TURN_PAUSE_S = 0.05  # lets the previous worker's spinning pool threads go to sleep
+
+
+def _measure(rows: list[Row], tmp: Path, inputs_file: Path, labels: np.ndarray | None,
+             options: dict[str, Any], log: Callable[[str], None]) -> None:
+    workers: list[_Worker] = []
+    try:
         for row in rows:
-            if row.model is None:
-                continue
-            log(f"running {row.backend} {row.precision} ...")
-            outputs_file = Path(tmp) / "outputs.npy"
-            result = _run_worker({"model": row.model, "device": row.device, "threads": threads,
-                                  "iters": iters, "warmup": warmup, "batch": batch,
-                                  "inputs": str(inputs_file), "outputs": str(outputs_file)})
+            log(f"loading {row.backend} {row.precision} ...")
+            workers.append(_Worker({"model": row.model, "device": row.device,
+                                    "inputs": str(inputs_file), **options}, tmp))
+        iters = options["iters"]
+        rounds = min(iters, ROUNDS)
+        log(f"timing batch 1: {iters} calls per row in {rounds} interleaved rounds ...")
+        latencies: list[list[float]] = [[] for _ in rows]
+        for turn in range(rounds):
+            calls = iters // rounds + (turn < iters % rounds)
+            for times, worker in zip(latencies, workers):
+                time.sleep(TURN_PAUSE_S)
+                times += worker.ask({"cmd": "latency", "calls": calls}).get("latencies", [])
+        reference: np.ndarray | None = None
+        for index, (row, worker, times) in enumerate(zip(rows, workers, latencies)):
+            log(f"throughput and outputs: {row.backend} {row.precision} ...")
+            outputs_file = tmp / f"outputs{index}.npy"
+            result = worker.ask({"cmd": "finish", "outputs": str(outputs_file)})
             if "error" in result:
                 row.reason = result["error"]
                 continue
-            for key in ("latency_p50_ms", "latency_p99_ms", "throughput_ips", "peak_rss_mb",
-                        "model_rss_mb"):
+            row.latency_p50_ms = float(np.percentile(times, 50) * 1e3)
+            row.latency_p99_ms = float(np.percentile(times, 99) * 1e3)
+            for key in ("throughput_ips", "peak_rss_mb", "model_rss_mb"):
                 setattr(row, key, result[key])
             logits = np.load(outputs_file)
             if labels is not None:
@@ -303,59 +331,114 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
             if reference is not None:
                 row.top1_agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
                 row.max_abs_logit = float(np.abs(logits - reference).max())
-    return BenchmarkReport(model=str(path), card=card.to_dict(), settings=settings,
-                           environment=environment(), rows=rows)
+    finally:
+        for worker in workers:
+            worker.close()
 
 
-def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "i2e_deploy.benchmark"],
-                          input=json.dumps(spec), capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if lines:
-        return json.loads(lines[-1])
-    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-    return {"error": f"worker failed: {tail}"}
+class _Worker:
+    """One row's model loaded in its own process, answering one JSON line per command."""
+
+    def __init__(self, spec: dict[str, Any], tmp: Path):
+        self._stderr = tempfile.TemporaryFile(mode="w+", dir=tmp)  # a pipe could fill and block
+        self._proc = subprocess.Popen([sys.executable, "-m", "i2e_deploy.benchmark"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True)
+        self.error: str | None = None
+        self.ask(spec)
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.error:
+            return {"error": self.error}
+        try:
+            self._proc.stdin.write(json.dumps(message) + "\n")
+            self._proc.stdin.flush()
+            for line in self._proc.stdout:
+                if line.startswith("{"):
+                    answer = json.loads(line)
+                    self.error = answer.get("error")
+                    return answer
+        except OSError:
+            pass
+        self._proc.wait()
+        self._stderr.seek(0)
+        tail = (self._stderr.read().strip().splitlines()
+                or [f"exit code {self._proc.returncode}"])[-1]
+        self.error = f"worker failed: {tail}"
+        return {"error": self.error}
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._stderr.close()
 
 
-def _worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one model file (runs in a fresh process; see the module doc)."""
-    import time
+class _Session:
+    """The worker's side: the loaded runner and what it measures (see the module doc)."""
 
-    import onnx  # noqa: F401  # imported before the baseline: libraries are not the model
-    import onnxruntime  # noqa: F401
-    import psutil
-    import torch  # noqa: F401
+    def __init__(self, spec: dict[str, Any]):
+        import onnx  # noqa: F401  # imported before the baseline: libraries are not the model
+        import onnxruntime  # noqa: F401
+        import psutil
+        import torch  # noqa: F401
 
-    from .runtime.runners import load_runner
+        from .runtime.runners import load_runner
 
-    inputs = np.load(spec["inputs"])
-    baseline = psutil.Process().memory_info().rss
-    batch = spec["batch"]
-    with load_runner(spec["model"], device=spec["device"], threads=spec["threads"],
-                     warmup=0) as runner:
-        single = inputs[:1]
+        self.inputs = np.load(spec["inputs"])
+        self.batch, self.iters = spec["batch"], spec["iters"]
+        self.baseline = psutil.Process().memory_info().rss
+        self.runner = load_runner(spec["model"], device=spec["device"],
+                                  threads=spec["threads"], warmup=0)
         for _ in range(spec["warmup"]):
-            runner.infer(single)
-        latencies = []
-        for _ in range(spec["iters"]):
+            self.runner.infer(self.inputs[:1])
+
+    def latency(self, calls: int) -> list[float]:
+        single, times = self.inputs[:1], []
+        for _ in range(calls):
             start = time.perf_counter()
-            runner.infer(single)
-            latencies.append(time.perf_counter() - start)
-        full = np.resize(inputs, (batch, *inputs.shape[1:]))  # repeats inputs if too few
-        runner.infer(full)
-        runs = max(2, -(-spec["iters"] // batch))
+            self.runner.infer(single)
+            times.append(time.perf_counter() - start)
+        return times
+
+    def finish(self, outputs_file: str) -> dict[str, Any]:
+        batch = self.batch
+        full = np.resize(self.inputs, (batch, *self.inputs.shape[1:]))  # repeats if too few
+        self.runner.infer(full)
+        runs = max(2, -(-self.iters // batch))
         start = time.perf_counter()
         for _ in range(runs):
-            runner.infer(full)
+            self.runner.infer(full)
         throughput = runs * batch / (time.perf_counter() - start)
-        outputs = np.concatenate([runner.infer(inputs[i:i + batch])
-                                  for i in range(0, len(inputs), batch)])
-    np.save(spec["outputs"], outputs)
-    peak = _peak_rss()
-    return {"latency_p50_ms": float(np.percentile(latencies, 50) * 1e3),
-            "latency_p99_ms": float(np.percentile(latencies, 99) * 1e3),
-            "throughput_ips": float(throughput), "peak_rss_mb": peak / 2**20,
-            "model_rss_mb": (peak - baseline) / 2**20}
+        outputs = np.concatenate([self.runner.infer(self.inputs[i:i + batch])
+                                  for i in range(0, len(self.inputs), batch)])
+        self.runner.close()
+        np.save(outputs_file, outputs)
+        peak = _peak_rss()
+        return {"throughput_ips": float(throughput), "peak_rss_mb": peak / 2**20,
+                "model_rss_mb": (peak - self.baseline) / 2**20}
+
+
+def _serve() -> None:
+    """Worker loop: the first line loads the model, then ``latency`` / ``finish`` commands."""
+    session: _Session | None = None
+    for line in sys.stdin:
+        message = json.loads(line)
+        try:
+            if session is None:
+                session = _Session(message)
+                answer: dict[str, Any] = {"ready": True}
+            elif message["cmd"] == "latency":
+                answer = {"latencies": session.latency(message["calls"])}
+            else:
+                answer = session.finish(message["outputs"])
+        except I2EError as exc:
+            answer = {"error": str(exc)}
+        except Exception as exc:  # a backend failing must become a row's note, not a crash
+            answer = {"error": _describe(exc)}
+        print(json.dumps(answer), flush=True)
+        if "error" in answer or message.get("cmd") == "finish":
+            return
 
 
 def _peak_rss() -> int:
@@ -425,10 +508,4 @@ def markdown(report: BenchmarkReport) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        result = _worker(json.loads(sys.stdin.read()))
-    except I2EError as exc:
-        result = {"error": str(exc)}
-    except Exception as exc:  # a backend failing must become a row's note, not a crash
-        result = {"error": _describe(exc)}
-    print(json.dumps(result))
+    _serve()

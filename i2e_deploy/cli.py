@@ -309,6 +309,23 @@ def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or
         console.print(f"wrote {plot}", highlight=False)
 
 
+@command("qat")
+def qat_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'default'"),
+            data: Path = typer.Argument(..., help="its training image folder (the card's held-out split is left out)"),
+            output: Path = typer.Option(..., "--output", "-o", help="INT8-exact checkpoint to write"),
+            steps: int = typer.Option(600, "--steps"), batch: int = typer.Option(32, "--batch"),
+            lr: float = typer.Option(1e-3, "--lr"),
+            workers: int = typer.Option(2, "--workers"), seed: int = typer.Option(0, "--seed")):
+    """Quantization-aware fine-tuning: a checkpoint whose INT8 graph predicts what its FP32 graph does."""
+    from .assets import resolve_model
+    from .calibration.qat import finetune_int8
+    finetune_int8(resolve_model(checkpoint), data, output, steps=steps, batch=batch, lr=lr,
+                  workers=workers, seed=seed,
+                  log=lambda msg: console.print(msg, highlight=False))
+    console.print(f"wrote {output}: weights on the per-channel INT8 grid; export it with "
+                  f"`i2e-deploy export {output} --int8`", highlight=False)
+
+
 @command("convert")
 def convert_cmd(src: Path = typer.Argument(..., help="image folder, one sub-folder per class"),
                 dst: Path = typer.Argument(..., help="event dataset folder (resumes if it exists)"),

@@ -79,3 +79,25 @@ def test_bad_input_exits_2(ckpt, tmp_path):
         result = cli.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert result.output.startswith("error:")
+
+
+def test_workers_take_turns_and_failures_become_row_notes(ckpt, tmp_path):
+    import numpy as np
+
+    from i2e_deploy.benchmark import Row, _measure
+    from i2e_deploy.card import ModelCard
+    from i2e_deploy.runtime.preprocess import synthetic_images
+
+    inputs = tmp_path / "inputs.npy"
+    np.save(inputs, synthetic_images(3, ModelCard(imgsz=32, resize=32)))
+    rows = [Row("ONNX Runtime", "fp32", model=str(shared_model("onnx"))),
+            Row("ONNX Runtime", "int8", model=str(tmp_path / "missing.onnx")),
+            Row("ONNX Runtime", "fp32", model=str(shared_model("onnx")))]
+    messages = []
+    _measure(rows, tmp_path, inputs, None,
+             {"threads": 1, "warmup": 1, "batch": 2, "iters": 7}, messages.append)
+    assert "7 calls per row in 7 interleaved rounds" in " ".join(messages)
+    for row in (rows[0], rows[2]):
+        assert row.reason is None and 0 < row.latency_p50_ms <= row.latency_p99_ms
+        assert row.throughput_ips > 0
+    assert rows[1].latency_p50_ms is None and "missing.onnx" in rows[1].reason

@@ -9,7 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
 
 from i2e_deploy.calibration.data import (CalibrationBatches, OrtCalibrationReader,
                                          load_calibration_images, to_graph_input)
@@ -21,6 +23,7 @@ from i2e_deploy.calibration.qat import fake_quantize, finetune_int8, grid_error,
 from i2e_deploy.calibration.quantize import (binary_activations, lower_for_onnxruntime,
                                              quantize_qdq)
 from i2e_deploy.card import ModelCard
+from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.parity import logit_metrics
 from i2e_deploy.runtime.preprocess import synthetic_images
@@ -152,7 +155,8 @@ def test_int8_is_lossless_when_weights_are_on_the_grid(tmp_path):
     card = ModelCard(imgsz=32, resize=32)
     model = active_model(card, seed=1)
     assert grid_error(model) > 0.4  # random weights sit anywhere between grid points
-    save_checkpoint(tmp_path / "grid.pt", snap_to_int8_grid(model), card)
+    # Stored as INT8 + per-channel scales (what the bundled model uses): still on the grid.
+    save_checkpoint(tmp_path / "grid.pt", snap_to_int8_grid(model), card, weights="int8")
     assert grid_error(load_checkpoint(tmp_path / "grid.pt")[0]) < 1e-3
     fp32 = export(tmp_path / "grid.pt", tmp_path / "grid.onnx")
     quantize_qdq(fp32, tmp_path / "grid.u8.onnx", unsigned=True)
@@ -281,11 +285,19 @@ def test_finetune_int8_writes_an_int8_exact_checkpoint(tmp_path):
         for i in range(2):
             cv2.imwrite(str(tmp_path / "data" / label / f"{i}.png"), images(4)[i + 2 * (label == "dog")])
     source = save_active(tmp_path / "model.pt")
-    out = finetune_int8(source, tmp_path / "data", tmp_path / "exact.pt", steps=2, batch=2,
-                        workers=0, log=lambda _msg: None)
-    model, card = load_checkpoint(out)
+    result = CliRunner().invoke(app, ["qat", str(source), str(tmp_path / "data"), "-o",
+                                      str(tmp_path / "exact.pt"), "--steps", "2", "--batch", "2",
+                                      "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    model, card = load_checkpoint(tmp_path / "exact.pt")
     assert grid_error(model) < 1e-3
     assert card.provenance["int8_exact"] and card.provenance["qat"]["steps"] == 2
+    stored = torch.load(tmp_path / "exact.pt", weights_only=True)["state_dict"]
+    assert stored["layer4.1.conv2.weight"].dtype == torch.int8  # a quarter of FP32's size
+    refused = CliRunner().invoke(app, ["qat", str(source), str(tmp_path / "data"), "-o",
+                                       str(tmp_path / "y.pt"), "--steps", "0"])
+    assert refused.exit_code == 2 and "at least 1" in refused.output
+    assert not (tmp_path / "y.pt").exists()
     (tmp_path / "data" / "zebra").mkdir()
     cv2.imwrite(str(tmp_path / "data" / "zebra" / "0.png"), images(4)[0])
     with pytest.raises(I2EError, match="zebra.* not classes of the model"):

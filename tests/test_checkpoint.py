@@ -1,6 +1,7 @@
 """Checkpoint loading: released / bare / own formats, inference of the card, clean errors, safety."""
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 from pathlib import Path
@@ -93,7 +94,7 @@ def test_own_format_round_trip(reference, files):
 
 def test_own_format_half(reference, files):
     path = files["root"] / "half.pt"
-    save_checkpoint(path, reference, ModelCard(), half=True)
+    save_checkpoint(path, reference, ModelCard(), weights="float16")
     assert path.stat().st_size < 0.6 * files["ours"].stat().st_size
     model, _ = load_checkpoint(path)
     loaded, original = model.state_dict(), reference.state_dict()
@@ -102,6 +103,45 @@ def test_own_format_half(reference, files):
             assert torch.equal(loaded[key], value.half().float()), key
         else:
             assert torch.equal(loaded[key], value), key
+
+
+def test_own_format_int8_is_lossless_for_int8_exact_weights(reference, files):
+    from i2e_deploy.calibration.qat import grid_error, snap_to_int8_grid
+
+    exact = snap_to_int8_grid(copy.deepcopy(reference))
+    path = files["root"] / "int8.pt"
+    save_checkpoint(path, exact, ModelCard(), weights="int8")
+    assert path.stat().st_size < 0.3 * files["ours"].stat().st_size
+    stored = torch.load(path, weights_only=True)
+    assert stored["state_dict"]["layer1.0.conv1.weight"].dtype == torch.int8
+    assert stored["state_dict"]["layer1.0.bn1.weight"].dtype == torch.float32
+    model, _ = load_checkpoint(path)
+    assert grid_error(model) < 1e-3
+    for key, value in exact.state_dict().items():
+        assert torch.allclose(model.state_dict()[key], value, rtol=1e-6, atol=0), key
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), exact(x), atol=1e-5)
+
+
+def test_own_format_int8_refuses_weights_off_the_grid(reference, files):
+    path = files["root"] / "offgrid.pt"
+    with pytest.raises(I2EError, match="not on a per-channel INT8 grid"):
+        save_checkpoint(path, reference, ModelCard(), weights="int8")
+    assert not path.exists()
+
+
+def test_own_format_int8_with_mismatched_scales_is_a_clean_error(reference, files):
+    from i2e_deploy.calibration.qat import snap_to_int8_grid
+
+    path = files["root"] / "broken_int8.pt"
+    save_checkpoint(path, snap_to_int8_grid(copy.deepcopy(reference)), ModelCard(),
+                    weights="int8")
+    payload = torch.load(path, weights_only=True)
+    payload["weight_scales"]["fc.weight"] = payload["weight_scales"]["fc.weight"][:3]
+    torch.save(payload, path)
+    with pytest.raises(I2EError, match="does not match its scales"):
+        load_checkpoint(path)
 
 
 def test_events_flag_and_dvs_name(reference, files):

@@ -2,6 +2,8 @@
 
 Formats read: the paper's released dict ``{"epoch", "state_dict", "best_acc1"}`` with the
 ``module.`` prefix, a bare state_dict, and ours ``{"format": "i2e-deploy", "card", "state_dict"}``.
+Ours may store conv / linear weights as INT8 with per-output-channel scales
+(``"weight_scales"``), a lossless format for INT8-exact models.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def _split(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
         raise I2EError("file is not a checkpoint: expected a dict of tensors or a dict with "
                        "a 'state_dict' entry")
     if obj.get("format") == FORMAT:
-        return "i2e-deploy", _strip(obj["state_dict"]), obj
+        return "i2e-deploy", _dequantize(_strip(obj["state_dict"]),
+                                         obj.get("weight_scales") or {}), obj
     for key in ("state_dict", "model"):
         if isinstance(obj.get(key), dict):
             return "released", _strip(obj[key]), obj
@@ -186,14 +189,77 @@ def _apply_overrides(card: ModelCard, state_dict, arch, num_classes, ratio, imgs
     ModelCard.from_dict(card.to_dict())  # re-validate
 
 
+WEIGHT_DTYPES = ("float32", "float16", "int8")
+QMAX = 127  # symmetric per-channel INT8, the grid the INT8 deploy graphs use
+GRID_TOLERANCE = 1e-3  # in grid steps: float32 rounding of an on-grid weight is ~1e-5
+
+
+def _is_int8_storable(key: str, value: torch.Tensor) -> bool:
+    # conv / linear weights; the converter's fixed kernel is rebuilt from the card
+    return key.endswith(".weight") and value.dim() >= 2 and key != "i2e.weight"
+
+
+def _channel_scales(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().abs().flatten(1).amax(1).clamp_min(1e-30) / QMAX
+
+
+def _broadcast(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return scale.view(-1, *[1] * (like.dim() - 1))
+
+
+def _quantize_weights(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    quantized, scales = dict(state), {}
+    for key, value in state.items():
+        if not _is_int8_storable(key, value):
+            continue
+        scale = _channel_scales(value)
+        steps = value.float() / _broadcast(scale, value)
+        off_grid = float((steps - steps.round()).abs().max())
+        if off_grid > GRID_TOLERANCE:
+            raise I2EError(f"{key} is not on a per-channel INT8 grid (off by up to "
+                           f"{off_grid:.2f} steps): INT8 storage is lossless only for "
+                           "INT8-exact models; fine-tune with `i2e-deploy qat` first, or "
+                           "store float16/float32 weights")
+        quantized[key] = steps.round().clamp(-QMAX, QMAX).to(torch.int8)
+        scales[key] = scale
+    return quantized, scales
+
+
+def _dequantize(state: dict[str, torch.Tensor],
+                scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not isinstance(scales, dict):
+        raise I2EError("checkpoint's 'weight_scales' is not a dict of tensors")
+    out = dict(state)
+    for key, scale in scales.items():
+        value = state.get(key)
+        if value is None or value.dtype != torch.int8 or not isinstance(scale, torch.Tensor) \
+                or scale.dim() != 1 or scale.numel() != value.shape[0]:
+            raise I2EError(f"checkpoint's INT8 weight {key!r} does not match its scales "
+                           "(one scale per output channel); the file is corrupt")
+        out[key] = value.float() * _broadcast(scale.float(), value)
+    return out
+
+
 def save_checkpoint(path: str | os.PathLike, model: MSResNet, card: ModelCard, *,
-                    half: bool = False, extra: dict[str, Any] | None = None) -> None:
-    """Write our format atomically; loadable with ``weights_only=True``."""
-    state = {k: (v.half() if half and v.is_floating_point() and k.endswith(("weight", "bias"))
-                 else v).detach().cpu().clone()
-             for k, v in model.state_dict().items()}
+                    weights: str = "float32", extra: dict[str, Any] | None = None) -> None:
+    """Write our format atomically; loadable with ``weights_only=True``.
+
+    ``weights``: ``float32``; ``float16`` (conv/linear/BN weights and biases, half the size);
+    or ``int8`` (conv/linear weights per-channel INT8, a quarter of the size, lossless and
+    accepted only for INT8-exact models).
+    """
+    if weights not in WEIGHT_DTYPES:
+        raise I2EError(f"unknown weight storage {weights!r}; choose {', '.join(WEIGHT_DTYPES)}")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    scales: dict[str, torch.Tensor] = {}
+    if weights == "float16":
+        state = {k: v.half() if v.is_floating_point() and k.endswith(("weight", "bias")) else v
+                 for k, v in state.items()}
+    elif weights == "int8":
+        state, scales = _quantize_weights(state)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "card": card.to_dict(),
-               "state_dict": state, **(extra or {})}
+               "state_dict": state, **({"weight_scales": scales} if scales else {}),
+               **(extra or {})}
     atomic_save(payload, path)
 
 
