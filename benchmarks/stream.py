@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 
 from i2e_deploy.assets import DEFAULT_MODEL
@@ -29,7 +28,8 @@ from i2e_deploy.model.msresnet import build_model
 from i2e_deploy.runtime.preprocess import preprocess
 from i2e_deploy.runtime.sinks import JsonlSink, MultiSink, NullSink, VideoSink
 from i2e_deploy.runtime.sources import open_source
-from i2e_deploy.runtime.stream import Classifier, Stream, cache_dir, write_json_atomic
+from i2e_deploy.cache import cache_dir
+from i2e_deploy.runtime.stream import Classifier, Stream, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 BIKES = REPO.parent / "shared" / "data" / "video" / "bikes.mp4"

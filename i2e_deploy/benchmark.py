@@ -22,7 +22,6 @@ Exports go to a cache folder keyed by the checkpoint's sha256 and the export opt
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -37,12 +36,12 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
-from .card import ModelCard, sha256_file
+from .cache import cache_dir, cached_export
+from .card import ModelCard
 from .errors import I2EError
 from .runtime.runners import (ENGINE_SUFFIXES, ONNX_SUFFIXES, TORCH_SUFFIXES, _onnx_card,
-                              engine_sidecar_path, read_engine_sidecar)
+                              read_engine_sidecar)
 
-DEFAULT_CACHE = Path(os.environ.get("I2E_CACHE", Path.home() / ".cache" / "i2e-deploy"))
 PRECISIONS = ("fp32", "fp16", "int8")
 TENSORRT_PRECISIONS = PRECISIONS
 SYNTHETIC_COUNT = 32
@@ -75,33 +74,6 @@ class BenchmarkReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def cache_key(checkpoint: Path, **options: Any) -> str:
-    """sha256 of the checkpoint, the export options and the package version."""
-    text = json.dumps({"sha256": sha256_file(checkpoint), "version": __version__, **options},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _cached(cache: Path, checkpoint: Path, suffix: str, build: Callable[[Path], None],
-            **options: Any) -> Path:
-    """The cached export for these options, building it (atomically) when missing. An engine's
-    sidecar moves with it."""
-    label = "-".join(str(options[k]) for k in ("backend", "precision") if k in options)
-    target = cache / f"{checkpoint.stem}-{label}-{cache_key(checkpoint, **options)}{suffix}"
-    if not target.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
-        try:
-            build(tmp)
-            if engine_sidecar_path(tmp).is_file():
-                os.replace(engine_sidecar_path(tmp), engine_sidecar_path(target))
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-            engine_sidecar_path(tmp).unlink(missing_ok=True)
-    return target
 
 
 def _export_fp32(checkpoint: Path, output: Path) -> None:
@@ -184,7 +156,8 @@ def _export_row(rows: list[Row], cache: Path, checkpoint: Path, device: str, pre
                 build: Callable[[Path], Any], keep: bool = True, **options: Any) -> Path | None:
     """Export (or reuse) an ONNX Runtime graph; add its row (or why it failed) if ``keep``."""
     try:
-        path = _cached(cache, checkpoint, ".onnx", build, precision=precision, **options)
+        path = cached_export(checkpoint, ".onnx", build, cache=cache, precision=precision,
+                             **options)
     except Exception as exc:  # one backend failing must not take the table down
         if keep:
             rows.append(Row("ONNX Runtime", precision, reason=f"export failed: {_describe(exc)}"))
@@ -213,10 +186,11 @@ def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path,
     rows = []
     for precision in precisions:
         try:  # engines are tied to the TensorRT version and the GPU: both are in the key
-            engine = _cached(cache, source, ".engine",
-                             lambda out, p=precision: build_engine(onnx_fp32, out, precision=p),
-                             precision=precision, backend="tensorrt",
-                             tensorrt=tensorrt.__version__, gpu=torch.cuda.get_device_name())
+            engine = cached_export(
+                source, ".engine",
+                lambda out, p=precision: build_engine(onnx_fp32, out, precision=p),
+                cache=cache, precision=precision, backend="tensorrt",
+                tensorrt=tensorrt.__version__, gpu=torch.cuda.get_device_name())
             rows.append(Row("TensorRT", precision, str(engine), device="cuda"))
         except Exception as exc:  # likewise
             rows.append(Row("TensorRT", precision, reason=f"build failed: {_describe(exc)}"))
@@ -276,9 +250,9 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
         raise I2EError(f"model file not found: {path}")
     card = _card_of(path)
     inputs, labels, input_info = _load_inputs(card, data, limit)
-    cache_dir = Path(cache).expanduser() if cache else DEFAULT_CACHE
-    log(f"exporting into {cache_dir} (cached by checkpoint sha256 + options)")
-    rows = plan_rows(path, cache_dir, device, tuple(precisions))
+    folder = Path(cache).expanduser() if cache else cache_dir()
+    log(f"exporting into {folder} (cached by checkpoint sha256 + options)")
+    rows = plan_rows(path, folder, device, tuple(precisions))
     settings = {"iters": iters, "warmup": warmup, "batch": batch, "device": device,
                 "threads": threads, "inputs": input_info}
     with tempfile.TemporaryDirectory(prefix="i2e-bench-") as tmp:

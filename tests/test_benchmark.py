@@ -6,7 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from i2e_deploy.benchmark import cache_key, plan_rows, tensorrt_status
+from i2e_deploy.benchmark import plan_rows, tensorrt_status
+from i2e_deploy.cache import cache_key
 from i2e_deploy.cli import app
 from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from runtime_models import shared_cifar, shared_model

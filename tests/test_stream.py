@@ -266,7 +266,7 @@ def test_backend_onnx_exports_once_into_the_cache(checkpoint, video, onnx_cache,
     torch_run = stream(checkpoint, [str(video)], [str(tmp_path / "t.jsonl")])
     ort_run = stream(checkpoint, [str(video)], [str(tmp_path / "o.jsonl")], backend="onnx")
     assert torch_run.backend == "torch" and ort_run.backend == "onnxruntime"
-    exported = list((onnx_cache / "onnx").glob("*.onnx"))
+    exported = list(onnx_cache.glob("*.onnx"))
     assert len(exported) == 1
     stamp = exported[0].stat().st_mtime_ns
     stream(checkpoint, [str(video)], ["none"], backend="onnx", max_frames=2)

@@ -18,7 +18,6 @@ memory, reconnection, and a clean end on Ctrl-C or end of input.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -32,7 +31,8 @@ from typing import Callable
 import numpy as np
 
 from ..assets import resolve_model
-from ..card import ModelCard, sha256_file
+from ..cache import cache_dir, cached_export
+from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import atomic_output
 from .overlay import annotate
@@ -92,24 +92,18 @@ def open_runner(model: str | os.PathLike, *, backend: str = "auto", device: str 
     return load_runner(path, device=device, threads=threads, **overrides)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("I2E_CACHE", Path.home() / ".cache" / "i2e-deploy"))
-
-
 def cached_onnx(checkpoint: Path, log: Callable[[str], None] | None = None,
                 **overrides) -> Path:
-    """The ONNX export of a checkpoint, made once per file content and overrides."""
+    """The verified ONNX export of a checkpoint, made once per file content and overrides."""
     from ..export.onnx import export_onnx  # pulls in the exporter only when needed
 
-    key = hashlib.sha256((sha256_file(checkpoint) + json.dumps(overrides, sort_keys=True))
-                         .encode()).hexdigest()[:16]
-    target = cache_dir() / "onnx" / f"{checkpoint.stem}-{key}.onnx"
-    if not target.is_file():
+    def build(output: Path) -> None:
         if log:
-            log(f"exporting {checkpoint.name} to ONNX once (cached in {target.parent})")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(checkpoint, output=target, **overrides)  # verified against the checkpoint
-    return target
+            log(f"exporting {checkpoint.name} to ONNX once (cached in {cache_dir()})")
+        export_onnx(checkpoint, output=output, **overrides)  # verified against the checkpoint
+
+    return cached_export(checkpoint, ".onnx", build, backend="onnx", precision="fp32",
+                         verified=True, **overrides)
 
 
 class Classifier:

@@ -1,0 +1,47 @@
+"""One export cache for every tool (stream, demo, benchmark): ``$I2E_CACHE``, by default
+~/.cache/i2e-deploy; a file's name carries the sha256 of the checkpoint, the export options and
+the package version, so a changed model or a new release never reuses a stale export."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .card import sha256_file
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("I2E_CACHE", Path.home() / ".cache" / "i2e-deploy")).expanduser()
+
+
+def cache_key(checkpoint: Path, **options: Any) -> str:
+    """sha256 of the checkpoint, the export options and the package version."""
+    text = json.dumps({"sha256": sha256_file(checkpoint), "version": __version__, **options},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_export(checkpoint: Path, suffix: str, build: Callable[[Path], Any], *,
+                  cache: Path | None = None, **options: Any) -> Path:
+    """The cached export of ``checkpoint`` for these options, made by ``build(path)`` (into a
+    temporary name, then renamed) when missing. An engine's sidecar moves with it."""
+    from .runtime.runners import engine_sidecar_path
+
+    cache = cache or cache_dir()
+    label = "-".join(str(options[k]) for k in ("backend", "precision") if k in options)
+    target = cache / f"{checkpoint.stem}-{label}-{cache_key(checkpoint, **options)}{suffix}"
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
+        try:
+            build(tmp)
+            if engine_sidecar_path(tmp).is_file():
+                os.replace(engine_sidecar_path(tmp), engine_sidecar_path(target))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+            engine_sidecar_path(tmp).unlink(missing_ok=True)
+    return target
