@@ -292,7 +292,7 @@ def test_finetune_int8_writes_an_int8_exact_checkpoint(tmp_path):
     model, card = load_checkpoint(tmp_path / "exact.pt")
     assert grid_error(model) < 1e-3
     assert card.provenance["int8_exact"] and card.provenance["qat"]["steps"] == 2
-    stored = torch.load(tmp_path / "exact.pt", weights_only=True)["state_dict"]
+    stored = torch.load(tmp_path / "exact.pt", weights_only=True)["int8_weights"]
     assert stored["layer4.1.conv2.weight"].dtype == torch.int8  # a quarter of FP32's size
     refused = CliRunner().invoke(app, ["qat", str(source), str(tmp_path / "data"), "-o",
                                        str(tmp_path / "y.pt"), "--steps", "0"])

@@ -113,8 +113,11 @@ def test_own_format_int8_is_lossless_for_int8_exact_weights(reference, files):
     save_checkpoint(path, exact, ModelCard(), weights="int8")
     assert path.stat().st_size < 0.3 * files["ours"].stat().st_size
     stored = torch.load(path, weights_only=True)
-    assert stored["state_dict"]["layer1.0.conv1.weight"].dtype == torch.int8
+    assert stored["int8_weights"]["layer1.0.conv1.weight"].dtype == torch.int8
     assert stored["state_dict"]["layer1.0.bn1.weight"].dtype == torch.float32
+    # Code that knows nothing of INT8 storage fails loudly instead of loading integers.
+    with pytest.raises(RuntimeError, match="Missing key"):
+        copy.deepcopy(reference).load_state_dict(stored["state_dict"])
     model, _ = load_checkpoint(path)
     assert grid_error(model) < 1e-3
     for key, value in exact.state_dict().items():
@@ -141,6 +144,10 @@ def test_own_format_int8_with_mismatched_scales_is_a_clean_error(reference, file
     payload["weight_scales"]["fc.weight"] = payload["weight_scales"]["fc.weight"][:3]
     torch.save(payload, path)
     with pytest.raises(I2EError, match="does not match its scales"):
+        load_checkpoint(path)
+    del payload["weight_scales"]["fc.weight"]
+    torch.save(payload, path)
+    with pytest.raises(I2EError, match="do not match"):
         load_checkpoint(path)
 
 

@@ -2,8 +2,9 @@
 
 Formats read: the paper's released dict ``{"epoch", "state_dict", "best_acc1"}`` with the
 ``module.`` prefix, a bare state_dict, and ours ``{"format": "i2e-deploy", "card", "state_dict"}``.
-Ours may store conv / linear weights as INT8 with per-output-channel scales
-(``"weight_scales"``), a lossless format for INT8-exact models.
+Ours may store conv / linear weights as INT8 with per-output-channel scales (``"int8_weights"``
+and ``"weight_scales"``, outside ``"state_dict"`` so that code unaware of them fails on the
+missing keys instead of loading integers as weights), a lossless format for INT8-exact models.
 """
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ def _split(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
         raise I2EError("file is not a checkpoint: expected a dict of tensors or a dict with "
                        "a 'state_dict' entry")
     if obj.get("format") == FORMAT:
-        return "i2e-deploy", _dequantize(_strip(obj["state_dict"]),
-                                         obj.get("weight_scales") or {}), obj
+        return "i2e-deploy", {**_strip(obj["state_dict"]),
+                              **_dequantize(obj.get("int8_weights") or {},
+                                            obj.get("weight_scales") or {})}, obj
     for key in ("state_dict", "model"):
         if isinstance(obj.get(key), dict):
             return "released", _strip(obj[key]), obj
@@ -207,8 +209,9 @@ def _broadcast(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.view(-1, *[1] * (like.dim() - 1))
 
 
-def _quantize_weights(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    quantized, scales = dict(state), {}
+def _quantize_weights(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """(the rest of the state, INT8 weights, their per-channel scales)."""
+    rest, quantized, scales = dict(state), {}, {}
     for key, value in state.items():
         if not _is_int8_storable(key, value):
             continue
@@ -222,17 +225,21 @@ def _quantize_weights(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
                            "store float16/float32 weights")
         quantized[key] = steps.round().clamp(-QMAX, QMAX).to(torch.int8)
         scales[key] = scale
-    return quantized, scales
+        del rest[key]
+    return rest, quantized, scales
 
 
-def _dequantize(state: dict[str, torch.Tensor],
+def _dequantize(quantized: dict[str, torch.Tensor],
                 scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not isinstance(scales, dict):
-        raise I2EError("checkpoint's 'weight_scales' is not a dict of tensors")
-    out = dict(state)
+    if not isinstance(quantized, dict) or not isinstance(scales, dict) or \
+            set(quantized) != set(scales):
+        raise I2EError("checkpoint's 'int8_weights' and 'weight_scales' do not match (one "
+                       "scale vector per INT8 weight); the file is corrupt")
+    out = {}
     for key, scale in scales.items():
-        value = state.get(key)
-        if value is None or value.dtype != torch.int8 or not isinstance(scale, torch.Tensor) \
+        value = quantized[key]
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.int8 or \
+                not isinstance(scale, torch.Tensor) \
                 or scale.dim() != 1 or scale.numel() != value.shape[0]:
             raise I2EError(f"checkpoint's INT8 weight {key!r} does not match its scales "
                            "(one scale per output channel); the file is corrupt")
@@ -251,14 +258,16 @@ def save_checkpoint(path: str | os.PathLike, model: MSResNet, card: ModelCard, *
     if weights not in WEIGHT_DTYPES:
         raise I2EError(f"unknown weight storage {weights!r}; choose {', '.join(WEIGHT_DTYPES)}")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    quantized: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     if weights == "float16":
         state = {k: v.half() if v.is_floating_point() and k.endswith(("weight", "bias")) else v
                  for k, v in state.items()}
     elif weights == "int8":
-        state, scales = _quantize_weights(state)
+        state, quantized, scales = _quantize_weights(state)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "card": card.to_dict(),
-               "state_dict": state, **({"weight_scales": scales} if scales else {}),
+               "state_dict": state,
+               **({"int8_weights": quantized, "weight_scales": scales} if scales else {}),
                **(extra or {})}
     atomic_save(payload, path)
 
