@@ -3,6 +3,7 @@ so an interrupted or failed write never leaves a half-written file."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,22 +12,31 @@ from typing import IO, Iterator
 from .errors import I2EError
 
 
+def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
+    """A new empty file next to ``path`` with the mode a plain ``open`` would give it
+    (mkstemp's 0600 would survive the rename)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise I2EError(f"cannot write {path}: {exc.strerror}") from None
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return Path(tmp)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path`` for writers that take a file name."""
     path = Path(path)
+    tmp = temp_beside(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise I2EError(f"cannot write {path}: {exc.strerror}") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is too strict for model files and reports
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -35,3 +45,13 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside ``path`` for writing; it replaces ``path`` on success."""
     with atomic_path(path) as tmp, open(tmp, mode) as handle:
         yield handle
+
+
+def copy_into_place(source: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Copy ``source`` to ``output`` atomically."""
+    try:
+        with atomic_path(output) as tmp:
+            shutil.copyfile(source, tmp)
+    except OSError as exc:
+        raise I2EError(f"cannot write {output}: {exc.strerror}") from None
+    return Path(output)

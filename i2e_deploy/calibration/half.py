@@ -16,8 +16,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import I2EError
+from ..fileio import copy_into_place
 from .graph import elem_types, producers, remove_dead, set_props
-from .quantize import (PRECISION_KEY, QUANTIZED_OPS, binary_activations, copy_into_place,
+from .quantize import (PRECISION_KEY, QUANTIZED_OPS, binary_activations,
                        verify_reduced)
 
 

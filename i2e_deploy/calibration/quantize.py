@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from ..card import ModelCard
 from ..errors import I2EError
+from ..fileio import copy_into_place
 from .graph import elem_types, merge_spike_casts, producers, remove_dead, set_props
 
 FLAVOURS = ("onnxruntime", "tensorrt")
@@ -485,18 +485,3 @@ def export_int8(checkpoint: str | os.PathLike, output: str | os.PathLike | None 
                            log=log, **export_options).path
         return to_int8(fp32, output, flavour=flavour, data=data, verify=verify,
                        verify_count=verify_count, log=log)
-
-
-def copy_into_place(source: Path, output: Path) -> Path:
-    """Copy into place atomically (temp file next to the output + rename)."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-        os.close(fd)
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, output)
-    except OSError as exc:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise I2EError(f"cannot write {output}: {exc.strerror}") from None
-    return output

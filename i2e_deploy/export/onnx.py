@@ -46,6 +46,7 @@ from torch import nn
 from .. import __version__
 from ..card import ModelCard
 from ..errors import I2EError
+from ..fileio import atomic_path
 from ..model.msresnet import MSResNet
 from .deploy import DeployConverter, DeployMSResNet
 
@@ -126,17 +127,12 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
     set_metadata(proto, metadata)
     _check(proto)
 
-    tmp = _temp_path(output)
-    try:
+    report = None
+    with atomic_path(output) as tmp:
         _save(proto, tmp)
-        report = None
         if verify:
             report = verify_onnx(tmp, model, card, data=data, count=verify_count,
                                  batch=None if dynamic else batch, log=log)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log(f"wrote {output} ({len(proto.graph.node)} nodes, opset {opset}, "
         f"{'dynamic' if dynamic else f'static {batch}'} batch)")
     return ExportResult(output, graph, input_format, len(proto.graph.node), report, metadata)
@@ -179,15 +175,6 @@ def _check_writable(output: Path) -> None:
     except OSError as exc:
         raise I2EError(f"cannot write to {parent} ({exc.strerror}); choose another "
                        "--output") from None
-
-
-def _temp_path(output: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
-    return Path(name)
 
 
 def example_input(card: ModelCard, input_format: str, batch: int) -> torch.Tensor:

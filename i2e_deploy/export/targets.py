@@ -41,7 +41,8 @@ def export_target(model, card: ModelCard, output: str | os.PathLike, *, fmt: str
     """Export ``model`` to ``output`` in ``fmt`` and ``precision``; returns the path written
     (a file, or the Triton model folder)."""
     from ..calibration.half import to_fp16
-    from ..calibration.quantize import copy_into_place, to_int8
+    from ..calibration.quantize import to_int8
+    from ..fileio import copy_into_place
     from .onnx import export_onnx
 
     if fmt not in FORMATS:

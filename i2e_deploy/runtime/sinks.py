@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ import cv2
 import numpy as np
 
 from ..errors import I2EError
+from ..fileio import temp_beside
 from .overlay import annotate
 
 if TYPE_CHECKING:
@@ -55,14 +55,6 @@ class NullSink(Sink):
         pass
 
 
-def _temp_beside(path: Path, suffix: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the output is an ordinary file
-    return Path(tmp)
-
-
 def numbered(path: Path, source: int) -> Path:
     """Output path for source ``source`` of a multi-source stream: out.mp4, out.1.mp4, ..."""
     return path if source == 0 else path.with_name(f"{path.stem}.{source}{path.suffix}")
@@ -86,7 +78,7 @@ class VideoSink(Sink):
     def write(self, frame, prediction, canvas) -> None:
         if frame.source not in self.writers:
             size = (canvas.shape[1], canvas.shape[0])
-            tmp = _temp_beside(self.path, self.path.suffix)
+            tmp = temp_beside(self.path, f".tmp{self.path.suffix}")
             writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, size)
             if not writer.isOpened():
                 tmp.unlink(missing_ok=True)
@@ -115,7 +107,7 @@ class JsonlSink(Sink):
         self.file = None
 
     def _open(self):
-        self.tmp = _temp_beside(self.path, ".jsonl")
+        self.tmp = temp_beside(self.path, ".tmp.jsonl")
         self.file = open(self.tmp, "w", encoding="utf-8")
 
     def write(self, frame, prediction, canvas) -> None:
