@@ -45,6 +45,8 @@ from .runtime.runners import (ENGINE_SUFFIXES, ONNX_SUFFIXES, TORCH_SUFFIXES, _o
 PRECISIONS = ("fp32", "fp16", "int8")
 TENSORRT_PRECISIONS = PRECISIONS
 SYNTHETIC_COUNT = 32
+ROUNDS = 10
+TURN_PAUSE_S = 0.05  # lets the previous worker's spinning pool threads go to sleep
 
 
 @dataclass
@@ -253,8 +255,8 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
     folder = Path(cache).expanduser() if cache else cache_dir()
     log(f"exporting into {folder} (cached by checkpoint sha256 + options)")
     rows = plan_rows(path, folder, device, tuple(precisions))
-    settings = {"iters": iters, "warmup": warmup, "batch": batch, "device": device,
-                "threads": threads, "inputs": input_info}
+    settings = {"iters": iters, "rounds": min(iters, ROUNDS), "warmup": warmup, "batch": batch,
+                "device": device, "threads": threads, "inputs": input_info}
     with tempfile.TemporaryDirectory(prefix="i2e-bench-") as tmp:
         inputs_file = Path(tmp) / "inputs.npy"
         np.save(inputs_file, inputs)
@@ -262,10 +264,6 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
                  {"threads": threads, "warmup": warmup, "batch": batch, "iters": iters}, log)
     return BenchmarkReport(model=str(path), card=card.to_dict(), settings=settings,
                            environment=environment(), rows=rows)
-
-
-ROUNDS = 10
-TURN_PAUSE_S = 0.05  # lets the previous worker's spinning pool threads go to sleep
 
 
 def _measure(rows: list[Row], tmp: Path, inputs_file: Path, labels: np.ndarray | None,
