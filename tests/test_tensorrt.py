@@ -14,8 +14,8 @@ from i2e_deploy.calibration.quantize import to_int8
 from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
-from i2e_deploy.export.tensorrt import (BuildRequest, profile_shapes, sidecar_record,
-                                        write_engine)
+from i2e_deploy.export.tensorrt import (BuildRequest, apply_precision_constraints,
+                                        profile_shapes, sidecar_record, write_engine)
 from i2e_deploy.runtime.runners import (check_engine_compatible, engine_sidecar_path,
                                         read_engine_sidecar)
 from runtime_models import shared_model
@@ -107,6 +107,60 @@ def test_build_request_checks_arguments_before_tensorrt(tmp_path):
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+class _Tensor:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+class _Layer:
+    """The few ILayer members the precision pass uses (a stand-in for TensorRT's)."""
+
+    def __init__(self, kind, inputs, outputs):
+        self.type = type("LayerType", (), {"name": kind})()
+        self._inputs, self._outputs = [_Tensor(t) for t in inputs], [_Tensor(t) for t in outputs]
+        self.precision, self.output_types = None, {}
+        self.num_inputs, self.num_outputs = len(inputs), len(outputs)
+
+    def get_input(self, k):
+        return self._inputs[k]
+
+    def get_output(self, j):
+        return self._outputs[j]
+
+    def set_output_type(self, j, dtype):
+        self.output_types[j] = dtype
+
+
+def test_precision_constraints_pin_neurons_and_leave_integer_math():
+    from types import SimpleNamespace
+
+    trt = SimpleNamespace(float32="f32", float16="f16", bool="bool", int64="i64", int8="i8")
+
+    def network():
+        layers = {"membrane add": _Layer("ELEMENTWISE", ["f32", "f32"], ["f32"]),
+                  "threshold": _Layer("ELEMENTWISE", ["f32", "f32"], ["bool"]),
+                  "reset": _Layer("SELECT", ["bool", "f32", "f32"], ["f32"]),
+                  "batch arithmetic": _Layer("ELEMENTWISE", ["i64", "i64"], ["i64"]),
+                  "conv": _Layer("CONVOLUTION", ["f32", "f32"], ["f32"]),
+                  "spike cast": _Layer("CAST", ["bool"], ["f32"])}
+        net = SimpleNamespace(num_layers=len(layers), get_layer=list(layers.values()).__getitem__)
+        return net, layers
+
+    net, layers = network()
+    assert apply_precision_constraints(net, trt, "fp16") == 3
+    for name in ("membrane add", "threshold", "reset"):
+        assert layers[name].precision == "f32", name
+    assert layers["membrane add"].output_types == {0: "f32"}
+    assert layers["threshold"].output_types == {}  # a bool output keeps its type
+    assert layers["batch arithmetic"].precision is None
+    assert layers["batch arithmetic"].output_types == {}
+    assert layers["conv"].precision == "f16" and layers["conv"].output_types == {0: "f32"}
+    assert layers["spike cast"].precision is None
+    net, layers = network()
+    apply_precision_constraints(net, trt, "int8")
+    assert layers["conv"].precision is None and layers["conv"].output_types == {0: "f32"}
+
+
 def test_build_cli_without_tensorrt_is_one_line():
     result = CliRunner().invoke(app, ["build", str(shared_model("onnx")), "--half"])
     assert result.exit_code == 2

@@ -148,13 +148,18 @@ _MATH_LAYER_TYPES = ("CONVOLUTION", "MATRIX_MULTIPLY")
 def apply_precision_constraints(network, trt, precision: str) -> int:
     """Pin neuron / converter layers to FP32 and make convs and the classifier output FP32
     (FP16 builds also run them in FP16; INT8 builds leave their input precision to the Q/DQ
-    nodes or the calibrator). Returns the number of pinned layers."""
-    float_types = (trt.float32, trt.float16)
+    nodes or the calibrator). Layers on integer tensors (shape arithmetic of dynamic-batch
+    graphs) keep their types. Returns the number of pinned layers."""
+    float_types = {trt.float32, trt.float16}
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         kind = layer.type.name
+        inputs = {t.dtype for t in (layer.get_input(k) for k in range(layer.num_inputs))
+                  if t is not None}
         if kind in _FP32_LAYER_TYPES:
+            if not inputs & float_types or inputs - float_types - {trt.bool}:
+                continue
             layer.precision = trt.float32
             pinned += 1
         elif kind in _MATH_LAYER_TYPES:
