@@ -363,17 +363,19 @@ class TensorRTRunner(Runner):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         name = self._inputs[0]
-        x = torch.from_numpy(np.ascontiguousarray(batch, self._dtypes[name])).to(self._device)
-        self.context.set_input_shape(name, tuple(x.shape))
-        self.context.set_tensor_address(name, x.data_ptr())
-        outputs = {}
-        for out in self._outputs:
-            shape = tuple(self.context.get_tensor_shape(out))
-            dtype = getattr(torch, self._dtypes[out].name) if self._dtypes[out] != np.bool_ \
-                else torch.bool
-            outputs[out] = torch.empty(shape, dtype=dtype, device=self._device)
-            self.context.set_tensor_address(out, outputs[out].data_ptr())
+        # Copy, allocation and execution all on the engine's stream: no cross-stream race.
         with torch.cuda.stream(self._stream):
+            x = torch.from_numpy(np.ascontiguousarray(batch, self._dtypes[name])).to(
+                self._device, non_blocking=False)
+            self.context.set_input_shape(name, tuple(x.shape))
+            self.context.set_tensor_address(name, x.data_ptr())
+            outputs = {}
+            for out in self._outputs:
+                shape = tuple(self.context.get_tensor_shape(out))
+                dtype = getattr(torch, self._dtypes[out].name) \
+                    if self._dtypes[out] != np.bool_ else torch.bool
+                outputs[out] = torch.empty(shape, dtype=dtype, device=self._device)
+                self.context.set_tensor_address(out, outputs[out].data_ptr())
             if not self.context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed")
         self._stream.synchronize()
