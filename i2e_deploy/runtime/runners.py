@@ -365,8 +365,7 @@ class TensorRTRunner(Runner):
         name = self._inputs[0]
         # Copy, allocation and execution all on the engine's stream: no cross-stream race.
         with torch.cuda.stream(self._stream):
-            x = torch.from_numpy(np.ascontiguousarray(batch, self._dtypes[name])).to(
-                self._device, non_blocking=False)
+            x = torch.from_numpy(np.ascontiguousarray(batch, self._dtypes[name])).to(self._device)
             self.context.set_input_shape(name, tuple(x.shape))
             self.context.set_tensor_address(name, x.data_ptr())
             outputs = {}
