@@ -444,8 +444,8 @@ def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, c
     if failed:
         log(f"warning: {precision} is below the parity limits ({'; '.join(failed)}): this "
             "model's spikes are sensitive to the rounding; for INT8, fine-tune an INT8-exact "
-            "checkpoint (i2e_deploy.calibration.qat.finetune_int8) whose INT8 graph equals "
-            "its FP32 graph")
+            "checkpoint whose INT8 graph equals its FP32 graph (`i2e-deploy qat CKPT "
+            "TRAIN_IMAGES -o OUT`)")
     return metrics
 
 
