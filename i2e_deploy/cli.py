@@ -165,6 +165,10 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            backend: str = typer.Option("auto", "--backend",
                                        help="auto (by file suffix), torch, or onnx (exports a "
                                             "checkpoint once into the cache)"),
+           precision: str = typer.Option("auto", "--precision",
+                                         help="graph a checkpoint runs as on ONNX Runtime: auto "
+                                              "(int8 on a CPU for an INT8-exact checkpoint, "
+                                              "else fp32), fp32 or int8"),
            device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
            threads: Optional[int] = typer.Option(None, "--threads", help="inference threads"),
            fps: Optional[float] = typer.Option(None, "--fps",
@@ -183,7 +187,7 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
     overrides = {k: v for k, v in dict(arch=arch, num_classes=classes, ratio=ratio, imgsz=imgsz,
                                        events=events).items() if v is not None}
     stats = run_stream(model, source, output, max_frames=max_frames, topk=topk, backend=backend,
-                       device=device, threads=threads, resolution=resolution, fps=fps, loop=loop,
+                       precision=precision, device=device, threads=threads, resolution=resolution, fps=fps, loop=loop,
                        stride=stride, window_ms=window_ms,
                        stats_json=str(stats_json) if stats_json else None, **overrides)
     console.print(stats.summary(), highlight=False)
@@ -199,6 +203,9 @@ def demo(model: str = typer.Option("default", "--model", help="model file or 'de
          backend: str = typer.Option("auto", "--backend",
                                      help="auto (ONNX Runtime for a checkpoint, exported once "
                                           "into the cache; PyTorch if that fails), torch or onnx"),
+         precision: str = typer.Option("auto", "--precision",
+                                       help="auto (int8 on a CPU for an INT8-exact model such as "
+                                            "the bundled one, else fp32), fp32 or int8"),
          device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
          threads: Optional[int] = typer.Option(None, "--threads", help="inference threads"),
          max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after N frames"),
@@ -206,7 +213,7 @@ def demo(model: str = typer.Option("default", "--model", help="model file or 'de
     """Zero-argument demo: the bundled model watching bundled real photos, with its events."""
     from .runtime.stream import run_demo
     stats, outputs = run_demo(model=model, output=output or None, backend=backend,
-                              device=device, threads=threads, max_frames=max_frames,
+                              precision=precision, device=device, threads=threads, max_frames=max_frames,
                               stats_json=str(stats_json) if stats_json else None,
                               log=lambda msg: console.print(msg, highlight=False))
     console.print(stats.summary(), highlight=False)

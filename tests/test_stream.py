@@ -278,6 +278,30 @@ def test_backend_onnx_exports_once_into_the_cache(checkpoint, video, onnx_cache,
     assert sum(a == b for a, b in zip(torch_top, ort_top)) >= 0.75 * N_FRAMES
 
 
+def test_int8_exact_checkpoints_stream_through_int8(checkpoint, video, onnx_cache, tmp_path,
+                                                   monkeypatch):
+    from i2e_deploy.assets import DEFAULT_MODEL
+    from i2e_deploy.runtime.stream import onnx_precision
+
+    monkeypatch.setenv("I2E_CACHE", str(onnx_cache))
+    exact = DEFAULT_MODEL  # the bundled model is INT8-exact
+    assert onnx_precision(exact, "auto", "cpu") == "int8"
+    assert onnx_precision(exact, "auto", "cuda") == "fp32"
+    assert onnx_precision(checkpoint, "auto", "cpu") == "fp32"  # not INT8-exact
+    with pytest.raises(I2EError, match="TensorRT engine"):
+        onnx_precision(exact, "int8", "cuda")
+
+    runs = {p: stream(exact, [str(video)], [str(tmp_path / f"{p}.jsonl")], backend="onnx",
+                      precision=p) for p in ("auto", "fp32")}
+    assert runs["auto"].backend == "onnxruntime int8" and runs["fp32"].backend == "onnxruntime"
+    tops = {p: [r["top"][0]["class"] for r in read_jsonl(tmp_path / f"{p}.jsonl")] for p in runs}
+    assert len(tops["auto"]) == N_FRAMES and tops["auto"] == tops["fp32"]  # INT8-exact
+
+    result = CliRunner().invoke(app, ["stream", str(checkpoint), "--source", str(video),
+                                      "--output", "none", "--precision", "int8"])
+    assert result.exit_code == 2 and "--backend onnx" in result.output
+
+
 def test_ctrl_c_ends_cleanly_with_summary_and_outputs(checkpoint, video, tmp_path):
     import signal
     import subprocess
