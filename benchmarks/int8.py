@@ -15,6 +15,9 @@ Speed: MS-ResNet-18 @128 (10 classes, random weights with firing neurons) and th
 model at its own size, batch 1, ``--threads`` intra-op threads, interleaved rounds so that
 load on this shared box hits all graphs alike (one session alive at a time); medians of the
 per-round medians, and the best round.
+Where the time goes: ONNX Runtime's profiler, kernel time per run grouped into convolutions
+/ GEMMs, neuron chains and residual sums, im2col and layout ops, the converter, the rest
+(profiling adds a fixed cost per node, so small ops weigh more than in the plain timings).
 Accuracy: ``--count`` images of the bundled model's held-out split (named by its card:
 ``val_split`` images of the training folder with ``seed``), from ``--data`` (the CIFAR-10
 training JPEGs in ImageFolder layout, as the model was trained from). ``--int8-exact CKPT``
@@ -122,6 +125,39 @@ def speed(graphs: dict[str, Path], image: np.ndarray, threads: int, rounds: int,
             for name, v in per_round.items()}
 
 
+OP_GROUPS = {
+    "conv / GEMM": {"Conv", "FusedConv", "MatMulIntegerToFloat", "Gemm", "MatMul", "FusedGemm"},
+    "neurons + residual sums": {"Add", "Sub", "Mul", "Neg", "ThresholdedRelu", "Where",
+                                "GreaterOrEqual", "LessOrEqual", "Split", "Concat", "Expand"},
+    "im2col / layout": {"Gather", "Pad", "Reshape", "Transpose", "Slice", "Cast", "Squeeze",
+                        "Unsqueeze", "ReorderInput", "ReorderOutput", "Flatten"},
+}
+
+
+def time_shares(path: Path, image: np.ndarray, threads: int, runs: int = 30) -> dict:
+    """Profiled kernel ms per run, and each op group's share of it (see the module doc)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as scratch:
+        options.profile_file_prefix = str(Path(scratch) / "profile")
+        s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            s.run(None, {"images": image})
+        events = json.loads(Path(s.end_profiling()).read_text())
+    totals = dict.fromkeys([*OP_GROUPS, "converter", "other"], 0.0)
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        op = event["args"]["op_name"]
+        group = "converter" if event["name"].startswith("/i2e/") else next(
+            (g for g, ops in OP_GROUPS.items() if op in ops), "other")
+        totals[group] += event["dur"] / 1e3 / runs
+    total = sum(totals.values())
+    return {"kernel_ms": total, **{g: 100 * t / total for g, t in totals.items()}}
+
+
 def logits(path: Path, images: np.ndarray, threads: int, batch: int = 50) -> np.ndarray:
     s = session(path, threads)
     return np.concatenate([s.run(None, {"images": images[i:i + batch]})[0]
@@ -169,6 +205,14 @@ def markdown(report: dict) -> str:
             lines.append(f"| {model} | {name} | {t['median']:.2f} | "
                          f"{base['median'] / t['median']:.2f}x | {t['best']:.2f} | "
                          f"{base['best'] / t['best']:.2f}x |")
+    groups = [*OP_GROUPS, "converter", "other"]
+    lines += ["", "Where the time goes (ONNX Runtime profiler, % of kernel time per run):", "",
+              "| model | graph | kernel ms | " + " | ".join(groups) + " |",
+              "|---|---|---|" + "---|" * len(groups)]
+    for model, rows in report["time_shares"].items():
+        for name, row in rows.items():
+            lines.append(f"| {model} | {name} | {row['kernel_ms']:.2f} | "
+                         + " | ".join(f"{row[g]:.0f}" for g in groups) + " |")
     lines += ["", f"Held-out accuracy: {report['accuracy_source']}.", "",
               "| model | graph | top-1 % | agreement vs its FP32 % | decisive flips | "
               "median abs Δlogit |", "|---|---|---|---|---|---|"]
@@ -211,7 +255,7 @@ def main() -> None:
               "onnxruntime": ort.__version__, "threads": args.threads, "rounds": args.rounds,
               "iters": args.iters, "model": str(args.model.name),
               "load_average": " ".join(f"{x:.1f}" for x in __import__("os").getloadavg()),
-              "speed": {}, "accuracy": {}, "cross": {}}
+              "speed": {}, "time_shares": {}, "accuracy": {}, "cross": {}}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         big_card = ModelCard(imgsz=128, resize=128)
@@ -229,6 +273,13 @@ def main() -> None:
         report["speed"][f"bundled @{card.imgsz}"] = speed(
             {k: bundled[k] for k in SPEED_GRAPHS if k in bundled}, images[:1], args.threads,
             args.rounds, args.iters)
+
+        print("profiling ...", flush=True)
+        for label, graphs, image in (("MS-ResNet-18 @128 (random weights)", big, big_image),
+                                     (f"bundled @{card.imgsz}", bundled, images[:1])):
+            report["time_shares"][label] = {
+                name: time_shares(graphs[name], image, args.threads)
+                for name in ("fp32", "int8 u8s8")}
 
         print("accuracy ...", flush=True)
         rows, outputs = accuracy_rows(bundled, images, labels, args.threads)
