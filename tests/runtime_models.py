@@ -45,18 +45,27 @@ def active_model(card: ModelCard, seed: int = 0) -> nn.Module:
     comparison vacuous."""
     torch.manual_seed(seed)
     model = build_model(card)
-    gen = torch.Generator().manual_seed(seed)
+    randomize_batchnorm(model, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=gen) * 0.6 - 0.2)
-                m.running_mean.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 m.weight.mul_(4)
     return model.eval()
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Random BN affine and running statistics (in module order, so two builds of the same
+    architecture get the same values): a fresh model's are identities, which would hide
+    folding and ordering mistakes."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.copy_(torch.rand(n, generator=gen) * 0.6 - 0.2)
+            m.running_mean.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    return model
 
 
 def save_active(path: Path, imgsz: int = 32, events: bool = False, seed: int = 0) -> Path:

@@ -78,7 +78,24 @@ def read_video(path: Path) -> list[np.ndarray]:
     return frames
 
 
-class MjpegServer:
+class _LocalServer:
+    """An HTTP server on a free localhost port, serving while used as a context manager."""
+
+    def __init__(self, handler, name: str):
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class MjpegServer(_LocalServer):
     """An HTTP MJPEG camera on localhost: each of the first ``connections`` clients gets
     ``frames_per_connection`` JPEG frames, then the connection drops (a camera lost);
     later clients get 503 (it does not come back)."""
@@ -107,20 +124,10 @@ class MjpegServer:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stream.mjpg"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "MjpegServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler, "stream.mjpg")
 
 
-class FileServer:
+class FileServer(_LocalServer):
     """Serves one file over HTTP with byte ranges (as real web servers do; FFmpeg seeks in
     MP4 files)."""
 
@@ -150,14 +157,4 @@ class FileServer:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{path.name}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FileServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler, path.name)

@@ -8,6 +8,7 @@ from torch import nn
 from i2e_deploy.model.msresnet import msresnet18, msresnet34
 from i2e_deploy.model.neuron import LIF
 from paper_model import paper_msresnet18, paper_msresnet34
+from runtime_models import randomize_batchnorm
 
 BUILDERS = {"msresnet18": (msresnet18, paper_msresnet18), "msresnet34": (msresnet34, paper_msresnet34)}
 
@@ -15,15 +16,10 @@ BUILDERS = {"msresnet18": (msresnet18, paper_msresnet18), "msresnet34": (msresne
 def randomized(model: nn.Module, seed: int) -> nn.Module:
     """Random BN affine and running statistics, so folding/ordering mistakes would show."""
     gen = torch.Generator().manual_seed(seed)
+    randomize_batchnorm(model, gen)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=gen) * 0.6 - 0.2)
-                m.running_mean.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 m.bias.copy_(torch.randn(m.out_features, generator=gen) * 0.01)
     return model
 
