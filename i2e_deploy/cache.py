@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .card import sha256_file
+from .fileio import temp_beside
 
 
 def cache_dir() -> Path:
@@ -34,8 +35,7 @@ def cached_export(checkpoint: Path, suffix: str, build: Callable[[Path], Any], *
     label = "-".join(str(options[k]) for k in ("backend", "precision") if k in options)
     target = cache / f"{checkpoint.stem}-{label}-{cache_key(checkpoint, **options)}{suffix}"
     if not target.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
+        tmp = temp_beside(target, f".tmp{suffix}")  # builders check the suffix
         try:
             build(tmp)
             if engine_sidecar_path(tmp).is_file():

@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import I2EError
+from ..model.checkpoint import QMAX, load_checkpoint, save_checkpoint
 from ..model.msresnet import MSResNet
 
-QMAX = 127  # symmetric INT8 weights, as onnxruntime's quantizer (and TensorRT) use them
 
 
 def conv_bn_pairs(model: MSResNet) -> Iterator[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -112,7 +112,6 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     ``label_weight`` x cross-entropy on the labels."""
     from torch.utils.data import DataLoader
 
-    from ..model.checkpoint import load_checkpoint, save_checkpoint
     from ..training.data import Subset, image_folder, source_size, split_indices, \
         train_transform
 

@@ -130,7 +130,7 @@ def cached_onnx(checkpoint: Path, log: Callable[[str], None] | None = None,
             log(f"exporting {checkpoint.name} to {precision.upper()} ONNX once (cached in "
                 f"{cache_dir()})")
         if precision == "int8":
-            export_int8(checkpoint, output, log=None, **overrides)  # verified vs FP32
+            export_int8(checkpoint, output, **overrides)  # verified vs FP32
         else:
             export_onnx(checkpoint, output=output, **overrides)  # verified vs the checkpoint
 
