@@ -277,7 +277,7 @@ def test_fake_quantize_rounds_forward_and_passes_gradients():
 
 
 def test_finetune_int8_writes_an_int8_exact_checkpoint(tmp_path):
-    from i2e_deploy.model.checkpoint import load_checkpoint
+    from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
     from runtime_models import save_active
 
     for label in ("cat", "dog"):  # two of the model's CIFAR-10 classes
@@ -297,6 +297,13 @@ def test_finetune_int8_writes_an_int8_exact_checkpoint(tmp_path):
     refused = CliRunner().invoke(app, ["qat", str(source), str(tmp_path / "data"), "-o",
                                        str(tmp_path / "y.pt"), "--steps", "0"])
     assert refused.exit_code == 2 and "at least 1" in refused.output
+    assert not (tmp_path / "y.pt").exists()
+    model, card = load_checkpoint(source)
+    card.provenance.update(val_split=4, seed=0)  # all 4 images would be held out
+    save_checkpoint(tmp_path / "split.pt", model, card)
+    refused = CliRunner().invoke(app, ["qat", str(tmp_path / "split.pt"), str(tmp_path / "data"),
+                                       "-o", str(tmp_path / "y.pt"), "--workers", "0"])
+    assert refused.exit_code == 2 and "the folder it was trained on" in refused.output
     assert not (tmp_path / "y.pt").exists()
     (tmp_path / "data" / "zebra").mkdir()
     cv2.imwrite(str(tmp_path / "data" / "zebra" / "0.png"), images(4)[0])

@@ -300,6 +300,10 @@ def test_int8_exact_checkpoints_stream_through_int8(checkpoint, video, onnx_cach
     result = CliRunner().invoke(app, ["stream", str(checkpoint), "--source", str(video),
                                       "--output", "none", "--precision", "int8"])
     assert result.exit_code == 2 and "--backend onnx" in result.output
+    result = CliRunner().invoke(app, ["stream", str(checkpoint), "--source", str(video),
+                                      "--output", "none", "--precision", "int8", "--device",
+                                      "cuda"])
+    assert result.exit_code == 2 and "TensorRT engine" in result.output
 
 
 def test_ctrl_c_ends_cleanly_with_summary_and_outputs(checkpoint, video, tmp_path):

@@ -130,6 +130,9 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     train_idx = list(range(len(folder)))
     held = card.provenance.get("val_split")
     if held:
+        if (held if held >= 1 else held * len(folder)) >= len(folder):
+            raise I2EError(f"{data} has {len(folder)} images and the model's card holds out "
+                           f"{held:g} of its training folder: give the folder it was trained on")
         train_idx, _ = split_indices(folder.targets, held, card.provenance.get("seed", 0))
     style = card.provenance.get("augment", "cifar")
     dataset = Subset(folder, train_idx, train_transform(card, style, source_size(folder)))

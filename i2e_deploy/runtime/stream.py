@@ -89,11 +89,12 @@ def open_runner(model: str | os.PathLike, *, backend: str = "auto", precision: s
         raise I2EError(f"unknown backend {backend!r}; choose auto, torch or onnx")
     path = resolve_model(str(model))
     checkpoint = path.suffix.lower() in TORCH_SUFFIXES
-    if precision == "int8" and checkpoint and backend != "onnx":
-        raise I2EError("--precision int8 runs a checkpoint's INT8 graph on ONNX Runtime: add "
-                       "--backend onnx")
-    if backend == "onnx" and checkpoint:
-        path = cached_onnx(path, precision=onnx_precision(path, precision, device), **overrides)
+    if checkpoint and (backend == "onnx" or precision == "int8"):
+        chosen = onnx_precision(path, precision, device)
+        if backend != "onnx":
+            raise I2EError("--precision int8 runs a checkpoint's INT8 graph on ONNX Runtime: "
+                           "add --backend onnx")
+        path = cached_onnx(path, precision=chosen, **overrides)
         overrides = {}
     elif backend == "torch" and not checkpoint:
         raise I2EError(f"--backend torch needs a PyTorch checkpoint, got {path.name}")
