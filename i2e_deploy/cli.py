@@ -95,6 +95,8 @@ def train_cmd(data: Path = typer.Argument(..., help="image folder or I2E event d
               val_data: Optional[Path] = typer.Option(None, help="separate held-out folder"),
               seed: int = typer.Option(0), workers: int = typer.Option(2),
               device: str = typer.Option("cpu"),
+              precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 where the CPU/GPU has native bf16)"),
+              time_budget: Optional[float] = typer.Option(None, "--time", help="minutes: as many epochs as fit, cosine schedule fitted to them (overrides --epochs)"),
               from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="fine-tune from"),
               resume: bool = typer.Option(False, help="continue OUTPUT/last.pt"),
               events: bool = typer.Option(False, "--events", help="train an event-input model (e.g. --from an image checkpoint on an event dataset)"),
@@ -110,7 +112,7 @@ def train_cmd(data: Path = typer.Argument(..., help="image folder or I2E event d
                       device=device,
                       from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
                       resume=resume, events=events, mixup=mixup, tensorboard=tensorboard,
-                      max_steps=max_steps)
+                      max_steps=max_steps, precision=precision, time_budget=time_budget)
     train(cfg, log=lambda msg: console.print(msg, highlight=False), console=console)
 
 
@@ -322,12 +324,13 @@ def qat_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'def
             output: Path = typer.Option(..., "--output", "-o", help="INT8-exact checkpoint to write"),
             steps: int = typer.Option(600, "--steps"), batch: int = typer.Option(32, "--batch"),
             lr: float = typer.Option(1e-3, "--lr"),
-            workers: int = typer.Option(2, "--workers"), seed: int = typer.Option(0, "--seed")):
+            workers: int = typer.Option(2, "--workers"), seed: int = typer.Option(0, "--seed"),
+            device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]")):
     """Quantization-aware fine-tuning: a checkpoint whose INT8 graph predicts what its FP32 graph does."""
     from .assets import resolve_model
     from .calibration.qat import finetune_int8
     finetune_int8(resolve_model(checkpoint), data, output, steps=steps, batch=batch, lr=lr,
-                  workers=workers, seed=seed,
+                  workers=workers, seed=seed, device=device,
                   log=lambda msg: console.print(msg, highlight=False))
     console.print(f"wrote {output}: weights on the per-channel INT8 grid; export it with "
                   f"`i2e-deploy export {output} --int8`", highlight=False)

@@ -6,9 +6,39 @@ import math
 import pytest
 import torch
 
-from i2e_deploy.model.neuron import LIF, lif_step
+from i2e_deploy.model.neuron import LIF
 from paper_model import lif as spikingjelly_lif
 from spikingjelly.activation_based import functional
+
+
+class StepSpike(torch.autograd.Function):
+    """SPEC §2 spike, written out independently: Heaviside forward, arctan surrogate back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1.0 / (1 + (math.pi * x) ** 2))  # alpha = 2
+
+
+def lif_step(v, x):
+    """One timestep of SPEC §2 with autograd through every op: (spike, new membrane)."""
+    h = v * 0.5 + x
+    s = StepSpike.apply(h - 1.0)
+    return s, h * (1.0 - s.detach())
+
+
+def step_by_step(x):
+    """The reference multi-step LIF over time-major ``x``: a Python loop of ``lif_step``."""
+    v, spikes = torch.zeros_like(x[0]), []
+    for x_t in x:
+        s, v = lif_step(v, x_t)
+        spikes.append(s)
+    return torch.stack(spikes)
 
 
 def run(inputs: list[float]) -> list[int]:
@@ -57,9 +87,8 @@ def test_folded_mode_equals_time_major():
 
 @pytest.mark.parametrize("h", [1.0, 0.0, 0.5, 1.3, 2.5, -1.0])
 def test_surrogate_gradient_is_atan(h):
-    x = torch.tensor([h], requires_grad=True)
-    spike, _ = lif_step(torch.zeros(1), x)
-    spike.sum().backward()
+    x = torch.tensor([[h]], requires_grad=True)
+    LIF()(x).sum().backward()
     alpha = 2.0
     expected = (alpha / 2) / (1 + (math.pi / 2 * alpha * (h - 1.0)) ** 2)
     assert x.grad.item() == pytest.approx(expected, rel=1e-6)
@@ -80,3 +109,58 @@ def test_matches_spikingjelly_forward_and_backward():
     (ours * weights).sum().backward()
     (reference * weights).sum().backward()
     torch.testing.assert_close(x_ours.grad, x_sj.grad, rtol=1e-5, atol=1e-6)
+
+
+def _sequence(seed: int, shape=(8, 6, 5, 7, 3)) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(*shape) * 0.8 + 0.5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fused_matches_step_by_step_values_and_gradients(seed):
+    x = _sequence(seed)
+    weights = torch.randn_like(x)
+    x_fused, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused, reference = LIF()(x_fused), step_by_step(x_ref)
+    assert torch.equal(fused, reference)
+    assert 0.05 < fused.mean() < 0.95
+    (fused * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(x_fused.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_gradient_flows_back_in_time():
+    """A hand-computed case: x = [0.6, 0.6], loss = s_1. h_0 = 0.6 (no spike), h_1 = 0.9;
+    dL/dx_1 = sg(-0.1), dL/dx_0 = decay * [h_0 < 1] * sg(-0.1) = sg(-0.1) / 2."""
+    x = torch.tensor([[0.6], [0.6]], requires_grad=True)
+    LIF()(x)[1].sum().backward()
+    sg = 1.0 / (1 + (math.pi * -0.1) ** 2)
+    assert x.grad.view(-1).tolist() == pytest.approx([sg / 2, sg], rel=1e-6)
+
+
+def test_folded_channels_last_keeps_layout_and_values():
+    x = _sequence(4, (8 * 3, 16, 5, 5)).contiguous(memory_format=torch.channels_last)
+    spikes = LIF(T=8)(x)
+    assert spikes.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(spikes, step_by_step(x.contiguous().unflatten(0, (8, -1))).flatten(0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_keeps_a_float32_membrane(dtype):
+    """Spikes out in the input dtype, computed from a float32 membrane: the same spikes as
+    float32 on the same (rounded) inputs, and gradients of the input dtype."""
+    x = _sequence(5).to(dtype)
+    spikes = LIF()(x.requires_grad_())
+    assert spikes.dtype == dtype
+    assert torch.equal(spikes.float(), step_by_step(x.detach().float()))
+    spikes.sum().backward()
+    assert x.grad.dtype == dtype
+
+
+def test_eval_and_training_paths_agree_and_input_is_untouched():
+    x = _sequence(6)
+    before = x.clone()
+    with torch.no_grad():
+        inference = LIF()(x)
+    assert torch.equal(x, before)
+    assert torch.equal(inference, LIF()(x.clone().requires_grad_()))

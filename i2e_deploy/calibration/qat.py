@@ -104,11 +104,11 @@ def grid_error(model: MSResNet) -> float:
 def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
                   output: str | os.PathLike, *, steps: int = 500, batch: int = 32,
                   lr: float = 1e-3, temperature: float = 2.0, label_weight: float = 0.5,
-                  workers: int = 2, seed: int = 0, log=print) -> Path:
+                  workers: int = 2, seed: int = 0, device: str = "cpu", log=print) -> Path:
     """Quantization-aware fine-tuning of ``checkpoint`` on the training images of ``data``
     (an ImageFolder; the held-out split named by the card's provenance is excluded), then
     :func:`snap_to_int8_grid`; writes a checkpoint (INT8 weight storage) whose INT8 graph
-    equals its FP32 graph. The loss distils the original model's logits (temperature-scaled KL) plus
+    equals its FP32 graph (float32 throughout: the rounding is what is learnt). The loss distils the original model's logits (temperature-scaled KL) plus
     ``label_weight`` x cross-entropy on the labels."""
     from torch.utils.data import DataLoader
 
@@ -118,15 +118,18 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     if steps < 1 or batch < 1:
         raise I2EError("--steps and --batch must be at least 1")
     torch.manual_seed(seed)
+    run_on = torch.device(device)
     teacher, card = load_checkpoint(checkpoint)
     student, _ = load_checkpoint(checkpoint)
+    teacher.to(run_on)
+    student.to(run_on)
     folder = image_folder(data)
     names = card.class_names or [str(i) for i in range(card.num_classes)]
     unknown = [c for c in folder.classes if c not in names]
     if unknown:
         raise I2EError(f"{data}: class folder(s) {', '.join(unknown[:3])} are not classes of "
                        f"the model ({', '.join(names[:5])}, ...)")
-    to_model_label = torch.tensor([names.index(c) for c in folder.classes])
+    to_model_label = torch.tensor([names.index(c) for c in folder.classes], device=run_on)
     train_idx = list(range(len(folder)))
     held = card.provenance.get("val_split")
     if held:
@@ -137,7 +140,7 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     style = card.provenance.get("augment", "cifar")
     dataset = Subset(folder, train_idx, train_transform(card, style, source_size(folder)))
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
-                        num_workers=workers)
+                        num_workers=workers, pin_memory=run_on.type == "cuda")
     for layer, bn in _layers(student):
         parametrize.register_parametrization(layer, "weight", _FoldedInt8(bn))
     # Eval mode throughout: BatchNorm frozen as the deploy graph folds it, the converter's
@@ -149,6 +152,7 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     step, began = 0, time.time()
     while step < steps:
         for images, labels in loader:
+            images, labels = images.to(run_on, non_blocking=True), labels.to(run_on)
             with torch.no_grad():
                 target = torch.softmax(teacher(images) / temperature, dim=1)
             logits = student(images)
@@ -169,6 +173,7 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
                 break
     for layer, _ in _layers(student):
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    student.cpu()
     snap_to_int8_grid(student)
     card.provenance = {**card.provenance, "int8_exact": True,
                        "qat": {"from": Path(checkpoint).name, "steps": steps, "batch": batch,

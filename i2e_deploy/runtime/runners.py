@@ -133,6 +133,8 @@ class TorchRunner(Runner):
             torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
         self._torch = torch
         self._device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
+        if kind == "cuda":  # the reference is float32: TF32 convolutions would flip spikes
+            torch.backends.cudnn.allow_tf32 = False
         self.model, self.card = load_checkpoint(path, **overrides)
         self.model.to(self._device)
         self.input_format = "events" if self.card.input == "events" else "uint8"

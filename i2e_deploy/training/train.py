@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.msresnet import MSResNet, build_model
 from . import data as D
 from . import distributed as dist_util
+from .precision import Precision, resolve_precision
 from .eventsets import EventFolder, is_event_folder
 
 RECIPES = ("baseline-i", "baseline-ii", "transfer")
@@ -51,6 +53,8 @@ class TrainConfig:
     events: bool = False        # the trained model takes events (its card says input 'events')
     resume: bool = False
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans all epochs
+    precision: str = "auto"     # auto | fp32 | bf16 | fp16 (see training.precision)
+    time_budget: float | None = None  # minutes: as many epochs as fit, the schedule fitted to them
     class_names: list[str] | None = field(default=None)
     mixup: bool = False         # CutMix or MixUp per batch for the first 2/3 of the epochs
     tensorboard: bool = False   # also log scalars to OUTPUT/tensorboard
@@ -102,6 +106,21 @@ class TrainForward(nn.Module):
         else:
             events = self.model.i2e(x)
         return self.model.forward_events(events)
+
+
+def train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+               criterion: nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, precision: Precision
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns (loss, logits)."""
+    with precision.autocast():
+        logits = net(inputs)
+        loss = criterion(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> int:
@@ -225,15 +244,46 @@ class _Reporter:
         if self.bar:
             self.bar.reset(self.task, total=steps, epoch=label, stats="")
 
-    def step(self, step: int, total: int, stats: str) -> None:
+    def step(self, step: int, total: int, stats: Callable[[], str]) -> None:
+        """``stats`` is called only when shown (it reads values off the device)."""
         if self.bar:
-            self.bar.update(self.task, advance=1, stats=stats)
+            self.bar.update(self.task, advance=1, stats=stats())
         elif self.enabled and step % LOG_EVERY == 0:
-            self.log(f"epoch {self.label} step {step}/{total} {stats}")
+            self.log(f"epoch {self.label} step {step}/{total} {stats()}")
 
     def close(self) -> None:
         if self.bar:
             self.bar.stop()
+
+
+class CosineSchedule:
+    """Cosine decay from the base learning rate to ``floor`` x base over ``total`` steps, as
+    a LambdaLR factor; ``total`` may change during training (``--time``)."""
+
+    def __init__(self, total: int, floor: float):
+        self.total, self.floor = total, floor
+
+    def __call__(self, step: int) -> float:
+        progress = min(step / max(self.total, 1), 1.0)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Budget:
+    """``--time``: after each epoch, as many epochs as the mean epoch time lets fit in the
+    budget (as Ultralytics' ``time``), with the cosine schedule stretched or cut to them."""
+
+    def __init__(self, minutes: float, steps_per_epoch: int, schedule: CosineSchedule):
+        self.seconds, self.steps_per_epoch, self.schedule = minutes * 60, steps_per_epoch, schedule
+        self.spent = 0.0
+
+    def fit(self, first_epoch: int, epochs_done: int, epoch_seconds: float) -> int:
+        """The total epoch count, given the epochs done (``first_epoch`` of them before this
+        run, whose time the budget does not know)."""
+        self.spent += epoch_seconds
+        this_run = epochs_done - first_epoch
+        epochs = first_epoch + max(this_run, int(self.seconds * this_run / self.spent))
+        self.schedule.total = epochs * self.steps_per_epoch
+        return epochs
 
 
 @dataclass
@@ -285,6 +335,11 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
         raise I2EError(f"{len(data.train)} training samples are fewer than one batch of "
                        f"{cfg.batch}")
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels
+        # Held-out evaluation runs in float32 as deployment does, not TF32 (10-bit mantissa
+        # moves membranes across the threshold); the training steps follow --precision.
+        torch.backends.cudnn.allow_tf32 = False
     model = _initial_model(cfg, card, log).to(device, memory_format=torch.channels_last)
     forward = TrainForward(model)
     net = (nn.parallel.DistributedDataParallel(
@@ -292,11 +347,13 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
         if ctx.enabled else forward)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=wd)
-    total_steps = cfg.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps, cfg.min_lr)
+    schedule = CosineSchedule(cfg.epochs * len(train_loader), cfg.min_lr / cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    precision = resolve_precision(cfg.precision, device)
+    amp = precision.scaled
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    log(f"training in {precision.name} on {device}")
     mixer = _mixer(card.num_classes) if cfg.mixup else None
 
     out = Path(cfg.output)
@@ -312,6 +369,7 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                                for k, v in state["state_dict"].items()})
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         scheduler.load_state_dict(state["train_state"]["scheduler"])
+        schedule.total = state["train_state"].get("total_steps", schedule.total)
         if amp and "scaler" in state["train_state"]:
             scaler.load_state_dict(state["train_state"]["scaler"])
         start_epoch, best = state["train_state"]["epoch"] + 1, state["train_state"]["best"]
@@ -325,7 +383,8 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                        "augment": style, "data": Path(cfg.data).name,
                        "train_images": len(data.train), "heldout_images": int(heldout_images),
                        "val_split": cfg.val_split, "seed": cfg.seed, "epochs": cfg.epochs,
-                       "batch": cfg.batch, "processes": ctx.world, "mixup": cfg.mixup}
+                       "batch": cfg.batch, "processes": ctx.world, "mixup": cfg.mixup,
+                       "precision": precision.name}
     if cfg.from_checkpoint:
         card.provenance["fine_tuned_from"] = Path(cfg.from_checkpoint).name
     board = _tensorboard(out / "tensorboard") if cfg.tensorboard and ctx.main else None
@@ -338,13 +397,17 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
         if writer and new_log:
             writer.writerow(["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "lr",
                              "seconds"])
-        for epoch in range(start_epoch, cfg.epochs):
+        budget = Budget(cfg.time_budget, len(train_loader), schedule) if cfg.time_budget else None
+        epoch, epochs = start_epoch, cfg.epochs
+        while epoch < epochs:
             if sampler is not None:
                 sampler.set_epoch(epoch)
             net.train()
-            reporter.epoch(f"{epoch + 1}/{cfg.epochs}", len(train_loader))
-            mixing = mixer is not None and epoch < math.ceil(cfg.epochs * 2 / 3)
-            began, loss_sum, correct, seen = time.time(), 0.0, 0, 0
+            reporter.epoch(f"{epoch + 1}/{epochs}", len(train_loader))
+            mixing = mixer is not None and epoch < math.ceil(epochs * 2 / 3)
+            began, seen = time.time(), 0
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
             for inputs, targets in train_loader:
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
@@ -352,25 +415,22 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                 if mixing:
                     inputs, targets = _mix(mixer, inputs, targets)
                     labels = targets.argmax(dim=1)
-                with torch.autocast(device.type, enabled=amp):
-                    logits = net(inputs)
-                    loss = criterion(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                loss, logits = train_step(net, inputs, targets, criterion, optimizer, scaler,
+                                          precision)
                 scheduler.step()
                 step += 1
-                loss_sum += loss.item() * len(labels)
-                correct += accuracy(logits.detach(), labels)
+                # Running sums stay on the device: no host sync per step on a GPU.
+                loss_sum += loss.detach().float() * len(labels)
+                correct += (logits.detach().argmax(1) == labels).sum()
                 seen += len(labels)
-                reporter.step(step, total_steps,
-                              f"loss {loss_sum / seen:.4f} top1 {100 * correct / seen:.2f} "
-                              f"{seen * ctx.world / (time.time() - began):.1f} img/s")
+                reporter.step(step, schedule.total, lambda: (
+                    f"loss {float(loss_sum) / seen:.4f} top1 {100 * int(correct) / seen:.2f} "
+                    f"{seen * ctx.world / (time.time() - began):.1f} img/s"))
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
             dist_util.average_batchnorm(ctx, model)
-            loss_sum, correct, seen = dist_util.sum_across(ctx, [loss_sum, correct, seen], device)
+            loss_sum, correct, seen = dist_util.sum_across(
+                ctx, [float(loss_sum), int(correct), seen], device)
             metrics = {"top1": math.nan, "top5": math.nan}
             if val_loader is not None:
                 # A contiguous copy: the layout deployment runs (channels_last convolutions
@@ -383,7 +443,9 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
             seconds = time.time() - began
             train_loss, train_top1 = loss_sum / max(seen, 1), 100 * correct / max(seen, 1)
             lr = scheduler.get_last_lr()[0]
-            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, held-out top1 "
+            if budget is not None:
+                epochs = budget.fit(start_epoch, epoch + 1, seconds)
+            log(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, held-out top1 "
                 f"{metrics['top1']:.2f} top5 {metrics['top5']:.2f} ({seconds:.0f} s)")
             # Without held-out data the latest epoch counts as the best.
             score = metrics["top1"] if val_loader is not None else float(epoch)
@@ -398,12 +460,13 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                                         ("heldout/top5", metrics["top5"]), ("lr", lr)):
                         board.add_scalar(name, value, epoch + 1)
                     board.flush()
-                card.provenance.update({"epochs_done": epoch + 1,
+                card.provenance.update({"epochs": epochs, "epochs_done": epoch + 1,
                                         "heldout_top1": metrics["top1"],
                                         "heldout_top5": metrics["top5"]})
                 train_state = {"epoch": epoch, "best": max(best, score),
                                "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "config": asdict(cfg),
+                               "total_steps": schedule.total,
                                "rng": torch.get_rng_state()}
                 if amp:
                     train_state["scaler"] = scaler.state_dict()
@@ -411,6 +474,7 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                 if score > best:
                     save_checkpoint(best_path, model, card)
             best = max(best, score)
+            epoch += 1
             if cfg.max_steps and step >= cfg.max_steps:
                 break
     finally:

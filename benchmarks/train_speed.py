@@ -1,0 +1,163 @@
+"""Training speed: images/s of one optimizer step (MS-ResNet-18, the training code's own
+``train_step``), fp32 against the new default precision, side by side in one run.
+
+    python benchmarks/train_speed.py [--device cpu|cuda] [--imgsz 32] [--batch 64]
+                                     [--rounds 6] [--steps 3] [--json PATH]
+
+Rows: fp32 with a step-by-step LIF (the autograd graph of one Python step per timestep, as
+training ran before the fused neuron: the "before" row), fp32 with the fused LIF, and every
+reduced precision the device runs natively (bf16; fp16 too on a GPU). Rows take turns
+(``--steps`` steps each per round, ``--rounds`` rounds), so load on a shared machine falls on
+all alike; each row reports the median and best round. Prints a Markdown table and writes JSON
+(default ``benchmarks/results/train_speed[_cuda].json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from i2e_deploy import __version__  # noqa: E402
+from i2e_deploy.model import neuron  # noqa: E402
+from i2e_deploy.model.msresnet import msresnet18  # noqa: E402
+from i2e_deploy.training.precision import cpu_has_native_bf16, resolve_precision  # noqa: E402
+from i2e_deploy.training.train import TrainForward, train_step  # noqa: E402
+
+
+class _StepSpike(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        alpha = neuron.SURROGATE_ALPHA
+        return grad * ((alpha / 2) / (1 + (torch.pi / 2 * alpha * x).square()))
+
+
+def _step_by_step_forward(self, x):
+    """The LIF as training ran it before the fused neuron: autograd through every step."""
+    seq = x if self.T is None else x.unflatten(0, (self.T, -1))
+    v, spikes = torch.zeros_like(seq[0]), []
+    for x_t in seq:
+        h = v * (1.0 - 1.0 / self.tau) + x_t
+        s = _StepSpike.apply(h - self.v_threshold)
+        spikes.append(s)
+        v = h * (1.0 - s.detach())
+    out = torch.stack(spikes)
+    return out if self.T is None else out.flatten(0, 1)
+
+
+@contextmanager
+def lif_variant(step_by_step: bool):
+    fused = neuron.LIF.forward
+    if step_by_step:
+        neuron.LIF.forward = _step_by_step_forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        neuron.LIF.forward = fused  # type: ignore[method-assign]
+
+
+class Row:
+    def __init__(self, label: str, precision: str, step_by_step: bool, device: torch.device,
+                 imgsz: int, batch: int):
+        torch.manual_seed(0)
+        self.label, self.step_by_step = label, step_by_step
+        self.precision = resolve_precision(precision, device)
+        model = msresnet18(10, 0.23).to(device, memory_format=torch.channels_last)
+        self.net = TrainForward(model).train()
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaled)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+        self.inputs = torch.rand(batch, 3, imgsz, imgsz, device=device)
+        self.targets = torch.randint(0, 10, (batch,), device=device)
+        self.device, self.batch, self.rounds = device, batch, []
+
+    def run(self, steps: int) -> float:
+        with lif_variant(self.step_by_step):
+            began = time.perf_counter()
+            for _ in range(steps):
+                loss, _ = train_step(self.net, self.inputs, self.targets, self.criterion,
+                                     self.optimizer, self.scaler, self.precision)
+            loss.item()  # waits for the GPU
+            return time.perf_counter() - began
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--imgsz", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    reduced = ["bf16", "fp16"] if device.type == "cuda" else (
+        ["bf16"] if cpu_has_native_bf16() else [])
+    rows = [Row("fp32, step-by-step LIF (before)", "fp32", True, device, args.imgsz, args.batch),
+            Row("fp32, fused LIF", "fp32", False, device, args.imgsz, args.batch)]
+    rows += [Row(f"{p}, fused LIF", p, False, device, args.imgsz, args.batch) for p in reduced]
+    for row in rows:  # warm-up: allocator, oneDNN / cuDNN kernel selection
+        row.run(2)
+    for _ in range(args.rounds):
+        for row in rows:
+            row.rounds.append(args.batch * args.steps / row.run(args.steps))
+    base = statistics.median(rows[0].rounds)
+    fp32 = statistics.median(rows[1].rounds)
+    results = []
+    print(f"| training step ({args.imgsz} px, batch {args.batch}) | median img/s | best img/s "
+          f"| vs before | vs fp32 fused |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        median = statistics.median(row.rounds)
+        results.append({"row": row.label, "precision": row.precision.name,
+                        "step_by_step_lif": row.step_by_step, "median_images_per_s": median,
+                        "best_images_per_s": max(row.rounds), "rounds": row.rounds,
+                        "speedup_vs_before": median / base, "speedup_vs_fp32_fused": median / fp32})
+        print(f"| {row.label} | {median:.1f} | {max(row.rounds):.1f} | {median / base:.2f}x "
+              f"| {median / fp32:.2f}x |")
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{cpu_name()}, {args.threads} threads")
+    print(f"\n{machine}; torch {torch.__version__}")
+    out = args.json or REPO / "benchmarks" / "results" / (
+        "train_speed.json" if device.type == "cpu" else f"train_speed_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "train_speed", "i2e_deploy": __version__, "torch": torch.__version__,
+        "device": machine, "cpu_native_bf16": cpu_has_native_bf16(),
+        "imgsz": args.imgsz, "batch": args.batch, "rounds": args.rounds,
+        "steps_per_round": args.steps, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
