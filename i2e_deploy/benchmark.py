@@ -22,6 +22,7 @@ Exports go to a cache folder keyed by the checkpoint's sha256 and the export opt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -177,9 +178,10 @@ def _describe(exc: Exception) -> str:
 
 def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path,
                    precisions: tuple[str, ...]) -> list[Row]:
-    reason = tensorrt_status() or (None if onnx_fp32 else "no FP32 ONNX graph to build from")
-    if reason:
-        return [Row("TensorRT", p, reason=reason) for p in precisions]
+    reason = tensorrt_status()
+    if reason or onnx_fp32 is None:
+        return [Row("TensorRT", p, reason=reason or "no FP32 ONNX graph to build from")
+                for p in precisions]
     import tensorrt
     import torch
 
@@ -190,7 +192,7 @@ def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path,
         try:  # engines are tied to the TensorRT version and the GPU: both are in the key
             engine = cached_export(
                 source, ".engine",
-                lambda out, p=precision: build_engine(onnx_fp32, out, precision=p),
+                functools.partial(build_engine, onnx_fp32, precision=precision),
                 cache=cache, precision=precision, backend="tensorrt",
                 tensorrt=tensorrt.__version__, gpu=torch.cuda.get_device_name())
             rows.append(Row("TensorRT", precision, str(engine), device="cuda"))
@@ -316,6 +318,9 @@ class _Worker:
         self._proc = subprocess.Popen([sys.executable, "-m", "i2e_deploy.benchmark"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._stderr, text=True)
+        requests, answers = self._proc.stdin, self._proc.stdout
+        assert requests is not None and answers is not None  # both opened as pipes above
+        self._requests, self._answers = requests, answers
         self.error: str | None = None
         self.ask(spec)
 
@@ -323,9 +328,9 @@ class _Worker:
         if self.error:
             return {"error": self.error}
         try:
-            self._proc.stdin.write(json.dumps(message) + "\n")
-            self._proc.stdin.flush()
-            for line in self._proc.stdout:
+            self._requests.write(json.dumps(message) + "\n")
+            self._requests.flush()
+            for line in self._answers:
                 if line.startswith("{"):
                     answer = json.loads(line)
                     self.error = answer.get("error")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -186,8 +186,9 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            events: Optional[bool] = EventsOpt):
     """Classify a camera, video, stream or event recording live, with the event view."""
     from .runtime.stream import run_stream
-    overrides = {k: v for k, v in dict(arch=arch, num_classes=classes, ratio=ratio, imgsz=imgsz,
-                                       events=events).items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v for k, v in dict(arch=arch, num_classes=classes, ratio=ratio, imgsz=imgsz,
+                              events=events).items() if v is not None}
     stats = run_stream(model, source, output, max_frames=max_frames, topk=topk, backend=backend,
                        precision=precision, device=device, threads=threads, resolution=resolution, fps=fps, loop=loop,
                        stride=stride, window_ms=window_ms,

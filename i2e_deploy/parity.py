@@ -62,8 +62,8 @@ def thresholds_for(precision: str, **overrides: float | int | None) -> Threshold
     """Default thresholds for a precision with the non-None overrides applied."""
     if precision not in DEFAULT_THRESHOLDS:
         raise I2EError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return dataclasses.replace(DEFAULT_THRESHOLDS[precision],
-                               **{k: v for k, v in overrides.items() if v is not None})
+    changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(DEFAULT_THRESHOLDS[precision], **changes)
 
 
 def lower_precision(*precisions: str) -> str:
@@ -225,14 +225,17 @@ def layer_agreement(runner: TorchRunner, batch: np.ndarray,
 
     from .export.deploy import deploy, spike_maps
 
-    device = next(runner.model.parameters()).device
-    deployed = deploy(runner.model).to(device)
+    model = runner.model
+    if model is None:
+        raise I2EError(f"{runner.path.name}: the runner is closed")
+    device = next(model.parameters()).device
+    deployed = deploy(model).to(device)
     flips: dict[str, int] = {}
     spikes: dict[str, int] = {}
     sizes: dict[str, int] = {}
     for start in range(0, len(batch), batch_size):  # chunks: spike maps are large
         x = torch.from_numpy(runner._adapt(batch[start:start + batch_size])).to(device)
-        reference, derived = spike_maps(runner.model, x), spike_maps(deployed, x)
+        reference, derived = spike_maps(model, x), spike_maps(deployed, x)
         for name, ref in reference.items():
             flips[name] = flips.get(name, 0) + int((ref != derived[name]).sum())
             spikes[name] = spikes.get(name, 0) + int(ref.sum())
@@ -241,7 +244,7 @@ def layer_agreement(runner: TorchRunner, batch: np.ndarray,
              "rate": spikes[name] / sizes[name]} for name in flips]
 
 
-def run_parity(model_a: str, model_b: str, *, data: str | None = None,
+def run_parity(model_a: str, model_b: str, *, data: str | os.PathLike | None = None,
                random: int | None = None, limit: int | None = None,
                precision: str | None = None, overrides: dict[str, Any] | None = None,
                layers: bool = False, device: str = "cpu", threads: int | None = None,

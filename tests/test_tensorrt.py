@@ -193,3 +193,26 @@ def test_build_engine_and_run_it(tmp_path, precision, mode):
         assert got.shape == want.shape
         if precision == "fp32":
             assert np.median(np.abs(got - want)) < 1e-3
+
+
+def test_int8_build_feeds_tensorrt_the_s8s8_qdq_graph(tmp_path):
+    """`build --int8` (default calibrator qdq) quantizes the FP32 graph before TensorRT parses
+    it: S8S8 (int8 activations, zero point 0), the card kept."""
+    import onnx
+    from onnx import numpy_helper
+
+    from i2e_deploy.export.tensorrt import parsed_graph
+
+    request = BuildRequest(shared_model("onnx"), tmp_path / "m.engine", precision="int8")
+    graph = parsed_graph(request, tmp_path)
+    assert graph.parent == tmp_path
+    model = onnx.load(str(graph))
+    zero_points = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    activation_quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                             and n.input[0] not in zero_points]
+    assert activation_quantizers
+    for node in activation_quantizers:
+        zero = zero_points[node.input[2]]
+        assert zero.dtype == np.int8 and not zero.any()
+    fp32 = BuildRequest(shared_model("onnx"), tmp_path / "f.engine", precision="fp16")
+    assert parsed_graph(fp32, tmp_path) == shared_model("onnx")

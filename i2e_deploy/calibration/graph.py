@@ -60,9 +60,9 @@ def merge_spike_casts(model: onnx.ModelProto) -> int:
     types = elem_types(model)
     nodes, merged = [], 0
     for node in model.graph.node:
-        casts = [writers.get(i) for i in node.input]
-        if node.op_type == "Concat" and casts and all(
-                c is not None and c.op_type == "Cast" and types.get(c.input[0]) == TensorProto.BOOL
+        casts = [writers[i] for i in node.input if i in writers]
+        if node.op_type == "Concat" and casts and len(casts) == len(node.input) and all(
+                c.op_type == "Cast" and types.get(c.input[0]) == TensorProto.BOOL
                 for c in casts) and len({attribute(c, "to") for c in casts}) == 1:
             joined = node.output[0] + "__bool"
             nodes += [helper.make_node("Concat", [c.input[0] for c in casts], [joined],

@@ -46,7 +46,9 @@ def _region(g: _Graph, concat, limit: int = 16):
     steps = len(concat.input)
     if steps < 2 or attribute(concat, "axis") != 0:
         return None
-    split, region, stack, seen = None, [], list(concat.input), set()
+    split = None
+    region: list[onnx.NodeProto] = []
+    stack, seen = list(concat.input), set()
     while stack:
         name = stack.pop()
         if name in seen or g.scalar(name) is not None:
@@ -104,7 +106,7 @@ def _identify(g: _Graph, split, region, concat) -> tuple[float, float, np.dtype]
 
     steps = len(split.output)
     used = {i for n in region for i in n.input}
-    scalars = sorted({g.scalar(i) for i in used if g.scalar(i) is not None})
+    scalars = sorted({value for value in map(g.scalar, used) if value is not None})
     inputs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [None]) for o in split.output]
     output = helper.make_empty_tensor_value_info(concat.output[0])
     inits = [g.initializers[i] for i in used if i in g.initializers]

@@ -44,6 +44,8 @@ def _fold(bn: nn.BatchNorm2d | None, channels: int, like: torch.Tensor) -> torch
     ``export.deploy.fold_bn``), shaped to broadcast over the weight."""
     if bn is None:
         factor = torch.ones(channels, dtype=torch.float64, device=like.device)
+    elif bn.running_var is None:
+        raise ValueError("a BatchNorm without running statistics cannot be folded")
     else:
         factor = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     return factor.view(-1, *[1] * (like.dim() - 1))

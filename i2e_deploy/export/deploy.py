@@ -67,6 +67,8 @@ def split_time(x: torch.Tensor, T: int) -> tuple[torch.Tensor, ...]:
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv with bias computing ``bn(conv(x))`` with BN's running statistics; the folded
     weights are computed in float64 and rounded once."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("a BatchNorm without running statistics cannot be folded")
     fused = copy.deepcopy(conv).requires_grad_(False)
     weight, bias = fuse_conv_bn_weights(
         conv.weight.double(), None if conv.bias is None else conv.bias.double(),
@@ -116,6 +118,9 @@ class DeployBlock(nn.Module):
         self.downsample = None
         if block.downsample is not None:
             lif, conv, bn = block.downsample
+            if not (isinstance(lif, LIF) and isinstance(conv, nn.Conv2d)
+                    and isinstance(bn, nn.BatchNorm2d)):
+                raise ValueError("shortcut is not LIF -> Conv2d -> BatchNorm2d")
             if (lif.tau, lif.v_threshold) != (block.sn1.tau, block.sn1.v_threshold):
                 raise ValueError("shortcut LIF differs from the block's first LIF; cannot share")
             self.downsample = fold_bn(conv, bn)
@@ -172,6 +177,11 @@ class DeployI2E(nn.Module):
 
 class DeployMSResNet(nn.Module):
     """Inference form of an :class:`MSResNet`; see the module docstring."""
+
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, model: MSResNet, input_format: str = "uint8"):
         super().__init__()

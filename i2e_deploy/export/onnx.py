@@ -30,7 +30,6 @@ FP32 limit, or any event that differs from the reference converter.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -99,7 +98,8 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
         from ..model.checkpoint import load_checkpoint
 
         checkpoint = Path(model)
-        output = card if output is None else output
+        if output is None and not isinstance(card, ModelCard):
+            output = card
         model, card = load_checkpoint(checkpoint, **overrides)
         output = default_output(checkpoint, converter_only) if output is None else output
     elif overrides:
@@ -194,14 +194,15 @@ def trace(module: nn.Module, card: ModelCard, graph: str, input_format: str, bat
     input_name = "events" if graph == "events" else "images"
     output_name = "events" if graph == "converter" else "logits"
     axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic else None
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    # torch.onnx.export documents a path as its target (a file object is not in its API).
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and folding notes
-        torch.onnx.export(module.eval(), (example_input(card, input_format, batch),), buffer,
+        traced = Path(scratch) / "traced.onnx"
+        torch.onnx.export(module.eval(), (example_input(card, input_format, batch),), traced,
                           dynamo=False, opset_version=opset, input_names=[input_name],
                           output_names=[output_name], dynamic_axes=axes,
                           do_constant_folding=True)
-    return onnx.load_from_string(buffer.getvalue())
+        return onnx.load(str(traced))
 
 
 def _simplify(proto):
@@ -415,7 +416,7 @@ def verify_onnx(path: str | os.PathLike, model: MSResNet, card: ModelCard, *,
     else:
         feed = images
     step = batch or 8
-    got, want = [], []
+    got_chunks, want_chunks = [], []
     with torch.no_grad():
         for start in range(0, len(feed), step):
             chunk = feed[start:start + step]
@@ -425,9 +426,9 @@ def verify_onnx(path: str | os.PathLike, model: MSResNet, card: ModelCard, *,
             x = torch.from_numpy(chunk)
             ref = (model.i2e(x).transpose(0, 1).to(torch.uint8) if converter_only
                    else model(x))
-            got.append(out[:len(feed) - start])
-            want.append(ref.numpy()[:len(feed) - start])
-    got, want = np.concatenate(got), np.concatenate(want)
+            got_chunks.append(out[:len(feed) - start])
+            want_chunks.append(ref.numpy()[:len(feed) - start])
+    got, want = np.concatenate(got_chunks), np.concatenate(want_chunks)
     limits = thresholds_for("fp32")
     if converter_only:
         metrics = event_metrics(want, got)

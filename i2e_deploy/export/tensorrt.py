@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -175,7 +176,8 @@ def apply_precision_constraints(network, trt, precision: str) -> int:
 
 def make_calibrator(trt, torch, batches, cache: Path, mode: str, device):
     """A TensorRT INT8 calibrator (entropy or min-max) over :class:`CalibrationBatches`."""
-    base = {"entropy": trt.IInt8EntropyCalibrator2, "minmax": trt.IInt8MinMaxCalibrator}[mode]
+    base: Any = {"entropy": trt.IInt8EntropyCalibrator2,
+                 "minmax": trt.IInt8MinMaxCalibrator}[mode]
 
     class Calibrator(base):
         def __init__(self):
@@ -242,13 +244,19 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
 
     if not torch.cuda.is_available():
         raise I2EError("building a TensorRT engine needs an NVIDIA GPU, and PyTorch sees none")
-    card, is_qdq = _read_onnx(request.onnx_path)
-    onnx_path = request.onnx_path
+    card, _ = _read_onnx(request.onnx_path)
     with tempfile.TemporaryDirectory() as scratch:
-        if request.precision == "int8" and request.int8_mode == "qdq" and not is_qdq:
-            from ..calibration.quantize import quantize_qdq
-            onnx_path = quantize_qdq(onnx_path, Path(scratch) / "model.qdq.onnx", flavour="s8s8")
-        return _build(trt, torch, request, card, onnx_path)
+        return _build(trt, torch, request, card, parsed_graph(request, Path(scratch)))
+
+
+def parsed_graph(request: BuildRequest, scratch: Path) -> Path:
+    """The ONNX file TensorRT parses: the S8S8 Q/DQ graph (written to ``scratch``) for an
+    INT8 build in qdq mode from an FP32 graph, else the request's graph itself."""
+    _, is_qdq = _read_onnx(request.onnx_path)
+    if request.precision == "int8" and request.int8_mode == "qdq" and not is_qdq:
+        from ..calibration.quantize import quantize_qdq
+        return quantize_qdq(request.onnx_path, scratch / "model.qdq.onnx")
+    return request.onnx_path
 
 
 def _build(trt, torch, request: BuildRequest, card: ModelCard, onnx_path: Path) -> Path:

@@ -165,10 +165,10 @@ def _apply_overrides(card: ModelCard, state_dict, arch, num_classes, ratio, imgs
                            f"{found}")
         card.arch = arch
     if num_classes is not None:
-        found = int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else None
-        if found is not None and num_classes != found:
+        classes = int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else None
+        if classes is not None and num_classes != classes:
             raise I2EError(f"--classes {num_classes} does not match the checkpoint's fc layer "
-                           f"({found} classes)")
+                           f"({classes} classes)")
     if ratio is not None:
         if not ratio > 0:
             raise I2EError(f"--ratio must be positive, got {ratio}")

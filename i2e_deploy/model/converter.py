@@ -109,9 +109,9 @@ def _firing_tables(threshold: float) -> tuple[np.ndarray, np.ndarray]:
     Exact because f(b) - f(a) is monotone in b: ON needs f(b) - f(a) >= threshold, so b
     must exceed the count of levels below it, minus one; OFF needs f(b) - f(a) <= -threshold.
     """
-    threshold = np.float32(threshold)
-    on = (_LEVEL_DIFFS < threshold).sum(axis=1) - 1
-    off = (_LEVEL_DIFFS <= -threshold).sum(axis=1)
+    limit = np.float32(threshold)
+    on = (_LEVEL_DIFFS < limit).sum(axis=1) - 1
+    off = (_LEVEL_DIFFS <= -limit).sum(axis=1)
     return on.astype(np.uint8), off.astype(np.uint8)
 
 
@@ -203,15 +203,17 @@ class I2E(nn.Module):
     released code rewrites it in every forward, so forward never reads it.
     """
 
+    weight: torch.Tensor
+
     def __init__(self, ratio: float = 0.07):
         super().__init__()
         self.ratio = float(ratio)
         self.register_buffer("weight", pairs_to_kernels(EVAL_PAIRS))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pairs = EVAL_PAIRS
+        pairs: tuple[tuple[int, int], ...] = EVAL_PAIRS
         if self.training:
-            picks = [torch.randint(len(g), ()).item() for g in TRAIN_GROUPS]
+            picks = [int(torch.randint(len(g), ()).item()) for g in TRAIN_GROUPS]
             pairs = tuple(g[i] for g, i in zip(TRAIN_GROUPS, picks))
         return convert(images, self.ratio, pairs)
 

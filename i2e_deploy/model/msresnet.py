@@ -47,6 +47,11 @@ class MSResNet(nn.Module):
     first layer) or event input ``[B, T, 2, H, W]``. Returns logits ``[B, classes]``, the
     mean over T of the head."""
 
+    layer1: nn.Sequential  # set by name in __init__: the released checkpoint's keys
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, ratio: float = 0.07,
                  input: str = "images", T: int = DEFAULT_T):
         super().__init__()

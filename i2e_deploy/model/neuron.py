@@ -66,7 +66,7 @@ class MultiStepLIF(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, T: int | None, decay: float,  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, T: int | None, decay: float,
                 v_threshold: float) -> torch.Tensor:
         membrane = torch.empty_like(x, dtype=torch.float32)
         spikes = lif_forward(x, T, decay, v_threshold, membrane)
@@ -75,7 +75,7 @@ class MultiStepLIF(torch.autograd.Function):
         return spikes
 
     @staticmethod
-    def backward(ctx, grad_spikes: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_spikes: torch.Tensor):
         (membrane,) = ctx.saved_tensors
         grad_h = surrogate_gradient(membrane - ctx.v_threshold).mul_(grad_spikes)
         carry = (membrane < ctx.v_threshold).float().mul_(ctx.decay)

@@ -119,6 +119,6 @@ def synthetic_images(count: int, card: ModelCard, seed: int = 0) -> np.ndarray:
             else:
                 corner = tuple(int(c) for c in rng.integers(0, size, 2))
                 cv2.rectangle(image, centre, corner, colour, -1)
-        image += rng.normal(0, 4, image.shape).astype(np.float32)
+        image += rng.normal(0, 4, (size, size, 3)).astype(np.float32)
         batch[i] = np.clip(image, 0, 255).astype(np.uint8)
     return batch

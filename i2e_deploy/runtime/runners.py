@@ -12,11 +12,17 @@ import os
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from ..card import ModelCard
 from ..errors import I2EError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model.msresnet import MSResNet
 
 TORCH_SUFFIXES = (".pth", ".pt", ".tar")
 ONNX_SUFFIXES = (".onnx",)
@@ -135,16 +141,18 @@ class TorchRunner(Runner):
         self._device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
         if kind == "cuda":  # the reference is float32: TF32 convolutions would flip spikes
             torch.backends.cudnn.allow_tf32 = False
-        self.model, self.card = load_checkpoint(path, **overrides)
-        self.model.to(self._device)
+        model, self.card = load_checkpoint(path, **overrides)
+        self.model: MSResNet | None = model.to(self._device)
         self.input_format = "events" if self.card.input == "events" else "uint8"
-        self._forward = self.model
+        self._forward: Callable[[torch.Tensor], torch.Tensor] | None = model
         if compile:
             mode = "reduce-overhead" if kind == "cuda" else "default"
-            self._forward = torch.compile(self.model, mode=mode, dynamic=False)
+            self._forward = torch.compile(model, mode=mode, dynamic=False)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
+        if self._forward is None:
+            raise I2EError(f"{self.path.name}: the runner is closed")
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self._device)
             if self.card.input == "events":
@@ -155,6 +163,8 @@ class TorchRunner(Runner):
         """The reference converter's events ``[N, T, 2, H, W]`` uint8, as converter-only
         graphs output them."""
         torch = self._torch
+        if self.model is None:
+            raise I2EError(f"{self.path.name}: the runner is closed")
         with torch.inference_mode():
             x = torch.from_numpy(self._adapt(np.asarray(batch))).to(self._device)
             return self.model.to_events(x).transpose(0, 1).to(torch.uint8).cpu().numpy()

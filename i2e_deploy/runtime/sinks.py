@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import cv2
 import numpy as np
@@ -67,10 +67,10 @@ class VideoSink(Sink):
 
     def __init__(self, path: str | os.PathLike, fps: float = 25.0):
         self.path = Path(path)
-        self.fourcc = VIDEO_CODECS.get(self.path.suffix.lower())
-        if self.fourcc is None:
+        if self.path.suffix.lower() not in VIDEO_CODECS:
             raise I2EError(f"cannot write video {self.path}: use one of "
                            f"{', '.join(VIDEO_CODECS)}")
+        self.fourcc = VIDEO_CODECS[self.path.suffix.lower()]
         self.fps = fps
         self.writers: dict[int, tuple[cv2.VideoWriter, Path, tuple[int, int]]] = {}
         self.frames: dict[int, int] = {}
@@ -79,7 +79,7 @@ class VideoSink(Sink):
         if frame.source not in self.writers:
             size = (canvas.shape[1], canvas.shape[0])
             tmp = temp_beside(self.path, f".tmp{self.path.suffix}")
-            writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, size)
+            writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*self.fourcc), self.fps, size)
             if not writer.isOpened():
                 tmp.unlink(missing_ok=True)
                 raise I2EError(f"cannot write video {self.path}: OpenCV has no {self.fourcc} "
@@ -104,27 +104,27 @@ class JsonlSink(Sink):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.file = None
+        self.file: TextIO | None = None
 
-    def _open(self):
-        self.tmp = temp_beside(self.path, ".tmp.jsonl")
-        self.file = open(self.tmp, "w", encoding="utf-8")
+    def _open(self) -> TextIO:
+        if self.file is None:
+            self.tmp = temp_beside(self.path, ".tmp.jsonl")
+            self.file = open(self.tmp, "w", encoding="utf-8")
+        return self.file
 
     def write(self, frame, prediction, canvas) -> None:
-        if self.file is None:
-            self._open()
+        file = self._open()
         record = {"source": frame.source, "frame": frame.index,
                   "top": [{"class": int(i), "label": label, "prob": round(float(p), 6)}
                           for i, label, p in zip(prediction.indices, prediction.labels,
                                                  prediction.probs)]}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()  # one small write per frame; the temp file shows progress
+        file.write(json.dumps(record) + "\n")
+        file.flush()  # one small write per frame; the temp file shows progress
 
     def close(self) -> None:
-        if self.file is None:  # no frames: publish an empty file, the truthful result
-            self._open()
-        if not self.file.closed:
-            self.file.close()
+        file = self._open()  # no frames: publish an empty file, the truthful result
+        if not file.closed:
+            file.close()
             os.replace(self.tmp, self.path)
 
 
@@ -172,13 +172,10 @@ class MultiSink(Sink):
         self.sinks = sinks
         self.needs_canvas = any(s.needs_canvas for s in sinks)
 
-    @property
-    def stopped(self) -> bool:
-        return any(s.stopped for s in self.sinks)
-
     def write(self, frame, prediction, canvas) -> None:
         for sink in self.sinks:
             sink.write(frame, prediction, canvas)
+        self.stopped = any(s.stopped for s in self.sinks)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -382,7 +382,7 @@ class Stream:
                 prepared = time.perf_counter()
                 predictions = self.classifier.classify(list(inputs))
                 inferred = time.perf_counter()
-                canvases = [None] * len(frames)
+                canvases: list[np.ndarray | None] = [None] * len(frames)
                 if self.sink.needs_canvas:
                     status = f"{rate:.1f} FPS | {stats.latency.percentile(50):.0f} ms | " \
                              f"{self.classifier.name}"

@@ -2,6 +2,7 @@
 paper's augmentations (SPEC §4 preprocessing for evaluation)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def train_transform(card: ModelCard, style: str, source_size: int) -> transforms
     raise I2EError(f"unknown augmentation {style!r}; choose cifar, imagenet or none")
 
 
-def image_folder(root: str | Path) -> datasets.ImageFolder:
+def image_folder(root: str | os.PathLike) -> datasets.ImageFolder:
     root = Path(root)
     if not root.is_dir():
         raise I2EError(f"data folder not found: {root}")

@@ -77,5 +77,7 @@ def average_batchnorm(ctx: Context, model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             for buffer in (module.running_mean, module.running_var):
+                if buffer is None:
+                    continue
                 dist.all_reduce(buffer)
                 buffer.div_(ctx.world)

@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -144,8 +144,8 @@ def evaluate(forward: nn.Module, loader: DataLoader, device: torch.device) -> li
 
 @dataclass
 class _Data:
-    train: torch.utils.data.Dataset
-    heldout: torch.utils.data.Dataset | None
+    train: D.Subset | torch.utils.data.Subset
+    heldout: D.HeldOut | torch.utils.data.Subset | None
     card: ModelCard
     style: str  # augmentation, or 'events'
 
@@ -324,9 +324,9 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
     style = data.style
     wd = cfg.weight_decay if cfg.weight_decay is not None else (2e-4 if style != "imagenet" else 1e-5)
     batch = cfg.batch // ctx.world
-    loader_kw = dict(batch_size=batch, num_workers=cfg.workers,
+    loader_kw: dict[str, Any] = dict(batch_size=batch, num_workers=cfg.workers,
                      persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
-    sampler = (DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed,
+    sampler: DistributedSampler | None = (DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed,
                                   drop_last=True) if ctx.enabled else None)
     train_loader = DataLoader(data.train, shuffle=sampler is None, sampler=sampler,
                               drop_last=True, **loader_kw)
@@ -340,7 +340,7 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
         # Held-out evaluation runs in float32 as deployment does, not TF32 (10-bit mantissa
         # moves membranes across the threshold); the training steps follow --precision.
         torch.backends.cudnn.allow_tf32 = False
-    model = _initial_model(cfg, card, log).to(device, memory_format=torch.channels_last)
+    model = _initial_model(cfg, card, log).to(device).to(memory_format=torch.channels_last)
     forward = TrainForward(model)
     net = (nn.parallel.DistributedDataParallel(
         forward, device_ids=[device.index] if device.type == "cuda" else None)
@@ -429,7 +429,7 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
             dist_util.average_batchnorm(ctx, model)
-            loss_sum, correct, seen = dist_util.sum_across(
+            total_loss, total_correct, total_seen = dist_util.sum_across(
                 ctx, [float(loss_sum), int(correct), seen], device)
             metrics = {"top1": math.nan, "top5": math.nan}
             if val_loader is not None:
@@ -441,7 +441,8 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                                                  device)
                 metrics = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
             seconds = time.time() - began
-            train_loss, train_top1 = loss_sum / max(seen, 1), 100 * correct / max(seen, 1)
+            train_loss = total_loss / max(total_seen, 1)
+            train_top1 = 100 * total_correct / max(total_seen, 1)
             lr = scheduler.get_last_lr()[0]
             if budget is not None:
                 epochs = budget.fit(start_epoch, epoch + 1, seconds)
@@ -450,10 +451,11 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
             # Without held-out data the latest epoch counts as the best.
             score = metrics["top1"] if val_loader is not None else float(epoch)
             if ctx.main:
-                writer.writerow([epoch + 1, f"{train_loss:.4f}", f"{train_top1:.2f}",
-                                 f"{metrics['top1']:.2f}", f"{metrics['top5']:.2f}",
-                                 f"{lr:.6f}", f"{seconds:.0f}"])
-                log_file.flush()
+                if writer is not None and log_file is not None:
+                    writer.writerow([epoch + 1, f"{train_loss:.4f}", f"{train_top1:.2f}",
+                                     f"{metrics['top1']:.2f}", f"{metrics['top5']:.2f}",
+                                     f"{lr:.6f}", f"{seconds:.0f}"])
+                    log_file.flush()
                 if board:
                     for name, value in (("train/loss", train_loss), ("train/top1", train_top1),
                                         ("heldout/top1", metrics["top1"]),
