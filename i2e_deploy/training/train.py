@@ -383,8 +383,11 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                        "augment": style, "data": Path(cfg.data).name,
                        "train_images": len(data.train), "heldout_images": int(heldout_images),
                        "val_split": cfg.val_split, "seed": cfg.seed, "epochs": cfg.epochs,
-                       "batch": cfg.batch, "processes": ctx.world, "mixup": cfg.mixup,
-                       "precision": precision.name}
+                       "batch": cfg.batch, "lr": cfg.lr, "weight_decay": wd,
+                       "processes": ctx.world, "mixup": cfg.mixup, "precision": precision.name,
+                       "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                  else "cpu"),
+                       **({"time_budget_min": cfg.time_budget} if cfg.time_budget else {})}
     if cfg.from_checkpoint:
         card.provenance["fine_tuned_from"] = Path(cfg.from_checkpoint).name
     board = _tensorboard(out / "tensorboard") if cfg.tensorboard and ctx.main else None
