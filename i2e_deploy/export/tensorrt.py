@@ -496,8 +496,8 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
     with tempfile.TemporaryDirectory() as scratch:
         graph = parsed_graph(request, plan, Path(scratch))
         calibrator = _calibrator(request, trt, plan.calibrator) if plan.calibrator else None
-        loaders = engine_loaders(request, plan, graph, trt, calibrator)
         with polygraphy_errors(f"TensorRT could not build {request.onnx_path}"):
+            loaders = engine_loaders(request, plan, graph, trt, calibrator)
             serialized = loaders.engine()
             layers = _inspect(serialized, trt)
     sidecar = sidecar_record(
