@@ -230,18 +230,17 @@ def plan_build(request: BuildRequest, tensorrt_version: str) -> BuildPlan:
     layers off the DLA) and implicit INT8 calibration (refused on TensorRT 11, which removed
     it)."""
     major = tensorrt_major(tensorrt_version)
-    given = request.graph.precision
+    dla = request.dla_core is not None
     if request.int8_mode in ("entropy", "minmax"):
         if major >= 11:
             raise I2EError(f"TensorRT {tensorrt_version} has no implicit INT8 calibration; use "
                            "--calibrator qdq (the default: exact, needs no data)")
-        return BuildPlan("fp32", strongly_typed=False, int8=True,
-                         pin_fp32=request.dla_core is None, calibrator=request.int8_mode)
-    dla = request.dla_core is not None
+        return BuildPlan("fp32", strongly_typed=False, fp16=dla, int8=True, pin_fp32=not dla,
+                         calibrator=request.int8_mode)
     if major >= 11 or (major == 10 and not dla):
         return BuildPlan(request.precision, strongly_typed=True)
     # Weakly typed: FP16 comes from the flag, so the graph stays as given (FP32 or FP16).
-    graph = "int8" if request.precision == "int8" else given
+    graph = "int8" if request.precision == "int8" else request.graph.precision
     return BuildPlan(graph, strongly_typed=False,
                      fp16=request.precision == "fp16" or dla,  # DLA: FP16 where not INT8
                      int8=request.precision == "int8", pin_fp32=not dla)
