@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for the first CUDA machine (about 5 minutes; each step has its own time limit):
+# One command for the first CUDA machine (about 5 minutes, plus about 5 with TensorRT; each step
+# has its own time limit):
 #   bash benchmarks/gpu_check.sh [MODEL] [IMAGE_FOLDER]
 # MODEL: a checkpoint (default: the bundled model); IMAGE_FOLDER: labelled images, e.g. the
 # CIFAR-10 training folder (default: ../shared/data/cifar10-train.tar.gz, extracted).
@@ -41,5 +42,19 @@ step 180 "export (ONNX, verified on real images)" $I2E export "$MODEL" -o "$ONNX
 step 300 "CUDA PyTorch vs CPU reference" $PY benchmarks/gpu_check.py --model "$MODEL" --data "$DATA" --onnx "$ONNX" --limit 1000 --compile --json "$RESULTS/gpu_check.json"
 step 240 "training step speed on CUDA" $PY benchmarks/train_speed.py --device cuda --imgsz 64 --batch 256 --rounds 5 --steps 10
 step 120 "stream on CUDA" $I2E stream "$MODEL" --source demo --device cuda --backend torch --output none --json "$RESULTS/gpu_stream.json"
+# TensorRT (through Polygraphy; needs tensorrt, polygraphy and cuda-python): FP32/FP16/INT8
+# engines of the bundled model and of a 128 px MS-ResNet-18 (random weights with firing
+# neurons), each row's predictions against the PyTorch reference, latency and throughput; then
+# what each engine's sidecar says was built (precision per layer type, typing, profile).
+if $PY -c 'import tensorrt, polygraphy, cuda.bindings' 2>/dev/null; then
+  TRT_CACHE=$(mktemp -d)
+  R18=$(mktemp -d)/msresnet18_128px.pt
+  step 200 "TensorRT: bundled model, every backend x precision" $I2E benchmark "$MODEL" --device cuda --data "$DATA" --limit 500 --iters 30 --cache "$TRT_CACHE" --json "$RESULTS/gpu_tensorrt.json" --markdown "$RESULTS/gpu_tensorrt.md"
+  step 30 "MS-ResNet-18 @128 stand-in" $PY -c "import sys; sys.path.insert(0, 'benchmarks'); from int8 import firing_model; from i2e_deploy import ModelCard, save_checkpoint; card = ModelCard(imgsz=128, resize=128); save_checkpoint(sys.argv[1], firing_model(card), card)" "$R18"
+  step 200 "TensorRT: MS-ResNet-18 @128, every backend x precision" $I2E benchmark "$R18" --device cuda --iters 20 --cache "$TRT_CACHE" --json "$RESULTS/gpu_tensorrt_r18_128.json" --markdown "$RESULTS/gpu_tensorrt_r18_128.md"
+  step 20 "TensorRT: what the engines' sidecars record" $PY -c "import glob, json, sys; [print(p, json.dumps({k: json.load(open(p)).get(k) for k in ('precision', 'build', 'profile', 'layers')})) for p in sorted(glob.glob(sys.argv[1] + '/*.engine.json'))]" "$TRT_CACHE"
+else
+  echo "== TensorRT: tensorrt, polygraphy or cuda-python not installed; engines skipped" | tee -a "$LOG"
+fi
 step 300 "GPU-marked tests" $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m "gpu or tensorrt" tests
 echo "log: $LOG"

@@ -94,23 +94,6 @@ def int8_exporter() -> Callable[..., Path] | None:
     return export_int8
 
 
-def tensorrt_status() -> str | None:
-    """None when TensorRT engines can be built and run here, else why not."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT not installed"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    try:
-        from .export.tensorrt import build_engine  # noqa: F401
-    except ImportError:
-        return "engine builder not available in this installation"
-    return None
-
-
 def _check_precisions(precisions: tuple[str, ...]) -> None:
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
@@ -178,14 +161,13 @@ def _describe(exc: Exception) -> str:
 
 def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path,
                    precisions: tuple[str, ...]) -> list[Row]:
-    reason = tensorrt_status()
+    from .export.tensorrt import build_engine, cuda_gpu, tensorrt_module, tensorrt_unavailable
+
+    reason = tensorrt_unavailable()
     if reason or onnx_fp32 is None:
         return [Row("TensorRT", p, reason=reason or "no FP32 ONNX graph to build from")
                 for p in precisions]
-    import tensorrt
-    import torch
-
-    from .export.tensorrt import build_engine
+    tensorrt, gpu = tensorrt_module(), cuda_gpu()
 
     rows = []
     for precision in precisions:
@@ -194,7 +176,7 @@ def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path,
                 source, ".engine",
                 functools.partial(build_engine, onnx_fp32, precision=precision),
                 cache=cache, precision=precision, backend="tensorrt",
-                tensorrt=tensorrt.__version__, gpu=torch.cuda.get_device_name())
+                tensorrt=tensorrt.__version__, gpu=gpu.name)
             rows.append(Row("TensorRT", precision, str(engine), device="cuda"))
         except Exception as exc:  # likewise
             rows.append(Row("TensorRT", precision, reason=f"build failed: {_describe(exc)}"))

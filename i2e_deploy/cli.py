@@ -260,8 +260,8 @@ def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .eng
 @command("build")
 def build_cmd(onnx_file: Path = typer.Argument(..., help=".onnx graph from `i2e-deploy export`"),
               output: Optional[Path] = typer.Option(None, "--output", "-o", help="engine file (default: ONNX name, .engine)"),
-              half: bool = typer.Option(False, "--half", help="FP16 convs, neurons pinned to FP32"),
-              int8: bool = typer.Option(False, "--int8", help="INT8 convs, neurons pinned to FP32"),
+              half: bool = typer.Option(False, "--half", help="FP16 convs, FP32 neurons (the FP16 graph)"),
+              int8: bool = typer.Option(False, "--int8", help="INT8 convs, FP32 neurons (the S8S8 Q/DQ graph)"),
               calibrator: str = typer.Option("qdq", "--calibrator",
                                              help="INT8: qdq (exact 0/1 spikes, no data) | entropy | minmax (implicit, from --data)"),
               data: Optional[Path] = typer.Option(None, "--data", help="image folder for --calibrator entropy/minmax"),
@@ -271,7 +271,7 @@ def build_cmd(onnx_file: Path = typer.Argument(..., help=".onnx graph from `i2e-
               batch: Optional[int] = typer.Option(None, "--batch", help="profile opt batch (default: min)"),
               max_batch: Optional[int] = typer.Option(None, "--max-batch", help="profile max batch (default 8)"),
               workspace: float = typer.Option(4.0, "--workspace", help="workspace limit, GiB"),
-              dla_core: Optional[int] = typer.Option(None, "--dla-core", help="Jetson DLA core (GPU fallback on)"),
+              dla_core: Optional[int] = typer.Option(None, "--dla-core", help="Jetson DLA core: one fixed batch, GPU fallback on"),
               timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="reuse/update this timing cache"),
               device: str = typer.Option("cuda", "--device", help="cuda or cuda:N")):
     """Build a TensorRT engine (+ JSON sidecar) from an exported ONNX graph, on the target."""
@@ -375,7 +375,7 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or '
                half: bool = typer.Option(False, "--half", help="FP16 convs, FP32 neurons"),
                calib_size: int = typer.Option(512, "--calib-size", help="--data images that check INT8/FP16 against FP32"),
                device: str = typer.Option("cpu", "--device", help="target device: cpu or cuda[:N] (picks the INT8 flavour)"),
-               max_batch: int = typer.Option(8, "--max-batch", help="engine profile / Triton max batch size")):
+               max_batch: Optional[int] = typer.Option(None, "--max-batch", help="engine profile / Triton max batch size (default 8)")):
     """Export a checkpoint to an ONNX graph (verified against the reference by default)."""
     from .assets import resolve_model
     from .export.onnx import default_output, export_onnx

@@ -6,9 +6,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from i2e_deploy.benchmark import plan_rows, tensorrt_status
+from i2e_deploy.benchmark import plan_rows
 from i2e_deploy.cache import cache_key
 from i2e_deploy.cli import app
+from i2e_deploy.export.tensorrt import tensorrt_unavailable
 from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from runtime_models import shared_cifar, shared_model
 
@@ -42,11 +43,11 @@ def test_benchmark_table_and_json(ckpt, tmp_path):
     assert sorted(rows) == [("ONNX Runtime", "fp32"), ("PyTorch (reference)", "fp32"),
                             ("TensorRT", "fp32")]  # --precision fp32 keeps the reference
     trt = rows[("TensorRT", "fp32")]
-    if tensorrt_status():
-        assert trt["reason"] == tensorrt_status() and trt["latency_p50_ms"] is None
+    if tensorrt_unavailable():
+        assert trt["reason"] == tensorrt_unavailable() and trt["latency_p50_ms"] is None
     table = (tmp_path / "b.md").read_text()
     assert table.count("\n") == 2 + len(report["rows"])
-    assert "| TensorRT | fp32 |" in table and (tensorrt_status() or "") in table
+    assert "| TensorRT | fp32 |" in table and (tensorrt_unavailable() or "") in table
     exports = sorted(cache.glob("*.onnx"))
     assert exports and not list(cache.glob(".*tmp*"))
     stamps = [p.stat().st_mtime_ns for p in exports]
@@ -69,7 +70,7 @@ def test_onnx_model_rows_say_what_is_missing(tmp_path):
     assert rows[0].backend == "PyTorch (reference)" and "checkpoint" in rows[0].reason
     assert (rows[1].backend, rows[1].precision, rows[1].reason) == ("ONNX Runtime", "fp32", None)
     assert [r.precision for r in rows[2:]] == ["fp32", "fp16", "int8"]
-    assert all(r.backend == "TensorRT" and r.reason == tensorrt_status() for r in rows[2:])
+    assert all(r.backend == "TensorRT" and r.reason == tensorrt_unavailable() for r in rows[2:])
 
 
 def test_bad_input_exits_2(ckpt, tmp_path):

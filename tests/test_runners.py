@@ -1,7 +1,6 @@
 """Runners: every backend takes the same input and agrees; loading errors are one clear line."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -65,10 +64,34 @@ def test_float_graph_takes_the_same_uint8_batch(models, images):
 
 def test_static_batch_graph_takes_any_batch(models, images):
     with load_runner(shared_model("static.onnx")) as static, load_runner(models["onnx"]) as ort:
-        assert static.batch_limit == 2 and static.pad
+        assert static.batch_limit == static.min_batch == 2
         for count in (1, 2, 5):  # padded, exact, chunked and padded
             np.testing.assert_allclose(static.infer(images[:count]), ort.infer(images[:count]),
                                        atol=1e-4)
+
+
+class _CountingRunner(OrtRunner):
+    """ONNX Runtime, recording the batch of each backend call."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.calls: list[int] = []
+
+    def _run(self, batch):
+        self.calls.append(len(batch))
+        return super()._run(batch)
+
+
+def test_batches_below_the_profile_minimum_are_padded(models, images):
+    """An engine's profile (here min 3, max 4, as the TensorRT runner reads from its sidecar)
+    takes no batch outside [min, max]: longer ones are split, short chunks padded."""
+    runner = _CountingRunner(models["onnx"])
+    want = runner.infer(images)
+    runner.min_batch, runner.batch_limit, runner.calls = 3, 4, []
+    for count, calls in ((1, [3]), (3, [3]), (4, [4]), (5, [4, 3]), (6, [4, 3])):
+        np.testing.assert_allclose(runner.infer(images[:count]), want[:count], atol=1e-5)
+        assert runner.calls == calls, count
+        runner.calls = []
 
 
 def test_converter_only_graph_outputs_reference_events(models, images):
@@ -150,7 +173,7 @@ def test_devices_and_providers():
 def write_sidecar(engine, **changes):
     record = {"card": ModelCard(imgsz=32, resize=32).to_dict(), "tensorrt_version": "10.3.0",
               "gpu_name": "NVIDIA A100", "compute_capability": "8.0", "precision": "fp16",
-              **changes}
+              "io": {}, "profile": {}, **changes}
     engine_sidecar_path(engine).write_text(json.dumps(record))
     return record
 
@@ -223,12 +246,14 @@ def test_torch_runner_on_cuda_matches_cpu(models, images):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
-                    reason="needs TensorRT and a CUDA GPU")
-def test_tensorrt_runner_matches_onnx(models, images):
-    from i2e_deploy.export.tensorrt import build_engine
+@pytest.mark.gpu
+def test_tensorrt_runner_matches_onnx(models, images, tmp_path):
+    from i2e_deploy.export.tensorrt import build_engine, tensorrt_unavailable
 
-    engine = build_engine(models["onnx"], models["root"] / "tiny.engine", precision="fp32")
+    reason = tensorrt_unavailable()
+    if reason:
+        pytest.skip(reason)
+    engine = build_engine(models["onnx"], tmp_path / "tiny.engine", precision="fp32")
     with load_runner(engine) as trt, load_runner(models["onnx"]) as ort:
         assert trt.name == "tensorrt" and trt.precision == "fp32"
         np.testing.assert_array_equal(trt.infer(images).argmax(1), ort.infer(images).argmax(1))

@@ -1,12 +1,14 @@
 """Triton model repositories, checked against Triton's own model-config schema."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from google.protobuf import text_format
 
 from i2e_deploy.card import CIFAR10_CLASSES, ModelCard
 from i2e_deploy.errors import I2EError
-from i2e_deploy.export.tensorrt import sidecar_record, write_engine
+from i2e_deploy.export.tensorrt import profile_shapes, sidecar_record, write_engine
 from i2e_deploy.export.triton import write_repository
 from runtime_models import export, shared_model
 
@@ -48,19 +50,36 @@ def test_static_graph_has_no_batching(tmp_path):
     assert not config.HasField("dynamic_batching")
 
 
-def test_engine_repository_reads_the_sidecar(tmp_path):
+def engine(tmp_path, **batches):
     card = ModelCard(imgsz=32, resize=32)  # no class names: labels are indices
     io = {"inputs": [{"name": "images", "dtype": "uint8", "shape": [-1, 32, 32, 3]}],
           "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}]}
-    engine = write_engine(tmp_path / "m.plan", b"plan", sidecar_record(
+    return write_engine(tmp_path / "m.plan", b"plan", sidecar_record(
         card, tensorrt_version="10.3.0", gpu_name="T4", compute_capability="7.5",
-        precision="fp16", io=io, profile=None))
-    folder = write_repository(engine, tmp_path / "repo", instance_kind="KIND_GPU")
+        precision="fp16", io=io, profile=profile_shapes([-1, 32, 32, 3], **batches)))
+
+
+def test_engine_repository_follows_the_profile(tmp_path):
+    plan = engine(tmp_path, opt_batch=3, max_batch=4)  # an engine built with --max-batch 4
+    folder = write_repository(plan, tmp_path / "repo")
     config = parse(folder)
-    assert config.platform == "tensorrt_plan" and config.max_batch_size == 8
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
+    assert list(config.dynamic_batching.preferred_batch_size) == [1, 2, 3, 4]
     assert config.instance_group[0].kind == model_config.ModelInstanceGroup.KIND_GPU
     assert (folder / "1" / "model.plan").read_bytes() == b"plan"
     assert (folder / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+    # The plan's TensorRT version and GPU travel with it: its sidecar, and the config's header.
+    beside = json.loads((folder / "1" / "model.plan.json").read_text())
+    assert beside["tensorrt_version"] == "10.3.0" and beside["profile"]["max"][0] == 4
+    assert (folder / "config.pbtxt").read_text().startswith(
+        "# TensorRT 10.3.0 plan for T4 (sm 7.5)")
+    assert parse(write_repository(plan, tmp_path / "repo", max_batch_size=2)).max_batch_size == 2
+    with pytest.raises(I2EError, match="--max-batch 8 exceeds the engine's profile max .4."):
+        write_repository(plan, tmp_path / "repo", max_batch_size=8)
+    with pytest.raises(I2EError, match="refuses KIND_CPU"):
+        write_repository(plan, tmp_path / "repo", instance_kind="KIND_CPU")
+    with pytest.raises(I2EError, match="profile starts at batch 2.*--min-batch 1"):
+        write_repository(engine(tmp_path, min_batch=2), tmp_path / "repo")
 
 
 def test_bad_requests_are_one_line_errors(tmp_path):

@@ -36,10 +36,11 @@ def target_output(fp32_output: Path, fmt: str, precision: str) -> Path:
 def export_target(model, card: ModelCard, output: str | os.PathLike, *, fmt: str = "onnx",
                   precision: str = "fp32", device: str = "cpu",
                   data: str | os.PathLike | None = None, calib_size: int = 512,
-                  verify: bool = True, name: str | None = None, max_batch: int = 8,
+                  verify: bool = True, name: str | None = None, max_batch: int | None = None,
                   log=None, **export_options) -> Path:
     """Export ``model`` to ``output`` in ``fmt`` and ``precision``; returns the path written
-    (a file, or the Triton model folder)."""
+    (a file, or the Triton model folder). ``max_batch``: the engine profile's max (default
+    8; a static graph has its own batch), or Triton's max batch size (default 8)."""
     from ..calibration.half import to_fp16
     from ..calibration.quantize import to_int8
     from ..fileio import copy_into_place
@@ -51,9 +52,6 @@ def export_target(model, card: ModelCard, output: str | os.PathLike, *, fmt: str
         raise I2EError(f"unknown precision {precision!r}")
     if calib_size < 1:
         raise I2EError(f"--calib-size must be at least 1, got {calib_size}")
-    if fmt == "engine":
-        from .tensorrt import tensorrt_module
-        tensorrt_module()  # fail before the exports, not after
     count = calib_size if data else DEFAULT_VERIFY_COUNT
     output = Path(output)
     # The FP32 graph is an intermediate here: keep its verification lines, not its path.
@@ -65,10 +63,10 @@ def export_target(model, card: ModelCard, output: str | os.PathLike, *, fmt: str
         if precision == "int8":
             graph = to_int8(fp32, Path(scratch) / "model.int8.onnx", data=data, verify=verify,
                             flavour=int8_flavour(fmt, device), verify_count=count, log=log)
-        elif precision == "fp16" and fmt != "engine":  # engines run FP16 from the FP32 graph
+        elif precision == "fp16":
             graph = to_fp16(fp32, Path(scratch) / "model.fp16.onnx", data=data, verify=verify,
                             verify_count=count, log=log)
-        if fmt == "engine":
+        if fmt == "engine":  # TensorRT is needed from here on: the graphs are checked first
             from .tensorrt import build_engine
             return build_engine(graph, output, precision=precision, max_batch=max_batch,
                                 device=device if device.startswith("cuda") else "cuda")

@@ -1,26 +1,44 @@
-"""TensorRT engines from our ONNX graphs (TensorRT 10 Python API), with a JSON sidecar.
+"""TensorRT engines from our ONNX graphs, built through NVIDIA's Polygraphy, with a JSON sidecar.
 
-Precisions: ``fp32``; ``fp16`` (convs and the classifier in FP16 with FP32 outputs, every
-neuron / converter / pooling layer pinned to FP32 so no membrane is rounded near the
-threshold); ``int8`` from the explicit S8S8 Q/DQ graph of ``calibration.quantize`` (no data
-needed: spikes are exactly 0/1), or implicitly with an entropy / min-max calibrator and a
-calibration cache as a fallback. Dynamic-batch graphs get one optimization profile
-(min/opt/max batch). Optional: timing cache, workspace limit, DLA core with GPU fallback.
+The precision of an engine comes from the graph TensorRT parses, in a strongly typed network
+(no precision flags):
 
-The sidecar ``<engine>.json`` records the card, TensorRT version, GPU name and compute
-capability, precision, I/O and profile; ``runtime.runners`` refuses an engine whose sidecar
-names another TensorRT version or GPU. Everything except the build itself is plain Python
-and is tested without TensorRT.
+=========  ====================================================================
+build      graph TensorRT parses
+=========  ====================================================================
+fp32       the exported FP32 graph (TF32 off)
+fp16       its FP16 graph (``calibration.half``: FP16 convs and classifier,
+           every neuron, residual sum and the converter in FP32)
+int8       its S8S8 Q/DQ graph (``calibration.quantize``: exact 0/1 activations
+           at scale 1, per-channel weights, zero points 0)
+=========  ====================================================================
+
+A graph given already reduced is parsed as it is; a Q/DQ graph asked for anything but INT8,
+or an FP16 graph asked for anything but FP16, is refused. Precision flags remain only where
+strong typing does not reach (see :func:`plan_build`): TensorRT before 10.0, DLA on TensorRT
+10 (whose DLA guide builds with flags; TensorRT 11 types DLA networks strongly too), and the
+implicit INT8 calibrators (entropy / min-max, deprecated in TensorRT 10, removed in 11).
+
+Everything up to TensorRT itself runs on any machine and is tested there: the request and
+its refusals, the optimization profile (DLA: one fixed batch, min = opt = max), the build
+plan, the graph fed to each precision and Polygraphy's lazy loader chain (network, config,
+timing cache, DLA settings). The sidecar ``<engine>.json`` records what was built: the card,
+TensorRT version, GPU and compute capability, I/O, profile, the build plan, the precision of
+each layer group as TensorRT's engine inspector reports it and, for DLA, which layers
+TensorRT can place on the DLA. ``runtime.runners`` refuses an engine whose sidecar names
+another TensorRT version or GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, Iterator
 
 from .. import __version__
 from ..card import ModelCard, sha256_file
@@ -30,64 +48,91 @@ from ..runtime.runners import engine_sidecar_path, parse_device
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_MODES = ("qdq", "entropy", "minmax")
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
+DEFAULT_MAX_BATCH = 8
+# ONNX metadata written by calibration.quantize / calibration.half.
+_PRECISION_KEY = "i2e_deploy.precision"
+_FLAVOUR_KEY = "i2e_deploy.int8_flavour"
 
 
 def profile_shapes(input_shape: list[int], *, min_batch: int | None = None,
-                   opt_batch: int | None = None, max_batch: int | None = None
-                   ) -> dict[str, list[int]] | None:
-    """Optimization-profile shapes for a graph input whose dimension 0 may be dynamic (-1).
+                   opt_batch: int | None = None, max_batch: int | None = None,
+                   fixed: bool = False) -> dict[str, list[int]]:
+    """Optimization-profile shapes (min / opt / max) for a graph input whose dimension 0 may
+    be dynamic (-1).
 
-    Defaults: min 1, opt = min, max = max(8, opt). A static graph needs no profile (None)
-    and accepts only its own batch.
+    Dynamic batch: min 1, opt = min, max = max(8, opt) unless given. ``fixed`` (DLA, which
+    has no dynamic dimensions): one batch, min = opt = max, the one given (default 1). A
+    static graph has its own batch only.
     """
     if any(d < 0 for d in input_shape[1:]):
         raise I2EError(f"only the batch dimension may be dynamic, the graph input is "
                        f"{input_shape}; re-export with a fixed --imgsz")
     given = [b for b in (min_batch, opt_batch, max_batch) if b is not None]
+    rest = list(input_shape[1:])
     if input_shape[0] >= 0:
         if any(b != input_shape[0] for b in given):
             raise I2EError(f"the graph has a static batch of {input_shape[0]}; re-export it "
                            "without --static for another batch range")
-        return None
-    low = min_batch or 1
-    opt = opt_batch or low
-    high = max_batch or max(8, opt)
-    if not 1 <= low <= opt <= high:
-        raise I2EError(f"batch sizes must satisfy 1 <= min ({low}) <= opt ({opt}) "
-                       f"<= max ({high})")
-    rest = list(input_shape[1:])
+        low = opt = high = input_shape[0]
+    elif fixed:
+        if len(set(given)) > 1:
+            raise I2EError("DLA runs one fixed batch size (profile min = opt = max): give one "
+                           "of --min-batch, --batch, --max-batch, or equal values")
+        low = opt = high = given[0] if given else 1
+    else:
+        low = min_batch or 1
+        opt = opt_batch or low
+        high = max_batch or max(DEFAULT_MAX_BATCH, opt)
+        if not 1 <= low <= opt <= high:
+            raise I2EError(f"batch sizes must satisfy 1 <= min ({low}) <= opt ({opt}) "
+                           f"<= max ({high})")
     return {"min": [low, *rest], "opt": [opt, *rest], "max": [high, *rest]}
 
 
-def sidecar_record(card: ModelCard, *, tensorrt_version: str, gpu_name: str,
-                   compute_capability: str, precision: str, io: dict, profile: dict | None,
-                   int8_mode: str | None = None, dla_core: int | None = None,
-                   source: dict | None = None) -> dict:
-    """The sidecar's content (see the module docstring)."""
-    return {"sidecar_version": SIDECAR_VERSION, "i2e_deploy_version": __version__,
-            "card": card.to_dict(), "tensorrt_version": tensorrt_version,
-            "gpu_name": gpu_name, "compute_capability": compute_capability,
-            "precision": precision, "int8_mode": int8_mode, "io": io, "profile": profile,
-            "dla_core": dla_core, "source": source or {},
-            "version_compatible": False, "hardware_compatibility": False}
+@dataclass(frozen=True)
+class GraphInfo:
+    """What a build needs to know of an exported ONNX graph, read without TensorRT."""
+
+    card: ModelCard
+    io: dict[str, list[dict[str, Any]]]  # inputs / outputs: name, numpy dtype name, shape
+    precision: str  # numeric form of the graph: 'fp32', 'fp16' or 'int8' (Q/DQ)
+    int8_flavour: str | None  # 'tensorrt' (S8S8) or 'onnxruntime' (U8S8) for INT8 graphs
+
+    @property
+    def input_name(self) -> str:
+        return self.io["inputs"][0]["name"]
+
+    @property
+    def input_shape(self) -> list[int]:
+        return self.io["inputs"][0]["shape"]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    with atomic_output(path) as fh:
-        fh.write(data)
+def read_graph(onnx_path: Path) -> GraphInfo:
+    """Card, I/O and numeric form of an exported graph (weights are not read)."""
+    import onnx
 
+    from ..runtime.runners import read_onnx_card
 
-def write_engine(engine_path: str | os.PathLike, engine: bytes, sidecar: dict) -> Path:
-    """Write the engine and its sidecar, each atomically (temp file + rename)."""
-    engine_path = Path(engine_path)
     try:
-        _atomic_write(engine_path, bytes(engine))
-        _atomic_write(engine_sidecar_path(engine_path),
-                      (json.dumps(sidecar, indent=2) + "\n").encode())
-    except OSError as exc:
-        raise I2EError(f"cannot write {engine_path}: {exc.strerror}") from None
-    return engine_path
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors have many types
+        raise I2EError(f"{onnx_path}: not a readable ONNX file ({type(exc).__name__})") from None
+    card = read_onnx_card(model)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    initializers = {init.name for init in model.graph.initializer}
+
+    def record(value) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        return {"name": value.name, "dtype": dtype.name, "shape": dims}
+
+    io = {"inputs": [record(v) for v in model.graph.input if v.name not in initializers],
+          "outputs": [record(v) for v in model.graph.output]}
+    quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    precision = "int8" if quantized else metadata.get(_PRECISION_KEY, "fp32")
+    return GraphInfo(card, io, precision, metadata.get(_FLAVOUR_KEY))
 
 
 class BuildRequest:
@@ -119,18 +164,20 @@ class BuildRequest:
             raise I2EError("batch sizes must be at least 1")
         if calib_size < 1:
             raise I2EError(f"--calib-size must be at least 1, got {calib_size}")
-        self.device_index = parse_device(device if device != "cpu" else "cuda")[1]
-        from .onnx import read_metadata
-        if read_metadata(self.onnx_path).get("i2e_deploy.int8_flavour") == "onnxruntime":
-            raise I2EError(f"{onnx_path} is the INT8 graph for ONNX Runtime on CPUs; build from "
-                           "the FP32 graph with --int8, or export with --int8 --device cuda")
+        self.device = device if device != "cpu" else "cuda"
+        parse_device(self.device)
+        self.graph = read_graph(self.onnx_path)
+        _check_graph_fits(self.graph, self.onnx_path, precision, int8_mode)
         self.output = Path(output) if output else self.onnx_path.with_suffix(".engine")
         if self.output.suffix.lower() not in (".engine", ".plan"):
             raise I2EError(f"{self.output}: engine files end in .engine or .plan")
         if not self.output.parent.is_dir():
             raise I2EError(f"output folder does not exist: {self.output.parent}")
-        self.precision, self.int8_mode = precision, int8_mode
-        self.batches = (min_batch, opt_batch, max_batch)
+        self.precision = precision
+        self.int8_mode = int8_mode if precision == "int8" else None
+        self.profile = profile_shapes(self.graph.input_shape, min_batch=min_batch,
+                                      opt_batch=opt_batch, max_batch=max_batch,
+                                      fixed=dla_core is not None)
         self.workspace_bytes = int(workspace_gib * (1 << 30))
         self.dla_core = dla_core
         self.timing_cache = Path(timing_cache) if timing_cache else None
@@ -139,100 +186,303 @@ class BuildRequest:
             self.output.with_name(self.output.stem + ".calib.cache")
 
 
-# Layer types that compute on float values: neurons (add, mul, compare, select), the
-# converter, pooling, reductions. Pinned to FP32 in reduced-precision builds.
-_FP32_LAYER_TYPES = ("ELEMENTWISE", "SELECT", "UNARY", "REDUCE", "POOLING", "SCALE",
-                     "ACTIVATION", "SOFTMAX")
+def _check_graph_fits(graph: GraphInfo, path: Path, precision: str, int8_mode: str) -> None:
+    """Refuse a graph whose numeric form contradicts the requested precision."""
+    if graph.precision == "int8" and graph.int8_flavour == "onnxruntime":
+        raise I2EError(f"{path} is the INT8 graph for ONNX Runtime on CPUs; build from the "
+                       "FP32 graph with --int8, or export with --int8 --device cuda")
+    if graph.precision == "int8" and (precision != "int8" or int8_mode != "qdq"):
+        raise I2EError(f"{path} is an INT8 Q/DQ graph: build it with --int8 (calibrator qdq), "
+                       "or build the FP32 graph for other precisions")
+    if graph.precision == "fp16" and precision != "fp16":
+        raise I2EError(f"{path} is an FP16 graph: build it with --half, or build the FP32 graph "
+                       "for other precisions")
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How TensorRT is asked for the requested precision (see :func:`plan_build`)."""
+
+    graph: str  # the form TensorRT parses: 'fp32', 'fp16' or 'int8' (S8S8 Q/DQ)
+    strongly_typed: bool
+    fp16: bool = False  # builder flags, weakly typed builds only
+    int8: bool = False
+    pin_fp32: bool = False  # weakly typed GPU builds: neurons pinned to FP32 (obeyed)
+    calibrator: str | None = None  # implicit INT8 calibration: 'entropy' or 'minmax'
+
+    def flags(self) -> list[str]:
+        return [name for name, on in (("FP16", self.fp16), ("INT8", self.int8)) if on]
+
+
+def tensorrt_major(version: str) -> int:
+    match = re.match(r"(\d+)\.", version)
+    if not match:
+        raise I2EError(f"cannot read the TensorRT version {version!r}")
+    return int(match.group(1))
+
+
+def plan_build(request: BuildRequest, tensorrt_version: str) -> BuildPlan:
+    """The graph and network typing for ``request`` on this TensorRT.
+
+    Strongly typed (TensorRT >= 10) wherever it applies: the graph carries the precision.
+    Weakly typed with flags: TensorRT < 10 (no strong typing; neurons pinned to FP32 on the
+    GPU), DLA on TensorRT 10 (flags as NVIDIA's DLA guide builds; no pins, which would move
+    layers off the DLA) and implicit INT8 calibration (refused on TensorRT 11, which removed
+    it)."""
+    major = tensorrt_major(tensorrt_version)
+    dla = request.dla_core is not None
+    if request.int8_mode in ("entropy", "minmax"):
+        if major >= 11:
+            raise I2EError(f"TensorRT {tensorrt_version} has no implicit INT8 calibration; use "
+                           "--calibrator qdq (the default: exact, needs no data)")
+        return BuildPlan("fp32", strongly_typed=False, fp16=dla, int8=True, pin_fp32=not dla,
+                         calibrator=request.int8_mode)
+    if major >= 11 or (major == 10 and not dla):
+        return BuildPlan(request.precision, strongly_typed=True)
+    # Weakly typed: FP16 comes from the flag, so the graph stays as given (FP32 or FP16).
+    graph = "int8" if request.precision == "int8" else request.graph.precision
+    return BuildPlan(graph, strongly_typed=False,
+                     fp16=request.precision == "fp16" or dla,  # DLA: FP16 where not INT8
+                     int8=request.precision == "int8", pin_fp32=not dla)
+
+
+def parsed_graph(request: BuildRequest, plan: BuildPlan, scratch: Path) -> Path:
+    """The ONNX file TensorRT parses: the request's graph when it already has the plan's
+    form, else the FP16 or S8S8 Q/DQ graph derived from it (written to ``scratch``)."""
+    if plan.graph == request.graph.precision:
+        return request.onnx_path
+    import onnx
+
+    if plan.graph == "fp16":
+        from ..calibration.half import half_graph
+        derived = scratch / "model.fp16.onnx"
+        onnx.save(half_graph(onnx.load(str(request.onnx_path))), str(derived))
+        return derived
+    from ..calibration.quantize import quantize_qdq
+    return quantize_qdq(request.onnx_path, scratch / "model.qdq.onnx")
+
+
+@dataclass
+class EngineLoaders:
+    """Polygraphy's lazy loader chain for one build; ``engine()`` builds the serialized
+    engine. ``dla_layers`` is filled during the build ('dla' / 'gpu': layer names)."""
+
+    network: Any  # NetworkFromOnnxPath, or PostprocessNetwork around it (FP32 pins)
+    create_config: Any  # the CreateConfig
+    config: Any  # what the engine loader uses: create_config, or PostprocessConfig (DLA core)
+    engine: Any  # EngineBytesFromNetwork
+    dla_layers: dict[str, list[str]]
+
+
+def engine_loaders(request: BuildRequest, plan: BuildPlan, graph: Path, trt,
+                   calibrator=None) -> EngineLoaders:
+    """The loader chain (nothing runs until ``.engine()`` is called). ``trt`` is the tensorrt
+    module, for the workspace pool's enum and the layer edits."""
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork,
+                                        NetworkFromOnnxPath, PostprocessConfig,
+                                        PostprocessNetwork, Profile)
+
+    network: Any = NetworkFromOnnxPath(str(graph), strongly_typed=plan.strongly_typed)
+    if plan.pin_fp32:
+        network = PostprocessNetwork(network, functools.partial(
+            apply_precision_constraints, trt=trt, precision=request.precision),
+            name="pin neurons to FP32")
+    shapes = request.profile
+    timing_cache = str(request.timing_cache) if request.timing_cache else None
+    dla = request.dla_core is not None
+    create_config = CreateConfig(
+        profiles=[Profile().add(request.graph.input_name, shapes["min"], shapes["opt"],
+                                shapes["max"])],
+        tf32=False, fp16=plan.fp16, int8=plan.int8, calibrator=calibrator,
+        precision_constraints="obey" if plan.pin_fp32 else None,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: request.workspace_bytes},
+        load_timing_cache=timing_cache, use_dla=dla, allow_gpu_fallback=dla)
+    dla_layers: dict[str, list[str]] = {}
+    config: Any = create_config
+    if request.dla_core is not None:
+        config = PostprocessConfig(create_config, functools.partial(
+            _use_dla_core, core=request.dla_core, report=dla_layers))
+    engine = EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)
+    return EngineLoaders(network, create_config, config, engine, dla_layers)
+
+
+def _use_dla_core(builder, network, config, *, core: int, report: dict[str, list[str]]) -> None:
+    """Polygraphy's CreateConfig always picks DLA core 0: pick ``core``, and record which
+    layers TensorRT can run on the DLA (the rest fall back to the GPU)."""
+    cores = builder.num_DLA_cores
+    if core >= cores:
+        raise I2EError(f"--dla-core {core} does not exist: this device has {cores} DLA "
+                       "core(s)" + ("; drop --dla-core" if cores == 0 else ""))
+    config.DLA_core = core
+    report.update(dla=[], gpu=[])
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        report["dla" if config.can_run_on_DLA(layer) else "gpu"].append(layer.name)
+
+
+# Layers that compute the conv / linear math: FP16 in weakly typed FP16 builds.
 _MATH_LAYER_TYPES = ("CONVOLUTION", "MATRIX_MULTIPLY")
 
 
 def apply_precision_constraints(network, trt, precision: str) -> int:
-    """Pin neuron / converter layers to FP32 and make convs and the classifier output FP32
-    (FP16 builds also run them in FP16; INT8 builds leave their input precision to the Q/DQ
-    nodes or the calibrator). Layers on integer tensors (shape arithmetic of dynamic-batch
-    graphs) keep their types. Returns the number of pinned layers."""
+    """Weakly typed GPU builds only: pin every layer that computes on float values (neurons,
+    converter, pooling, and also slices, concatenations, shuffles, casts and constants) to
+    FP32; convs and the classifier run FP16 in FP16 builds, with FP32 outputs. Layers that
+    touch integer tensors (shape arithmetic, the INT8 side of Q/DQ) keep their types.
+    Returns the number of pinned layers. TensorRT may still fuse pinned layers (Myelin):
+    strongly typed builds do not depend on these pins."""
     float_types = {trt.float32, trt.float16}
+    allowed = float_types | {trt.bool}
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        kind = layer.type.name
-        inputs = {t.dtype for t in (layer.get_input(k) for k in range(layer.num_inputs))
-                  if t is not None}
-        if kind in _FP32_LAYER_TYPES:
-            if not inputs & float_types or inputs - float_types - {trt.bool}:
-                continue
-            layer.precision = trt.float32
-            pinned += 1
-        elif kind in _MATH_LAYER_TYPES:
+        tensors = [layer.get_input(k) for k in range(layer.num_inputs)] + \
+                  [layer.get_output(j) for j in range(layer.num_outputs)]
+        types = {t.dtype for t in tensors if t is not None}
+        if not types & float_types or types - allowed:
+            continue
+        if layer.type.name in _MATH_LAYER_TYPES:
             if precision == "fp16":
                 layer.precision = trt.float16
         else:
-            continue
+            layer.precision = trt.float32
+            pinned += 1
         for j in range(layer.num_outputs):
             if layer.get_output(j).dtype in float_types:
                 layer.set_output_type(j, trt.float32)
     return pinned
 
 
-def make_calibrator(trt, torch, batches, cache: Path, mode: str, device):
-    """A TensorRT INT8 calibrator (entropy or min-max) over :class:`CalibrationBatches`."""
-    base: Any = {"entropy": trt.IInt8EntropyCalibrator2,
-                 "minmax": trt.IInt8MinMaxCalibrator}[mode]
-
-    class Calibrator(base):
-        def __init__(self):
-            base.__init__(self)
-            self._device_batch = None  # kept alive while TensorRT reads it
-
-        def get_batch_size(self):
-            return batches.batch_size
-
-        def get_batch(self, names):
-            batch = batches.next_batch()
-            if batch is None:
-                return None
-            self._device_batch = torch.from_numpy(batch).to(device)
-            return [int(self._device_batch.data_ptr())]
-
-        def read_calibration_cache(self):
-            return cache.read_bytes() if cache.is_file() else None
-
-        def write_calibration_cache(self, data):
-            _atomic_write(cache, bytes(data))
-
-    return Calibrator()
+_DTYPE_WORDS = {"fp32": "fp32", "float": "fp32", "fp16": "fp16", "half": "fp16",
+                "bf16": "bf16", "fp8": "fp8", "int8": "int8", "uint8": "uint8",
+                "int32": "int32", "int64": "int64", "bool": "bool"}
+_DTYPE_PATTERN = re.compile(r"\b(" + "|".join(_DTYPE_WORDS) + r")\b", re.IGNORECASE)
 
 
-def _io_record(network, trt) -> dict:
-    def tensors(count, get):
-        return [{"name": t.name, "dtype": np.dtype(trt.nptype(t.dtype)).name,
-                 "shape": list(t.shape)} for t in (get(i) for i in range(count))]
-    return {"inputs": tensors(network.num_inputs, network.get_input),
-            "outputs": tensors(network.num_outputs, network.get_output)}
+def layer_precisions(engine_information: dict[str, Any]) -> dict[str, Any]:
+    """Summary of the engine inspector's JSON (``IEngineInspector.get_engine_information``,
+    detailed verbosity): layer count and, per layer type TensorRT reports, how many layers
+    write each data type (first output; TensorRT 10's "Format/Datatype", 11's "Datatype")."""
+    layers = engine_information.get("Layers", [])
+    groups: dict[str, dict[str, int]] = {}
+    for layer in layers:
+        if not isinstance(layer, dict):  # only names: the engine was not built detailed
+            continue
+        outputs = layer.get("Outputs") or [{}]
+        text = " ".join(str(outputs[0].get(key, "")) for key in ("Format/Datatype", "Datatype"))
+        found = _DTYPE_PATTERN.search(text)
+        dtype = _DTYPE_WORDS[found.group(1).lower()] if found else "unknown"
+        group = groups.setdefault(str(layer.get("LayerType", "unknown")), {})
+        group[dtype] = group.get(dtype, 0) + 1
+    return {"count": len(layers), "by_type": groups}
 
 
-def _read_onnx(onnx_path: Path) -> tuple[ModelCard, bool]:
-    """The graph's card, and whether it already is a Q/DQ (explicitly quantized) graph."""
-    import onnx
+def sidecar_record(card: ModelCard, *, tensorrt_version: str, gpu_name: str,
+                   compute_capability: str, precision: str, io: dict, profile: dict,
+                   int8_mode: str | None = None, dla_core: int | None = None,
+                   source: dict | None = None, plan: BuildPlan | None = None,
+                   layers: dict | None = None, dla_layers: dict | None = None) -> dict:
+    """The sidecar's content (see the module docstring)."""
+    build = None if plan is None else {"graph": plan.graph, "strongly_typed": plan.strongly_typed,
+                                       "flags": plan.flags(), "fp32_pins": plan.pin_fp32}
+    return {"sidecar_version": SIDECAR_VERSION, "i2e_deploy_version": __version__,
+            "card": card.to_dict(), "tensorrt_version": tensorrt_version,
+            "gpu_name": gpu_name, "compute_capability": compute_capability,
+            "precision": precision, "int8_mode": int8_mode, "io": io, "profile": profile,
+            "dla_core": dla_core, "dla_layers": dla_layers, "build": build, "layers": layers,
+            "source": source or {}, "version_compatible": False,
+            "hardware_compatibility": False}
 
-    from ..runtime.runners import read_onnx_card
 
+def write_engine(engine_path: str | os.PathLike, engine: bytes, sidecar: dict) -> Path:
+    """Write the engine and its sidecar, each atomically (temp file + rename)."""
+    engine_path = Path(engine_path)
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # protobuf decode errors have many types
-        raise I2EError(f"{onnx_path}: not a readable ONNX file ({type(exc).__name__})") from None
-    return read_onnx_card(model), any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+        with atomic_output(engine_path) as fh:
+            fh.write(bytes(engine))
+        with atomic_output(engine_sidecar_path(engine_path)) as fh:
+            fh.write((json.dumps(sidecar, indent=2) + "\n").encode())
+    except OSError as exc:
+        raise I2EError(f"cannot write {engine_path}: {exc.strerror}") from None
+    return engine_path
 
+
+# --- the machine: TensorRT, Polygraphy, the CUDA device -----------------------------------
 
 def tensorrt_module():
-    """``import tensorrt``, or the one-line error saying where to build instead."""
+    """``import tensorrt`` (and check Polygraphy is there), or the one-line error saying
+    where to build instead."""
     try:
         import tensorrt
     except ImportError:
         raise I2EError("TensorRT is not installed; install it on the target (`pip install "
-                       "tensorrt`, or JetPack on Jetson) and run `i2e-deploy build` there") from None
+                       "'i2e-deploy[tensorrt]'`, or JetPack on Jetson) and run `i2e-deploy "
+                       "build` there") from None
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        raise I2EError("Polygraphy is not installed; `pip install polygraphy` (JetPack ships "
+                       "it too)") from None
     return tensorrt
 
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    compute_capability: str  # "8.7"
+
+
+def cuda_gpu(device: str = "cuda") -> Gpu:
+    """The CUDA device ``device`` names ('cuda' / 'cuda:N'), made the current device (TensorRT
+    and Polygraphy build and run on the current device). Through cuda-python: no PyTorch."""
+    kind, index = parse_device(device if device != "cpu" else "cuda")
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        raise I2EError("cuda-python is not installed; `pip install cuda-python` (the "
+                       "tensorrt extra installs it)") from None
+    error, count = cudart.cudaGetDeviceCount()
+    if error != cudart.cudaError_t.cudaSuccess or not count:
+        raise I2EError(f"no CUDA GPU is visible here ({error.name}); TensorRT engines need an "
+                       "NVIDIA GPU")
+    if index >= count:
+        raise I2EError(f"device {device} does not exist: {count} CUDA GPU(s) here")
+    (error,) = cudart.cudaSetDevice(index)
+    if error != cudart.cudaError_t.cudaSuccess:
+        raise I2EError(f"cannot use CUDA device {index}: {error.name}")
+    error, props = cudart.cudaGetDeviceProperties(index)
+    if error != cudart.cudaError_t.cudaSuccess:
+        raise I2EError(f"cannot read CUDA device {index}: {error.name}")
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return Gpu(index, name.split("\x00")[0].strip(), f"{props.major}.{props.minor}")
+
+
+def tensorrt_unavailable(device: str = "cuda") -> str | None:
+    """None when TensorRT engines can be built and run here, else why not (one line)."""
+    try:
+        tensorrt_module()
+        cuda_gpu(device)
+    except I2EError as exc:
+        return str(exc).split(";")[0]
+    return None
+
+
+@contextlib.contextmanager
+def polygraphy_errors(what: str) -> Iterator[None]:
+    """Polygraphy's log at warnings and above; its failures as one-line I2EErrors."""
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        try:
+            yield
+        except PolygraphyException as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            raise I2EError(f"{what}: {first.strip()} (see the TensorRT log above)") from None
+
+
+# --- the build --------------------------------------------------------------------------
 
 def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None = None,
                  **options) -> Path:
@@ -240,97 +490,48 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
     :class:`BuildRequest`'s (precision, batches, workspace, DLA, caches, calibration)."""
     request = BuildRequest(onnx_path, output, **options)
     trt = tensorrt_module()
-    import torch
-
-    if not torch.cuda.is_available():
-        raise I2EError("building a TensorRT engine needs an NVIDIA GPU, and PyTorch sees none")
-    card, _ = _read_onnx(request.onnx_path)
+    gpu = cuda_gpu(request.device)
+    plan = plan_build(request, trt.__version__)
     with tempfile.TemporaryDirectory() as scratch:
-        return _build(trt, torch, request, card, parsed_graph(request, Path(scratch)))
-
-
-def parsed_graph(request: BuildRequest, scratch: Path) -> Path:
-    """The ONNX file TensorRT parses: the S8S8 Q/DQ graph (written to ``scratch``) for an
-    INT8 build in qdq mode from an FP32 graph, else the request's graph itself."""
-    _, is_qdq = _read_onnx(request.onnx_path)
-    if request.precision == "int8" and request.int8_mode == "qdq" and not is_qdq:
-        from ..calibration.quantize import quantize_qdq
-        return quantize_qdq(request.onnx_path, scratch / "model.qdq.onnx")
-    return request.onnx_path
-
-
-def _build(trt, torch, request: BuildRequest, card: ModelCard, onnx_path: Path) -> Path:
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-        raise I2EError(f"{request.onnx_path}: TensorRT cannot parse the graph: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, request.workspace_bytes)
-
-    graph_input = network.get_input(0)
-    min_b, opt_b, max_b = request.batches
-    shapes = profile_shapes(list(graph_input.shape), min_batch=min_b, opt_batch=opt_b,
-                            max_batch=max_b)
-    if shapes:
-        profile = builder.create_optimization_profile()
-        profile.set_shape(graph_input.name, shapes["min"], shapes["opt"], shapes["max"])
-        config.add_optimization_profile(profile)
-
-    if request.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    if request.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-    if request.precision != "fp32":
-        apply_precision_constraints(network, trt, request.precision)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-
-    device = torch.device("cuda", request.device_index)
-    if request.precision == "int8" and request.int8_mode != "qdq":
-        from ..calibration.data import (CalibrationBatches, load_calibration_images,
-                                        to_graph_input)
-        fmt = "uint8" if graph_input.dtype == trt.uint8 else "float"
-        images = load_calibration_images(request.calib_data, card, request.calib_size)
-        calib_batch = min(8, len(images), shapes["max"][0]) if shapes else graph_input.shape[0]
-        batches = CalibrationBatches(to_graph_input(images, fmt), calib_batch)
-        config.int8_calibrator = make_calibrator(trt, torch, batches, request.calib_cache,
-                                                 request.int8_mode, device)
-        if shapes:
-            calib_profile = builder.create_optimization_profile()
-            calib_shape = list(batches.shape)
-            calib_profile.set_shape(graph_input.name, calib_shape, calib_shape, calib_shape)
-            config.set_calibration_profile(calib_profile)
-
-    if request.dla_core is not None:
-        if builder.num_DLA_cores == 0:
-            raise I2EError("this device has no DLA cores; drop --dla-core")
-        if request.dla_core >= builder.num_DLA_cores:
-            raise I2EError(f"--dla-core {request.dla_core} does not exist; this device has "
-                           f"{builder.num_DLA_cores} DLA core(s)")
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = request.dla_core
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-
-    if request.timing_cache is not None:
-        previous = request.timing_cache.read_bytes() if request.timing_cache.is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(previous), ignore_mismatch=False)
-
-    with torch.cuda.device(device):
-        serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise I2EError(f"TensorRT failed to build an engine from {request.onnx_path} (see the "
-                       "TensorRT log above)")
-    if request.timing_cache is not None:
-        _atomic_write(request.timing_cache, bytes(config.get_timing_cache().serialize()))
-
-    props = torch.cuda.get_device_properties(device)
+        graph = parsed_graph(request, plan, Path(scratch))
+        calibrator = _calibrator(request, trt, plan.calibrator) if plan.calibrator else None
+        with polygraphy_errors(f"TensorRT could not build {request.onnx_path}"):
+            loaders = engine_loaders(request, plan, graph, trt, calibrator)
+            serialized = loaders.engine()
+            layers = _inspect(serialized, trt)
     sidecar = sidecar_record(
-        card, tensorrt_version=trt.__version__, gpu_name=props.name,
-        compute_capability=f"{props.major}.{props.minor}", precision=request.precision,
-        io=_io_record(network, trt), profile=shapes,
-        int8_mode=request.int8_mode if request.precision == "int8" else None,
-        dla_core=request.dla_core,
+        request.graph.card, tensorrt_version=trt.__version__, gpu_name=gpu.name,
+        compute_capability=gpu.compute_capability, precision=request.precision,
+        io=request.graph.io, profile=request.profile, int8_mode=request.int8_mode,
+        dla_core=request.dla_core, plan=plan, layers=layers,
+        dla_layers=loaders.dla_layers or None,
         source={"onnx": request.onnx_path.name, "sha256": sha256_file(request.onnx_path)})
     return write_engine(request.output, serialized, sidecar)
+
+
+def _calibrator(request: BuildRequest, trt, kind: str):
+    """Polygraphy's INT8 calibrator (entropy or min-max) over the calibration images, in
+    batches of the profile's opt batch (TensorRT calibrates at the opt shape)."""
+    from polygraphy.backend.trt import Calibrator
+
+    from ..calibration.data import CalibrationBatches, load_calibration_images, to_graph_input
+
+    graph_input = request.graph.io["inputs"][0]
+    images = load_calibration_images(request.calib_data, request.graph.card, request.calib_size)
+    batches = CalibrationBatches(
+        to_graph_input(images, "uint8" if graph_input["dtype"] == "uint8" else "float"),
+        request.profile["opt"][0])
+    feed = [{graph_input["name"]: batch} for batch in iter(batches.next_batch, None)]
+    base = {"entropy": trt.IInt8EntropyCalibrator2, "minmax": trt.IInt8MinMaxCalibrator}
+    return Calibrator(feed, cache=str(request.calib_cache), BaseClass=base[kind])
+
+
+def _inspect(serialized, trt) -> dict[str, Any]:
+    """:func:`layer_precisions` of the built engine (Polygraphy has no API for the
+    inspector's JSON; CreateConfig builds with detailed profiling verbosity)."""
+    from polygraphy.backend.trt import EngineFromBytes
+
+    engine = EngineFromBytes(serialized)()
+    inspector = engine.create_engine_inspector()
+    info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+    return layer_precisions(json.loads(info))

@@ -55,22 +55,23 @@ class Runner(ABC):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Run the backend on input already in ``self.input_format``."""
 
-    # Largest batch one backend call takes (a static graph's batch, an engine profile's max);
-    # ``pad``: the graph takes exactly that many, so a short last chunk is padded.
+    # The batches one backend call takes: a static graph's batch is both bounds, an engine
+    # profile gives its min and max. Longer batches are split, shorter chunks padded.
     batch_limit: int | None = None
-    pad: bool = False
+    min_batch: int = 1
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = self._adapt(np.asarray(batch))
-        size = self.batch_limit
-        if size is None or len(batch) == size or (len(batch) < size and not self.pad):
+        size = self.batch_limit or len(batch)
+        if not len(batch) or self.min_batch <= len(batch) <= size:
             return self._run(batch)
         outputs = []
         for start in range(0, len(batch), size):
             chunk = batch[start:start + size]
             count = len(chunk)
-            if self.pad and count < size:  # repeat the last input; its outputs are dropped
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - count, axis=0)])
+            if count < self.min_batch:  # repeat the last input; its outputs are dropped
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.min_batch - count,
+                                                         axis=0)])
             outputs.append(self._run(chunk)[:count])
         return np.concatenate(outputs)
 
@@ -245,7 +246,7 @@ class OrtRunner(Runner):
         self._input_name = graph_input.name
         self.input_format = _graph_input_format(graph_input.type, len(graph_input.shape))
         if isinstance(graph_input.shape[0], int):  # exported with --static
-            self.batch_limit, self.pad = graph_input.shape[0], True
+            self.batch_limit = self.min_batch = graph_input.shape[0]
         self.output = "events" if len(self.session.get_outputs()[0].shape) == 5 else "logits"
 
     @property
@@ -280,8 +281,9 @@ def engine_sidecar_path(engine: str | os.PathLike) -> Path:
 
 
 def read_engine_sidecar(engine: str | os.PathLike) -> dict:
-    """The sidecar JSON of an engine: card, tensorrt_version, gpu_name, compute_capability
-    ("8.6"), precision, shapes (and optionally hardware_compatibility / version_compatible)."""
+    """The sidecar JSON of an engine (``export.tensorrt.sidecar_record``): card,
+    tensorrt_version, gpu_name, compute_capability ("8.6"), precision, io, profile, and what
+    was built (optionally hardware_compatibility / version_compatible)."""
     sidecar = engine_sidecar_path(engine)
     if not sidecar.is_file():
         raise I2EError(f"{engine}: engine sidecar {sidecar.name} is missing; rebuild the engine "
@@ -290,7 +292,8 @@ def read_engine_sidecar(engine: str | os.PathLike) -> dict:
         data = json.loads(sidecar.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise I2EError(f"{sidecar}: not valid JSON ({exc})") from None
-    required = ("card", "tensorrt_version", "gpu_name", "compute_capability", "precision")
+    required = ("card", "tensorrt_version", "gpu_name", "compute_capability", "precision",
+                "io", "profile")
     missing = [k for k in required if k not in data]
     if missing:
         raise I2EError(f"{sidecar}: missing {', '.join(missing)}; rebuild the engine")
@@ -321,80 +324,48 @@ def _cc_tuple(cc: str) -> tuple[int, ...]:
 
 
 class TensorRTRunner(Runner):
-    """A serialized TensorRT engine (TensorRT 10 name-based I/O, ``execute_async_v3``);
-    device buffers and the CUDA stream come from ``torch.cuda``."""
+    """A serialized TensorRT engine run by Polygraphy's ``TrtRunner``, which owns the CUDA
+    buffers and stream (no PyTorch needed, as on a Jetson). I/O names and the batch range
+    come from the sidecar written with the engine."""
 
     name = "tensorrt"
 
     def __init__(self, path: Path, device: str = "cuda"):
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise I2EError("TensorRT is not installed; `pip install tensorrt` (on a machine with "
-                           "an NVIDIA GPU) or run the .onnx file instead") from None
-        import torch
+        from ..export.tensorrt import cuda_gpu, polygraphy_errors, tensorrt_module
 
         super().__init__(path, device)
-        kind, index = parse_device(device if device != "cpu" else "cuda")
-        if not torch.cuda.is_available():
-            raise I2EError("TensorRT engines need an NVIDIA GPU, and PyTorch sees none")
+        trt = tensorrt_module()
         sidecar = read_engine_sidecar(path)
-        props = torch.cuda.get_device_properties(index)
-        check_engine_compatible(sidecar, tensorrt_version=trt.__version__, gpu_name=props.name,
-                                compute_capability=f"{props.major}.{props.minor}")
+        gpu = cuda_gpu(device)
+        check_engine_compatible(sidecar, tensorrt_version=trt.__version__, gpu_name=gpu.name,
+                                compute_capability=gpu.compute_capability)
         self.card = ModelCard.from_dict(sidecar["card"])
         self.precision = sidecar["precision"]
-        self._torch = torch
-        self._device = torch.device("cuda", index)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        with torch.cuda.device(index):
-            self._runtime = trt.Runtime(self._logger)
-            self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
-            if self.engine is None:
-                raise I2EError(f"{path}: TensorRT could not deserialize the engine (corrupt, or "
-                               "built by another TensorRT version)")
-            self.context = self.engine.create_execution_context()
-            self._stream = torch.cuda.Stream(self._device)
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self._inputs = [n for n in names
-                        if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._outputs = [n for n in names
-                         if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        shape = self.engine.get_tensor_shape(self._inputs[0])
-        rank = len(shape)
-        if shape[0] >= 0:
-            self.batch_limit, self.pad = shape[0], True
-        else:  # dynamic batch: profile 0's max
-            self.batch_limit = self.engine.get_tensor_profile_shape(self._inputs[0], 0)[2][0]
-        self.input_format = _graph_input_format(
-            "tensor(uint8)" if self._dtypes[self._inputs[0]] == np.uint8 else "tensor(float)", rank)
-        self.output = "events" if len(self.engine.get_tensor_shape(self._outputs[0])) == 5 \
-            else "logits"
+        graph_input, graph_output = sidecar["io"]["inputs"][0], sidecar["io"]["outputs"][0]
+        self._input_name, self._output_name = graph_input["name"], graph_output["name"]
+        self.input_format = _graph_input_format(f"tensor({graph_input['dtype']})",
+                                                len(graph_input["shape"]))
+        self.output = "events" if len(graph_output["shape"]) == 5 else "logits"
+        profile = sidecar["profile"]
+        self.min_batch, self.batch_limit = profile["min"][0], profile["max"][0]
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path))))
+        with polygraphy_errors(f"{path}: TensorRT cannot load the engine"):
+            self._runner.activate()
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        name = self._inputs[0]
-        # Copy, allocation and execution all on the engine's stream: no cross-stream race.
-        with torch.cuda.stream(self._stream):
-            x = torch.from_numpy(np.ascontiguousarray(batch, self._dtypes[name])).to(self._device)
-            self.context.set_input_shape(name, tuple(x.shape))
-            self.context.set_tensor_address(name, x.data_ptr())
-            outputs = {}
-            for out in self._outputs:
-                shape = tuple(self.context.get_tensor_shape(out))
-                dtype = getattr(torch, self._dtypes[out].name) \
-                    if self._dtypes[out] != np.bool_ else torch.bool
-                outputs[out] = torch.empty(shape, dtype=dtype, device=self._device)
-                self.context.set_tensor_address(out, outputs[out].data_ptr())
-            if not self.context.execute_async_v3(self._stream.cuda_stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed")
-        self._stream.synchronize()
-        result = outputs[self._outputs[0]].cpu().numpy()
-        return result if self.output == "events" else result.astype(np.float32, copy=False)
+        from ..export.tensorrt import polygraphy_errors
+
+        with polygraphy_errors(f"{self.path.name}: TensorRT inference failed"):
+            result = self._runner.infer({self._input_name: batch})[self._output_name]
+        # A copy: TrtRunner reuses its host output buffer on the next call.
+        return np.array(result, np.uint8 if self.output == "events" else np.float32)
 
     def close(self) -> None:
-        self.context = self.engine = self._runtime = None
+        if self._runner.is_active:
+            self._runner.deactivate()
 
 
 def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
