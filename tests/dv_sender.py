@@ -36,7 +36,10 @@ def main(recording: str, port: int, first: int, last: int, linger_s: float) -> N
             time.sleep(0.01)
     print("listening", flush=True)
     connected_since = None
+    deadline = time.monotonic() + 60
     while connected_since is None or time.monotonic() - connected_since < SETTLE_S:
+        if time.monotonic() > deadline:  # nobody came: do not outlive the test
+            os._exit(1)
         if writer.getClientCount() < 1:
             connected_since = None
         elif connected_since is None:

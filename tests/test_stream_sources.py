@@ -9,8 +9,8 @@ import pytest
 
 from i2e_deploy.card import ModelCard
 from i2e_deploy.errors import I2EError
-from i2e_deploy.runtime.sinks import NullSink
 from i2e_deploy.runtime.event_sources import events_to_frames
+from i2e_deploy.runtime.sinks import NullSink
 from i2e_deploy.runtime.sources import DemoSource, open_source
 from i2e_deploy.runtime.stream import Classifier, Stream, run_stream
 

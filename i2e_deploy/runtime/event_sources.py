@@ -36,7 +36,7 @@ Reader = Callable[[str], tuple[Iterator[Columns], tuple[int, int]]]
 def import_dv() -> ModuleType:
     """dv-processing, or one line saying which extra installs it."""
     try:
-        import dv_processing
+        import dv_processing  # type: ignore[import-not-found]  # no stubs (pybind11)
     except ImportError:
         raise I2EError("AEDAT4 files, iniVation cameras and DV network streams need "
                        "dv-processing: pip install 'i2e-deploy[events]'") from None
@@ -164,7 +164,7 @@ def event_windows(chunks: Iterable[Columns], window_us: int) -> Iterator[EventWi
             pending = []
             start += window_us
             t, x, y, p = t[cut:], x[cut:], y[cut:], p[cut:]
-    if start is not None and sum(len(part[0]) for part in pending):
+    if start is not None and any(len(part[0]) for part in pending):
         t, x, y, p = _join(pending)
         yield EventWindow(start, int(t[-1]) + 1, t, x, y, p)
 
