@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
-from i2e_deploy.runtime.event_sources import events_to_frames
+from i2e_deploy.runtime.event_sources import event_windows, events_to_frames
 from i2e_deploy.runtime.sinks import JsonlSink
 from i2e_deploy.runtime.sources import open_source
 from i2e_deploy.runtime.stream import Classifier, Stream
@@ -136,6 +136,21 @@ def check_windows(records: list[dict], recording: Recording, model: Classifier,
         first_frame += recording.windows(first, last)
         checked += len(mine)
     assert checked == len(records)
+
+
+def test_windows_follow_event_time_whatever_the_batches():
+    t = np.array([100, 150, 1099, 1100, 1200, 4300, 4301])  # no events in 2100..4099
+    columns = (t, np.arange(7), np.arange(7) * 2, np.arange(7) % 2)
+    expected = [(100, 1100, [100, 150, 1099]), (1100, 2100, [1100, 1200]), (2100, 3100, []),
+                (3100, 4100, []), (4100, 4302, [4300, 4301])]  # the last ends after its event
+    for cuts in ([], [1], [2, 3], [1, 2, 3, 4, 5, 6]):  # one batch, ..., one event per batch
+        batches = [tuple(np.split(column, cuts)[k] for column in columns)
+                   for k in range(len(cuts) + 1)]
+        windows = list(event_windows(batches, 1000))
+        assert [(w.start_us, w.end_us, w.t.tolist()) for w in windows] == expected
+        assert [w.x.tolist() for w in windows] == [[0, 1, 2], [3, 4], [], [], [5, 6]]
+        assert [w.y.tolist() for w in windows][0] == [0, 2, 4]
+    assert list(event_windows([], 1000)) == []
 
 
 @needs_stream
