@@ -36,7 +36,7 @@ Reader = Callable[[str], tuple[Iterator[Columns], tuple[int, int]]]
 def import_dv() -> ModuleType:
     """dv-processing, or one line saying which extra installs it."""
     try:
-        import dv_processing  # type: ignore[import-not-found]  # no stubs (pybind11)
+        import dv_processing
     except ImportError:
         raise I2EError("AEDAT4 files, iniVation cameras and DV network streams need "
                        "dv-processing: pip install 'i2e-deploy[events]'") from None
