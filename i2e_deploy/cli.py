@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .errors import I2EError
 
@@ -24,14 +25,17 @@ err_console = Console(stderr=True)
 
 
 def command(*args, **kwargs):
-    """Register a command whose I2EError becomes one red line and exit code 2."""
+    """Register a command whose I2EError becomes one red line and exit code 2. The message
+    prints literally: a Text, not markup, so "pip install 'i2e-deploy[events]'" keeps its
+    brackets."""
     def wrap(fn):
         @functools.wraps(fn)
         def run(*a, **kw):
             try:
                 return fn(*a, **kw)
             except I2EError as exc:
-                err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+                err_console.print(Text.assemble(("error:", "red"), f" {exc}"), highlight=False,
+                                  soft_wrap=True)
                 raise typer.Exit(2) from None
         return app.command(*args, **kwargs)(run)
     return wrap
@@ -156,9 +160,12 @@ def parity_cmd(model_a: str = typer.Argument(..., help="reference: checkpoint, .
 def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .engine) or 'default'"),
            source: list[str] = typer.Option(..., "--source", "-s",
                                             help="camera index or /dev/videoN, video file, rtsp:// "
-                                                 "or http:// URL, image folder or glob, 'demo', "
-                                                 "event recording (.aedat4, .raw, .bin); repeat to "
-                                                 "micro-batch several"),
+                                                 "or http:// URL, image folder or glob, 'demo'; "
+                                                 "for event-input models an event recording "
+                                                 "(.aedat4, .raw, .bin), an iniVation camera "
+                                                 "(dvs: or dvs:SERIAL) or a DV network stream "
+                                                 "(dv://HOST:PORT); repeat to micro-batch "
+                                                 "several"),
            output: list[str] = typer.Option(["display"], "--output", "-o",
                                             help="display, none, out.mp4 or preds.jsonl; repeatable"),
            max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after N frames"),
@@ -180,7 +187,11 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            stride: int = typer.Option(1, "--stride", help="use every N-th frame"),
            resolution: Optional[str] = typer.Option(None, "--resolution", help="frame size WxH"),
            window_ms: float = typer.Option(100.0, "--window-ms",
-                                           help="event recordings: window per prediction"),
+                                           help="event sources: window of event time per "
+                                                "prediction"),
+           reconnects: int = typer.Option(5, "--reconnects",
+                                          help="cameras and streams: reconnect attempts when "
+                                               "lost (backoff doubling from 0.5 s)"),
            arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
            ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
            events: Optional[bool] = EventsOpt):
@@ -191,9 +202,9 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
                               events=events).items() if v is not None}
     stats = run_stream(model, source, output, max_frames=max_frames, topk=topk, backend=backend,
                        precision=precision, device=device, threads=threads, resolution=resolution, fps=fps, loop=loop,
-                       stride=stride, window_ms=window_ms,
+                       stride=stride, window_ms=window_ms, reconnects=reconnects,
                        stats_json=str(stats_json) if stats_json else None, **overrides)
-    console.print(stats.summary(), highlight=False)
+    console.print(stats.summary(), highlight=False, markup=False)
     if stats.error:
         raise I2EError(stats.error)
 

@@ -9,8 +9,9 @@ import pytest
 
 from i2e_deploy.card import ModelCard
 from i2e_deploy.errors import I2EError
+from i2e_deploy.runtime.event_sources import events_to_frames
 from i2e_deploy.runtime.sinks import NullSink
-from i2e_deploy.runtime.sources import DemoSource, events_to_frames, open_source
+from i2e_deploy.runtime.sources import DemoSource, open_source
 from i2e_deploy.runtime.stream import Classifier, Stream, run_stream
 
 from stream_fixtures import (DVS, FileServer, MjpegServer, make_checkpoint, synthetic_frames,
@@ -76,7 +77,7 @@ def test_nmnist_reader_on_a_real_recording():
     assert len(raw) == 4325 and raw[:, 0].max() < 34 and raw[:, 1].max() < 34
 
 
-@pytest.mark.parametrize("name, package, window_ms", [("sample.aedat4", "aedat", 100),
+@pytest.mark.parametrize("name, package, window_ms", [("sample.aedat4", "dv_processing", 100),
                                                       ("evt3_sample.raw", "expelliarmus", 20)])
 def test_event_recordings_stream_through_an_event_model(name, package, window_ms,
                                                         event_checkpoint, tmp_path):

@@ -100,7 +100,8 @@ class VideoSink(Sink):
 
 
 class JsonlSink(Sink):
-    """One JSON object per frame: source, frame index, top-k classes with probabilities."""
+    """One JSON object per frame: source, frame index, top-k classes with probabilities, and
+    for event windows their event time span ``window_us`` [start, end)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -118,6 +119,8 @@ class JsonlSink(Sink):
                   "top": [{"class": int(i), "label": label, "prob": round(float(p), 6)}
                           for i, label, p in zip(prediction.indices, prediction.labels,
                                                  prediction.probs)]}
+        if frame.span_us is not None:
+            record["window_us"] = list(frame.span_us)
         file.write(json.dumps(record) + "\n")
         file.flush()  # one small write per frame; the temp file shows progress
 

@@ -2,13 +2,13 @@
 
 URIs: ``0`` or ``/dev/video0`` (camera), a video file, ``rtsp://``/``http(s)://`` streams,
 an image folder or glob, ``demo`` (real photos shipped with scikit-image, panned and jittered
-like a handheld camera), and event-camera recordings (``.aedat4``, Prophesee ``.raw``/EVT3,
-N-MNIST ``.bin``) for event-input models.
+like a handheld camera), and for event-input models event-camera recordings (``.aedat4``,
+Prophesee ``.raw``/EVT3, N-MNIST ``.bin``), iniVation cameras (``dvs:``, ``dvs:SERIAL``) and
+DV network event streams (``dv://HOST:PORT``): see ``event_sources``.
 """
 from __future__ import annotations
 
 import glob
-import itertools
 import math
 import os
 import re
@@ -25,20 +25,21 @@ from ..errors import I2EError
 from .preprocess import IMAGE_SUFFIXES, list_images
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".gif"}
-EVENT_SUFFIXES = {".aedat4", ".raw", ".evt3", ".bin"}
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 
 
 @dataclass
 class Frame:
     """One captured frame. ``image`` is RGB uint8 ``[H, W, 3]``; event sources also carry
-    ``events``, the model input ``[T, 2, imgsz, imgsz]`` (0/1), and render ``image`` from it."""
+    ``events``, the model input ``[T, 2, imgsz, imgsz]`` (0/1), rendered into ``image``, and
+    ``span_us``, the window's event time ``[start, end)`` in sensor microseconds."""
     image: np.ndarray
     index: int
-    timestamp: float  # time.perf_counter() when the frame became available
+    timestamp: float = 0.0  # time.perf_counter() when the frame became available
     capture_ms: float = 0.0  # time spent reading and decoding it
     source: int = 0
     events: np.ndarray | None = None
+    span_us: tuple[int, int] | None = None
 
 
 def parse_resolution(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -84,28 +85,31 @@ class Source:
         """Frames per second this source delivers (after stride)."""
         return self.pace or self.nominal_fps / self.stride
 
-    def _read(self) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None]]:
-        """One pass over every stride-th frame: ``(index, RGB image or None if unreadable,
-        model-input events or None)``."""
+    def _read(self) -> Iterator[Frame | None]:
+        """One pass over every stride-th frame; None for a frame that cannot be decoded."""
         raise NotImplementedError
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        if self.resolution and image.shape[1::-1] != self.resolution:
+            return cv2.resize(image, self.resolution, interpolation=cv2.INTER_AREA)
+        return image
 
     def __iter__(self) -> Iterator[Frame]:
         start = time.perf_counter()
         emitted = 0
         while True:
             produced = False
-            items = self._read()
+            frames = self._read()
             while True:
                 began = time.perf_counter()
-                item = next(items, None)
-                if item is None:
+                try:
+                    frame = next(frames)
+                except StopIteration:
                     break
-                index, image, events = item
-                if image is None:
+                if frame is None:
                     self.unreadable += 1
                     continue
-                if self.resolution and image.shape[1::-1] != self.resolution:
-                    image = cv2.resize(image, self.resolution, interpolation=cv2.INTER_AREA)
+                frame.image = self._fit(frame.image)
                 produced = True
                 done = time.perf_counter()
                 if self.pace:
@@ -113,10 +117,13 @@ class Source:
                     if delay > 0:
                         time.sleep(delay)
                 emitted += 1
-                yield Frame(image, index, time.perf_counter(), (done - began) * 1e3,
-                            events=events)
+                frame.timestamp, frame.capture_ms = time.perf_counter(), (done - began) * 1e3
+                yield frame
             if not (self.loop and produced):
                 return
+
+    def interrupt(self) -> None:
+        """Ask a read waiting in another thread to return soon (the stream is stopping)."""
 
     def close(self) -> None:
         """Release the device or file."""
@@ -172,7 +179,7 @@ class VideoFileSource(Source):
                 ok, image = capture.read()
                 if not ok:
                     return
-                yield index, _bgr_to_rgb(image), None
+                yield Frame(_bgr_to_rgb(image), index)
                 index += 1
         finally:
             capture.release()
@@ -269,9 +276,7 @@ class LiveSource(Source):
             if not ok or image is None:
                 self.unreadable += 1
                 continue
-            image = _bgr_to_rgb(image)
-            if self.resolution and image.shape[1::-1] != self.resolution:
-                image = cv2.resize(image, self.resolution, interpolation=cv2.INTER_AREA)
+            image = self._fit(_bgr_to_rgb(image))
             now = time.perf_counter()
             yield Frame(image, index - 1, now, (now - began) * 1e3)
 
@@ -295,7 +300,7 @@ class ImageFilesSource(Source):
     def _read(self):
         for index in range(0, len(self.paths), self.stride):
             image = cv2.imread(str(self.paths[index]), cv2.IMREAD_COLOR)
-            yield index, None if image is None else _bgr_to_rgb(image), None
+            yield None if image is None else Frame(_bgr_to_rgb(image), index)
 
 
 DEMO_IMAGES = ("chelsea", "rocket", "coffee", "astronaut")
@@ -349,7 +354,7 @@ class DemoSource(Source):
                 view = cv2.warpAffine(photo, matrix, (width, height),
                                       flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                       borderMode=cv2.BORDER_REFLECT)
-                yield index, view, None
+                yield Frame(view, index)
 
 
 def _handheld_shake(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -362,193 +367,18 @@ def _handheld_shake(rng: np.random.Generator, n: int) -> np.ndarray:
     return smooth * np.array([6.0, 6.0, math.radians(1.5), 0.02]) + np.array([0, 0, 0, 1.0])
 
 
-# --- event-camera recordings ------------------------------------------------------------------
-
-def _read_aedat4(path: str):
-    """Chunks of (t us, x, y, p) and the sensor size, from an AEDAT4 file (``aedat``)."""
-    try:
-        import aedat
-    except ImportError:
-        raise I2EError("reading .aedat4 needs the 'aedat' package: "
-                       "pip install 'i2e-deploy[events]'") from None
-    try:
-        decoder = aedat.Decoder(path)
-    except Exception as exc:
-        raise I2EError(f"{path}: not a readable AEDAT4 file ({exc})") from None
-    streams = [s for s in decoder.id_to_stream().values() if s.get("type") == "events"]
-    if not streams:
-        raise I2EError(f"{path}: AEDAT4 file has no event stream")
-    size = (streams[0]["width"], streams[0]["height"])
-
-    def chunks():
-        for packet in decoder:
-            if "events" in packet:
-                e = packet["events"]
-                yield e["t"].astype(np.int64), e["x"], e["y"], e["on"].astype(np.uint8)
-    return chunks(), size
-
-
-def _read_evt3(path: str):
-    """Chunks of (t us, x, y, p) and the sensor size from a Prophesee EVT3 file
-    (``expelliarmus``), read in chunks so long recordings stream. The size comes from the
-    header's geometry/format line, else from the first chunk's largest coordinates."""
-    try:
-        from expelliarmus import Wizard
-    except ImportError:
-        raise I2EError("reading Prophesee .raw needs the 'expelliarmus' package: "
-                       "pip install 'i2e-deploy[events]'") from None
-    wizard = Wizard(encoding="evt3", fpath=path, chunk_size=1 << 18)
-    chunks = wizard.read_chunk()
-    try:
-        first = next(chunks, None)
-    except Exception as exc:
-        raise I2EError(f"{path}: not a readable EVT3 recording ({exc})") from None
-    if first is None or not len(first):
-        raise I2EError(f"{path}: EVT3 recording holds no events")
-    size = _evt3_header_size(path) or (int(first["x"].max()) + 1, int(first["y"].max()) + 1)
-
-    def columns():
-        for events in itertools.chain([first], chunks):
-            yield events["t"].astype(np.int64), events["x"], events["y"], events["p"]
-    return columns(), size
-
-
-def _evt3_header_size(path: str) -> tuple[int, int] | None:
-    with open(path, "rb") as fh:
-        for line in fh:
-            if not line.startswith(b"%"):
-                return None
-            text = line.decode("ascii", "replace")
-            match = (re.search(r"geometry\s+(\d+)x(\d+)", text)
-                     or re.search(r"width=(\d+);height=(\d+)", text))
-            if match:
-                return int(match.group(1)), int(match.group(2))
-    return None
-
-
-def _read_nmnist(path: str):
-    """N-MNIST binary: 5 bytes per event, x, y, then polarity (1 bit) and time (23 bits, us)."""
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % 5:
-        raise I2EError(f"{path}: not an N-MNIST .bin file (size is not a multiple of 5 bytes)")
-    raw = raw.reshape(-1, 5).astype(np.int64)
-    x, y = raw[:, 0], raw[:, 1]
-    p = (raw[:, 2] >> 7).astype(np.uint8)
-    t = ((raw[:, 2] & 0x7F) << 16) | (raw[:, 3] << 8) | raw[:, 4]
-
-    def chunks():
-        yield t, x, y, p
-    return chunks(), (34, 34)
-
-
-EVENT_READERS = {".aedat4": _read_aedat4, ".raw": _read_evt3, ".evt3": _read_evt3,
-                 ".bin": _read_nmnist}
-
-
-def events_to_frames(x, y, p, sensor: tuple[int, int], card: ModelCard) -> np.ndarray:
-    """Events of one window -> ``[T, 2, imgsz, imgsz]`` uint8 0/1.
-
-    Split into T slices of equal event count (SpikingJelly's ``split_by='number'``, as the
-    paper's CIFAR10-DVS pipeline), integrate per polarity, map onto the card's geometry like
-    an image (centre square of the shorter side, resized to ``imgsz``: any event in an output
-    pixel's area when shrinking, nearest neighbour when enlarging), and clip to 0/1.
-    """
-    T, size = card.T, card.imgsz
-    n = len(x)
-    if n == 0:
-        return np.zeros((T, 2, size, size), np.uint8)
-    width, height = sensor
-    side = round(min(width, height) * size / card.resize)  # the centre crop, in sensor pixels
-    col = np.asarray(x, np.int64) - (width - side) // 2
-    row = np.asarray(y, np.int64) - (height - side) // 2
-    step = np.repeat(np.arange(T), np.diff(_count_split(n, T)))
-    keep = (col >= 0) & (col < side) & (row >= 0) & (row < side)
-    col, row = col[keep], row[keep]
-    grid = side
-    if side > size:  # shrink: an output pixel fires if any event falls in its area
-        col, row, grid = col * size // side, row * size // side, size
-    # Polarity channel 0 = ON, 1 = OFF (SPEC §1).
-    plane = step[keep] * 2 + 1 - (np.asarray(p)[keep] > 0)
-    counts = np.bincount((plane * grid + row) * grid + col, minlength=2 * T * grid * grid)
-    fired = (counts.reshape(T, 2, grid, grid) > 0).astype(np.uint8)
-    if grid < size:  # enlarge: nearest neighbour
-        index = np.arange(size) * grid // size
-        fired = fired[:, :, index][:, :, :, index]
-    return np.ascontiguousarray(fired)
-
-
-def _count_split(n: int, T: int) -> np.ndarray:
-    """Slice boundaries [0, ..., n] of SpikingJelly's split_by='number' (last slice takes
-    the remainder)."""
-    bounds = np.arange(T + 1) * (n // T)
-    bounds[-1] = n
-    return bounds
-
-
-def render_events(x, y, p, sensor: tuple[int, int]) -> np.ndarray:
-    """RGB picture of a window at sensor resolution: ON red, OFF blue, on dark grey."""
-    width, height = sensor
-    image = np.full((height, width, 3), 30, np.uint8)
-    x, y, p = np.asarray(x), np.asarray(y), np.asarray(p) > 0
-    inside = (x < width) & (y < height)
-    image[y[inside & p], x[inside & p]] = (255, 70, 60)
-    image[y[inside & ~p], x[inside & ~p]] = (70, 140, 255)
-    return image
-
-
-class EventRecordingSource(Source):
-    """An event-camera recording cut into consecutive ``window_ms`` windows; each window
-    becomes one frame whose ``events`` are the model input (see ``events_to_frames``)."""
-
-    def __init__(self, path: str, card: ModelCard, *, window_ms: float = 100.0, **options):
-        super().__init__(path, **options)
-        if not window_ms > 0:
-            raise I2EError(f"window must be positive, got {window_ms} ms")
-        self.card = card
-        self.window_us = int(window_ms * 1000)
-        self.nominal_fps = 1000.0 / window_ms
-        self._reader = EVENT_READERS[Path(path).suffix.lower()]
-        self._reader(path)  # fail now, not in the capture thread, if unreadable
-
-    def _windows(self):
-        chunks, sensor = self._reader(self.uri)
-        pending: list[tuple] = []
-        window_end = None
-        for t, x, y, p in chunks:
-            if len(t) == 0:
-                continue
-            if window_end is None:
-                window_end = int(t[0]) + self.window_us
-            while len(t):
-                cut = int(np.searchsorted(t, window_end))
-                pending.append((t[:cut], x[:cut], y[:cut], p[:cut]))
-                if cut == len(t):
-                    break
-                yield self._join(pending), sensor
-                pending = []
-                window_end += self.window_us
-                t, x, y, p = t[cut:], x[cut:], y[cut:], p[cut:]
-        if pending and sum(len(c[0]) for c in pending):
-            yield self._join(pending), sensor
-
-    @staticmethod
-    def _join(parts):
-        return tuple(np.concatenate([part[k] for part in parts]) for k in range(4))
-
-    def _read(self):
-        for index, ((t, x, y, p), sensor) in enumerate(self._windows()):
-            if index % self.stride == 0:
-                yield index, render_events(x, y, p, sensor), events_to_frames(x, y, p, sensor,
-                                                                             self.card)
-
-
 def open_source(uri: str, *, card: ModelCard | None = None, resolution=None,
                 fps: float | None = None, loop: bool = False, stride: int = 1,
                 window_ms: float = 100.0, **live_options) -> Source:
-    """Open a source URI (see the module doc). ``card`` is needed for event recordings
-    (their frames are built at the model's size); ``live_options`` tune reconnection."""
+    """Open a source URI (see the module doc). ``card`` is needed for event sources (their
+    frames are built at the model's size); ``live_options`` (``reconnect_attempts``,
+    ``backoff_s``, ``timeout_s``) tune reconnection of cameras and streams."""
+    from .event_sources import EVENT_SUFFIXES, LIVE_EVENT_SCHEMES, open_event_source
+
     options = dict(resolution=resolution, fps=fps, loop=loop, stride=stride)
     text = str(uri).strip()
+    if text.lower().startswith(LIVE_EVENT_SCHEMES):
+        return open_event_source(text, card, window_ms=window_ms, **options, **live_options)
     if text == "demo":
         return DemoSource(**options)
     if re.fullmatch(r"\d+", text):
@@ -567,13 +397,11 @@ def open_source(uri: str, *, card: ModelCard | None = None, resolution=None,
         return ImageFilesSource(text, files, **options)
     if not path.exists():
         raise I2EError(f"source not found: {text} (expected a camera index, a video or image "
-                       "file, a folder, a glob, an rtsp:// or http:// URL, or 'demo')")
+                       "file, a folder, a glob, an rtsp:// or http:// URL, 'demo', an event "
+                       "recording, dv://HOST:PORT or dvs:)")
     suffix = path.suffix.lower()
     if suffix in EVENT_SUFFIXES:
-        if card is None or card.input != "events":
-            raise I2EError(f"{text} is an event-camera recording; it needs an event-input "
-                           "model (e.g. a CIFAR10-DVS checkpoint, or --events)")
-        return EventRecordingSource(text, card, window_ms=window_ms, **options)
+        return open_event_source(text, card, window_ms=window_ms, **options)
     if suffix in IMAGE_SUFFIXES:
         return ImageFilesSource(text, [path], **options)
     if suffix in VIDEO_SUFFIXES:

@@ -415,6 +415,7 @@ class Stream:
     def _shutdown(self) -> None:
         for capture in self.captures:
             capture.stop.set()
+            capture.source.interrupt()
         for capture in self.captures:
             capture.join(timeout=5.0)  # a live read can block; the thread is a daemon
         self.sink.close()
@@ -431,11 +432,14 @@ def run_stream(model: str, sources: list[str], outputs: list[str], *,
                max_frames: int | None = None, topk: int = 3, backend: str = "auto",
                precision: str = "auto", device: str = "cpu", threads: int | None = None, resolution: str | None = None,
                fps: float | None = None, loop: bool = False, stride: int = 1,
-               window_ms: float = 100.0, queue_size: int = 1, stats_json: str | None = None,
-               **overrides) -> StreamStats:
+               window_ms: float = 100.0, queue_size: int = 1, reconnects: int = 5,
+               stats_json: str | None = None, **overrides) -> StreamStats:
     """Open everything by name, run the stream, write ``stats_json``. Open failures (missing
     file, dead URL, no camera) raise I2EError before anything runs; a failure mid-stream
-    (camera lost) ends the stream and is reported in ``stats.error``."""
+    (camera lost, not back after ``reconnects`` attempts) ends the stream and is reported in
+    ``stats.error``."""
+    if reconnects < 0:
+        raise I2EError(f"--reconnects must be >= 0, got {reconnects}")
     if max_frames is not None and max_frames < 1:
         raise I2EError(f"--max-frames must be >= 1, got {max_frames}")
     classifier = Classifier(model, topk=topk, backend=backend, precision=precision,
@@ -444,7 +448,8 @@ def run_stream(model: str, sources: list[str], outputs: list[str], *,
     try:
         for uri in sources:
             opened.append(open_source(uri, card=classifier.card, resolution=resolution, fps=fps,
-                                      loop=loop, stride=stride, window_ms=window_ms))
+                                      loop=loop, stride=stride, window_ms=window_ms,
+                                      reconnect_attempts=reconnects))
         sink = open_sinks(outputs or ["display"], fps=opened[0].fps if opened else 25.0)
     except BaseException:
         for source in opened:
