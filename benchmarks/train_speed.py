@@ -4,8 +4,9 @@
     python benchmarks/train_speed.py [--device cpu|cuda] [--imgsz 32] [--batch 64]
                                      [--rounds 6] [--steps 3] [--json PATH]
 
-Rows: fp32 with a step-by-step LIF (the autograd graph of one Python step per timestep, as
-training ran before the fused neuron: the "before" row), fp32 with the fused LIF, and every
+Rows: fp32 as training ran before this release (a step-by-step LIF, the autograd graph of one
+Python step per timestep, and every 3x3 conv over its whole kernel: the "before" row), fp32
+with the fused LIF and the training convs that skip padding-only taps, and every
 reduced precision the device runs natively (bf16; fp16 too on a GPU). Rows take turns
 (``--steps`` steps each per round, ``--rounds`` rounds), so load on a shared machine falls on
 all alike; each row reports the median and best round. Prints a Markdown table and writes JSON
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from i2e_deploy import __version__  # noqa: E402
-from i2e_deploy.model import neuron  # noqa: E402
+from i2e_deploy.model import msresnet, neuron  # noqa: E402
 from i2e_deploy.model.msresnet import msresnet18  # noqa: E402
 from i2e_deploy.training.precision import cpu_has_native_bf16, resolve_precision  # noqa: E402
 from i2e_deploy.training.train import TrainForward, train_step  # noqa: E402
@@ -62,21 +63,24 @@ def _step_by_step_forward(self, x):
 
 
 @contextmanager
-def lif_variant(step_by_step: bool):
-    fused = neuron.LIF.forward
-    if step_by_step:
+def previous_training_path(enabled: bool):
+    """The step-by-step LIF and whole-kernel convs, while ``enabled``."""
+    fused, cropping = neuron.LIF.forward, msresnet.Conv2d._conv_forward
+    if enabled:
         neuron.LIF.forward = _step_by_step_forward  # type: ignore[method-assign]
+        msresnet.Conv2d._conv_forward = nn.Conv2d._conv_forward  # type: ignore[method-assign]
     try:
         yield
     finally:
         neuron.LIF.forward = fused  # type: ignore[method-assign]
+        msresnet.Conv2d._conv_forward = cropping  # type: ignore[method-assign]
 
 
 class Row:
-    def __init__(self, label: str, precision: str, step_by_step: bool, device: torch.device,
+    def __init__(self, label: str, precision: str, previous: bool, device: torch.device,
                  imgsz: int, batch: int):
         torch.manual_seed(0)
-        self.label, self.step_by_step = label, step_by_step
+        self.label, self.previous = label, previous
         self.precision = resolve_precision(precision, device)
         model = msresnet18(10, 0.23).to(device, memory_format=torch.channels_last)
         self.net = TrainForward(model).train()
@@ -88,7 +92,7 @@ class Row:
         self.device, self.batch, self.rounds = device, batch, []
 
     def run(self, steps: int) -> float:
-        with lif_variant(self.step_by_step):
+        with previous_training_path(self.previous):
             began = time.perf_counter()
             for _ in range(steps):
                 loss, _ = train_step(self.net, self.inputs, self.targets, self.criterion,
@@ -122,9 +126,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     reduced = ["bf16", "fp16"] if device.type == "cuda" else (
         ["bf16"] if cpu_has_native_bf16() else [])
-    rows = [Row("fp32, step-by-step LIF (before)", "fp32", True, device, args.imgsz, args.batch),
-            Row("fp32, fused LIF", "fp32", False, device, args.imgsz, args.batch)]
-    rows += [Row(f"{p}, fused LIF", p, False, device, args.imgsz, args.batch) for p in reduced]
+    shape = (device, args.imgsz, args.batch)
+    rows = [Row("fp32, before (step-by-step LIF, whole kernels)", "fp32", True, *shape),
+            Row("fp32", "fp32", False, *shape)]
+    rows += [Row(p, p, False, *shape) for p in reduced]
     for row in rows:  # warm-up: allocator, oneDNN / cuDNN kernel selection
         row.run(2)
     for _ in range(args.rounds):
@@ -134,14 +139,14 @@ def main() -> None:
     fp32 = statistics.median(rows[1].rounds)
     results = []
     print(f"| training step ({args.imgsz} px, batch {args.batch}) | median img/s | best img/s "
-          f"| vs before | vs fp32 fused |")
+          f"| vs before | vs fp32 |")
     print("|---|---|---|---|---|")
     for row in rows:
         median = statistics.median(row.rounds)
         results.append({"row": row.label, "precision": row.precision.name,
-                        "step_by_step_lif": row.step_by_step, "median_images_per_s": median,
+                        "previous_training_path": row.previous, "median_images_per_s": median,
                         "best_images_per_s": max(row.rounds), "rounds": row.rounds,
-                        "speedup_vs_before": median / base, "speedup_vs_fp32_fused": median / fp32})
+                        "speedup_vs_before": median / base, "speedup_vs_fp32": median / fp32})
         print(f"| {row.label} | {median:.1f} | {max(row.rounds):.1f} | {median / base:.2f}x "
               f"| {median / fp32:.2f}x |")
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"

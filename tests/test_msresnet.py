@@ -115,3 +115,26 @@ def test_event_input_shape_checked():
     ours, _ = pair("msresnet18", events=True)
     with pytest.raises(ValueError):
         ours(torch.zeros(2, 4, 2, 32, 32))
+
+
+@pytest.mark.parametrize("size, stride", [(1, 1), (1, 2), (2, 2), (2, 1), (4, 2)])
+def test_training_conv_skips_padding_only_taps_exactly(size, stride):
+    """In training, a padded 3x3 conv on a tiny map leaves out taps that read only padding;
+    values and gradients equal the whole-kernel conv (float64: no rounding differences)."""
+    from i2e_deploy.model.msresnet import Conv2d
+
+    torch.manual_seed(size * 10 + stride)
+    conv = Conv2d(4, 6, 3, stride=stride, padding=1, bias=False).double()
+    x = torch.randn(3, 4, size, size, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out = conv(x)
+    ref = torch.nn.functional.conv2d(x_ref, conv.weight, None, stride, 1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(ref)
+    (w_grad,) = torch.autograd.grad(out, conv.weight, grad_out, retain_graph=True)
+    (w_ref,) = torch.autograd.grad(ref, conv.weight, grad_out, retain_graph=True)
+    torch.testing.assert_close(w_grad, w_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad_out)[0],
+                               torch.autograd.grad(ref, x_ref, grad_out)[0], rtol=0, atol=1e-12)
+    if size == 1:  # only the centre tap is live: its neighbours get exactly zero gradient
+        assert w_grad[:, :, 1, 1].abs().sum() > 0 and w_grad.abs().sum() == w_grad[:, :, 1, 1].abs().sum()
