@@ -27,38 +27,22 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from i2e_deploy import __version__  # noqa: E402
 from i2e_deploy.model import msresnet, neuron  # noqa: E402
 from i2e_deploy.model.msresnet import msresnet18  # noqa: E402
 from i2e_deploy.training.precision import cpu_has_native_bf16, resolve_precision  # noqa: E402
 from i2e_deploy.training.train import TrainForward, train_step  # noqa: E402
-
-
-class _StepSpike(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return (x >= 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        alpha = neuron.SURROGATE_ALPHA
-        return grad * ((alpha / 2) / (1 + (torch.pi / 2 * alpha * x).square()))
+from step_lif import step_by_step  # noqa: E402
 
 
 def _step_by_step_forward(self, x):
     """The LIF as training ran it before the fused neuron: autograd through every step."""
+    if (self.tau, self.v_threshold) != (2.0, 1.0):
+        raise ValueError("the step-by-step reference has the SPEC's tau 2 and threshold 1")
     seq = x if self.T is None else x.unflatten(0, (self.T, -1))
-    v, spikes = torch.zeros_like(seq[0]), []
-    for x_t in seq:
-        h = v * (1.0 - 1.0 / self.tau) + x_t
-        s = _StepSpike.apply(h - self.v_threshold)
-        spikes.append(s)
-        v = h * (1.0 - s.detach())
-    out = torch.stack(spikes)
+    out = step_by_step(seq)
     return out if self.T is None else out.flatten(0, 1)
 
 

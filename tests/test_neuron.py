@@ -9,36 +9,7 @@ import torch
 from i2e_deploy.model.neuron import LIF
 from paper_model import lif as spikingjelly_lif
 from spikingjelly.activation_based import functional
-
-
-class StepSpike(torch.autograd.Function):
-    """SPEC §2 spike, written out independently: Heaviside forward, arctan surrogate back."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return (x >= 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (1.0 / (1 + (math.pi * x) ** 2))  # alpha = 2
-
-
-def lif_step(v, x):
-    """One timestep of SPEC §2 with autograd through every op: (spike, new membrane)."""
-    h = v * 0.5 + x
-    s = StepSpike.apply(h - 1.0)
-    return s, h * (1.0 - s.detach())
-
-
-def step_by_step(x):
-    """The reference multi-step LIF over time-major ``x``: a Python loop of ``lif_step``."""
-    v, spikes = torch.zeros_like(x[0]), []
-    for x_t in x:
-        s, v = lif_step(v, x_t)
-        spikes.append(s)
-    return torch.stack(spikes)
+from step_lif import lif_step, step_by_step
 
 
 def run(inputs: list[float]) -> list[int]:
