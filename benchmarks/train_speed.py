@@ -2,7 +2,7 @@
 ``train_step``), fp32 against the new default precision, side by side in one run.
 
     python benchmarks/train_speed.py [--device cpu|cuda] [--imgsz 32] [--batch 64]
-                                     [--rounds 6] [--steps 3] [--json PATH]
+                                     [--rounds 6] [--steps 3] [--profile] [--json PATH]
 
 Rows: fp32 as training ran before this release (a step-by-step LIF, the autograd graph of one
 Python step per timestep, and every 3x3 conv over its whole kernel: the "before" row), fp32
@@ -10,7 +10,8 @@ with the fused LIF and the training convs that skip padding-only taps, and every
 reduced precision the device runs natively (bf16; fp16 too on a GPU). Rows take turns
 (``--steps`` steps each per round, ``--rounds`` rounds), so load on a shared machine falls on
 all alike; each row reports the median and best round. Prints a Markdown table and writes JSON
-(default ``benchmarks/results/train_speed[_cuda].json``).
+(default ``benchmarks/results/train_speed[_cuda].json``); ``--profile`` adds, on a CPU, where a
+step's time goes per op group (PyTorch profiler).
 """
 from __future__ import annotations
 
@@ -85,6 +86,29 @@ class Row:
             return time.perf_counter() - began
 
 
+GROUPS = (("conv backward", ("convolution_backward",)),
+          ("conv forward", ("mkldnn_convolution", "cudnn_convolution", "_convolution")),
+          ("BatchNorm", ("batch_norm",)),
+          ("copies and casts", ("aten::copy_", "aten::_to_copy")))
+
+
+def where_time_goes(row: Row, steps: int = 2) -> dict[str, float]:
+    """PyTorch profiler: ms per step by op group (self time; elementwise ops, the LIF's
+    among them, are 'other'), and the fused LIF's forward + backward inclusive of its ops."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        row.run(steps)
+    shares = {name: 0.0 for name, _ in GROUPS} | {"other": 0.0, "LIF, inclusive": 0.0}
+    for event in prof.key_averages():
+        group = next((name for name, keys in GROUPS if any(k in event.key for k in keys)),
+                     "other")
+        shares[group] += event.self_cpu_time_total / 1e3 / steps
+        if event.key in ("MultiStepLIF", "MultiStepLIFBackward"):
+            shares["LIF, inclusive"] += event.cpu_time_total / 1e3 / steps
+    return shares
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -104,6 +128,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="also record where a step's time goes, per op group")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -133,6 +159,13 @@ def main() -> None:
                         "speedup_vs_before": median / base, "speedup_vs_fp32": median / fp32})
         print(f"| {row.label} | {median:.1f} | {max(row.rounds):.1f} | {median / base:.2f}x "
               f"| {median / fp32:.2f}x |")
+    if args.profile and device.type == "cpu":
+        print("\nms per step (PyTorch profiler, self time):\n")
+        print("| row | " + " | ".join(name for name, _ in GROUPS) + " | other | LIF, inclusive |")
+        print("|---" * (len(GROUPS) + 3) + "|")
+        for row, result in zip(rows, results):
+            result["ms_per_step_by_group"] = shares = where_time_goes(row)
+            print(f"| {row.label} | " + " | ".join(f"{v:.0f}" for v in shares.values()) + " |")
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{cpu_name()}, {args.threads} threads")
     print(f"\n{machine}; torch {torch.__version__}")
