@@ -52,7 +52,7 @@ from i2e_deploy.card import ModelCard
 from i2e_deploy.export.onnx import export_onnx
 from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.model.msresnet import build_model
-from i2e_deploy.parity import logit_metrics
+from i2e_deploy.compare import logit_metrics
 from i2e_deploy.runtime.preprocess import load_images, synthetic_images
 from i2e_deploy.training.data import image_folder, split_indices
 

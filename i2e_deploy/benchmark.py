@@ -14,7 +14,10 @@ spells fall on every row alike and ratios between rows hold. What is measured:
   worker carries it) and read the inputs: the delta is what loading and running the model
   added;
 - accuracy: top-1 on the labelled folder (``--data``, ImageFolder layout);
-- parity: top-1 agreement and max |Δlogit| against the PyTorch reference on the same inputs.
+- parity: each row's outputs against the PyTorch reference's on the same inputs, judged by
+  :func:`i2e_deploy.compare.judge` with the limits of the row's precision (decisive top-1
+  changes, median |Δlogit| relative to the logit spread); top-1 agreement and max |Δlogit|
+  are reported.
 
 A row that cannot run here says why (``TensorRT not installed``) instead of vanishing.
 Exports go to a cache folder keyed by the checkpoint's sha256 and the export options.
@@ -39,6 +42,7 @@ import numpy as np
 from . import __version__
 from .cache import cache_dir, cached_export
 from .card import ModelCard
+from .compare import judge, limits_for
 from .errors import I2EError
 from .runtime.runners import (ENGINE_SUFFIXES, ONNX_SUFFIXES, TORCH_SUFFIXES, _onnx_card,
                               read_engine_sidecar)
@@ -63,7 +67,11 @@ class Row:
     peak_rss_mb: float | None = None
     model_rss_mb: float | None = None
     accuracy: float | None = None
-    top1_agreement: float | None = None
+    # Against the PyTorch reference (i2e_deploy.compare, this row's precision's limits):
+    parity: str | None = None  # 'pass', 'fail', or 'reference' for the reference itself
+    decisive_mismatches: int | None = None
+    median_rel: float | None = None
+    top1_agreement: float | None = None  # reported, not judged
     max_abs_logit: float | None = None
 
 
@@ -283,10 +291,14 @@ def _measure(rows: list[Row], tmp: Path, inputs_file: Path, labels: np.ndarray |
             if labels is not None:
                 row.accuracy = float((logits.argmax(1) == labels).mean())
             if row.backend.startswith("PyTorch"):
-                reference = logits
-            if reference is not None:
-                row.top1_agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
-                row.max_abs_logit = float(np.abs(logits - reference).max())
+                reference, row.parity = logits, "reference"
+            elif reference is not None:
+                found = judge(reference, logits, limits_for(row.precision))
+                row.parity = "pass" if found.passed else "fail"
+                row.decisive_mismatches = found.metrics["decisive_mismatches"]
+                row.median_rel = found.metrics["median_rel"]
+                row.top1_agreement = found.metrics["top1_agreement"]
+                row.max_abs_logit = found.metrics["max_abs"]
     finally:
         for worker in workers:
             worker.close()
@@ -450,8 +462,8 @@ def markdown(report: BenchmarkReport) -> str:
     """The report as a Markdown table (one row per backend x precision)."""
     batch = report.settings["batch"]
     head = ["backend", "precision", "device", "p50 ms (b=1)", "p99 ms (b=1)",
-            f"img/s (b={batch})", "peak RSS MB (model)", "top-1 acc", "agree vs ref",
-            "max Δlogit", "note"]
+            f"img/s (b={batch})", "peak RSS MB (model)", "top-1 acc", "parity vs ref",
+            "decisive changes", "agree vs ref", "max Δlogit", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report.rows:
         ran = row.latency_p50_ms is not None
@@ -460,6 +472,7 @@ def markdown(report: BenchmarkReport) -> str:
                  _cell(row.latency_p50_ms, ".1f"), _cell(row.latency_p99_ms, ".1f"),
                  _cell(row.throughput_ips, ".1f"), memory,
                  _cell(None if row.accuracy is None else 100 * row.accuracy, ".1f"),
+                 row.parity or "", _cell(row.decisive_mismatches, "d"),
                  _cell(None if row.top1_agreement is None else 100 * row.top1_agreement, ".1f"),
                  _cell(row.max_abs_logit, ".2g"), row.reason or ""]
         lines.append("| " + " | ".join(cells) + " |")

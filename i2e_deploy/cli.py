@@ -120,36 +120,33 @@ def train_cmd(data: Path = typer.Argument(..., help="image folder or I2E event d
     train(cfg, log=lambda msg: console.print(msg, highlight=False), console=console)
 
 
+ToleranceOpt = typer.Option(None, "--tolerance",
+                             help="override one limit, NAME=VALUE (repeatable): tie_margin, "
+                                  "decisive, median_rel, spike_agreement, event_agreement; "
+                                  "the defaults per precision are in --json")
+
+
 @command("parity")
 def parity_cmd(model_a: str = typer.Argument(..., help="reference: checkpoint, .onnx, .engine or 'default'"),
                model_b: str = typer.Argument(..., help="model to check against A"),
                data: Optional[Path] = typer.Option(None, "--data", help="image folder (recursive)"),
                random: Optional[int] = typer.Option(None, "--random", help="N structured random images"),
                limit: int = typer.Option(100, "--limit", help="images taken from --data"),
-               layers: bool = typer.Option(False, "--layers", help="spike agreement per LIF layer"),
+               layers: bool = typer.Option(False, "--layers", help="print the spike agreement per LIF layer"),
                precision: Optional[str] = typer.Option(None, "--precision",
-                                                       help="fp32|fp16|int8 thresholds (default: from the models)"),
-               top1: Optional[float] = typer.Option(None, "--top1", help="min top-1 agreement"),
-               top5: Optional[float] = typer.Option(None, "--top5", help="min top-5 overlap"),
-               median_abs: Optional[float] = typer.Option(None, "--median-abs", help="max median |Δlogit|"),
-               max_abs: Optional[float] = typer.Option(None, "--max-abs", help="max |Δlogit| (default: report only)"),
-               flips: Optional[int] = typer.Option(None, "--flips", help="max top-1 flips outside near-ties"),
-               tie_margin: Optional[float] = typer.Option(None, "--tie-margin", help="near-tie top-2 margin"),
-               event_agreement: Optional[float] = typer.Option(None, "--event-agreement",
-                                                               help="min event agreement"),
+                                                       help="fp32|fp16|int8 limits (default: the lower precision of A and B)"),
+               tolerance: Optional[list[str]] = ToleranceOpt,
                device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
                threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads"),
                batch: int = typer.Option(8, "--batch", help="inference batch size"),
                json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here")):
     """Check that model B predicts what model A predicts (exit 0 pass, 1 fail, 2 bad input)."""
+    from .compare import parse_tolerances
     from .parity import render, run_parity, write_json
     report = run_parity(model_a, model_b, data=data, random=random, limit=limit,
-                        precision=precision, layers=layers, device=device, threads=threads,
-                        batch_size=batch,
-                        overrides={"top1": top1, "top5": top5, "median_abs": median_abs,
-                                   "max_abs": max_abs, "decisive": flips,
-                                   "tie_margin": tie_margin, "events": event_agreement})
-    render(report, console)
+                        precision=precision, tolerances=parse_tolerances(tolerance or ()),
+                        device=device, threads=threads, batch_size=batch)
+    render(report, console, layers=layers)
     if json_path:
         write_json(json_path, report.to_dict())
     if not report.passed:

@@ -25,7 +25,7 @@ from i2e_deploy.calibration.quantize import (binary_activations, lower_for_onnxr
 from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
-from i2e_deploy.parity import logit_metrics
+from i2e_deploy.compare import logit_metrics
 from i2e_deploy.runtime.preprocess import synthetic_images
 from i2e_deploy.runtime.runners import read_onnx_card
 from runtime_models import _session_dir, shared_model

@@ -400,53 +400,35 @@ def lower_for_onnxruntime(qdq: onnx.ModelProto) -> onnx.ModelProto:
 
 def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, card: ModelCard,
                    precision: str, *, data: str | os.PathLike | None = None,
-                   count: int = 64, strict: bool = False, log=None) -> dict:
+                   count: int = 64, strict: bool = False,
+                   tolerances: dict[str, float] | None = None, log=None) -> dict:
     """Compare a reduced-precision graph with its FP32 graph on ONNX Runtime (``data``
-    images or structured random ones) against the parity tool's limits for ``precision``.
+    images or structured random ones) through :func:`i2e_deploy.compare.compare` with the
+    limits of ``precision``.
 
     Falling short is reported (``passed`` False, a warning line) and raises I2EError only
     with ``strict``: how far a spiking network's predictions move under weight rounding is
     a property of the model (see ``calibration.qat`` for INT8-exact checkpoints), not a
     fault of the graph."""
-    import onnxruntime as ort
-
+    from ..compare import compare, limits_for
     from ..export.onnx import verification_inputs
-    from ..parity import logit_metrics, thresholds_for
+    from ..runtime.runners import OrtRunner
 
     log = log or (lambda _msg: None)
+    limits = limits_for(precision, tolerances)
     inputs, source = verification_inputs(card, data, count)
-    outputs = []
-    for path in (reference, candidate):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        feed = inputs
-        if session.get_inputs()[0].type == "tensor(float)" and card.input == "images":
-            feed = np.ascontiguousarray(inputs.transpose(0, 3, 1, 2), np.float32) / 255.0
-        outputs.append(np.concatenate([session.run(None, {name: feed[i:i + 8]})[0]
-                                       for i in range(0, len(feed), 8)]).astype(np.float32))
-    limits = thresholds_for(precision)
-    metrics = logit_metrics(outputs[0], outputs[1], limits.tie_margin)
-    log(f"verify {precision}: {source}: top-1 agreement with FP32 {metrics['top1_agreement']:.2%}"
-        f" ({metrics['near_ties']} near-ties), median |Δlogit| {metrics['median_abs']:.3g}, "
-        f"max {metrics['max_abs']:.3g}")
-    failed = []
-    if metrics["top1_agreement"] < limits.top1:
-        failed.append(f"top-1 agreement {metrics['top1_agreement']:.2%} is below "
-                      f"{limits.top1:.0%}")
-    if limits.median_abs is not None and metrics["median_abs"] > limits.median_abs:
-        failed.append(f"median |Δlogit| {metrics['median_abs']:.3g} exceeds {limits.median_abs:g}")
-    metrics.update(source=source, passed=not failed)
-    if failed and strict:
-        raise I2EError(f"{precision} verification failed: {'; '.join(failed)} (vs the FP32 "
-                       "graph); no file written")
-    if failed:
-        log(f"warning: {precision} is below the parity limits ({'; '.join(failed)}): this "
-            "model's spikes are sensitive to the rounding; for INT8, fine-tune an INT8-exact "
+    with OrtRunner(Path(reference)) as fp32, OrtRunner(Path(candidate)) as reduced:
+        found = compare(fp32, reduced, inputs, limits)
+    log(f"verify {precision} vs FP32: {source}: {found.summary()}")
+    if not found.passed and strict:
+        raise I2EError(f"{precision} verification failed (vs the FP32 graph): "
+                       f"{found.failure()}; no file written")
+    if not found.passed:
+        log(f"warning: {precision} is outside its limits ({found.failure()}): this model's "
+            "spikes are sensitive to the rounding; for INT8, fine-tune an INT8-exact "
             "checkpoint whose INT8 graph equals its FP32 graph (`i2e-deploy qat CKPT "
             "TRAIN_IMAGES -o OUT`)")
-    return metrics
+    return {**found.to_dict(), "source": source}
 
 
 def to_int8(fp32: str | os.PathLike, output: str | os.PathLike, *,

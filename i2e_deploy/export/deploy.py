@@ -256,7 +256,7 @@ def run_with_spikes(module: nn.Module, x: torch.Tensor
             order.append(name)
             handles.append(sub.register_forward_hook(
                 lambda _m, _i, out, name=name: maps.__setitem__(
-                    name, out.reshape(T, -1, *out.shape[1:]).float())))
+                    name, out.reshape(T, -1, *out.shape[1:]).bool())))
         elif isinstance(sub, nn.Conv2d) and name.endswith(".downsample"):
             order.append(f"{name}.0")  # the shared shortcut LIF, reference position
     try:
@@ -269,6 +269,6 @@ def run_with_spikes(module: nn.Module, x: torch.Tensor
 
 
 def spike_maps(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Spikes of every LIF layer, ``{reference name: [T, N, ...] float}``, for a reference
+    """Spikes of every LIF layer, ``{reference name: [T, N, ...] bool}``, for a reference
     :class:`MSResNet` or a :class:`DeployMSResNet` run on input ``x``."""
     return run_with_spikes(module, x)[1]

@@ -24,9 +24,9 @@ contract travel in ``metadata_props`` (:func:`read_card`, :func:`read_metadata`)
 :func:`tensorrt_violations` checks a graph against TensorRT's documented ONNX support.
 
 Verification (on by default) runs ONNX Runtime and the reference model on a few dozen
-inputs and fails the export, leaving no file, on a top-1 disagreement where the reference is
-decisive (top-2 margin above the parity tool's FP32 tie margin), a median |Δlogit| above its
-FP32 limit, or any event that differs from the reference converter.
+inputs through :func:`i2e_deploy.compare.compare` with its FP32 limits (a decisive top-1
+change, spike maps that disagree, a median |Δlogit| too large for the logit spread, or any
+event that differs from the reference converter) and fails the export, leaving no file.
 """
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
                 opset: int = DEFAULT_OPSET, verify: bool = True,
                 data: str | os.PathLike | None = None, simplify: bool = False,
                 verify_count: int = VERIFY_COUNT, precision: str = "fp32",
+                tolerances: dict[str, float] | None = None,
                 log: Callable[[str], None] | None = None, **overrides) -> ExportResult:
     """Export ``model`` (with its ``card``) to ``output``; or, given a checkpoint path,
     ``export_onnx(checkpoint, output=None, **overrides)`` loads it first (overrides as in
@@ -132,7 +133,7 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
         _save(proto, tmp)
         if verify:
             report = verify_onnx(tmp, model, card, data=data, count=verify_count,
-                                 batch=None if dynamic else batch, log=log)
+                                 tolerances=tolerances, log=log)
     log(f"wrote {output} ({len(proto.graph.node)} nodes, opset {opset}, "
         f"{'dynamic' if dynamic else f'static {batch}'} batch)")
     return ExportResult(output, graph, input_format, len(proto.graph.node), report, metadata)
@@ -395,61 +396,27 @@ def verification_inputs(card: ModelCard, data: str | os.PathLike | None, count: 
 
 def verify_onnx(path: str | os.PathLike, model: MSResNet, card: ModelCard, *,
                 data: str | os.PathLike | None = None, count: int = VERIFY_COUNT,
-                batch: int | None = None, log: Callable[[str], None] | None = None
-                ) -> dict[str, Any]:
-    """Compare the graph at ``path`` on ONNX Runtime with the reference ``model``; raise
-    I2EError when it is not faithful (see the module docstring). ``batch``: the graph's
-    static batch, or None for a dynamic one."""
-    import onnxruntime as ort
-
-    from ..parity import event_metrics, logit_metrics, thresholds_for
+                tolerances: dict[str, float] | None = None,
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compare the graph at ``path`` on ONNX Runtime with the reference ``model``
+    (:func:`i2e_deploy.compare.compare`, FP32 limits with ``tolerances`` applied); raise
+    I2EError naming the failing check and the ways out when it is not faithful."""
+    from ..compare import compare, limits_for
+    from ..runtime.runners import OrtRunner, TorchRunner
 
     log = log or (lambda _msg: None)
-    images, source = verification_inputs(card, data, count)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    graph_input = session.get_inputs()[0]
-    converter_only = len(session.get_outputs()[0].shape) == 5
-    if graph_input.type == "tensor(float)" and card.input == "images":
-        feed = np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32) / 255.0
-    else:
-        feed = images
-    step = batch or 8
-    got_chunks, want_chunks = [], []
-    with torch.no_grad():
-        for start in range(0, len(feed), step):
-            chunk = feed[start:start + step]
-            if batch is not None and len(chunk) < batch:  # a static graph takes whole batches
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
-            out = session.run(None, {graph_input.name: chunk})[0]
-            x = torch.from_numpy(chunk)
-            ref = (model.i2e(x).transpose(0, 1).to(torch.uint8) if converter_only
-                   else model(x))
-            got_chunks.append(out[:len(feed) - start])
-            want_chunks.append(ref.numpy()[:len(feed) - start])
-    got, want = np.concatenate(got_chunks), np.concatenate(want_chunks)
-    limits = thresholds_for("fp32")
-    if converter_only:
-        metrics = event_metrics(want, got)
-        log(f"verify: {source}: event agreement {metrics['event_agreement']:.6%} "
-            f"(event rate {metrics['event_rate']:.2%})")
-        failed = [] if metrics["event_mismatches"] == 0 else [
-            f"{metrics['event_mismatches']} events differ from the reference converter"]
-    else:
-        metrics = logit_metrics(want, got, limits.tie_margin)
-        log(f"verify: {source}: max |Δlogit| {metrics['max_abs']:.3g}, median "
-            f"{metrics['median_abs']:.3g}, top-1 agreement {metrics['top1_agreement']:.2%} "
-            f"({metrics['near_ties']} near-ties with top-2 margin <= {limits.tie_margin})")
-        failed = []
-        if metrics["decisive_mismatches"]:
-            failed.append(f"{metrics['decisive_mismatches']} top-1 prediction(s) differ where "
-                          f"the reference top-2 margin exceeds {limits.tie_margin}")
-        if metrics["median_abs"] > limits.median_abs:
-            failed.append(f"median |Δlogit| {metrics['median_abs']:.3g} exceeds "
-                          f"{limits.median_abs:g}")
-    metrics.update(source=source, passed=not failed)
-    if failed:
-        raise I2EError(f"export verification failed: {'; '.join(failed)} (ONNX Runtime vs "
-                       "the reference model); no file written")
-    return metrics
+    limits = limits_for("fp32", tolerances)
+    inputs, source = verification_inputs(card, data, count)
+    with TorchRunner(Path(path), loaded=(model, card)) as reference, \
+            OrtRunner(Path(path)) as candidate:
+        found = compare(reference, candidate, inputs, limits)
+    log(f"verify: {source}: {found.summary()}")
+    if not found.passed:
+        ways = "loosen that limit with --tolerance NAME=VALUE or skip the check with --no-verify"
+        if data is None:
+            ways = ("structured random images put many inputs near a spike threshold: verify "
+                    "on real images with --data DIR, " + ways)
+        raise I2EError(f"export verification failed (ONNX Runtime vs the reference model, "
+                       f"{source}): {found.failure()}; no file written. If the graph is right, "
+                       f"{ways}")
+    return {**found.to_dict(), "source": source}
