@@ -374,6 +374,7 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or '
                static: bool = typer.Option(False, "--static", help="fixed batch size instead of a dynamic one"),
                opset: int = typer.Option(17, "--opset", help="ONNX opset (13-20; TensorRT 8.5 reads up to 17)"),
                verify: bool = typer.Option(True, "--verify/--no-verify", help="compare ONNX Runtime with the reference model"),
+               tolerance: Optional[list[str]] = ToleranceOpt,
                data: Optional[Path] = typer.Option(None, "--data", help="image folder (recursive) for the verification (default: structured random images)"),
                arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
                ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
@@ -386,6 +387,8 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or '
                max_batch: Optional[int] = typer.Option(None, "--max-batch", help="engine profile / Triton max batch size (default 8)")):
     """Export a checkpoint to an ONNX graph (verified against the reference by default)."""
     from .assets import resolve_model
+    from .compare import parse_tolerances
+    tolerances = parse_tolerances(tolerance or ())
     from .export.onnx import default_output, export_onnx
     model, card = load_model_arg(checkpoint, arch, classes, ratio, imgsz, events)
     defaulted = output is None
@@ -406,10 +409,11 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or '
                       data=data, calib_size=calib_size, verify=verify, name=name,
                       max_batch=max_batch, log=log, input_format=input_format,
                       converter_only=converter_only, batch=batch, dynamic=not static,
-                      opset=opset)
+                      opset=opset, tolerances=tolerances)
         return
     export_onnx(model, card, output, input_format=input_format, converter_only=converter_only,
-                batch=batch, dynamic=not static, opset=opset, verify=verify, data=data, log=log)
+                batch=batch, dynamic=not static, opset=opset, verify=verify, data=data, log=log,
+                tolerances=tolerances)
 
 
 def main() -> None:

@@ -101,6 +101,36 @@ def shared_model(name: str) -> Path:
     return export(shared_model("ckpt"), root / name.replace("onnx", "tiny.onnx"), **options)
 
 
+def corrupt(source: Path, target: Path, op_type: str, index: int, scale: float) -> Path:
+    """Scale the constant second input of one ``op_type`` node (a weight, or a threshold;
+    an initializer or a Constant node): a wrong graph that still loads and runs."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    constants = {init.name: init for init in model.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    nodes = [n for n in model.graph.node if n.op_type == op_type and n.input[1] in constants]
+    tensor = constants[nodes[index].input[1]]
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, tensor.name))
+    onnx.save(model, str(target))
+    return target
+
+
+def released_checkpoint(path: Path, arch: str, num_classes: int, seed: int = 0) -> Path:
+    """A random active model saved as the paper's release saves its files (``module.`` keys,
+    epoch, best_acc1): size and ratio are inferred from the class count on loading."""
+    from i2e_deploy.card import default_resolution
+
+    imgsz, ratio, resize = default_resolution(num_classes)
+    card = ModelCard(arch=arch, num_classes=num_classes, imgsz=imgsz, ratio=ratio, resize=resize)
+    state = active_model(card, seed).state_dict()
+    torch.save({"epoch": 100, "state_dict": {f"module.{k}": v for k, v in state.items()},
+                "best_acc1": torch.tensor(50.0)}, path)
+    return path
+
+
 @functools.cache
 def shared_cifar() -> Path:
     """Two real CIFAR-10 images per class (skips without ../shared)."""

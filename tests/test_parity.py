@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from i2e_deploy.cli import app
@@ -15,7 +13,7 @@ from i2e_deploy.compare import (LIMITS, judge, limits_for, logit_metrics, lower_
 from i2e_deploy.errors import I2EError
 from i2e_deploy.parity import run_parity
 from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
-from runtime_models import shared_cifar, shared_model
+from runtime_models import corrupt, shared_cifar, shared_model
 
 cli = CliRunner()
 
@@ -28,20 +26,6 @@ def models():
 @pytest.fixture(scope="module")
 def data():
     return shared_cifar()
-
-
-def corrupt(source, target, op_type: str, index: int, scale: float):
-    """Scale the constant second input of one ``op_type`` node (a weight, or a threshold;
-    an initializer or a Constant node): a wrong graph that still loads and runs."""
-    model = onnx.load(str(source))
-    constants = {init.name: init for init in model.graph.initializer}
-    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
-                      if n.op_type == "Constant" and n.attribute[0].name == "value"})
-    nodes = [n for n in model.graph.node if n.op_type == op_type and n.input[1] in constants]
-    tensor = constants[nodes[index].input[1]]
-    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, tensor.name))
-    onnx.save(model, str(target))
-    return target
 
 
 def run(*args):

@@ -67,7 +67,7 @@ def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def to_fp16(fp32: str | os.PathLike, output: str | os.PathLike, *,
             data: str | os.PathLike | None = None, verify: bool = True, verify_count: int = 64,
-            log=None) -> Path:
+            tolerances: dict[str, float] | None = None, log=None) -> Path:
     """An exported FP32 graph -> its FP16 graph, verified against it unless ``verify=False``.
     Writes ``output`` atomically."""
     from ..export.onnx import read_card
@@ -77,7 +77,7 @@ def to_fp16(fp32: str | os.PathLike, output: str | os.PathLike, *,
         onnx.save(half_graph(onnx.load(str(fp32))), str(half))
         if verify:
             verify_reduced(fp32, half, read_card(fp32), "fp16", data=data, count=verify_count,
-                           log=log)
+                           tolerances=tolerances, log=log)
         return copy_into_place(half, Path(output))
 
 

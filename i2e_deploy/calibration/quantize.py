@@ -433,7 +433,8 @@ def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, c
 
 def to_int8(fp32: str | os.PathLike, output: str | os.PathLike, *,
             flavour: str = "onnxruntime", data: str | os.PathLike | None = None,
-            verify: bool = True, verify_count: int = 64, log=None) -> Path:
+            verify: bool = True, verify_count: int = 64,
+            tolerances: dict[str, float] | None = None, log=None) -> Path:
     """An exported FP32 graph -> its SNN-aware INT8 graph (``flavour``: 'onnxruntime' U8S8
     for x86 CPUs, 'tensorrt' S8S8 Q/DQ), verified against the FP32 graph on ``data`` images
     (or structured random ones) unless ``verify=False``. Writes ``output`` atomically."""
@@ -448,7 +449,7 @@ def to_int8(fp32: str | os.PathLike, output: str | os.PathLike, *,
             onnx.save(lower_for_onnxruntime(onnx.load(str(quantized))), str(quantized))
         if verify:
             verify_reduced(fp32, quantized, read_card(fp32), "int8", data=data,
-                           count=verify_count, log=log)
+                           count=verify_count, tolerances=tolerances, log=log)
         return copy_into_place(quantized, Path(output))
 
 

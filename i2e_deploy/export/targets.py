@@ -37,7 +37,8 @@ def export_target(model, card: ModelCard, output: str | os.PathLike, *, fmt: str
                   precision: str = "fp32", device: str = "cpu",
                   data: str | os.PathLike | None = None, calib_size: int = 512,
                   verify: bool = True, name: str | None = None, max_batch: int | None = None,
-                  log=None, **export_options) -> Path:
+                  tolerances: dict[str, float] | None = None, log=None,
+                  **export_options) -> Path:
     """Export ``model`` to ``output`` in ``fmt`` and ``precision``; returns the path written
     (a file, or the Triton model folder). ``max_batch``: the engine profile's max (default
     8; a static graph has its own batch), or Triton's max batch size (default 8)."""
@@ -58,14 +59,16 @@ def export_target(model, card: ModelCard, output: str | os.PathLike, *, fmt: str
     quiet = (lambda msg: None if msg.startswith("wrote ") else log(msg)) if log else None
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = export_onnx(model, card, Path(scratch) / "model.onnx", verify=verify, data=data,
-                           log=quiet, **export_options).path
+                           tolerances=tolerances if precision == "fp32" else None, log=quiet,
+                           **export_options).path
         graph = fp32
         if precision == "int8":
             graph = to_int8(fp32, Path(scratch) / "model.int8.onnx", data=data, verify=verify,
-                            flavour=int8_flavour(fmt, device), verify_count=count, log=log)
+                            flavour=int8_flavour(fmt, device), verify_count=count,
+                            tolerances=tolerances, log=log)
         elif precision == "fp16":
             graph = to_fp16(fp32, Path(scratch) / "model.fp16.onnx", data=data, verify=verify,
-                            verify_count=count, log=log)
+                            verify_count=count, tolerances=tolerances, log=log)
         if fmt == "engine":  # TensorRT is needed from here on: the graphs are checked first
             from .tensorrt import build_engine
             return build_engine(graph, output, precision=precision, max_batch=max_batch,
