@@ -15,13 +15,23 @@ from .errors import I2EError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export, run and verify I2E spiking networks.")
 console = Console()
+err_console = Console(stderr=True)
 
 
 @app.callback()
 def _root() -> None:
     """Export, run and verify I2E spiking networks."""
 
-err_console = Console(stderr=True)
+
+def say(message: str) -> None:
+    """Print a line literally: library messages hold brackets ('[events]', '[N, T, 2, H, W]')
+    that rich markup would take for style tags."""
+    console.print(Text(message), highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """A progress or warning line on stderr, printed literally."""
+    err_console.print(Text(message), highlight=False, soft_wrap=True)
 
 
 def command(*args, **kwargs):
@@ -69,19 +79,19 @@ def info(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'defaul
         print(json.dumps({"card": card.to_dict(), **stats}, indent=2))
         return
     from rich.table import Table
-    table = Table(title=f"{checkpoint}", show_header=False)
+    table = Table(title=Text(checkpoint), show_header=False)
     for key, value in card.to_dict().items():
         if key in ("inferred", "provenance"):
             continue
-        table.add_row(key, str(value))
+        table.add_row(key, Text(str(value)))
     for key, value in card.provenance.items():
-        table.add_row(f"provenance.{key}", str(value))
+        table.add_row(f"provenance.{key}", Text(str(value)))
     table.add_row("parameters", f"{stats['params']:,}")
     table.add_row("GMACs / image", f"{stats['gmacs_per_image']:.3f} (T={card.T}, "
                   f"{card.imgsz}x{card.imgsz})")
     console.print(table)
     for note in card.inferred:
-        console.print(f"[yellow]inferred:[/yellow] {note}", highlight=False)
+        console.print(Text.assemble(("inferred:", "yellow"), f" {note}"), highlight=False)
 
 
 @command("train")
@@ -117,7 +127,7 @@ def train_cmd(data: Path = typer.Argument(..., help="image folder or I2E event d
                       from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
                       resume=resume, events=events, mixup=mixup, tensorboard=tensorboard,
                       max_steps=max_steps, precision=precision, time_budget=time_budget)
-    train(cfg, log=lambda msg: console.print(msg, highlight=False), console=console)
+    train(cfg, log=say, console=console)
 
 
 ToleranceOpt = typer.Option(None, "--tolerance",
@@ -201,7 +211,7 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
                        precision=precision, device=device, threads=threads, resolution=resolution, fps=fps, loop=loop,
                        stride=stride, window_ms=window_ms, reconnects=reconnects,
                        stats_json=str(stats_json) if stats_json else None, **overrides)
-    console.print(stats.summary(), highlight=False, markup=False)
+    say(stats.summary())
     if stats.error:
         raise I2EError(stats.error)
 
@@ -226,11 +236,11 @@ def demo(model: str = typer.Option("default", "--model", help="model file or 'de
     stats, outputs = run_demo(model=model, output=output or None, backend=backend,
                               precision=precision, device=device, threads=threads, max_frames=max_frames,
                               stats_json=str(stats_json) if stats_json else None,
-                              log=lambda msg: console.print(msg, highlight=False))
-    console.print(stats.summary(), highlight=False)
+                              log=say)
+    say(stats.summary())
     files = [o for o in outputs if o not in ("display", "none")]
     if files:
-        console.print(f"wrote {', '.join(files)}", highlight=False)
+        say(f"wrote {', '.join(files)}")
     if stats.error:
         raise I2EError(stats.error)
 
@@ -256,7 +266,7 @@ def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .eng
                            warmup=warmup, batch=batch, device=device, threads=threads,
                            cache=str(cache) if cache else None,
                            precisions=tuple(precision) if precision else PRECISIONS,
-                           log=lambda msg: err_console.print(msg, highlight=False))
+                           log=warn)
     table = markdown(report)
     print(table)
     if markdown_path:
@@ -294,7 +304,7 @@ def build_cmd(onnx_file: Path = typer.Argument(..., help=".onnx graph from `i2e-
                           max_batch=max_batch, workspace_gib=workspace, dla_core=dla_core,
                           timing_cache=timing_cache, calib_data=data, calib_size=calib_size,
                           calib_cache=calib_cache, device=device)
-    console.print(f"wrote {engine} and {engine.name}.json", highlight=False)
+    say(f"wrote {engine} and {engine.name}.json")
 
 
 @command("val")
@@ -314,17 +324,16 @@ def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or
         report = validate(model, data, device=device, batch=batch, workers=workers,
                           val_split=val_split, seed=seed,
                           progress=lambda done, total: bar.update(task, completed=done, total=total),
-                          log=lambda msg: console.print(msg, highlight=False))
+                          log=say)
     for table in report_tables(report):
         console.print(table)
-    console.print(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  on {report.images} images",
-                  highlight=False)
+    say(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  on {report.images} images")
     if json_path:
         write_json(report, json_path)
-        console.print(f"wrote {json_path}", highlight=False)
+        say(f"wrote {json_path}")
     if plot:
         plot_confusion(report, plot)
-        console.print(f"wrote {plot}", highlight=False)
+        say(f"wrote {plot}")
 
 
 @command("qat")
@@ -339,10 +348,9 @@ def qat_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'def
     from .assets import resolve_model
     from .calibration.qat import finetune_int8
     finetune_int8(resolve_model(checkpoint), data, output, steps=steps, batch=batch, lr=lr,
-                  workers=workers, seed=seed, device=device,
-                  log=lambda msg: console.print(msg, highlight=False))
-    console.print(f"wrote {output}: weights on the per-channel INT8 grid; export it with "
-                  f"`i2e-deploy export {output} --int8`", highlight=False)
+                  workers=workers, seed=seed, device=device, log=say)
+    say(f"wrote {output}: weights on the per-channel INT8 grid; export it with "
+        f"`i2e-deploy export {output} --int8`")
 
 
 @command("convert")
@@ -361,8 +369,8 @@ def convert_cmd(src: Path = typer.Argument(..., help="image folder, one sub-fold
         stats = convert_folder(src, dst, fmt, ratio=ratio, imgsz=imgsz, batch=batch,
                                workers=workers,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
-    console.print(f"wrote {stats.written} samples ({stats.skipped} already there) in "
-                  f"{stats.seconds:.1f} s, {stats.rate:.0f} images/s", highlight=False)
+    say(f"wrote {stats.written} samples ({stats.skipped} already there) in "
+        f"{stats.seconds:.1f} s, {stats.rate:.0f} images/s")
 
 
 @command("export")
@@ -395,8 +403,7 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or '
     if output is None:  # the bundled model's folder may be read-only: write it here
         source = resolve_model(checkpoint)
         output = default_output(source.name if checkpoint == "default" else source, converter_only)
-    def log(msg: str) -> None:
-        console.print(msg, highlight=False, soft_wrap=True)
+    log = say
     if int8 and half:
         raise I2EError("choose one of --int8 and --half")
     if int8 or half or fmt != "onnx":

@@ -157,6 +157,7 @@ def report_tables(report: Report, max_matrix: int = 20) -> list:
     """rich tables: per-class accuracy, and the confusion matrix for up to ``max_matrix``
     classes."""
     from rich.table import Table
+    from rich.text import Text
 
     per_class = Table(title="per-class accuracy")
     per_class.add_column("class")
@@ -164,15 +165,15 @@ def report_tables(report: Report, max_matrix: int = 20) -> list:
     per_class.add_column("images", justify="right")
     support = report.confusion.sum(axis=1).tolist()
     for (name, acc), count in zip(report.per_class().items(), support):
-        per_class.add_row(name, "-" if acc is None else f"{acc:.2f}", str(count))
+        per_class.add_row(Text(name), "-" if acc is None else f"{acc:.2f}", str(count))
     if len(report.classes) > max_matrix:
         return [per_class]
     matrix = Table(title="confusion (rows: true, columns: predicted)")
     matrix.add_column("")
     for name in report.classes:
-        matrix.add_column(name[:6], justify="right")
+        matrix.add_column(Text(name[:6]), justify="right")
     for name, row in zip(report.classes, report.confusion.tolist()):
-        matrix.add_row(name, *(str(v) if v else "." for v in row))
+        matrix.add_row(Text(name), *(str(v) if v else "." for v in row))
     return [per_class, matrix]
 
 
