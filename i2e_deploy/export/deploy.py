@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..model.converter import EVAL_PAIRS, TIME_ORDER
+from ..model.converter import EVAL_PAIRS, TIME_ORDER, check_ratio
 from ..model.msresnet import BasicBlock, MSResNet
 from ..model.neuron import LIF
 
@@ -151,6 +151,7 @@ class DeployI2E(nn.Module):
 
     def __init__(self, ratio: float):
         super().__init__()
+        check_ratio(ratio)  # at ratio <= 0 the comparisons below would not be the reference's
         self.ratio = float(ratio)
         # (b, a) cell offsets per output timestep: diff = cell(b) - cell(a).
         self.cells = [tuple(divmod(c - 1, 3) for c in (EVAL_PAIRS[k][1], EVAL_PAIRS[k][0]))
