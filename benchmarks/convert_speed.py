@@ -95,7 +95,7 @@ def main() -> None:
     try:
         folder = extract(args.images, work)
         card = ModelCard(imgsz=SIZE, resize=SIZE)
-        images, _ = load_image_folder(folder, card)
+        images = load_image_folder(folder, card).images
         uint8_batches = [images[i:i + args.batch] for i in range(0, len(images), args.batch)]
         buffers = {len(b): np.empty((len(b), 8, 2, SIZE, SIZE), np.bool_) for b in uint8_batches}
         paper_batches = [torch.from_numpy(b).permute(0, 3, 1, 2).float().div(255)

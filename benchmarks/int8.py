@@ -176,7 +176,9 @@ def heldout(card: ModelCard, data: Path, count: int) -> tuple[np.ndarray, np.nda
     labels = np.array([folder.samples[i][1] for i in picks])
     source = (f"{len(picks)} of the {len(held)} held-out images (val_split={holdout}, "
               f"seed={seed}) of {data}")
-    return load_images(paths, card), labels, source
+    loaded = load_images(paths, card)
+    label_of = dict(zip(paths, labels))
+    return loaded.images, np.array([label_of[p] for p in loaded.paths]), source
 
 
 def accuracy_rows(graphs: dict[str, Path], images, labels, threads, reference: str = "fp32"):

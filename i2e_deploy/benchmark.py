@@ -204,8 +204,9 @@ def _load_inputs(card: ModelCard, data: str | None, limit: int
     if data is not None:
         from .runtime.preprocess import load_labelled_folder
 
-        images, labels, names = load_labelled_folder(data, card, limit)
-        return images, labels, {"source": str(data), "count": len(images)}
+        loaded, labels, _ = load_labelled_folder(data, card, limit)
+        return loaded.images, labels, {"source": str(data), "count": len(labels),
+                                       "skipped": len(loaded.skipped)}
     from .runtime.preprocess import synthetic_images
 
     return (synthetic_images(SYNTHETIC_COUNT, card), None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .errors import I2EError
+from .errors import I2EError, logger
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export, run and verify I2E spiking networks.")
@@ -21,6 +22,8 @@ err_console = Console(stderr=True)
 @app.callback()
 def _root() -> None:
     """Export, run and verify I2E spiking networks."""
+    if _warning_line not in logger.handlers:
+        logger.addHandler(_warning_line)
 
 
 def say(message: str) -> None:
@@ -29,9 +32,20 @@ def say(message: str) -> None:
     console.print(Text(message), highlight=False, soft_wrap=True)
 
 
-def warn(message: str) -> None:
-    """A progress or warning line on stderr, printed literally."""
+def say_stderr(message: str) -> None:
+    """A progress line on stderr, printed literally."""
     err_console.print(Text(message), highlight=False, soft_wrap=True)
+
+
+class _WarningLine(logging.Handler):
+    """The library's warnings (``i2e_deploy.errors.warn``) as one literal line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(Text.assemble(("warning:", "yellow"), f" {record.getMessage()}"),
+                          highlight=False, soft_wrap=True)
+
+
+_warning_line = _WarningLine(logging.WARNING)
 
 
 def command(*args, **kwargs):
@@ -266,7 +280,7 @@ def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .eng
                            warmup=warmup, batch=batch, device=device, threads=threads,
                            cache=str(cache) if cache else None,
                            precisions=tuple(precision) if precision else PRECISIONS,
-                           log=warn)
+                           log=say_stderr)
     table = markdown(report)
     print(table)
     if markdown_path:
@@ -327,7 +341,9 @@ def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or
                           log=say)
     for table in report_tables(report):
         console.print(table)
-    say(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  on {report.images} images")
+    unreadable = f" ({len(report.skipped)} unreadable left out)" if report.skipped else ""
+    say(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  on {report.images} images"
+        f"{unreadable}")
     if json_path:
         write_json(report, json_path)
         say(f"wrote {json_path}")
@@ -369,7 +385,8 @@ def convert_cmd(src: Path = typer.Argument(..., help="image folder, one sub-fold
         stats = convert_folder(src, dst, fmt, ratio=ratio, imgsz=imgsz, batch=batch,
                                workers=workers,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
-    say(f"wrote {stats.written} samples ({stats.skipped} already there) in "
+    unreadable = f", {stats.unreadable} unreadable left out" if stats.unreadable else ""
+    say(f"wrote {stats.written} samples ({stats.skipped} already there{unreadable}) in "
         f"{stats.seconds:.1f} s, {stats.rate:.0f} images/s")
 
 

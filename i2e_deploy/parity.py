@@ -76,8 +76,9 @@ def parity_inputs(card, data: str | os.PathLike | None, random: int | None,
         return (rng.random(shape) < 0.1).astype(np.float32), {"source": "random events",
                                                               "count": count, "seed": seed}
     if data is not None:
-        images, paths = load_image_folder(data, card, limit or DEFAULT_LIMIT)
-        return images, {"source": str(data), "count": len(images)}
+        loaded = load_image_folder(data, card, limit or DEFAULT_LIMIT)
+        return loaded.images, {"source": str(data), "count": len(loaded.images),
+                               "skipped": len(loaded.skipped)}
     count = random or DEFAULT_RANDOM
     return synthetic_images(count, card, seed), {"source": "structured random images",
                                                  "count": count, "seed": seed}

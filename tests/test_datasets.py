@@ -23,7 +23,7 @@ def real_events(tmp_path, size: int = 32) -> np.ndarray:
     from i2e_deploy.runtime.preprocess import load_image_folder
 
     card = ModelCard(imgsz=size, resize=size)
-    images, _ = load_image_folder(cifar_folder(tmp_path), card, limit=6)
+    images = load_image_folder(cifar_folder(tmp_path), card, limit=6).images
     return convert_uint8(images, 0.07, time_major=False)
 
 

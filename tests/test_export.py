@@ -25,7 +25,7 @@ from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.export.deploy import (DeployMSResNet, UnrolledLIF, converter, deploy,
                                       run_with_spikes)
-from i2e_deploy.export.onnx import CARD_KEY, export_onnx, read_card, read_metadata, verify_onnx
+from i2e_deploy.export.onnx import export_onnx, read_card, read_metadata, verify_onnx
 from i2e_deploy.model.checkpoint import save_checkpoint
 from i2e_deploy.model.msresnet import MSResNet
 from i2e_deploy.model.neuron import LIF

@@ -50,7 +50,7 @@ def test_faithful_export_passes_and_a_wrong_conv_fails(arch, classes, tmp_path):
     model, _ = load_checkpoint(checkpoint)
     paper = PAPER[arch](classes, card.ratio).eval()
     paper.load_state_dict(model.state_dict())
-    images, _ = load_image_folder(data, card, REAL_IMAGES)
+    images = load_image_folder(data, card, REAL_IMAGES).images
     with torch.no_grad(), load_runner(graph) as runner:
         want = paper(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).numpy()
         got = runner.infer(images)

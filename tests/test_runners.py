@@ -221,9 +221,11 @@ def test_preprocess_per_card():
 def test_image_folders_from_real_images(tmp_path):
     folder = shared_cifar()
     card = ModelCard(imgsz=32, resize=32, class_names=sorted(p.name for p in folder.iterdir()))
-    images, paths = load_image_folder(folder, card, limit=5)
+    loaded = load_image_folder(folder, card, limit=5)
+    images, paths = loaded.images, loaded.paths
     assert images.shape == (5, 32, 32, 3) and len(paths) == 5
-    images, labels, names = load_labelled_folder(folder, card, limit=12)
+    loaded, labels, names = load_labelled_folder(folder, card, limit=12)
+    images = loaded.images
     assert images.shape == (12, 32, 32, 3)
     assert labels[:10].tolist() == list(range(10))  # round-robin: every class in a subset
     other = ModelCard(imgsz=32, resize=32, class_names=[f"c{i}" for i in range(10)])
@@ -257,3 +259,26 @@ def test_tensorrt_runner_matches_onnx(models, images, tmp_path):
     with load_runner(engine) as trt, load_runner(models["onnx"]) as ort:
         assert trt.name == "tensorrt" and trt.precision == "fp32"
         np.testing.assert_array_equal(trt.infer(images).argmax(1), ort.infer(images).argmax(1))
+
+
+def test_image_folders_skip_unreadable_files(tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(shared_cifar(), folder)
+    first = sorted(folder.iterdir())[0]
+    (first / "0.jpg").write_bytes(b"\xff\xd8\xff")  # sorts first: a truncated JPEG
+    card = ModelCard(imgsz=32, resize=32, class_names=sorted(p.name for p in folder.iterdir()))
+    with caplog.at_level("WARNING", logger="i2e_deploy"):
+        loaded = load_image_folder(folder, card, limit=5)
+    assert len(loaded.images) == 5 and [u.path for u in loaded.skipped] == [str(first / "0.jpg")]
+    assert first / "0.jpg" not in loaded.paths
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage().startswith("skipped 1 unreadable file(s) of 6 under")
+    loaded, labels, _ = load_labelled_folder(folder, card)
+    assert len(loaded.images) == len(labels) == 20
+    assert labels.tolist() == [card.class_names.index(p.parent.name) for p in loaded.paths]
+    for image in folder.rglob("*.jpg"):
+        image.write_bytes(b"GIF89a")
+    with pytest.raises(I2EError, match="none of the 21 file"):
+        load_image_folder(folder, card)

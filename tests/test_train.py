@@ -33,7 +33,8 @@ def config(data, output, **overrides) -> TrainConfig:
 def mean_loss(checkpoint, folder) -> float:
     """Cross-entropy of a checkpoint (eval mode) over every image of ``folder``."""
     model, card = load_checkpoint(checkpoint)
-    images, labels, _ = load_labelled_folder(folder, card)
+    loaded, labels, _ = load_labelled_folder(folder, card)
+    images = loaded.images
     with torch.no_grad():
         logits = model(torch.from_numpy(images))
     return nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
@@ -137,3 +138,24 @@ def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(I2EError, match="pip install tensorboard"):
         train_module._tensorboard(tmp_path)
+
+
+def test_no_heldout_split_and_an_unreadable_image(tmp_path):
+    """Without a held-out split the epoch line shows the training accuracy (no 'nan'); a
+    corrupt image is left out with one warning line, not a worker traceback."""
+    data = cifar_folder(tmp_path)
+    (sorted(data.iterdir())[0] / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    result = CliRunner().invoke(app, ["train", str(data), "-o", str(tmp_path / "run"),
+                                      "--imgsz", "32", "--ratio", "0.2", "--epochs", "2",
+                                      "--batch", "5", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "nan" not in result.output and "Traceback" not in result.output
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all("(no held-out set)" in line for line in epochs), epochs
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "skipped 1 unreadable file(s) of 25" in warnings[0], warnings
+    with open(tmp_path / "run" / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["val_top1"], r["val_top5"]) for r in rows] == [("", "")] * 2
+    _, card = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert "heldout_top1" not in card.provenance

@@ -35,7 +35,8 @@ def checkpoint(tmp_path):
 def test_report_matches_runner_predictions(folder, checkpoint):
     report = validate(str(checkpoint), folder, workers=0, batch=7, log=lambda _: None)
     with load_runner(checkpoint) as runner:
-        images, labels, names = load_labelled_folder(folder, runner.card)
+        loaded, labels, names = load_labelled_folder(folder, runner.card)
+        images = loaded.images
         logits = runner.infer(images)
     top5 = np.argsort(-logits, axis=1)[:, :5]
     assert report.classes == names and report.images == len(labels) == 24
@@ -109,3 +110,29 @@ def test_bundled_model_validates(folder):
     report = validate("default", folder, workers=0, val_split=0)
     # A trained CIFAR-10 model: chance is 10 %; 24 images of 3 classes are a small sample.
     assert report.images == 24 and report.top1 > 25
+
+
+def test_unreadable_images_are_skipped_with_one_warning(folder, checkpoint, tmp_path):
+    """The issue's case: one unreadable JPEG in the folder, evaluated by worker processes."""
+    first, second = sorted(p for p in folder.iterdir())[:2]
+    (first / "zz_truncated.jpg").write_bytes(next(first.glob("*.jpg")).read_bytes()[:200])
+    (second / "zz_text.jpg").write_text("not an image")
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["val", str(checkpoint), str(folder), "--workers", "2",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "skipped 2 unreadable file(s) of 26" in warnings[0]
+    report = json.loads(out.read_text())
+    assert report["images"] == 24 and report["skipped"] == 2
+    assert "24 images (2 unreadable left out)" in result.stdout
+
+    nothing = tmp_path / "nothing" / "cat"
+    nothing.mkdir(parents=True)
+    (nothing / "a.jpg").write_text("not an image")
+    result = CliRunner().invoke(app, ["val", str(checkpoint), str(nothing.parent),
+                                      "--workers", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: none of the 1 file(s)") and \
+        len(result.stderr.strip().splitlines()) == 1

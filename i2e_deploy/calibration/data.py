@@ -39,7 +39,7 @@ def load_calibration_images(data: str | os.PathLike | None, card: ModelCard,
     if len(paths) > size:
         picks = np.linspace(0, len(paths) - 1, size).round().astype(int)
         paths = [paths[i] for i in picks]
-    return load_images(paths, card)
+    return load_images(paths, card, where=data).images
 
 
 def to_graph_input(images: np.ndarray, input_format: str) -> np.ndarray:

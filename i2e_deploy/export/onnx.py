@@ -383,7 +383,8 @@ def verification_inputs(card: ModelCard, data: str | os.PathLike | None, count: 
         if not paths:
             raise I2EError(f"no images under {data} to verify the export with")
         picks = np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)
-        images, source = load_images([paths[i] for i in picks], card), f"{len(picks)} images from {data}"
+        loaded = load_images([paths[i] for i in picks], card, where=data)
+        images, source = loaded.images, f"{len(loaded.images)} images from {data}"
     else:
         images, source = synthetic_images(count, card), f"{count} structured random images"
     if card.input == "events":

@@ -9,14 +9,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
 import cv2
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..card import ModelCard
-from ..errors import I2EError
+from ..errors import I2EError, warn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -35,12 +39,82 @@ def preprocess(image: np.ndarray, card: ModelCard) -> np.ndarray:
     return tensor.permute(1, 2, 0).contiguous().numpy()
 
 
+class Unreadable(NamedTuple):
+    """An input file that could not be decoded, in place of its sample (datasets return it
+    so that a data loader's worker does not raise; :func:`skip_unreadable` drops it)."""
+    path: str
+    reason: str
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB uint8 HWC; I2EError if the file is not a readable image."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise I2EError(f"{path}: not a readable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    """RGB uint8 HWC; I2EError if the file is not a complete, readable image. Decoded with
+    Pillow, which refuses truncated files (OpenCV would return half an image and print a
+    libjpeg warning), with the EXIF orientation applied as OpenCV applies it."""
+    try:
+        with Image.open(path) as image:
+            return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise I2EError(f"{path}: not a readable image ({reason})") from None
+
+
+def try_read(path: str | os.PathLike, card: ModelCard) -> np.ndarray | Unreadable:
+    """The preprocessed image, or :class:`Unreadable` saying why not."""
+    try:
+        return preprocess(read_image(path), card)
+    except I2EError as exc:
+        return Unreadable(str(path), str(exc).split(": ", 1)[-1])
+
+
+def skip_unreadable(batch: list) -> tuple[Any, list[Unreadable]]:
+    """DataLoader ``collate_fn``: the batch without the samples a dataset returned as
+    :class:`Unreadable` (None when none is left), and those. It runs in the worker, which
+    therefore never raises for a bad file."""
+    from torch.utils.data import default_collate
+
+    kept = [sample for sample in batch if not isinstance(sample, Unreadable)]
+    return (default_collate(kept) if kept else None,
+            [sample for sample in batch if isinstance(sample, Unreadable)])
+
+
+class Readable:
+    """Iterate a DataLoader built with :func:`skip_unreadable` as a plain one
+    (``for inputs, targets in Readable(loader)``), collecting the skipped files; ``report``
+    warns once about them (one line) and raises if nothing was readable."""
+
+    def __init__(self, loader, where: str | os.PathLike):
+        self.loader, self.where = loader, where
+        self.skipped: list[Unreadable] = []
+        self.seen = 0
+        self._reported = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch, skipped in self.loader:
+            self.skipped.extend(skipped)
+            self.seen += len(skipped)
+            if batch is not None:
+                self.seen += len(batch[-1])
+                yield batch
+
+    def report(self) -> None:
+        if not self._reported:
+            self._reported = True
+            warn_skipped(self.skipped, self.where, self.seen)
+
+
+def warn_skipped(skipped: list[Unreadable], where: str | os.PathLike, total: int) -> None:
+    """One warning line for the unreadable files of a set; one clear error when none of
+    the set is readable."""
+    if not skipped:
+        return
+    first = skipped[0]
+    detail = f"first: {first.path}: {first.reason}"
+    if len(skipped) == total:
+        raise I2EError(f"none of the {total} file(s) under {where} is readable ({detail})")
+    warn(f"skipped {len(skipped)} unreadable file(s) of {total} under {where} ({detail})")
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -52,27 +126,49 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
                   and p.is_file())
 
 
-def load_images(paths: list[Path], card: ModelCard) -> np.ndarray:
-    """Read and preprocess image files into one uint8 NHWC batch."""
+@dataclass
+class Loaded:
+    """Images read and preprocessed: the uint8 NHWC batch, the files it came from (in
+    order), and the files that were skipped as unreadable."""
+    images: np.ndarray
+    paths: list[Path]
+    skipped: list[Unreadable] = field(default_factory=list)
+
+
+def load_images(paths: list[Path], card: ModelCard, limit: int | None = None,
+                where: str | os.PathLike | None = None) -> Loaded:
+    """Read and preprocess image files (up to ``limit`` readable ones, in order) into one
+    uint8 NHWC batch; unreadable files are skipped with one warning line."""
     size = card.imgsz
-    batch = np.empty((len(paths), size, size, 3), np.uint8)
-    for i, path in enumerate(paths):
-        batch[i] = preprocess(read_image(path), card)
-    return batch
+    wanted = len(paths) if limit is None else min(limit, len(paths))
+    batch = np.empty((wanted, size, size, 3), np.uint8)
+    kept: list[Path] = []
+    skipped: list[Unreadable] = []
+    for path in paths:
+        if len(kept) == wanted:
+            break
+        image = try_read(path, card)
+        if isinstance(image, Unreadable):
+            skipped.append(image)
+        else:
+            batch[len(kept)] = image
+            kept.append(Path(path))
+    warn_skipped(skipped, where or (Path(paths[0]).parent if paths else "."),
+                 len(kept) + len(skipped))
+    return Loaded(batch[:len(kept)], kept, skipped)
 
 
 def load_image_folder(folder: str | os.PathLike, card: ModelCard,
-                      limit: int | None = None) -> tuple[np.ndarray, list[Path]]:
-    """Up to ``limit`` images of a folder (recursive, sorted) as a uint8 NHWC batch + paths."""
+                      limit: int | None = None) -> Loaded:
+    """Up to ``limit`` readable images of a folder (recursive, sorted)."""
     paths = list_images(folder)
     if not paths:
         raise I2EError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    paths = paths[:limit] if limit else paths
-    return load_images(paths, card), paths
+    return load_images(paths, card, limit, folder)
 
 
 def load_labelled_folder(folder: str | os.PathLike, card: ModelCard, limit: int | None = None
-                         ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                         ) -> tuple[Loaded, np.ndarray, list[str]]:
     """An ImageFolder layout (``DIR/<class>/*.jpg``) as (images, labels, class names).
 
     Labels index the card's class names when the card has them (folders must match them),
@@ -97,9 +193,9 @@ def load_labelled_folder(folder: str | os.PathLike, card: ModelCard, limit: int 
         picked.extend(items[rank] for items in per_class if rank < len(items))
     if not picked:
         raise I2EError(f"{folder}: the class folders hold no images")
-    picked = picked[:limit] if limit else picked
-    images = load_images([p for p, _ in picked], card)
-    return images, np.array([label for _, label in picked], np.int64), names
+    label_of = dict(picked)
+    loaded = load_images([p for p, _ in picked], card, limit, folder)
+    return loaded, np.array([label_of[p] for p in loaded.paths], np.int64), names
 
 
 def synthetic_images(count: int, card: ModelCard, seed: int = 0) -> np.ndarray:

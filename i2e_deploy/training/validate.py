@@ -14,8 +14,9 @@ import torch
 from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import atomic_output
+from ..runtime.preprocess import Readable, skip_unreadable
 from . import data as D
-from .eventsets import EventFolder, is_event_folder, read_sample
+from .eventsets import EventFolder, is_event_folder, read_labelled
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Report:
     model: str = ""
     data: str = ""
     heldout: dict[str, Any] = field(default_factory=dict)  # val_split / seed when a split was used
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out
 
     @property
     def images(self) -> int:
@@ -50,7 +52,8 @@ class Report:
                 "per_class": self.per_class(),
                 "support": dict(zip(self.classes, self.confusion.sum(axis=1).tolist())),
                 "classes": self.classes, "confusion": self.confusion.tolist(),
-                "model": self.model, "data": self.data, **self.heldout}
+                "model": self.model, "data": self.data, "skipped": len(self.skipped),
+                **self.heldout}
 
 
 def _label_map(folder_classes: list[str], card: ModelCard) -> tuple[list[int], list[str]]:
@@ -126,7 +129,9 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
             heldout = {"val_split": val_split, "seed": seed}
         samples = [(path, label_of[target]) for path, target in samples]
         dataset = _EventSamples(samples) if events else D.HeldOut(samples, card)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
+        loader = Readable(torch.utils.data.DataLoader(dataset, batch_size=batch,
+                                                      num_workers=workers,
+                                                      collate_fn=skip_unreadable), data)
         confusion = np.zeros((card.num_classes, card.num_classes), np.int64)
         top5 = done = 0
         for inputs, targets in loader:
@@ -137,8 +142,10 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
             top5 += int((order == targets[:, None]).any(axis=1).sum())
             done += len(targets)
             if progress:
-                progress(done, len(dataset))
-    return Report(names, confusion, top5, model=str(model), data=str(data), heldout=heldout)
+                progress(done + len(loader.skipped), len(dataset))
+        loader.report()
+    return Report(names, confusion, top5, model=str(model), data=str(data), heldout=heldout,
+                  skipped=[u.path for u in loader.skipped])
 
 
 class _EventSamples(torch.utils.data.Dataset):
@@ -150,7 +157,7 @@ class _EventSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        return torch.from_numpy(read_sample(path)), target
+        return read_labelled(path, target)
 
 
 def report_tables(report: Report, max_matrix: int = 20) -> list:
