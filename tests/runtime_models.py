@@ -8,6 +8,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -154,4 +155,36 @@ def cifar_folder(root: Path, per_class: int) -> Path:
             target = root / label / parts[-1]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(tar.extractfile(member).read())
+    return root
+
+
+@functools.cache
+def heldout_cifar(count: int = 200) -> Path:
+    """``count`` of the 5,000 CIFAR-10 training images the bundled model's card holds out
+    (``train --val-split 5000 --seed 0`` on the 50,000-image folder, in ImageFolder order),
+    spread evenly over the split, in ImageFolder layout (skips without ../shared)."""
+    from i2e_deploy.assets import DEFAULT_MODEL
+    from i2e_deploy.model.checkpoint import load_checkpoint
+    from i2e_deploy.training.data import split_indices
+
+    if not CIFAR_TAR.is_file():
+        pytest.skip("../shared/data/cifar10-train.tar.gz not present")
+    card = load_checkpoint(DEFAULT_MODEL)[1]
+    with tarfile.open(CIFAR_TAR) as tar:
+        names = sorted(m.name for m in tar if m.isfile() and m.name.endswith(".jpg"))
+    # ImageFolder order: classes sorted, files sorted within each class.
+    samples = sorted((Path(n).parts[-2], Path(n).name, n) for n in names)
+    classes = sorted({c for c, _, _ in samples})
+    targets = [classes.index(c) for c, _, _ in samples]
+    if len(samples) != card.provenance["train_images"] + card.provenance["heldout_images"]:
+        pytest.skip("the shared CIFAR-10 copy is not the folder the bundled model was trained on")
+    _, held = split_indices(targets, card.provenance["val_split"], card.provenance["seed"])
+    picks = {samples[held[i]][2] for i in np.linspace(0, len(held) - 1, count).astype(int)}
+    root = _session_dir() / f"heldout{count}"
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            if member.name in picks:
+                target = root / Path(member.name).parts[-2] / Path(member.name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
     return root

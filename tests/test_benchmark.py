@@ -102,3 +102,32 @@ def test_workers_take_turns_and_failures_become_row_notes(ckpt, tmp_path):
         assert row.reason is None and 0 < row.latency_p50_ms <= row.latency_p99_ms
         assert row.throughput_ips > 0
     assert rows[1].latency_p50_ms is None and "missing.onnx" in rows[1].reason
+
+
+def test_bundled_model_accuracy_and_parity_on_heldout_images(tmp_path):
+    """The bundled model on 200 of its held-out images: each row's accuracy is what `val`
+    measures on them (independent code paths), and its INT8 graph, INT8-exact, changes no
+    decisive prediction."""
+    from i2e_deploy.assets import DEFAULT_MODEL
+    from i2e_deploy.training.validate import validate
+    from runtime_models import heldout_cifar
+
+    if not DEFAULT_MODEL.is_file():
+        pytest.skip("bundled model not built yet")
+    data = heldout_cifar(200)
+    args = ["benchmark", "default", "--data", str(data), "--limit", "200", "--iters", "2",
+            "--warmup", "0", "--batch", "8", "--cache", str(tmp_path / "cache"), "--precision",
+            "fp32", "--precision", "int8", "--threads", "1", "--json", str(tmp_path / "b.json")]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {(r["backend"], r["precision"]): r for r in
+            json.loads((tmp_path / "b.json").read_text())["rows"]}
+    measured = validate("default", data, workers=0, val_split=0, log=lambda _: None)
+    assert measured.images == 200
+    for key in (("PyTorch (reference)", "fp32"), ("ONNX Runtime", "fp32"),
+                ("ONNX Runtime", "int8")):
+        assert rows[key]["accuracy"] == pytest.approx(measured.top1 / 100, abs=0.011), key
+    assert rows[("PyTorch (reference)", "fp32")]["accuracy"] == pytest.approx(
+        measured.top1 / 100)  # the same model on the same pixels
+    for key in (("ONNX Runtime", "fp32"), ("ONNX Runtime", "int8")):
+        assert rows[key]["parity"] == "pass" and rows[key]["decisive_mismatches"] == 0, rows[key]
