@@ -42,7 +42,7 @@ def test_faithful_export_passes_on_real_images(models, data, tmp_path):
     assert report["passed"] is True and report["precision"] == "fp32"
     assert report["inputs"]["count"] == 20
     assert report["metrics"]["decisive_mismatches"] == 0
-    assert report["limits"] == {"tie_margin": 0.25, "decisive": 0.0, "median_rel": 0.02,
+    assert report["limits"] == {"tie_margin": 1.0, "decisive": 0.0, "median_rel": 0.02,
                                 "spike_agreement": 0.95, "event_agreement": 1.0}
     checks = {c["name"].split(" (")[0]: c for c in report["checks"]}
     assert set(checks) == {"decisive top-1 changes", "median |Δlogit| / logit spread",
@@ -126,9 +126,9 @@ def test_near_tie_flips_never_fail_and_decisive_ones_do():
     found = judge(reference, candidate, limits_for("fp32"))
     assert found.metrics["top1_agreement"] == 0.96 and found.metrics["near_ties"] >= 2
     assert found.metrics["decisive_mismatches"] == 0 and found.passed
-    reference[2, 3] += 5  # input 2: class 3 leads by far...
+    reference[2, 3] += 8  # input 2: class 3 leads by far...
     candidate[2] = reference[2]
-    candidate[2, 7] = reference[2, 3] + 1  # ...and the candidate picks class 7: decisive
+    candidate[2, 7] = reference[2, 3] + 3  # ...and the candidate picks class 7: decisive
     found = judge(reference, candidate, limits_for("fp32"))
     assert not found.passed and [c.name for c in found.failed] == ["decisive top-1 changes"]
     assert "decisive top-1 changes 0.02 is above the limit 0" in found.failure()
