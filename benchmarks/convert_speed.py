@@ -32,7 +32,7 @@ import torch
 
 from i2e_deploy.card import ModelCard
 from i2e_deploy.model.converter import convert, convert_uint8
-from i2e_deploy.runtime.preprocess import load_image_folder
+from i2e_deploy.images import load_image_folder
 from i2e_deploy.training.convert import convert_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from i2e_deploy.runtime.preprocess import load_labelled_folder  # noqa: E402
+from i2e_deploy.images import load_labelled_folder  # noqa: E402
 from i2e_deploy.runtime.runners import load_runner  # noqa: E402
 
 

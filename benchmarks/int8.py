@@ -53,7 +53,7 @@ from i2e_deploy.export.onnx import export_onnx
 from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.model.msresnet import build_model
 from i2e_deploy.compare import logit_metrics
-from i2e_deploy.runtime.preprocess import load_images, synthetic_images
+from i2e_deploy.images import load_images, synthetic_images
 from i2e_deploy.training.data import image_folder, split_indices
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,7 +76,7 @@ def firing_model(card: ModelCard, seed: int = 0):
 
 def build_graphs(model, card: ModelCard, folder: Path, precisions) -> dict[str, Path]:
     """The graphs of one model: FP32 export and the forms derived from it."""
-    fp32 = export_onnx(model, card, folder / "fp32.onnx", verify=False).path
+    fp32 = export_onnx(model, card, folder / "fp32.onnx").path
     graphs = {"fp32": fp32}
     if "fp32 + fast LIF" in precisions:
         fast = onnx.load(str(fp32))

@@ -5,7 +5,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -65,11 +65,10 @@ def command(*args, **kwargs):
     return wrap
 
 
-def load_model_arg(checkpoint: str, arch, classes, ratio, imgsz, events):
-    from .model.checkpoint import load_checkpoint
-    from .assets import resolve_model
-    return load_checkpoint(resolve_model(checkpoint), arch=arch, num_classes=classes,
-                           ratio=ratio, imgsz=imgsz, events=events)
+def model_overrides(arch, classes, ratio, imgsz, events) -> dict:
+    """The model-card flags given, as ``load_checkpoint`` keywords."""
+    given = dict(arch=arch, num_classes=classes, ratio=ratio, imgsz=imgsz, events=events)
+    return {key: value for key, value in given.items() if value is not None}
 
 
 ArchOpt = typer.Option(None, "--arch", help="msresnet18 or msresnet34 (default: from the weights)")
@@ -86,9 +85,10 @@ def info(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'defaul
          ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
          events: Optional[bool] = EventsOpt):
     """Show a checkpoint's model card, what was inferred, parameters and GMACs."""
-    from .model.profile import count_macs, count_params
-    model, card = load_model_arg(checkpoint, arch, classes, ratio, imgsz, events)
-    stats = {"params": count_params(model), "gmacs_per_image": count_macs(card) / 1e9}
+    from .assets import resolve_model
+    from .model.profile import describe
+    card, stats = describe(resolve_model(checkpoint),
+                           **model_overrides(arch, classes, ratio, imgsz, events))
     if as_json:
         print(json.dumps({"card": card.to_dict(), **stats}, indent=2))
         return
@@ -193,12 +193,12 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            stats_json: Optional[Path] = typer.Option(None, "--json", help="write stream statistics here"),
            topk: int = typer.Option(3, "--topk", help="labels shown and logged per frame"),
            backend: str = typer.Option("auto", "--backend",
-                                       help="auto (by file suffix), torch, or onnx (exports a "
-                                            "checkpoint once into the cache)"),
+                                       help="auto (the file's own), torch, onnx or tensorrt "
+                                            "(a checkpoint is exported once into the cache)"),
            precision: str = typer.Option("auto", "--precision",
-                                         help="graph a checkpoint runs as on ONNX Runtime: auto "
+                                         help="what a checkpoint runs as on onnx/tensorrt: auto "
                                               "(int8 on a CPU for an INT8-exact checkpoint, "
-                                              "else fp32), fp32 or int8"),
+                                              "else fp32), fp32, fp16 or int8"),
            device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
            threads: Optional[int] = typer.Option(None, "--threads", help="inference threads"),
            fps: Optional[float] = typer.Option(None, "--fps",
@@ -218,13 +218,12 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            events: Optional[bool] = EventsOpt):
     """Classify a camera, video, stream or event recording live, with the event view."""
     from .runtime.stream import run_stream
-    overrides: dict[str, Any] = {
-        k: v for k, v in dict(arch=arch, num_classes=classes, ratio=ratio, imgsz=imgsz,
-                              events=events).items() if v is not None}
+    overrides = model_overrides(arch, classes, ratio, imgsz, events)
     stats = run_stream(model, source, output, max_frames=max_frames, topk=topk, backend=backend,
-                       precision=precision, device=device, threads=threads, resolution=resolution, fps=fps, loop=loop,
-                       stride=stride, window_ms=window_ms, reconnects=reconnects,
-                       stats_json=str(stats_json) if stats_json else None, **overrides)
+                       precision=precision, device=device, threads=threads,
+                       resolution=resolution, fps=fps, loop=loop, stride=stride,
+                       window_ms=window_ms, reconnects=reconnects, stats_json=stats_json,
+                       log=say, **overrides)
     say(stats.summary())
     if stats.error:
         raise I2EError(stats.error)
@@ -274,7 +273,8 @@ def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .eng
                   json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here"),
                   markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="write the table here")):
     """Latency, throughput, memory, accuracy and parity of every backend x precision here."""
-    from .benchmark import PRECISIONS, markdown, run_benchmark
+    from .artifacts import PRECISIONS
+    from .benchmark import markdown, run_benchmark
     from .parity import write_json, write_text
     report = run_benchmark(model, data=str(data) if data else None, limit=limit, iters=iters,
                            warmup=warmup, batch=batch, device=device, threads=threads,
@@ -308,12 +308,8 @@ def build_cmd(onnx_file: Path = typer.Argument(..., help=".onnx graph from `i2e-
               device: str = typer.Option("cuda", "--device", help="cuda or cuda:N")):
     """Build a TensorRT engine (+ JSON sidecar) from an exported ONNX graph, on the target."""
     from .export.tensorrt import build_engine
-    if half and int8:
-        raise I2EError("choose one of --half and --int8")
-    if data is not None and not (int8 and calibrator != "qdq"):
-        raise I2EError("--data feeds implicit INT8 calibration only: add --int8 --calibrator "
-                       "entropy (or minmax); the qdq INT8 graph needs no data")
-    engine = build_engine(onnx_file, output, precision="int8" if int8 else "fp16" if half else "fp32",
+    from .targets import precision_from_flags
+    engine = build_engine(onnx_file, output, precision=precision_from_flags(int8, half),
                           int8_mode=calibrator, min_batch=min_batch, opt_batch=batch,
                           max_batch=max_batch, workspace_gib=workspace, dla_core=dla_core,
                           timing_cache=timing_cache, calib_data=data, calib_size=calib_size,
@@ -411,33 +407,16 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or '
                device: str = typer.Option("cpu", "--device", help="target device: cpu or cuda[:N] (picks the INT8 flavour)"),
                max_batch: Optional[int] = typer.Option(None, "--max-batch", help="engine profile / Triton max batch size (default 8)")):
     """Export a checkpoint to an ONNX graph (verified against the reference by default)."""
-    from .assets import resolve_model
     from .compare import parse_tolerances
-    tolerances = parse_tolerances(tolerance or ())
-    from .export.onnx import default_output, export_onnx
-    model, card = load_model_arg(checkpoint, arch, classes, ratio, imgsz, events)
-    defaulted = output is None
-    if output is None:  # the bundled model's folder may be read-only: write it here
-        source = resolve_model(checkpoint)
-        output = default_output(source.name if checkpoint == "default" else source, converter_only)
-    log = say
-    if int8 and half:
-        raise I2EError("choose one of --int8 and --half")
-    if int8 or half or fmt != "onnx":
-        from .export.targets import export_target, target_output
-        precision = "int8" if int8 else "fp16" if half else "fp32"
-        name = default_output(resolve_model(checkpoint).name).stem
-        if defaulted:
-            output = target_output(Path(output), fmt, precision)
-        export_target(model, card, output, fmt=fmt, precision=precision, device=device,
-                      data=data, calib_size=calib_size, verify=verify, name=name,
-                      max_batch=max_batch, log=log, input_format=input_format,
-                      converter_only=converter_only, batch=batch, dynamic=not static,
-                      opset=opset, tolerances=tolerances)
-        return
-    export_onnx(model, card, output, input_format=input_format, converter_only=converter_only,
-                batch=batch, dynamic=not static, opset=opset, verify=verify, data=data, log=log,
-                tolerances=tolerances)
+    from .targets import ExportRequest, build_artifact, precision_from_flags
+    request = ExportRequest(checkpoint, output, format=fmt,
+                            precision=precision_from_flags(int8, half), device=device,
+                            input_format=input_format, converter_only=converter_only,
+                            batch=batch, dynamic=not static, opset=opset, verify=verify,
+                            data=data, calib_size=calib_size,
+                            tolerances=parse_tolerances(tolerance or ()), max_batch=max_batch,
+                            overrides=model_overrides(arch, classes, ratio, imgsz, events))
+    build_artifact(request, log=say)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Image preprocessing per the model card, shared by parity, benchmark, calibration and stream.
+"""Images: reading (unreadable files skipped and counted), preprocessing per the model card,
+and the input samples that parity, benchmark, verification, calibration and stream share.
 
 The card's contract: resize the shorter side to ``card.resize`` (``card.interpolation``,
 ``card.antialias``), centre-crop ``card.imgsz``, RGB uint8 HWC. The graphs scale to [0, 1]
@@ -19,8 +20,8 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from ..card import ModelCard
-from ..errors import I2EError, warn
+from .card import ModelCard
+from .errors import I2EError, warn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -165,6 +166,35 @@ def load_image_folder(folder: str | os.PathLike, card: ModelCard,
     if not paths:
         raise I2EError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return load_images(paths, card, limit, folder)
+
+
+def spread_images(data: str | os.PathLike, card: ModelCard, count: int) -> Loaded:
+    """``count`` images of a folder (recursive), spread evenly over its sorted file list so
+    that every class folder of an ImageFolder layout contributes."""
+    paths = list_images(data)
+    if not paths:
+        raise I2EError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {data}")
+    if len(paths) > count:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, count).round().astype(int)]
+    return load_images(paths, card, where=data)
+
+
+def model_inputs(card: ModelCard, data: str | os.PathLike | None, count: int
+                 ) -> tuple[np.ndarray, str]:
+    """What a model takes, and where it came from: uint8 NHWC images of ``data`` (see
+    :func:`spread_images`) or structured random ones; for event models, those images
+    through the reference converter."""
+    if data is not None:
+        loaded = spread_images(data, card, count)
+        images, source = loaded.images, f"{len(loaded.images)} images from {data}"
+    else:
+        images, source = synthetic_images(count, card), f"{count} structured random images"
+    if card.input == "events":
+        from .model.converter import convert
+
+        events = convert(torch.from_numpy(images), card.ratio).transpose(0, 1)
+        return events.contiguous().numpy(), source + " as events"
+    return images, source
 
 
 def load_labelled_folder(folder: str | os.PathLike, card: ModelCard, limit: int | None = None

@@ -21,8 +21,9 @@ import numpy as np
 from .compare import Comparison, compare, limits_for, lower_precision
 from .errors import I2EError
 from .fileio import atomic_output
-from .runtime.preprocess import load_image_folder, synthetic_images
-from .runtime.runners import Runner, load_runner
+from .images import load_image_folder, synthetic_images
+from .runtime.runners import Runner
+from .targets import resolve_runner
 
 DEFAULT_LIMIT = 100
 DEFAULT_RANDOM = 32
@@ -95,8 +96,8 @@ def run_parity(model_a: str, model_b: str, *, data: str | os.PathLike | None = N
     if precision is not None:
         limits_for(precision, tolerances)  # fail on a bad flag before loading models
     check_input_flags(data, random)
-    with load_runner(model_a, device=device, threads=threads, warmup=0) as a, \
-            load_runner(model_b, device=device, threads=threads, warmup=0) as b:
+    with resolve_runner(model_a, device=device, threads=threads, warmup=0) as a, \
+            resolve_runner(model_b, device=device, threads=threads, warmup=0) as b:
         check_cards_match(a, b)
         batch, inputs = parity_inputs(a.card, data, random, limit, seed)
         precision = precision or lower_precision(a.precision, b.precision)

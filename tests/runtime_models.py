@@ -80,7 +80,7 @@ def export(checkpoint: Path, output: Path, **options) -> Path:
     """The project's ONNX export (verification off: the tests compare themselves)."""
     from i2e_deploy.export.onnx import export_onnx
 
-    export_onnx(checkpoint, output, verify=False, **options)
+    export_onnx(checkpoint, output, **options)
     return output
 
 

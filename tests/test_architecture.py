@@ -15,7 +15,7 @@ PACKAGE = Path(i2e_deploy.__file__).parent
 
 # Lowest first. A module belongs to the layer of the longest prefix listed.
 LAYERS = [
-    ("base", ["errors", "fileio", "card", "version"]),
+    ("base", ["errors", "fileio", "card", "version", "device"]),
     ("model", ["model"]),
     ("shared", ["artifacts", "images", "compare", "assets", "cache"]),
     ("build", ["export", "calibration", "training"]),

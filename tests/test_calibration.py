@@ -26,8 +26,8 @@ from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.compare import logit_metrics
-from i2e_deploy.runtime.preprocess import synthetic_images
-from i2e_deploy.runtime.runners import read_onnx_card
+from i2e_deploy.images import synthetic_images
+from i2e_deploy.artifacts import metadata_of, onnx_card
 from runtime_models import _session_dir, shared_model
 
 NEURON_OPS = ("GreaterOrEqual", "Where", "Add", "Mul", "Split", "Concat", "ThresholdedRelu",
@@ -262,7 +262,8 @@ def test_int8_graph_keeps_the_card():
     props = {p.key: p.value for p in model.metadata_props}
     assert props["i2e_deploy.precision"] == "int8"
     assert props["i2e_deploy.int8_flavour"] == "onnxruntime"
-    assert read_onnx_card(model) == read_onnx_card(onnx.load(str(graph("fp32"))))
+    fp32 = onnx.load(str(graph("fp32")))
+    assert onnx_card(metadata_of(model)) == onnx_card(metadata_of(fp32))
 
 
 def test_fake_quantize_rounds_forward_and_passes_gradients():

@@ -13,7 +13,7 @@ from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.model.converter import EVAL_PAIRS, TRAIN_GROUPS, convert, convert_uint8
-from i2e_deploy.runtime.preprocess import load_image_folder, preprocess, read_image
+from i2e_deploy.images import load_image_folder, preprocess, read_image
 from i2e_deploy.training.convert import convert_folder
 from i2e_deploy.training.eventsets import META_FILE, EventFolder
 from paper_model import paper_convert

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from i2e_deploy.cli import app
 from i2e_deploy.compare import judge, limits_for
 from i2e_deploy.errors import I2EError
-from i2e_deploy.export.onnx import read_card, verify_onnx
+from i2e_deploy.artifacts import read_card
+from i2e_deploy.targets import verify_graph
 from i2e_deploy.model.checkpoint import load_checkpoint
-from i2e_deploy.runtime.preprocess import load_image_folder
+from i2e_deploy.images import load_image_folder
 from i2e_deploy.runtime.runners import load_runner
 from paper_model import paper_msresnet18, paper_msresnet34
 from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
@@ -64,5 +65,5 @@ def test_faithful_export_passes_and_a_wrong_conv_fails(arch, classes, tmp_path):
                             "--limit", str(REAL_IMAGES)])
     assert code.exit_code == 1, code.output
     with pytest.raises(I2EError, match="export verification failed"):
-        verify_onnx(broken, model, card, count=REAL_IMAGES)
+        verify_graph(broken, model, card, count=REAL_IMAGES)
     assert np.isfinite(got).all()

@@ -11,11 +11,12 @@ import torch
 from i2e_deploy.card import ModelCard
 from i2e_deploy.compare import compare, limits_for
 from i2e_deploy.errors import I2EError
-from i2e_deploy.runtime.preprocess import (load_image_folder, load_labelled_folder, preprocess,
+from i2e_deploy.images import (load_image_folder, load_labelled_folder, preprocess,
                                            synthetic_images)
+from i2e_deploy.artifacts import engine_sidecar_path, read_engine_sidecar
+from i2e_deploy.device import parse_device
 from i2e_deploy.runtime.runners import (OrtRunner, TorchRunner, check_engine_compatible,
-                                        engine_sidecar_path, load_runner, ort_providers,
-                                        parse_device, read_engine_sidecar)
+                                        load_runner, ort_providers)
 from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from runtime_models import shared_cifar, shared_model
 

@@ -14,7 +14,7 @@ from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
 from i2e_deploy.model.msresnet import build_model
-from i2e_deploy.runtime.preprocess import load_labelled_folder
+from i2e_deploy.images import load_labelled_folder
 from i2e_deploy.training.convert import convert_folder
 from i2e_deploy.training.train import TrainConfig, build_card, run_training, train
 from i2e_deploy.training.validate import validate
@@ -41,7 +41,7 @@ def mean_loss(checkpoint, folder) -> float:
 
 
 def test_training_lowers_loss_and_checkpoint_exports_and_validates(tmp_path):
-    from i2e_deploy.export.onnx import export_onnx
+    from i2e_deploy.targets import ExportRequest, build_artifact
 
     data = cifar_folder(tmp_path)
     classes = sorted(p.name for p in data.iterdir())
@@ -59,10 +59,9 @@ def test_training_lowers_loss_and_checkpoint_exports_and_validates(tmp_path):
     assert trained_card.class_names == classes and trained_card.imgsz == SIZE
     assert trained_card.provenance["fine_tuned_from"] == "init.pt"
 
-    result = export_onnx(best, output=tmp_path / "model.onnx", verify_count=4)
-    assert result.path.is_file()
+    graph = build_artifact(ExportRequest(str(best), tmp_path / "model.onnx"))  # verified
     from_torch = validate(str(best), data, workers=0, log=lambda _: None)
-    from_onnx = validate(str(result.path), data, workers=0, log=lambda _: None)
+    from_onnx = validate(str(graph), data, workers=0, log=lambda _: None)
     assert from_torch.images == from_onnx.images == 24
     assert abs(from_torch.top1 - from_onnx.top1) <= 100 / 24  # at most one image differs
 

@@ -14,7 +14,7 @@ from i2e_deploy.assets import DEFAULT_MODEL
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
-from i2e_deploy.runtime.preprocess import load_labelled_folder
+from i2e_deploy.images import load_labelled_folder
 from i2e_deploy.runtime.runners import load_runner
 from i2e_deploy.training import data as D
 from i2e_deploy.training.validate import validate

@@ -114,7 +114,7 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     ``label_weight`` x cross-entropy on the labels."""
     from torch.utils.data import DataLoader
 
-    from ..runtime.preprocess import Readable, skip_unreadable
+    from ..images import Readable, skip_unreadable
     from ..training.data import Subset, image_folder, source_size, split_indices, \
         train_transform
 

@@ -37,14 +37,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from ..artifacts import FLAVOUR_KEY, INT8_FLAVOURS, PRECISION_KEY, metadata_of, onnx_card
 from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import copy_into_place
 from .graph import elem_types, merge_spike_casts, producers, remove_dead, set_props
 
-FLAVOURS = ("onnxruntime", "tensorrt")
-PRECISION_KEY = "i2e_deploy.precision"
-FLAVOUR_KEY = "i2e_deploy.int8_flavour"
 QUANTIZED_OPS = ("Conv", "Gemm")
 MIN_GATHER_CHANNELS = 16
 # Ops that move or select values without changing them: 0/1 in, 0/1 out.
@@ -127,10 +125,8 @@ def quantize_qdq(fp32: str | os.PathLike | onnx.ModelProto, output: str | os.Pat
                  *, unsigned: bool = False) -> Path:
     """The Q/DQ graph: binary Conv/Gemm inputs at scale 1 / zero point 0 (int8, or uint8 with
     ``unsigned``), weights per-channel symmetric int8, outputs and biases FP32."""
-    from ..runtime.runners import read_onnx_card
-
     model = fp32 if isinstance(fp32, onnx.ModelProto) else onnx.load(str(fp32))
-    card = read_onnx_card(model)
+    card = onnx_card(metadata_of(model))
     activations = binary_activations(model, card)
     zero = np.array(0, np.uint8 if unsigned else np.int8)
     overrides = {tensor: [{"scale": np.array(1.0, np.float32), "zero_point": zero}]
@@ -158,8 +154,9 @@ def quantize_qdq(fp32: str | os.PathLike | onnx.ModelProto, output: str | os.Pat
     quantized = onnx.load(str(output))
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)
-    set_props(quantized, **{PRECISION_KEY: "int8", FLAVOUR_KEY: "tensorrt" if not unsigned
-                             else "qdq-u8s8"})
+    set_props(quantized, **{PRECISION_KEY: "int8"})
+    if not unsigned:  # the unsigned graph is only a step towards the ONNX Runtime flavour
+        set_props(quantized, **{FLAVOUR_KEY: "tensorrt"})
     onnx.save(quantized, str(output))
     return output
 
@@ -398,73 +395,15 @@ def lower_for_onnxruntime(qdq: onnx.ModelProto) -> onnx.ModelProto:
     return lowered
 
 
-def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, card: ModelCard,
-                   precision: str, *, data: str | os.PathLike | None = None,
-                   count: int = 64, strict: bool = False,
-                   tolerances: dict[str, float] | None = None, log=None) -> dict:
-    """Compare a reduced-precision graph with its FP32 graph on ONNX Runtime (``data``
-    images or structured random ones) through :func:`i2e_deploy.compare.compare` with the
-    limits of ``precision``.
-
-    Falling short is reported (``passed`` False, a warning line) and raises I2EError only
-    with ``strict``: how far a spiking network's predictions move under weight rounding is
-    a property of the model (see ``calibration.qat`` for INT8-exact checkpoints), not a
-    fault of the graph."""
-    from ..compare import compare, limits_for
-    from ..export.onnx import verification_inputs
-    from ..runtime.runners import OrtRunner
-
-    log = log or (lambda _msg: None)
-    limits = limits_for(precision, tolerances)
-    inputs, source = verification_inputs(card, data, count)
-    with OrtRunner(Path(reference)) as fp32, OrtRunner(Path(candidate)) as reduced:
-        found = compare(fp32, reduced, inputs, limits)
-    log(f"verify {precision} vs FP32: {source}: {found.summary()}")
-    if not found.passed and strict:
-        raise I2EError(f"{precision} verification failed (vs the FP32 graph): "
-                       f"{found.failure()}; no file written")
-    if not found.passed:
-        log(f"warning: {precision} is outside its limits ({found.failure()}): this model's "
-            "spikes are sensitive to the rounding; for INT8, fine-tune an INT8-exact "
-            "checkpoint whose INT8 graph equals its FP32 graph (`i2e-deploy qat CKPT "
-            "TRAIN_IMAGES -o OUT`)")
-    return {**found.to_dict(), "source": source}
-
-
 def to_int8(fp32: str | os.PathLike, output: str | os.PathLike, *,
-            flavour: str = "onnxruntime", data: str | os.PathLike | None = None,
-            verify: bool = True, verify_count: int = 64,
-            tolerances: dict[str, float] | None = None, log=None) -> Path:
-    """An exported FP32 graph -> its SNN-aware INT8 graph (``flavour``: 'onnxruntime' U8S8
-    for x86 CPUs, 'tensorrt' S8S8 Q/DQ), verified against the FP32 graph on ``data`` images
-    (or structured random ones) unless ``verify=False``. Writes ``output`` atomically."""
-    from ..export.onnx import read_card
-
-    if flavour not in FLAVOURS:
-        raise I2EError(f"unknown INT8 flavour {flavour!r}; choose {' or '.join(FLAVOURS)}")
+            flavour: str = "onnxruntime") -> Path:
+    """An exported FP32 graph -> its SNN-aware INT8 graph in ``flavour`` (see
+    ``artifacts.INT8_FLAVOURS``). Writes ``output`` atomically."""
+    if flavour not in INT8_FLAVOURS:
+        raise I2EError(f"unknown INT8 flavour {flavour!r}; choose {' or '.join(INT8_FLAVOURS)}")
     with tempfile.TemporaryDirectory() as scratch:
         quantized = quantize_qdq(fp32, Path(scratch) / "int8.onnx",
                                  unsigned=flavour == "onnxruntime")
         if flavour == "onnxruntime":
             onnx.save(lower_for_onnxruntime(onnx.load(str(quantized))), str(quantized))
-        if verify:
-            verify_reduced(fp32, quantized, read_card(fp32), "int8", data=data,
-                           count=verify_count, tolerances=tolerances, log=log)
         return copy_into_place(quantized, Path(output))
-
-
-def export_int8(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
-                flavour: str = "onnxruntime", data: str | os.PathLike | None = None,
-                verify: bool = True, verify_count: int = 64, log=None,
-                **export_options) -> Path:
-    """Checkpoint -> FP32 export -> :func:`to_int8`. ``export_options`` go to
-    :func:`i2e_deploy.export.onnx.export_onnx` (input format, batch, overrides). Writes
-    ``<checkpoint stem>.int8.onnx`` by default; returns the path."""
-    from ..export.onnx import default_output, export_onnx
-
-    output = Path(output) if output else default_output(checkpoint).with_suffix(".int8.onnx")
-    with tempfile.TemporaryDirectory() as scratch:
-        fp32 = export_onnx(checkpoint, Path(scratch) / "fp32.onnx", verify=verify, data=data,
-                           log=log, **export_options).path
-        return to_int8(fp32, output, flavour=flavour, data=data, verify=verify,
-                       verify_count=verify_count, log=log)

@@ -1,22 +1,23 @@
 """One interface for every backend: ``load_runner(path).infer(batch) -> numpy``.
 
 Every runner of an image model takes the same input, a uint8 NHWC RGB batch at the card's
-size (what ``runtime.preprocess`` yields and a camera gives); a runner whose graph wants float
+size (what ``images.preprocess`` yields and a camera gives); a runner whose graph wants float
 NCHW converts it. Event models take ``[N, T, 2, H, W]``. Outputs are float32 logits
 ``[N, classes]``, or the events for converter-only graphs (``runner.output == "events"``).
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..artifacts import (PRECISION_KEY, kind_of, onnx_card, read_engine_sidecar,
+                         read_metadata)
 from ..card import ModelCard
+from ..device import parse_device
 from ..errors import I2EError
 
 if TYPE_CHECKING:
@@ -24,18 +25,7 @@ if TYPE_CHECKING:
 
     from ..model.msresnet import MSResNet
 
-TORCH_SUFFIXES = (".pth", ".pt", ".tar")
-ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".engine", ".plan")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """'cpu' -> ('cpu', 0); 'cuda' / 'cuda:N' -> ('cuda', N)."""
-    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip().lower())
-    if not match or (match.group(1) == "cpu" and match.group(2)):
-        raise I2EError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-    return match.group(1), int(match.group(2) or 0)
 
 
 class Runner(ABC):
@@ -225,24 +215,6 @@ class TorchRunner(Runner):
         self.model = self._forward = None
 
 
-def read_onnx_card(model) -> ModelCard:
-    """The model card stored in a loaded ONNX model's ``metadata_props``."""
-    from ..export.onnx import CARD_KEY
-
-    props = {p.key: p.value for p in model.metadata_props}
-    if CARD_KEY not in props:
-        raise I2EError("ONNX file has no i2e-deploy model card in its metadata; export it "
-                       "with `i2e-deploy export`")
-    return ModelCard.from_json(props[CARD_KEY])
-
-
-def _onnx_card(path: Path) -> tuple[ModelCard, dict[str, str]]:
-    """(card, metadata) of an ONNX file."""
-    from ..export.onnx import read_card, read_metadata
-
-    return read_card(path), read_metadata(path)
-
-
 def ort_providers(device: str, providers: list[str] | None = None) -> list:
     """Execution providers for a device, best first (TensorRT > CUDA > CPU), with options."""
     import onnxruntime as ort
@@ -277,8 +249,9 @@ class OrtRunner(Runner):
         self._threads = threads
         self._spike_session: Any = None
         self._spike_layers: dict[str, str] = {}
-        self.card, props = _onnx_card(path)
-        self.precision = props.get("i2e_deploy.precision", "fp32")
+        props = read_metadata(path)
+        self.card = onnx_card(props, path)
+        self.precision = props.get(PRECISION_KEY, "fp32")
         if optimization not in OPTIMIZATION_LEVELS:
             raise I2EError(f"unknown optimization level {optimization!r}; choose one of "
                            f"{', '.join(OPTIMIZATION_LEVELS)}")
@@ -364,35 +337,6 @@ def _graph_input_format(onnx_type: str, rank: int) -> str:
 
 # --- TensorRT -------------------------------------------------------------------------------
 
-SIDECAR_SUFFIX = ".json"
-
-
-def engine_sidecar_path(engine: str | os.PathLike) -> Path:
-    """``model.engine`` -> ``model.engine.json``."""
-    engine = Path(engine)
-    return engine.with_name(engine.name + SIDECAR_SUFFIX)
-
-
-def read_engine_sidecar(engine: str | os.PathLike) -> dict:
-    """The sidecar JSON of an engine (``export.tensorrt.sidecar_record``): card,
-    tensorrt_version, gpu_name, compute_capability ("8.6"), precision, io, profile, and what
-    was built (optionally hardware_compatibility / version_compatible)."""
-    sidecar = engine_sidecar_path(engine)
-    if not sidecar.is_file():
-        raise I2EError(f"{engine}: engine sidecar {sidecar.name} is missing; rebuild the engine "
-                       "with `i2e-deploy build`")
-    try:
-        data = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise I2EError(f"{sidecar}: not valid JSON ({exc})") from None
-    required = ("card", "tensorrt_version", "gpu_name", "compute_capability", "precision",
-                "io", "profile")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise I2EError(f"{sidecar}: missing {', '.join(missing)}; rebuild the engine")
-    return data
-
-
 def check_engine_compatible(sidecar: dict, *, tensorrt_version: str, gpu_name: str,
                             compute_capability: str) -> None:
     """Refuse an engine built for another TensorRT version or GPU (engines are not portable
@@ -464,7 +408,7 @@ class TensorRTRunner(Runner):
 def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
                 providers: list[str] | None = None, optimization: str = "all",
                 warmup: int = 1, **torch_options) -> Runner:
-    """Open a model file on the backend its suffix names ('default' = the bundled model).
+    """Open a model file on the backend its kind names ('default' = the bundled model).
 
     ``torch_options`` go to the PyTorch runner (``compile``, and ``load_checkpoint``
     overrides such as ``imgsz``); they are refused for other backends.
@@ -474,18 +418,15 @@ def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | 
     path = resolve_model(str(path))
     if not path.is_file():
         raise I2EError(f"model file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in TORCH_SUFFIXES:
+    kind = kind_of(path)
+    if kind == "checkpoint":
         runner: Runner = TorchRunner(path, device, threads, **torch_options)
     elif torch_options:
         raise I2EError(f"options {sorted(torch_options)} apply only to PyTorch checkpoints")
-    elif suffix in ONNX_SUFFIXES:
+    elif kind == "onnx":
         runner = OrtRunner(path, device, threads, providers, optimization)
-    elif suffix in ENGINE_SUFFIXES:
-        runner = TensorRTRunner(path, "cuda" if device == "cpu" else device)
     else:
-        raise I2EError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected "
-                       f"{', '.join(TORCH_SUFFIXES + ONNX_SUFFIXES + ENGINE_SUFFIXES)}")
+        runner = TensorRTRunner(path, "cuda" if device == "cpu" else device)
     if warmup:
         runner.warmup(warmup)
     return runner

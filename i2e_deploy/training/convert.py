@@ -17,7 +17,7 @@ import torch
 
 from ..errors import I2EError
 from ..model.converter import T, convert_uint8
-from ..runtime.preprocess import Readable, skip_unreadable
+from ..images import Readable, skip_unreadable
 from . import data as D
 from .eventsets import FORMATS, read_meta, write_meta, write_sample
 from .train import build_card

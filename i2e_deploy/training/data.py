@@ -13,11 +13,11 @@ from torchvision.transforms import InterpolationMode
 
 from ..card import ModelCard
 from ..errors import I2EError
-from ..runtime.preprocess import Unreadable, preprocess, try_read
+from ..images import Unreadable, preprocess, try_read
 
 
 class CardPreprocess:
-    """The deployment preprocessing (``runtime.preprocess.preprocess``: resize the shorter
+    """The deployment preprocessing (``images.preprocess``: resize the shorter
     side, centre-crop) as a transform: PIL or RGB uint8 HWC -> uint8 HWC tensor. Held-out
     accuracy during training is thereby measured on the pixels ``val`` and runners see."""
 

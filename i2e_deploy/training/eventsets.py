@@ -148,7 +148,7 @@ class EventFolder(torch.utils.data.Dataset):
 
 def read_labelled(path: str, target: int):
     """``(events tensor, target)``, or :class:`Unreadable` for a corrupt sample."""
-    from ..runtime.preprocess import Unreadable
+    from ..images import Unreadable
 
     try:
         return torch.from_numpy(read_sample(path)), target

@@ -19,7 +19,7 @@ from ..card import ARCHS, ModelCard, default_resolution
 from ..errors import I2EError
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.msresnet import MSResNet, build_model
-from ..runtime.preprocess import Readable, skip_unreadable
+from ..images import Readable, skip_unreadable
 from . import data as D
 from . import distributed as dist_util
 from .precision import Precision, resolve_precision

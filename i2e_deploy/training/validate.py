@@ -14,7 +14,7 @@ import torch
 from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import atomic_output
-from ..runtime.preprocess import Readable, skip_unreadable
+from ..images import Readable, skip_unreadable
 from . import data as D
 from .eventsets import EventFolder, is_event_folder, read_labelled
 
@@ -93,10 +93,10 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
     dataset for event-input models). With ``val_split`` only the part ``train --val-split N
     --seed S`` held out is used; by default the card's own split when ``data`` is the folder
     it was trained on. ``progress(done, total)`` is called after each batch."""
-    from ..runtime.runners import load_runner
+    from ..targets import resolve_runner
 
     data = Path(data)
-    with load_runner(model, device=device) as runner:
+    with resolve_runner(model, device=device) as runner:
         card = runner.card
         if runner.output != "logits":
             raise I2EError(f"{model} outputs {runner.output}, not class scores; validate a "
