@@ -52,7 +52,7 @@ from i2e_deploy.card import ModelCard
 from i2e_deploy.export.onnx import export_onnx
 from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.model.msresnet import build_model
-from i2e_deploy.compare import logit_metrics
+from i2e_deploy.compare import judge, limits_for
 from i2e_deploy.images import load_images, synthetic_images
 from i2e_deploy.training.data import image_folder, split_indices
 
@@ -185,12 +185,15 @@ def accuracy_rows(graphs: dict[str, Path], images, labels, threads, reference: s
     outputs = {name: logits(path, images, threads) for name, path in graphs.items()}
     rows = {}
     for name, out in outputs.items():
-        metrics = logit_metrics(outputs[reference], out, tie_margin=0.05)
+        precision = "fp16" if "fp16" in name else "int8" if "int8" in name else "fp32"
+        found = judge(outputs[reference], out, limits_for(precision))
+        metrics = found.metrics
         rows[name] = {"top1": float((out.argmax(1) == labels).mean() * 100),
                       "agreement_vs_fp32": metrics["top1_agreement"] * 100,
                       "decisive_mismatches": metrics["decisive_mismatches"],
                       "median_abs_dlogit": metrics["median_abs"],
-                      "max_abs_dlogit": metrics["max_abs"]}
+                      "max_abs_dlogit": metrics["max_abs"],
+                      "parity": "pass" if found.passed else "fail"}
     return rows, outputs
 
 

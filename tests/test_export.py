@@ -26,7 +26,6 @@ from i2e_deploy.errors import I2EError
 from i2e_deploy.export.deploy import (DeployMSResNet, UnrolledLIF, converter, deploy,
                                       run_with_spikes)
 from i2e_deploy.artifacts import read_card, read_metadata
-from i2e_deploy.export.onnx import export_onnx
 from i2e_deploy.targets import verify_graph
 from i2e_deploy.model.checkpoint import save_checkpoint
 from i2e_deploy.model.neuron import LIF
