@@ -31,9 +31,8 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
+from .artifacts import PRECISIONS
 from .errors import I2EError
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -143,8 +142,9 @@ class Comparison:
         if neurons:
             worst = min(neurons, key=lambda row: row["agreement"])
             text += f", lowest spike agreement {worst['agreement']:.4%} ({worst['layer']})"
-        return (text + f"; reported: top-1 agreement {m['top1_agreement']:.2%} "
-                f"({m['near_ties']} near-ties), max |Δlogit| {m['max_abs']:.3g}")
+        text += (f"; reported: top-1 agreement {m['top1_agreement']:.2%} "
+                 f"({m['near_ties']} near-ties), max |Δlogit| {m['max_abs']:.3g}")
+        return "; ".join([text, *self.notes])
 
     def failure(self) -> str:
         """The failing checks, as one clause each."""
@@ -271,6 +271,9 @@ def compare(reference: Comparable, candidate: Comparable, inputs: np.ndarray, li
         who = "one runner does" if reference.exposes_spikes or candidate.exposes_spikes \
             else "the runners do"
         comparison.notes.append(f"spike maps not compared: {who} not expose them")
+    elif with_spikes and not any(row["layer"] != "i2e" for row in layers or ()):
+        comparison.notes.append("LIF spike maps not compared: no LIF layer of one runner is "
+                                "found in the other (rewritten neurons keep no spike tensor)")
     return comparison
 
 

@@ -310,3 +310,15 @@ def test_finetune_int8_writes_an_int8_exact_checkpoint(tmp_path):
     cv2.imwrite(str(tmp_path / "data" / "zebra" / "0.png"), images(4)[0])
     with pytest.raises(I2EError, match="zebra.* not classes of the model"):
         finetune_int8(source, tmp_path / "data", tmp_path / "x.pt", steps=1, workers=0)
+
+
+def test_compare_says_when_rewritten_neurons_hide_their_spikes():
+    from i2e_deploy.compare import compare, limits_for
+    from i2e_deploy.runtime.runners import OrtRunner
+
+    with OrtRunner(graph("fp32")) as fp32, OrtRunner(graph("ort")) as int8:
+        found = compare(fp32, int8, images(8), limits_for("int8"))
+    assert [row["layer"] for row in found.layers] == ["i2e"]  # events only: LIF chains rewritten
+    assert found.checks[-1].name == "event agreement" and found.checks[-1].value == 1.0
+    assert any("LIF spike maps not compared" in note for note in found.notes)
+    assert "LIF spike maps not compared" in found.summary()
