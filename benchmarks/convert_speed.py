@@ -32,7 +32,7 @@ import torch
 
 from i2e_deploy.card import ModelCard
 from i2e_deploy.model.converter import convert, convert_uint8
-from i2e_deploy.runtime.preprocess import load_image_folder
+from i2e_deploy.images import load_image_folder
 from i2e_deploy.training.convert import convert_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def main() -> None:
     try:
         folder = extract(args.images, work)
         card = ModelCard(imgsz=SIZE, resize=SIZE)
-        images, _ = load_image_folder(folder, card)
+        images = load_image_folder(folder, card).images
         uint8_batches = [images[i:i + args.batch] for i in range(0, len(images), args.batch)]
         buffers = {len(b): np.empty((len(b), 8, 2, SIZE, SIZE), np.bool_) for b in uint8_batches}
         paper_batches = [torch.from_numpy(b).permute(0, 3, 1, 2).float().div(255)

@@ -35,7 +35,7 @@ from paper_model import paper_msresnet18  # noqa: E402
 from i2e_deploy import __version__  # noqa: E402
 from i2e_deploy.card import ModelCard  # noqa: E402
 from i2e_deploy.export.onnx import export_onnx  # noqa: E402
-from i2e_deploy.runtime.preprocess import synthetic_images  # noqa: E402
+from i2e_deploy.images import synthetic_images  # noqa: E402
 
 THREADS = 2
 CONFIGS = [  # (imgsz, classes, ratio, batch, rounds)
@@ -68,7 +68,7 @@ def build(imgsz: int, classes: int, ratio: float, workdir: Path):
     paper = paper_msresnet18(classes, ratio).eval()
     paper.load_state_dict(model.state_dict())
     onnx_path = workdir / f"msresnet18_{imgsz}.onnx"
-    export_onnx(model, card, onnx_path, verify=False)
+    export_onnx(model, card, onnx_path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

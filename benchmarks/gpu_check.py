@@ -6,13 +6,14 @@ how fast? (part of ``benchmarks/gpu_check.sh``; needs a CUDA GPU).
 
 Runs the PyTorch reference on the CPU, the same checkpoint on CUDA (eager and, with
 ``--compile``, torch.compile with CUDA graphs), and an exported ONNX graph on ONNX Runtime
-(CPU) when given; reports top-1 accuracy, agreement with the CPU reference (decisive flips:
-top-2 margin of the reference above ``--tie-margin``), median |Δlogit|, and latency / throughput
-of each runner. Writes JSON.
+(CPU) when given; reports top-1 accuracy, the verdict of ``i2e_deploy.compare`` against the
+CPU reference (decisive flips, median |Δlogit|; top-1 agreement reported), and latency /
+throughput of each runner. Writes JSON.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -25,7 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from i2e_deploy.runtime.preprocess import load_labelled_folder  # noqa: E402
+from i2e_deploy.compare import judge, limits_for  # noqa: E402
+from i2e_deploy.images import load_labelled_folder  # noqa: E402
 from i2e_deploy.runtime.runners import load_runner  # noqa: E402
 
 
@@ -47,15 +49,16 @@ def timing(runner, images: np.ndarray, batch: int, iters: int) -> dict:
     return {"batch": batch, "p50_ms": 1e3 * p50, "images_per_s": batch / p50}
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, tie_margin: float) -> dict:
-    top2 = np.sort(reference, axis=1)[:, -2:]
-    decisive = (top2[:, 1] - top2[:, 0]) > tie_margin
-    mismatch = reference.argmax(1) != candidate.argmax(1)
-    return {"top1_agreement": float(1 - mismatch.mean()),
-            "mismatches": int(mismatch.sum()),
-            "decisive_mismatches": int((mismatch & decisive).sum()),
-            "median_abs_dlogit": float(np.median(np.abs(reference - candidate))),
-            "max_abs_dlogit": float(np.abs(reference - candidate).max())}
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """The one comparison (``i2e_deploy.compare``) with the FP32 limits, as JSON fields."""
+    found = judge(reference, candidate, limits_for("fp32"))
+    metrics = found.metrics
+    return {"parity": "pass" if found.passed else "fail",
+            "top1_agreement": metrics["top1_agreement"],
+            "mismatches": metrics["top1_mismatches"],
+            "decisive_mismatches": metrics["decisive_mismatches"],
+            "median_abs_dlogit": metrics["median_abs"],
+            "max_abs_dlogit": metrics["max_abs"]}
 
 
 def main() -> None:
@@ -66,7 +69,6 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--tie-margin", type=float, default=0.05)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks/results/gpu_check.json")
     args = parser.parse_args()
@@ -86,13 +88,14 @@ def main() -> None:
         began = time.perf_counter()
         with open_runner() as runner:
             if labels is None:
-                images, labels, _ = load_labelled_folder(args.data, runner.card, args.limit)
+                loaded, labels, _ = load_labelled_folder(args.data, runner.card, args.limit)
+                images = loaded.images
             logits[name] = in_batches(runner, images, args.batch)
             row = {"runner": name, "open_and_run_s": time.perf_counter() - began,
                    "top1": float((logits[name].argmax(1) == labels).mean()),
                    "batch1": timing(runner, images, 1, args.iters),
                    f"batch{args.batch}": timing(runner, images, args.batch, args.iters // 5 + 3)}
-        row.update(compare(logits["torch-cpu"], logits[name], args.tie_margin))
+        row.update(compare(logits["torch-cpu"], logits[name]))
         rows.append(row)
         write(args, rows, len(labels))
         print(f"{name:22s} top-1 {100 * row['top1']:.2f}%  agreement "
@@ -109,7 +112,7 @@ def write(args, rows: list[dict], images: int) -> None:
     args.json.write_text(json.dumps({
         "benchmark": "gpu_check", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "model": str(args.model), "images": images,
-        "tie_margin": args.tie_margin, "rows": rows}, indent=2) + "\n")
+        "limits": dataclasses.asdict(limits_for("fp32")), "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ from i2e_deploy.card import ModelCard
 from i2e_deploy.export.onnx import export_onnx
 from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.model.msresnet import build_model
-from i2e_deploy.parity import logit_metrics
-from i2e_deploy.runtime.preprocess import load_images, synthetic_images
+from i2e_deploy.compare import judge, limits_for
+from i2e_deploy.images import load_images, synthetic_images
 from i2e_deploy.training.data import image_folder, split_indices
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,7 +76,7 @@ def firing_model(card: ModelCard, seed: int = 0):
 
 def build_graphs(model, card: ModelCard, folder: Path, precisions) -> dict[str, Path]:
     """The graphs of one model: FP32 export and the forms derived from it."""
-    fp32 = export_onnx(model, card, folder / "fp32.onnx", verify=False).path
+    fp32 = export_onnx(model, card, folder / "fp32.onnx").path
     graphs = {"fp32": fp32}
     if "fp32 + fast LIF" in precisions:
         fast = onnx.load(str(fp32))
@@ -176,19 +176,24 @@ def heldout(card: ModelCard, data: Path, count: int) -> tuple[np.ndarray, np.nda
     labels = np.array([folder.samples[i][1] for i in picks])
     source = (f"{len(picks)} of the {len(held)} held-out images (val_split={holdout}, "
               f"seed={seed}) of {data}")
-    return load_images(paths, card), labels, source
+    loaded = load_images(paths, card)
+    label_of = dict(zip(paths, labels))
+    return loaded.images, np.array([label_of[p] for p in loaded.paths]), source
 
 
 def accuracy_rows(graphs: dict[str, Path], images, labels, threads, reference: str = "fp32"):
     outputs = {name: logits(path, images, threads) for name, path in graphs.items()}
     rows = {}
     for name, out in outputs.items():
-        metrics = logit_metrics(outputs[reference], out, tie_margin=0.05)
+        precision = "fp16" if "fp16" in name else "int8" if "int8" in name else "fp32"
+        found = judge(outputs[reference], out, limits_for(precision))
+        metrics = found.metrics
         rows[name] = {"top1": float((out.argmax(1) == labels).mean() * 100),
                       "agreement_vs_fp32": metrics["top1_agreement"] * 100,
                       "decisive_mismatches": metrics["decisive_mismatches"],
                       "median_abs_dlogit": metrics["median_abs"],
-                      "max_abs_dlogit": metrics["max_abs"]}
+                      "max_abs_dlogit": metrics["max_abs"],
+                      "parity": "pass" if found.passed else "fail"}
     return rows, outputs
 
 

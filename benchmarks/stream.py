@@ -25,11 +25,14 @@ from i2e_deploy.assets import DEFAULT_MODEL
 from i2e_deploy.card import CIFAR10_CLASSES, ModelCard
 from i2e_deploy.model.checkpoint import save_checkpoint
 from i2e_deploy.model.msresnet import build_model
-from i2e_deploy.runtime.preprocess import preprocess
+from i2e_deploy.images import preprocess
 from i2e_deploy.runtime.sinks import JsonlSink, MultiSink, NullSink, VideoSink
 from i2e_deploy.runtime.sources import open_source
 from i2e_deploy.cache import cache_dir
-from i2e_deploy.runtime.stream import Classifier, Stream, write_json_atomic
+from i2e_deploy.runtime.classify import Classifier
+from i2e_deploy.runtime.loop import Stream
+from i2e_deploy.runtime.stream import write_json_atomic
+from i2e_deploy.targets import resolve_runner
 
 REPO = Path(__file__).resolve().parents[1]
 BIKES = REPO.parent / "shared" / "data" / "video" / "bikes.mp4"
@@ -100,7 +103,7 @@ def main() -> None:
                      + ("" if args.standin else ": the bundled model is absent"))
     else:
         model_path = args.model
-    model = Classifier(str(model_path), backend="onnx", threads=args.threads)
+    model = Classifier(resolve_runner(str(model_path), backend="onnx", threads=args.threads))
     card = model.card
     label = f"{card.arch} {card.imgsz}x{card.imgsz} ({model.name})"
 
@@ -114,8 +117,8 @@ def main() -> None:
 
     rss_model, rss_label = model, label
     if args.rss_imgsz and args.rss_imgsz != card.imgsz:
-        rss_model = Classifier(str(stand_in(args.rss_imgsz)), backend="onnx",
-                               threads=args.threads)
+        rss_model = Classifier(resolve_runner(str(stand_in(args.rss_imgsz)), backend="onnx",
+                                              threads=args.threads))
         rss_label = f"{card.arch} {args.rss_imgsz}x{args.rss_imgsz} stand-in ({rss_model.name})"
         notes.append(f"RSS run at {args.rss_imgsz}x{args.rss_imgsz} to fit the time")
     probe = RssProbe(every=max(1, args.rss_frames // 20))

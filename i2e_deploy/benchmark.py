@@ -14,7 +14,10 @@ spells fall on every row alike and ratios between rows hold. What is measured:
   worker carries it) and read the inputs: the delta is what loading and running the model
   added;
 - accuracy: top-1 on the labelled folder (``--data``, ImageFolder layout);
-- parity: top-1 agreement and max |Δlogit| against the PyTorch reference on the same inputs.
+- parity: each row's outputs against the PyTorch reference's on the same inputs, judged by
+  :func:`i2e_deploy.compare.judge` with the limits of the row's precision (decisive top-1
+  changes, median |Δlogit| relative to the logit spread); top-1 agreement and max |Δlogit|
+  are reported.
 
 A row that cannot run here says why (``TensorRT not installed``) instead of vanishing.
 Exports go to a cache folder keyed by the checkpoint's sha256 and the export options.
@@ -22,7 +25,6 @@ Exports go to a cache folder keyed by the checkpoint's sha256 and the export opt
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -36,15 +38,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__
-from .cache import cache_dir, cached_export
+from .artifacts import PRECISIONS, kind_of, read_card, read_precision
+from .cache import cache_dir
 from .card import ModelCard
+from .compare import judge, limits_for
 from .errors import I2EError
-from .runtime.runners import (ENGINE_SUFFIXES, ONNX_SUFFIXES, TORCH_SUFFIXES, _onnx_card,
-                              read_engine_sidecar)
+from .version import __version__
 
-PRECISIONS = ("fp32", "fp16", "int8")
-TENSORRT_PRECISIONS = PRECISIONS
 SYNTHETIC_COUNT = 32
 ROUNDS = 10
 TURN_PAUSE_S = 0.05  # lets the previous worker's spinning pool threads go to sleep
@@ -63,7 +63,11 @@ class Row:
     peak_rss_mb: float | None = None
     model_rss_mb: float | None = None
     accuracy: float | None = None
-    top1_agreement: float | None = None
+    # Against the PyTorch reference (i2e_deploy.compare, this row's precision's limits):
+    parity: str | None = None  # 'pass', 'fail', or 'reference' for the reference itself
+    decisive_mismatches: int | None = None
+    median_rel: float | None = None
+    top1_agreement: float | None = None  # reported, not judged
     max_abs_logit: float | None = None
 
 
@@ -79,21 +83,6 @@ class BenchmarkReport:
         return dataclasses.asdict(self)
 
 
-def _export_fp32(checkpoint: Path, output: Path) -> None:
-    from .export.onnx import export_onnx
-
-    export_onnx(checkpoint, output, verify=False)  # parity is measured by the benchmark
-
-
-def int8_exporter() -> Callable[..., Path] | None:
-    """The INT8 exporter of ``i2e_deploy.calibration`` when this installation has one."""
-    try:
-        from .calibration.quantize import export_int8
-    except ImportError:
-        return None
-    return export_int8
-
-
 def _check_precisions(precisions: tuple[str, ...]) -> None:
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
@@ -101,86 +90,57 @@ def _check_precisions(precisions: tuple[str, ...]) -> None:
                        f"{', '.join(PRECISIONS)}")
 
 
+# The exported rows of a checkpoint: ONNX Runtime runs FP32 and SNN-aware INT8 fast on a CPU
+# (its FP16 kernels are GPU ones); TensorRT runs every precision.
+ORT_PRECISIONS = ("fp32", "int8")
+
+
 def plan_rows(model: Path, cache: Path, device: str,
               precisions: tuple[str, ...] = PRECISIONS) -> list[Row]:
-    """The rows for a model file: what runs, what must be exported first, what cannot run.
-    ``precisions`` filters the exported rows; the PyTorch reference always runs."""
+    """The rows for a model file: what runs, what must be exported first (through
+    :func:`i2e_deploy.targets.cached_artifact`), what cannot run. ``precisions`` filters the
+    exported rows; the PyTorch reference always runs."""
+    from .export.tensorrt import tensorrt_unavailable
+
     _check_precisions(precisions)
-    suffix = model.suffix.lower()
-    if suffix in ENGINE_SUFFIXES:
-        return [Row("TensorRT", read_engine_sidecar(model)["precision"], str(model),
-                    device="cuda")]
-    rows: list[Row] = []
-    onnx_fp32: Path | None = None
-    if suffix in TORCH_SUFFIXES:
-        rows.append(Row("PyTorch (reference)", "fp32", str(model), device=device))
-        onnx_fp32 = _export_row(rows, cache, model, device, "fp32",
-                                lambda out: _export_fp32(model, out),
-                                keep=("fp32" in precisions))
-        if "int8" in precisions:
-            exporter = int8_exporter()
-            if exporter is None:
-                rows.append(Row("ONNX Runtime", "int8", reason="INT8 exporter not available"))
-            else:  # SNN-aware INT8 needs no calibration data: spikes are exactly 0/1
-                _export_row(rows, cache, model, device, "int8",
-                            lambda out: exporter(model, out, flavour="onnxruntime",
-                                                 verify=False), flavour="onnxruntime")
-    elif suffix in ONNX_SUFFIXES:
-        rows.append(Row("PyTorch (reference)", "fp32",
-                        reason="give the checkpoint to benchmark the reference"))
-        precision = _onnx_card(model)[1].get("i2e_deploy.precision", "fp32")
-        rows.append(Row("ONNX Runtime", precision, str(model), device=device))
-        onnx_fp32 = model if precision == "fp32" else None
-    else:
-        raise I2EError(f"{model}: unknown model format {suffix or '(no suffix)'}")
-    wanted = tuple(p for p in TENSORRT_PRECISIONS if p in precisions)
-    rows.extend(_tensorrt_rows(model, onnx_fp32, cache, wanted))
+    kind = kind_of(model)
+    if kind == "engine":
+        return [Row("TensorRT", read_precision(model), str(model), device="cuda")]
+    if kind == "onnx":
+        why = "give the checkpoint to benchmark the reference and build engines"
+        return [Row("PyTorch (reference)", "fp32", reason=why),
+                Row("ONNX Runtime", read_precision(model), str(model), device=device),
+                *(Row("TensorRT", precision, reason=why) for precision in precisions)]
+    rows = [Row("PyTorch (reference)", "fp32", str(model), device=device)]
+    for precision in (p for p in ORT_PRECISIONS if p in precisions):
+        rows.append(_exported_row("ONNX Runtime", "onnx", model, precision, device, cache))
+    unavailable = tensorrt_unavailable()
+    for precision in precisions:
+        rows.append(Row("TensorRT", precision, reason=unavailable) if unavailable else
+                    _exported_row("TensorRT", "engine", model, precision, "cuda", cache))
     return rows
 
 
-def _export_row(rows: list[Row], cache: Path, checkpoint: Path, device: str, precision: str,
-                build: Callable[[Path], Any], keep: bool = True, **options: Any) -> Path | None:
-    """Export (or reuse) an ONNX Runtime graph; add its row (or why it failed) if ``keep``."""
+def _exported_row(backend: str, fmt: str, checkpoint: Path, precision: str, device: str,
+                  cache: Path) -> Row:
+    """Export (or reuse) the artifact of a row, unverified (the benchmark measures parity
+    itself), or say why it failed: one backend failing must not take the table down."""
+    from .targets import ExportRequest, cached_artifact
+
     try:
-        path = cached_export(checkpoint, ".onnx", build, cache=cache, precision=precision,
-                             **options)
-    except Exception as exc:  # one backend failing must not take the table down
-        if keep:
-            rows.append(Row("ONNX Runtime", precision, reason=f"export failed: {_describe(exc)}"))
-        return None
-    if keep:
-        rows.append(Row("ONNX Runtime", precision, str(path), device=device))
-    return path
+        request = ExportRequest(str(checkpoint), format=fmt, precision=precision,
+                                device=device, verify=False)
+        path = cached_artifact(request, cache=cache)
+    except Exception as exc:
+        verb = "build" if fmt == "engine" else "export"
+        return Row(backend, precision, reason=f"{verb} failed: {_describe(exc)}")
+    return Row(backend, precision, str(path), device=device)
 
 
 def _describe(exc: Exception) -> str:
     """One line: the message of a user-facing error, type and message of anything else."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return text if isinstance(exc, I2EError) else f"{type(exc).__name__}: {text}"
-
-
-def _tensorrt_rows(source: Path, onnx_fp32: Path | None, cache: Path,
-                   precisions: tuple[str, ...]) -> list[Row]:
-    from .export.tensorrt import build_engine, cuda_gpu, tensorrt_module, tensorrt_unavailable
-
-    reason = tensorrt_unavailable()
-    if reason or onnx_fp32 is None:
-        return [Row("TensorRT", p, reason=reason or "no FP32 ONNX graph to build from")
-                for p in precisions]
-    tensorrt, gpu = tensorrt_module(), cuda_gpu()
-
-    rows = []
-    for precision in precisions:
-        try:  # engines are tied to the TensorRT version and the GPU: both are in the key
-            engine = cached_export(
-                source, ".engine",
-                functools.partial(build_engine, onnx_fp32, precision=precision),
-                cache=cache, precision=precision, backend="tensorrt",
-                tensorrt=tensorrt.__version__, gpu=gpu.name)
-            rows.append(Row("TensorRT", precision, str(engine), device="cuda"))
-        except Exception as exc:  # likewise
-            rows.append(Row("TensorRT", precision, reason=f"build failed: {_describe(exc)}"))
-    return rows
 
 
 def _load_inputs(card: ModelCard, data: str | None, limit: int
@@ -194,28 +154,15 @@ def _load_inputs(card: ModelCard, data: str | None, limit: int
         shape = (SYNTHETIC_COUNT, card.T, 2, card.imgsz, card.imgsz)
         return (rng.random(shape) < 0.1).astype(np.float32), None, {"source": "random events"}
     if data is not None:
-        from .runtime.preprocess import load_labelled_folder
+        from .images import load_labelled_folder
 
-        images, labels, names = load_labelled_folder(data, card, limit)
-        return images, labels, {"source": str(data), "count": len(images)}
-    from .runtime.preprocess import synthetic_images
+        loaded, labels, _ = load_labelled_folder(data, card, limit)
+        return loaded.images, labels, {"source": str(data), "count": len(labels),
+                                       "skipped": len(loaded.skipped)}
+    from .images import synthetic_images
 
     return (synthetic_images(SYNTHETIC_COUNT, card), None,
             {"source": "structured random images", "count": SYNTHETIC_COUNT})
-
-
-def _card_of(model: Path) -> ModelCard:
-    suffix = model.suffix.lower()
-    if suffix in TORCH_SUFFIXES:
-        from .model.checkpoint import load_checkpoint
-
-        return load_checkpoint(model)[1]
-    if suffix in ONNX_SUFFIXES:
-        return _onnx_card(model)[0]
-    if suffix in ENGINE_SUFFIXES:
-        return ModelCard.from_dict(read_engine_sidecar(model)["card"])
-    raise I2EError(f"{model}: unknown model format {suffix or '(no suffix)'}; expected "
-                   f"{', '.join(TORCH_SUFFIXES + ONNX_SUFFIXES + ENGINE_SUFFIXES)}")
 
 
 def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iters: int = 50,
@@ -234,7 +181,7 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
     path = resolve_model(model)
     if not path.is_file():
         raise I2EError(f"model file not found: {path}")
-    card = _card_of(path)
+    card = read_card(path)
     inputs, labels, input_info = _load_inputs(card, data, limit)
     folder = Path(cache).expanduser() if cache else cache_dir()
     log(f"exporting into {folder} (cached by checkpoint sha256 + options)")
@@ -283,10 +230,14 @@ def _measure(rows: list[Row], tmp: Path, inputs_file: Path, labels: np.ndarray |
             if labels is not None:
                 row.accuracy = float((logits.argmax(1) == labels).mean())
             if row.backend.startswith("PyTorch"):
-                reference = logits
-            if reference is not None:
-                row.top1_agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
-                row.max_abs_logit = float(np.abs(logits - reference).max())
+                reference, row.parity = logits, "reference"
+            elif reference is not None:
+                found = judge(reference, logits, limits_for(row.precision))
+                row.parity = "pass" if found.passed else "fail"
+                row.decisive_mismatches = found.metrics["decisive_mismatches"]
+                row.median_rel = found.metrics["median_rel"]
+                row.top1_agreement = found.metrics["top1_agreement"]
+                row.max_abs_logit = found.metrics["max_abs"]
     finally:
         for worker in workers:
             worker.close()
@@ -450,8 +401,8 @@ def markdown(report: BenchmarkReport) -> str:
     """The report as a Markdown table (one row per backend x precision)."""
     batch = report.settings["batch"]
     head = ["backend", "precision", "device", "p50 ms (b=1)", "p99 ms (b=1)",
-            f"img/s (b={batch})", "peak RSS MB (model)", "top-1 acc", "agree vs ref",
-            "max Δlogit", "note"]
+            f"img/s (b={batch})", "peak RSS MB (model)", "top-1 acc", "parity vs ref",
+            "decisive changes", "agree vs ref", "max Δlogit", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report.rows:
         ran = row.latency_p50_ms is not None
@@ -460,6 +411,7 @@ def markdown(report: BenchmarkReport) -> str:
                  _cell(row.latency_p50_ms, ".1f"), _cell(row.latency_p99_ms, ".1f"),
                  _cell(row.throughput_ips, ".1f"), memory,
                  _cell(None if row.accuracy is None else 100 * row.accuracy, ".1f"),
+                 row.parity or "", _cell(row.decisive_mismatches, "d"),
                  _cell(None if row.top1_agreement is None else 100 * row.top1_agreement, ".1f"),
                  _cell(row.max_abs_logit, ".2g"), row.reason or ""]
         lines.append("| " + " | ".join(cells) + " |")

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
+from .version import __version__
+from .artifacts import engine_sidecar_path
 from .card import sha256_file
 from .fileio import temp_beside
 
@@ -29,8 +30,6 @@ def cached_export(checkpoint: Path, suffix: str, build: Callable[[Path], Any], *
                   cache: Path | None = None, **options: Any) -> Path:
     """The cached export of ``checkpoint`` for these options, made by ``build(path)`` (into a
     temporary name, then renamed) when missing. An engine's sidecar moves with it."""
-    from .runtime.runners import engine_sidecar_path
-
     cache = cache or cache_dir()
     label = "-".join(str(options[k]) for k in ("backend", "precision") if k in options)
     target = cache / f"{checkpoint.stem}-{label}-{cache_key(checkpoint, **options)}{suffix}"

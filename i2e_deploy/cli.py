@@ -3,25 +3,49 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from .errors import I2EError
+from .errors import I2EError, logger
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export, run and verify I2E spiking networks.")
 console = Console()
+err_console = Console(stderr=True)
 
 
 @app.callback()
 def _root() -> None:
     """Export, run and verify I2E spiking networks."""
+    if _warning_line not in logger.handlers:
+        logger.addHandler(_warning_line)
 
-err_console = Console(stderr=True)
+
+def say(message: str) -> None:
+    """Print a line literally: library messages hold brackets ('[events]', '[N, T, 2, H, W]')
+    that rich markup would take for style tags."""
+    console.print(Text(message), highlight=False, soft_wrap=True)
+
+
+def say_stderr(message: str) -> None:
+    """A progress line on stderr, printed literally."""
+    err_console.print(Text(message), highlight=False, soft_wrap=True)
+
+
+class _WarningLine(logging.Handler):
+    """The library's warnings (``i2e_deploy.errors.warn``) as one literal line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(Text.assemble(("warning:", "yellow"), f" {record.getMessage()}"),
+                          highlight=False, soft_wrap=True)
+
+
+_warning_line = _WarningLine(logging.WARNING)
 
 
 def command(*args, **kwargs):
@@ -41,11 +65,10 @@ def command(*args, **kwargs):
     return wrap
 
 
-def load_model_arg(checkpoint: str, arch, classes, ratio, imgsz, events):
-    from .model.checkpoint import load_checkpoint
-    from .assets import resolve_model
-    return load_checkpoint(resolve_model(checkpoint), arch=arch, num_classes=classes,
-                           ratio=ratio, imgsz=imgsz, events=events)
+def model_overrides(arch, classes, ratio, imgsz, events) -> dict:
+    """The model-card flags given, as ``load_checkpoint`` keywords."""
+    given = dict(arch=arch, num_classes=classes, ratio=ratio, imgsz=imgsz, events=events)
+    return {key: value for key, value in given.items() if value is not None}
 
 
 ArchOpt = typer.Option(None, "--arch", help="msresnet18 or msresnet34 (default: from the weights)")
@@ -62,26 +85,27 @@ def info(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'defaul
          ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
          events: Optional[bool] = EventsOpt):
     """Show a checkpoint's model card, what was inferred, parameters and GMACs."""
-    from .model.profile import count_macs, count_params
-    model, card = load_model_arg(checkpoint, arch, classes, ratio, imgsz, events)
-    stats = {"params": count_params(model), "gmacs_per_image": count_macs(card) / 1e9}
+    from .assets import resolve_model
+    from .model.profile import describe
+    card, stats = describe(resolve_model(checkpoint),
+                           **model_overrides(arch, classes, ratio, imgsz, events))
     if as_json:
         print(json.dumps({"card": card.to_dict(), **stats}, indent=2))
         return
     from rich.table import Table
-    table = Table(title=f"{checkpoint}", show_header=False)
+    table = Table(title=Text(checkpoint), show_header=False)
     for key, value in card.to_dict().items():
         if key in ("inferred", "provenance"):
             continue
-        table.add_row(key, str(value))
+        table.add_row(key, Text(str(value)))
     for key, value in card.provenance.items():
-        table.add_row(f"provenance.{key}", str(value))
+        table.add_row(f"provenance.{key}", Text(str(value)))
     table.add_row("parameters", f"{stats['params']:,}")
     table.add_row("GMACs / image", f"{stats['gmacs_per_image']:.3f} (T={card.T}, "
                   f"{card.imgsz}x{card.imgsz})")
     console.print(table)
     for note in card.inferred:
-        console.print(f"[yellow]inferred:[/yellow] {note}", highlight=False)
+        console.print(Text.assemble(("inferred:", "yellow"), f" {note}"), highlight=False)
 
 
 @command("train")
@@ -117,7 +141,13 @@ def train_cmd(data: Path = typer.Argument(..., help="image folder or I2E event d
                       from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
                       resume=resume, events=events, mixup=mixup, tensorboard=tensorboard,
                       max_steps=max_steps, precision=precision, time_budget=time_budget)
-    train(cfg, log=lambda msg: console.print(msg, highlight=False), console=console)
+    train(cfg, log=say, console=console)
+
+
+ToleranceOpt = typer.Option(None, "--tolerance",
+                             help="override one limit, NAME=VALUE (repeatable): tie_margin, "
+                                  "decisive, median_rel, spike_agreement, event_agreement; "
+                                  "the defaults per precision are in --json")
 
 
 @command("parity")
@@ -126,30 +156,21 @@ def parity_cmd(model_a: str = typer.Argument(..., help="reference: checkpoint, .
                data: Optional[Path] = typer.Option(None, "--data", help="image folder (recursive)"),
                random: Optional[int] = typer.Option(None, "--random", help="N structured random images"),
                limit: int = typer.Option(100, "--limit", help="images taken from --data"),
-               layers: bool = typer.Option(False, "--layers", help="spike agreement per LIF layer"),
+               layers: bool = typer.Option(False, "--layers", help="print the spike agreement per LIF layer"),
                precision: Optional[str] = typer.Option(None, "--precision",
-                                                       help="fp32|fp16|int8 thresholds (default: from the models)"),
-               top1: Optional[float] = typer.Option(None, "--top1", help="min top-1 agreement"),
-               top5: Optional[float] = typer.Option(None, "--top5", help="min top-5 overlap"),
-               median_abs: Optional[float] = typer.Option(None, "--median-abs", help="max median |Δlogit|"),
-               max_abs: Optional[float] = typer.Option(None, "--max-abs", help="max |Δlogit| (default: report only)"),
-               flips: Optional[int] = typer.Option(None, "--flips", help="max top-1 flips outside near-ties"),
-               tie_margin: Optional[float] = typer.Option(None, "--tie-margin", help="near-tie top-2 margin"),
-               event_agreement: Optional[float] = typer.Option(None, "--event-agreement",
-                                                               help="min event agreement"),
+                                                       help="fp32|fp16|int8 limits (default: the lower precision of A and B)"),
+               tolerance: Optional[list[str]] = ToleranceOpt,
                device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
                threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads"),
                batch: int = typer.Option(8, "--batch", help="inference batch size"),
                json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here")):
     """Check that model B predicts what model A predicts (exit 0 pass, 1 fail, 2 bad input)."""
+    from .compare import parse_tolerances
     from .parity import render, run_parity, write_json
     report = run_parity(model_a, model_b, data=data, random=random, limit=limit,
-                        precision=precision, layers=layers, device=device, threads=threads,
-                        batch_size=batch,
-                        overrides={"top1": top1, "top5": top5, "median_abs": median_abs,
-                                   "max_abs": max_abs, "decisive": flips,
-                                   "tie_margin": tie_margin, "events": event_agreement})
-    render(report, console)
+                        precision=precision, tolerances=parse_tolerances(tolerance or ()),
+                        device=device, threads=threads, batch_size=batch)
+    render(report, console, layers=layers)
     if json_path:
         write_json(json_path, report.to_dict())
     if not report.passed:
@@ -172,12 +193,12 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            stats_json: Optional[Path] = typer.Option(None, "--json", help="write stream statistics here"),
            topk: int = typer.Option(3, "--topk", help="labels shown and logged per frame"),
            backend: str = typer.Option("auto", "--backend",
-                                       help="auto (by file suffix), torch, or onnx (exports a "
-                                            "checkpoint once into the cache)"),
+                                       help="auto (the file's own), torch, onnx or tensorrt "
+                                            "(a checkpoint is exported once into the cache)"),
            precision: str = typer.Option("auto", "--precision",
-                                         help="graph a checkpoint runs as on ONNX Runtime: auto "
+                                         help="what a checkpoint runs as on onnx/tensorrt: auto "
                                               "(int8 on a CPU for an INT8-exact checkpoint, "
-                                              "else fp32), fp32 or int8"),
+                                              "else fp32), fp32, fp16 or int8"),
            device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
            threads: Optional[int] = typer.Option(None, "--threads", help="inference threads"),
            fps: Optional[float] = typer.Option(None, "--fps",
@@ -197,14 +218,13 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            events: Optional[bool] = EventsOpt):
     """Classify a camera, video, stream or event recording live, with the event view."""
     from .runtime.stream import run_stream
-    overrides: dict[str, Any] = {
-        k: v for k, v in dict(arch=arch, num_classes=classes, ratio=ratio, imgsz=imgsz,
-                              events=events).items() if v is not None}
+    overrides = model_overrides(arch, classes, ratio, imgsz, events)
     stats = run_stream(model, source, output, max_frames=max_frames, topk=topk, backend=backend,
-                       precision=precision, device=device, threads=threads, resolution=resolution, fps=fps, loop=loop,
-                       stride=stride, window_ms=window_ms, reconnects=reconnects,
-                       stats_json=str(stats_json) if stats_json else None, **overrides)
-    console.print(stats.summary(), highlight=False, markup=False)
+                       precision=precision, device=device, threads=threads,
+                       resolution=resolution, fps=fps, loop=loop, stride=stride,
+                       window_ms=window_ms, reconnects=reconnects, stats_json=stats_json,
+                       log=say, **overrides)
+    say(stats.summary())
     if stats.error:
         raise I2EError(stats.error)
 
@@ -229,11 +249,11 @@ def demo(model: str = typer.Option("default", "--model", help="model file or 'de
     stats, outputs = run_demo(model=model, output=output or None, backend=backend,
                               precision=precision, device=device, threads=threads, max_frames=max_frames,
                               stats_json=str(stats_json) if stats_json else None,
-                              log=lambda msg: console.print(msg, highlight=False))
-    console.print(stats.summary(), highlight=False)
+                              log=say)
+    say(stats.summary())
     files = [o for o in outputs if o not in ("display", "none")]
     if files:
-        console.print(f"wrote {', '.join(files)}", highlight=False)
+        say(f"wrote {', '.join(files)}")
     if stats.error:
         raise I2EError(stats.error)
 
@@ -253,13 +273,14 @@ def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .eng
                   json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here"),
                   markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="write the table here")):
     """Latency, throughput, memory, accuracy and parity of every backend x precision here."""
-    from .benchmark import PRECISIONS, markdown, run_benchmark
+    from .artifacts import PRECISIONS
+    from .benchmark import markdown, run_benchmark
     from .parity import write_json, write_text
     report = run_benchmark(model, data=str(data) if data else None, limit=limit, iters=iters,
                            warmup=warmup, batch=batch, device=device, threads=threads,
                            cache=str(cache) if cache else None,
                            precisions=tuple(precision) if precision else PRECISIONS,
-                           log=lambda msg: err_console.print(msg, highlight=False))
+                           log=say_stderr)
     table = markdown(report)
     print(table)
     if markdown_path:
@@ -287,17 +308,13 @@ def build_cmd(onnx_file: Path = typer.Argument(..., help=".onnx graph from `i2e-
               device: str = typer.Option("cuda", "--device", help="cuda or cuda:N")):
     """Build a TensorRT engine (+ JSON sidecar) from an exported ONNX graph, on the target."""
     from .export.tensorrt import build_engine
-    if half and int8:
-        raise I2EError("choose one of --half and --int8")
-    if data is not None and not (int8 and calibrator != "qdq"):
-        raise I2EError("--data feeds implicit INT8 calibration only: add --int8 --calibrator "
-                       "entropy (or minmax); the qdq INT8 graph needs no data")
-    engine = build_engine(onnx_file, output, precision="int8" if int8 else "fp16" if half else "fp32",
+    from .targets import precision_from_flags
+    engine = build_engine(onnx_file, output, precision=precision_from_flags(int8, half),
                           int8_mode=calibrator, min_batch=min_batch, opt_batch=batch,
                           max_batch=max_batch, workspace_gib=workspace, dla_core=dla_core,
                           timing_cache=timing_cache, calib_data=data, calib_size=calib_size,
                           calib_cache=calib_cache, device=device)
-    console.print(f"wrote {engine} and {engine.name}.json", highlight=False)
+    say(f"wrote {engine} and {engine.name}.json")
 
 
 @command("val")
@@ -317,17 +334,18 @@ def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or
         report = validate(model, data, device=device, batch=batch, workers=workers,
                           val_split=val_split, seed=seed,
                           progress=lambda done, total: bar.update(task, completed=done, total=total),
-                          log=lambda msg: console.print(msg, highlight=False))
+                          log=say)
     for table in report_tables(report):
         console.print(table)
-    console.print(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  on {report.images} images",
-                  highlight=False)
+    unreadable = f" ({len(report.skipped)} unreadable left out)" if report.skipped else ""
+    say(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  on {report.images} images"
+        f"{unreadable}")
     if json_path:
         write_json(report, json_path)
-        console.print(f"wrote {json_path}", highlight=False)
+        say(f"wrote {json_path}")
     if plot:
         plot_confusion(report, plot)
-        console.print(f"wrote {plot}", highlight=False)
+        say(f"wrote {plot}")
 
 
 @command("qat")
@@ -342,10 +360,9 @@ def qat_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'def
     from .assets import resolve_model
     from .calibration.qat import finetune_int8
     finetune_int8(resolve_model(checkpoint), data, output, steps=steps, batch=batch, lr=lr,
-                  workers=workers, seed=seed, device=device,
-                  log=lambda msg: console.print(msg, highlight=False))
-    console.print(f"wrote {output}: weights on the per-channel INT8 grid; export it with "
-                  f"`i2e-deploy export {output} --int8`", highlight=False)
+                  workers=workers, seed=seed, device=device, log=say)
+    say(f"wrote {output}: weights on the per-channel INT8 grid; export it with "
+        f"`i2e-deploy export {output} --int8`")
 
 
 @command("convert")
@@ -364,8 +381,9 @@ def convert_cmd(src: Path = typer.Argument(..., help="image folder, one sub-fold
         stats = convert_folder(src, dst, fmt, ratio=ratio, imgsz=imgsz, batch=batch,
                                workers=workers,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
-    console.print(f"wrote {stats.written} samples ({stats.skipped} already there) in "
-                  f"{stats.seconds:.1f} s, {stats.rate:.0f} images/s", highlight=False)
+    unreadable = f", {stats.unreadable} unreadable left out" if stats.unreadable else ""
+    say(f"wrote {stats.written} samples ({stats.skipped} already there{unreadable}) in "
+        f"{stats.seconds:.1f} s, {stats.rate:.0f} images/s")
 
 
 @command("export")
@@ -377,6 +395,7 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or '
                static: bool = typer.Option(False, "--static", help="fixed batch size instead of a dynamic one"),
                opset: int = typer.Option(17, "--opset", help="ONNX opset (13-20; TensorRT 8.5 reads up to 17)"),
                verify: bool = typer.Option(True, "--verify/--no-verify", help="compare ONNX Runtime with the reference model"),
+               tolerance: Optional[list[str]] = ToleranceOpt,
                data: Optional[Path] = typer.Option(None, "--data", help="image folder (recursive) for the verification (default: structured random images)"),
                arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
                ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
@@ -388,31 +407,16 @@ def export_cmd(checkpoint: str = typer.Argument(..., help="checkpoint file, or '
                device: str = typer.Option("cpu", "--device", help="target device: cpu or cuda[:N] (picks the INT8 flavour)"),
                max_batch: Optional[int] = typer.Option(None, "--max-batch", help="engine profile / Triton max batch size (default 8)")):
     """Export a checkpoint to an ONNX graph (verified against the reference by default)."""
-    from .assets import resolve_model
-    from .export.onnx import default_output, export_onnx
-    model, card = load_model_arg(checkpoint, arch, classes, ratio, imgsz, events)
-    defaulted = output is None
-    if output is None:  # the bundled model's folder may be read-only: write it here
-        source = resolve_model(checkpoint)
-        output = default_output(source.name if checkpoint == "default" else source, converter_only)
-    def log(msg: str) -> None:
-        console.print(msg, highlight=False, soft_wrap=True)
-    if int8 and half:
-        raise I2EError("choose one of --int8 and --half")
-    if int8 or half or fmt != "onnx":
-        from .export.targets import export_target, target_output
-        precision = "int8" if int8 else "fp16" if half else "fp32"
-        name = default_output(resolve_model(checkpoint).name).stem
-        if defaulted:
-            output = target_output(Path(output), fmt, precision)
-        export_target(model, card, output, fmt=fmt, precision=precision, device=device,
-                      data=data, calib_size=calib_size, verify=verify, name=name,
-                      max_batch=max_batch, log=log, input_format=input_format,
-                      converter_only=converter_only, batch=batch, dynamic=not static,
-                      opset=opset)
-        return
-    export_onnx(model, card, output, input_format=input_format, converter_only=converter_only,
-                batch=batch, dynamic=not static, opset=opset, verify=verify, data=data, log=log)
+    from .compare import parse_tolerances
+    from .targets import ExportRequest, build_artifact, precision_from_flags
+    request = ExportRequest(checkpoint, output, format=fmt,
+                            precision=precision_from_flags(int8, half), device=device,
+                            input_format=input_format, converter_only=converter_only,
+                            batch=batch, dynamic=not static, opset=opset, verify=verify,
+                            data=data, calib_size=calib_size,
+                            tolerances=parse_tolerances(tolerance or ()), max_batch=max_batch,
+                            overrides=model_overrides(arch, classes, ratio, imgsz, events))
+    build_artifact(request, log=say)
 
 
 def main() -> None:

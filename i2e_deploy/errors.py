@@ -1,5 +1,16 @@
-"""User-facing errors: one line saying what is wrong and how to fix it."""
+"""User-facing errors and warnings: one line saying what is wrong and how to fix it."""
+from __future__ import annotations
+
+import logging
+
+# Warnings go through this logger (the CLI prints them as one literal line on stderr; without
+# a handler, Python's last-resort handler prints them the same way).
+logger = logging.getLogger("i2e_deploy")
 
 
 class I2EError(Exception):
     """A problem with the user's input (file, flag, data). The CLI prints it as one line."""
+
+
+def warn(message: str) -> None:
+    logger.warning(message)

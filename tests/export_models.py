@@ -10,7 +10,7 @@ from i2e_deploy.export.onnx import export_onnx
 from i2e_deploy.card import ModelCard
 from i2e_deploy.model.converter import convert
 from i2e_deploy.model.msresnet import build_model
-from i2e_deploy.runtime.preprocess import synthetic_images
+from i2e_deploy.images import synthetic_images
 
 
 def firing_model(arch: str = "msresnet18", events: bool = False, imgsz: int = 32,
@@ -63,17 +63,14 @@ def _export_graphs(root) -> dict:
     model, card = firing_model("msresnet18", imgsz=32, seed=5)
     ev_model, ev_card = firing_model("msresnet18", events=True, imgsz=32, seed=6)
     paths = {
-        "uint8": export_onnx(model, card, root / "uint8.onnx", verify=False).path,
-        "float": export_onnx(model, card, root / "float.onnx", input_format="float",
-                             verify=False).path,
-        "static": export_onnx(model, card, root / "static.onnx", batch=2, dynamic=False,
-                              verify=False).path,
-        "events": export_onnx(ev_model, ev_card, root / "events.onnx", verify=False).path,
-        "converter": export_onnx(model, card, root / "converter.onnx", converter_only=True,
-                                 verify=False).path,
+        "uint8": export_onnx(model, card, root / "uint8.onnx").path,
+        "float": export_onnx(model, card, root / "float.onnx", input_format="float").path,
+        "static": export_onnx(model, card, root / "static.onnx", batch=2, dynamic=False).path,
+        "events": export_onnx(ev_model, ev_card, root / "events.onnx").path,
+        "converter": export_onnx(model, card, root / "converter.onnx", converter_only=True).path,
         "converter_float": export_onnx(model, card, root / "converter_float.onnx",
                                        converter_only=True, input_format="float", batch=3,
-                                       dynamic=False, verify=False).path,
+                                       dynamic=False).path,
     }
     return {"paths": paths, "model": model, "card": card, "ev_model": ev_model,
             "ev_card": ev_card, "root": root}

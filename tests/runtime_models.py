@@ -8,6 +8,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -79,7 +80,7 @@ def export(checkpoint: Path, output: Path, **options) -> Path:
     """The project's ONNX export (verification off: the tests compare themselves)."""
     from i2e_deploy.export.onnx import export_onnx
 
-    export_onnx(checkpoint, output, verify=False, **options)
+    export_onnx(checkpoint, output, **options)
     return output
 
 
@@ -99,6 +100,36 @@ def shared_model(name: str) -> Path:
                "static.onnx": {"batch": 2, "dynamic": False, "simplify": False},
                "converter.onnx": {"converter_only": True, "simplify": False}}[name]
     return export(shared_model("ckpt"), root / name.replace("onnx", "tiny.onnx"), **options)
+
+
+def corrupt(source: Path, target: Path, op_type: str, index: int, scale: float) -> Path:
+    """Scale the constant second input of one ``op_type`` node (a weight, or a threshold;
+    an initializer or a Constant node): a wrong graph that still loads and runs."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    constants = {init.name: init for init in model.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    nodes = [n for n in model.graph.node if n.op_type == op_type and n.input[1] in constants]
+    tensor = constants[nodes[index].input[1]]
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, tensor.name))
+    onnx.save(model, str(target))
+    return target
+
+
+def released_checkpoint(path: Path, arch: str, num_classes: int, seed: int = 0) -> Path:
+    """A random active model saved as the paper's release saves its files (``module.`` keys,
+    epoch, best_acc1): size and ratio are inferred from the class count on loading."""
+    from i2e_deploy.card import default_resolution
+
+    imgsz, ratio, resize = default_resolution(num_classes)
+    card = ModelCard(arch=arch, num_classes=num_classes, imgsz=imgsz, ratio=ratio, resize=resize)
+    state = active_model(card, seed).state_dict()
+    torch.save({"epoch": 100, "state_dict": {f"module.{k}": v for k, v in state.items()},
+                "best_acc1": torch.tensor(50.0)}, path)
+    return path
 
 
 @functools.cache
@@ -124,4 +155,36 @@ def cifar_folder(root: Path, per_class: int) -> Path:
             target = root / label / parts[-1]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(tar.extractfile(member).read())
+    return root
+
+
+@functools.cache
+def heldout_cifar(count: int = 200) -> Path:
+    """``count`` of the 5,000 CIFAR-10 training images the bundled model's card holds out
+    (``train --val-split 5000 --seed 0`` on the 50,000-image folder, in ImageFolder order),
+    spread evenly over the split, in ImageFolder layout (skips without ../shared)."""
+    from i2e_deploy.assets import DEFAULT_MODEL
+    from i2e_deploy.model.checkpoint import load_checkpoint
+    from i2e_deploy.training.data import split_indices
+
+    if not CIFAR_TAR.is_file():
+        pytest.skip("../shared/data/cifar10-train.tar.gz not present")
+    card = load_checkpoint(DEFAULT_MODEL)[1]
+    with tarfile.open(CIFAR_TAR) as tar:
+        names = sorted(m.name for m in tar if m.isfile() and m.name.endswith(".jpg"))
+    # ImageFolder order: classes sorted, files sorted within each class.
+    samples = sorted((Path(n).parts[-2], Path(n).name, n) for n in names)
+    classes = sorted({c for c, _, _ in samples})
+    targets = [classes.index(c) for c, _, _ in samples]
+    if len(samples) != card.provenance["train_images"] + card.provenance["heldout_images"]:
+        pytest.skip("the shared CIFAR-10 copy is not the folder the bundled model was trained on")
+    _, held = split_indices(targets, card.provenance["val_split"], card.provenance["seed"])
+    picks = {samples[held[i]][2] for i in np.linspace(0, len(held) - 1, count).astype(int)}
+    root = _session_dir() / f"heldout{count}"
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            if member.name in picks:
+                target = root / Path(member.name).parts[-2] / Path(member.name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
     return root

@@ -8,11 +8,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
-from i2e_deploy.card import CIFAR10_CLASSES, ModelCard
-from i2e_deploy.model.checkpoint import save_checkpoint
-from i2e_deploy.model.msresnet import build_model
+from runtime_models import save_active
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BIKES = SHARED / "data" / "video" / "bikes.mp4"
@@ -20,20 +17,9 @@ DVS = SHARED / "data" / "dvs"
 
 
 def make_checkpoint(path: Path, *, events: bool = False, imgsz: int = 32) -> Path:
-    """A real MS-ResNet-18 with random weights and non-trivial BN statistics, so that logits
-    differ from frame to frame."""
-    torch.manual_seed(0)
-    card = ModelCard(input="events" if events else "images", imgsz=imgsz, resize=imgsz,
-                     class_names=list(CIFAR10_CLASSES), ratio=0.1)
-    model = build_model(card)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.8, 1.6)
-            module.bias.data.uniform_(0.2, 0.6)  # push membranes up so spikes propagate
-    save_checkpoint(path, model.eval(), card)
-    return path
+    """A real MS-ResNet-18 with random weights whose neurons fire, so that logits differ from
+    frame to frame (the tests' one BatchNorm randomizer)."""
+    return save_active(path, imgsz=imgsz, events=events)
 
 
 def synthetic_frames(count: int, size=(96, 64), seed: int = 0) -> list[np.ndarray]:

@@ -25,9 +25,9 @@ from i2e_deploy.calibration.quantize import (binary_activations, lower_for_onnxr
 from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
-from i2e_deploy.parity import logit_metrics
-from i2e_deploy.runtime.preprocess import synthetic_images
-from i2e_deploy.runtime.runners import read_onnx_card
+from i2e_deploy.compare import logit_metrics
+from i2e_deploy.images import synthetic_images
+from i2e_deploy.artifacts import metadata_of, onnx_card
 from runtime_models import _session_dir, shared_model
 
 NEURON_OPS = ("GreaterOrEqual", "Where", "Add", "Mul", "Split", "Concat", "ThresholdedRelu",
@@ -262,7 +262,8 @@ def test_int8_graph_keeps_the_card():
     props = {p.key: p.value for p in model.metadata_props}
     assert props["i2e_deploy.precision"] == "int8"
     assert props["i2e_deploy.int8_flavour"] == "onnxruntime"
-    assert read_onnx_card(model) == read_onnx_card(onnx.load(str(graph("fp32"))))
+    fp32 = onnx.load(str(graph("fp32")))
+    assert onnx_card(metadata_of(model)) == onnx_card(metadata_of(fp32))
 
 
 def test_fake_quantize_rounds_forward_and_passes_gradients():
@@ -309,3 +310,15 @@ def test_finetune_int8_writes_an_int8_exact_checkpoint(tmp_path):
     cv2.imwrite(str(tmp_path / "data" / "zebra" / "0.png"), images(4)[0])
     with pytest.raises(I2EError, match="zebra.* not classes of the model"):
         finetune_int8(source, tmp_path / "data", tmp_path / "x.pt", steps=1, workers=0)
+
+
+def test_compare_says_when_rewritten_neurons_hide_their_spikes():
+    from i2e_deploy.compare import compare, limits_for
+    from i2e_deploy.runtime.runners import OrtRunner
+
+    with OrtRunner(graph("fp32")) as fp32, OrtRunner(graph("ort")) as int8:
+        found = compare(fp32, int8, images(8), limits_for("int8"))
+    assert [row["layer"] for row in found.layers] == ["i2e"]  # events only: LIF chains rewritten
+    assert found.checks[-1].name == "event agreement" and found.checks[-1].value == 1.0
+    assert any("LIF spike maps not compared" in note for note in found.notes)
+    assert "LIF spike maps not compared" in found.summary()

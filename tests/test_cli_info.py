@@ -124,3 +124,21 @@ def test_console_script_fails_cleanly(tmp_path):
     assert failed.returncode == 2
     assert failed.stderr.startswith("error:") and len(failed.stderr.strip().splitlines()) == 1
     assert "Traceback" not in failed.stderr + failed.stdout
+
+
+def test_messages_print_literally(tmp_path, monkeypatch):
+    """Error lines are not rich markup: '[events]' and bracketed shapes survive."""
+    from runtime_models import save_active
+
+    model = save_active(tmp_path / "dvs.pt", imgsz=32, events=True)
+    recording = tmp_path / "rec.aedat4"
+    recording.write_bytes(b"#!AER-DAT4.0\r\n")
+    monkeypatch.setitem(sys.modules, "dv_processing", None)  # no [events] extra
+    result = runner.invoke(app, ["stream", str(model), "--source", str(recording),
+                                 "--output", "none"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: AEDAT4 files, iniVation cameras and DV network "
+                                     "streams need dv-processing: pip install "
+                                     "'i2e-deploy[events]'")
+    result = runner.invoke(app, ["info", str(tmp_path / "[red]x[/red].pt")])
+    assert result.exit_code == 2 and "[red]x[/red].pt" in result.stderr

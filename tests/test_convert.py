@@ -13,7 +13,7 @@ from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.model.converter import EVAL_PAIRS, TRAIN_GROUPS, convert, convert_uint8
-from i2e_deploy.runtime.preprocess import load_image_folder, preprocess, read_image
+from i2e_deploy.images import load_image_folder, preprocess, read_image
 from i2e_deploy.training.convert import convert_folder
 from i2e_deploy.training.eventsets import META_FILE, EventFolder
 from paper_model import paper_convert
@@ -30,7 +30,7 @@ def paper_events(images_uint8: np.ndarray, ratio: float) -> np.ndarray:
 def images_128(tmp_path_factory) -> np.ndarray:
     """Real CIFAR images resized to 128x128 (uint8 NHWC), the paper's CIFAR setting."""
     folder = cifar_folder(tmp_path_factory.mktemp("c128"))
-    images, _ = load_image_folder(folder, ModelCard(imgsz=128, resize=128), limit=20)
+    images = load_image_folder(folder, ModelCard(imgsz=128, resize=128), limit=20).images
     return images
 
 
@@ -123,3 +123,15 @@ def test_convert_cli(tmp_path):
     assert bad.exit_code == 2 and "data folder not found" in bad.output
     assert "Traceback" not in bad.output
 
+
+
+def test_convert_leaves_out_unreadable_images(tmp_path):
+    src = cifar_folder(tmp_path)
+    broken = sorted(src.iterdir())[1] / "zz_broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "ev"), "--imgsz",
+                                      "32", "--ratio", "0.2", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 24 samples (0 already there, 1 unreadable left out)" in result.stdout
+    assert result.stderr.count("warning:") == 1 and "zz_broken.png" in result.stderr
+    assert len(list((tmp_path / "ev").rglob("*.npz"))) == 24

@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import cv2
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,34 @@ def test_uint8_nhwc_equals_float_nchw(ratio):
     expected = paper_convert(as_float, ratio)
     expected[:, 3] = 0  # our flat-image rule
     assert torch.equal(convert(raw, ratio), convert(as_float, ratio))
-    assert torch.equal(I2E(ratio).eval()(raw), expected)
+    assert torch.equal(convert(raw, ratio), expected)
+    if ratio > 0:
+        assert torch.equal(I2E(ratio).eval()(raw), expected)
+
+
+def test_ratio_zero_is_refused_where_a_model_is_built(tmp_path):
+    """At ratio 0 the reference fires everywhere and a graph's comparisons would not: no
+    model, card, graph or dataset is made with it (``convert`` keeps the SPEC semantics)."""
+    from typer.testing import CliRunner
+
+    from i2e_deploy.card import ModelCard
+    from i2e_deploy.cli import app
+    from i2e_deploy.errors import I2EError
+    from i2e_deploy.export.deploy import DeployI2E
+
+    for ratio in (0.0, -0.1):
+        with pytest.raises(I2EError, match="ratio must be positive"):
+            ModelCard(ratio=ratio)
+        with pytest.raises(ValueError, match="ratio must be positive"):
+            I2E(ratio)
+        with pytest.raises(ValueError, match="ratio must be positive"):
+            DeployI2E(ratio)
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "images" / "cat" / "0.png"), np.full((8, 8, 3), 9, np.uint8))
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "images"), str(tmp_path / "out"),
+                                      "--ratio", "0"])
+    assert result.exit_code == 2 and "ratio must be positive" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_shape_dtype_values():

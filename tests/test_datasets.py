@@ -20,10 +20,10 @@ from training_data import cifar_folder
 def real_events(tmp_path, size: int = 32) -> np.ndarray:
     """Events of real CIFAR images (bool [N, 8, 2, size, size])."""
     from i2e_deploy.card import ModelCard
-    from i2e_deploy.runtime.preprocess import load_image_folder
+    from i2e_deploy.images import load_image_folder
 
     card = ModelCard(imgsz=size, resize=size)
-    images, _ = load_image_folder(cifar_folder(tmp_path), card, limit=6)
+    images = load_image_folder(cifar_folder(tmp_path), card, limit=6).images
     return convert_uint8(images, 0.07, time_major=False)
 
 

@@ -25,7 +25,8 @@ from i2e_deploy.errors import I2EError
 from i2e_deploy.runtime.event_sources import event_windows, events_to_frames
 from i2e_deploy.runtime.sinks import JsonlSink
 from i2e_deploy.runtime.sources import open_source
-from i2e_deploy.runtime.stream import Classifier, Stream
+from i2e_deploy.runtime.classify import Classifier
+from i2e_deploy.runtime.loop import Stream
 
 from stream_fixtures import DVS, make_checkpoint
 

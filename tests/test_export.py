@@ -25,13 +25,13 @@ from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.export.deploy import (DeployMSResNet, UnrolledLIF, converter, deploy,
                                       run_with_spikes)
-from i2e_deploy.export.onnx import CARD_KEY, export_onnx, read_card, read_metadata, verify_onnx
+from i2e_deploy.artifacts import read_card, read_metadata
+from i2e_deploy.targets import verify_graph
 from i2e_deploy.model.checkpoint import save_checkpoint
-from i2e_deploy.model.msresnet import MSResNet
 from i2e_deploy.model.neuron import LIF
-from i2e_deploy.parity import thresholds_for
+from i2e_deploy.compare import LIMITS
 
-NEAR_TIE = thresholds_for("fp32").tie_margin
+NEAR_TIE = LIMITS["fp32"].tie_margin
 MEDIAN_LIMIT = 1e-5
 
 
@@ -224,34 +224,19 @@ def test_metadata_round_trip(graphs):
 
 def test_verification_passes_and_catches_a_broken_graph(graphs, tmp_path):
     model, card = graphs["model"], graphs["card"]
-    report = verify_onnx(graphs["paths"]["uint8"], model, card, count=6)
-    assert report["passed"] and report["count"] == 6
+    report = verify_graph(graphs["paths"]["uint8"], model, card, count=6)
+    assert report["passed"] and report["metrics"]["count"] == 6
+    assert report["layers"][0]["layer"] == "i2e" and len(report["layers"]) == 18
     broken = onnx.load(str(graphs["paths"]["uint8"]))
     fc_weight = next(i for i in broken.graph.initializer if i.name == "fc.weight")
     values = onnx.numpy_helper.to_array(fc_weight) * 1.5  # a head off by half
     fc_weight.CopyFrom(onnx.numpy_helper.from_array(values, fc_weight.name))
     onnx.save(broken, str(tmp_path / "broken.onnx"))
-    with pytest.raises(I2EError, match="verification failed"):
-        verify_onnx(tmp_path / "broken.onnx", model, card, count=6)
-
-
-class DriftedModel(MSResNet):
-    """A model whose forward no longer matches its modules (what a broken export looks like
-    to the verifier)."""
-
-    def forward(self, x):
-        return super().forward(x) * 1.01
-
-
-def test_failed_verification_leaves_no_file(graphs, tmp_path):
-    model, card = graphs["model"], graphs["card"]
-    drifted = DriftedModel((2, 2, 2, 2), card.num_classes, card.ratio)
-    drifted.load_state_dict(model.state_dict())
-    drifted.eval()
-    output = tmp_path / "model.onnx"
-    with pytest.raises(I2EError, match="verification failed"):
-        export_onnx(drifted, card, output, verify_count=4)
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(I2EError, match="verification failed") as refused:
+        verify_graph(tmp_path / "broken.onnx", model, card, count=6)
+    message = str(refused.value)  # names the failing check and the ways out
+    assert "median |Δlogit| / logit spread" in message and "no file written" in message
+    assert all(way in message for way in ("--data DIR", "--tolerance NAME=VALUE", "--no-verify"))
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -305,6 +290,18 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(checkpoint, tmp_path, args
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
     assert set(checkpoint.parent.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_a_failure_after_the_export_leaves_no_file(checkpoint):
+    from i2e_deploy.export.tensorrt import tensorrt_unavailable
+
+    if tensorrt_unavailable() is None:
+        pytest.skip("TensorRT is installed: the engine would be built")
+    before = set(checkpoint.parent.iterdir())
+    result = cli.invoke(app, ["export", str(checkpoint), "--format", "engine", "--half"])
+    assert result.exit_code == 2 and result.stderr.startswith("error:"), result.output
+    assert "verify" in result.stdout  # the graphs were exported and verified first
+    assert set(checkpoint.parent.iterdir()) == before
 
 
 def test_cli_unreadable_checkpoint(tmp_path):

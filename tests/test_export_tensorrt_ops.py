@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export_models import graphs  # noqa: F401
-from i2e_deploy.export.onnx import tensorrt_table, tensorrt_violations
+from i2e_deploy.export.tensorrt_ops import tensorrt_table, tensorrt_violations
 
 
 def test_table_records_its_source():

@@ -12,7 +12,9 @@ from i2e_deploy.errors import I2EError
 from i2e_deploy.runtime.event_sources import events_to_frames
 from i2e_deploy.runtime.sinks import NullSink
 from i2e_deploy.runtime.sources import DemoSource, open_source
-from i2e_deploy.runtime.stream import Classifier, Stream, run_stream
+from i2e_deploy.runtime.classify import Classifier
+from i2e_deploy.runtime.loop import Stream
+from i2e_deploy.runtime.stream import run_stream
 
 from stream_fixtures import (DVS, FileServer, MjpegServer, make_checkpoint, synthetic_frames,
                              write_video)

@@ -27,8 +27,8 @@ from i2e_deploy.export.tensorrt import (BuildPlan, BuildRequest, apply_precision
                                         engine_loaders, layer_precisions, parsed_graph,
                                         plan_build, profile_shapes, sidecar_record,
                                         tensorrt_unavailable, write_engine)
-from i2e_deploy.runtime.runners import (check_engine_compatible, engine_sidecar_path,
-                                        read_engine_sidecar)
+from i2e_deploy.artifacts import engine_sidecar_path, read_engine_sidecar
+from i2e_deploy.runtime.runners import check_engine_compatible
 from runtime_models import shared_model
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -41,9 +41,9 @@ def graphs(tmp_path_factory):
     """The shared tiny FP32 graph and the reduced graphs derived from it."""
     root = tmp_path_factory.mktemp("graphs")
     fp32 = shared_model("onnx")
-    return {"fp32": fp32, "fp16": to_fp16(fp32, root / "m.fp16.onnx", verify=False),
-            "int8": to_int8(fp32, root / "m.int8.onnx", flavour="tensorrt", verify=False),
-            "ort-int8": to_int8(fp32, root / "cpu.int8.onnx", verify=False),
+    return {"fp32": fp32, "fp16": to_fp16(fp32, root / "m.fp16.onnx"),
+            "int8": to_int8(fp32, root / "m.int8.onnx", flavour="tensorrt"),
+            "ort-int8": to_int8(fp32, root / "cpu.int8.onnx"),
             "static": shared_model("static.onnx")}
 
 

@@ -14,7 +14,7 @@ from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
 from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
 from i2e_deploy.model.msresnet import build_model
-from i2e_deploy.runtime.preprocess import load_labelled_folder
+from i2e_deploy.images import load_labelled_folder
 from i2e_deploy.training.convert import convert_folder
 from i2e_deploy.training.train import TrainConfig, build_card, run_training, train
 from i2e_deploy.training.validate import validate
@@ -33,14 +33,15 @@ def config(data, output, **overrides) -> TrainConfig:
 def mean_loss(checkpoint, folder) -> float:
     """Cross-entropy of a checkpoint (eval mode) over every image of ``folder``."""
     model, card = load_checkpoint(checkpoint)
-    images, labels, _ = load_labelled_folder(folder, card)
+    loaded, labels, _ = load_labelled_folder(folder, card)
+    images = loaded.images
     with torch.no_grad():
         logits = model(torch.from_numpy(images))
     return nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
 
 
 def test_training_lowers_loss_and_checkpoint_exports_and_validates(tmp_path):
-    from i2e_deploy.export.onnx import export_onnx
+    from i2e_deploy.targets import ExportRequest, build_artifact
 
     data = cifar_folder(tmp_path)
     classes = sorted(p.name for p in data.iterdir())
@@ -58,10 +59,9 @@ def test_training_lowers_loss_and_checkpoint_exports_and_validates(tmp_path):
     assert trained_card.class_names == classes and trained_card.imgsz == SIZE
     assert trained_card.provenance["fine_tuned_from"] == "init.pt"
 
-    result = export_onnx(best, output=tmp_path / "model.onnx", verify_count=4)
-    assert result.path.is_file()
+    graph = build_artifact(ExportRequest(str(best), tmp_path / "model.onnx"))  # verified
     from_torch = validate(str(best), data, workers=0, log=lambda _: None)
-    from_onnx = validate(str(result.path), data, workers=0, log=lambda _: None)
+    from_onnx = validate(str(graph), data, workers=0, log=lambda _: None)
     assert from_torch.images == from_onnx.images == 24
     assert abs(from_torch.top1 - from_onnx.top1) <= 100 / 24  # at most one image differs
 
@@ -137,3 +137,24 @@ def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(I2EError, match="pip install tensorboard"):
         train_module._tensorboard(tmp_path)
+
+
+def test_no_heldout_split_and_an_unreadable_image(tmp_path):
+    """Without a held-out split the epoch line shows the training accuracy (no 'nan'); a
+    corrupt image is left out with one warning line, not a worker traceback."""
+    data = cifar_folder(tmp_path)
+    (sorted(data.iterdir())[0] / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    result = CliRunner().invoke(app, ["train", str(data), "-o", str(tmp_path / "run"),
+                                      "--imgsz", "32", "--ratio", "0.2", "--epochs", "2",
+                                      "--batch", "5", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "nan" not in result.output and "Traceback" not in result.output
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all("(no held-out set)" in line for line in epochs), epochs
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "skipped 1 unreadable file(s) of 25" in warnings[0], warnings
+    with open(tmp_path / "run" / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["val_top1"], r["val_top5"]) for r in rows] == [("", "")] * 2
+    _, card = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert "heldout_top1" not in card.provenance

@@ -1,5 +1,2 @@
-"""Calibration data and reduced precision: SNN-aware INT8 (exact 0/1 activations) and FP16."""
-from .half import export_fp16
-from .quantize import export_int8
-
-__all__ = ["export_fp16", "export_int8"]
+"""Reduced precision: SNN-aware INT8 (exact 0/1 activations), FP16, quantization-aware
+fine-tuning to INT8-exact checkpoints, and the calibration data path."""

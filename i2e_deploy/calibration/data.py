@@ -13,7 +13,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from ..card import ModelCard
 from ..errors import I2EError
-from ..runtime.preprocess import list_images, load_images, synthetic_images
+from ..images import spread_images, synthetic_images
 
 DEFAULT_CALIB_SIZE = 512
 
@@ -33,13 +33,7 @@ def load_calibration_images(data: str | os.PathLike | None, card: ModelCard,
         raise I2EError(f"--calib-size must be at least 1, got {size}")
     if data is None:
         return synthetic_images(size, card, seed=seed)
-    paths = list_images(data)
-    if not paths:
-        raise I2EError(f"no images under {data}; --data needs a folder of images")
-    if len(paths) > size:
-        picks = np.linspace(0, len(paths) - 1, size).round().astype(int)
-        paths = [paths[i] for i in picks]
-    return load_images(paths, card)
+    return spread_images(data, card, size).images
 
 
 def to_graph_input(images: np.ndarray, input_format: str) -> np.ndarray:

@@ -15,18 +15,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..artifacts import PRECISION_KEY, metadata_of, onnx_card
 from ..errors import I2EError
 from ..fileio import copy_into_place
 from .graph import elem_types, producers, remove_dead, set_props
-from .quantize import (PRECISION_KEY, QUANTIZED_OPS, binary_activations,
-                       verify_reduced)
+from .quantize import QUANTIZED_OPS, binary_activations
 
 
 def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """The FP16 form of an exported FP32 graph (see the module docstring)."""
-    from ..runtime.runners import read_onnx_card
-
-    binary_activations(model, read_onnx_card(model))  # refuses graphs that are not ours
+    binary_activations(model, onnx_card(metadata_of(model)))  # refuses graphs not ours
     graph = model.graph
     writers = producers(graph)
     types = elem_types(model)
@@ -65,32 +63,9 @@ def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def to_fp16(fp32: str | os.PathLike, output: str | os.PathLike, *,
-            data: str | os.PathLike | None = None, verify: bool = True, verify_count: int = 64,
-            log=None) -> Path:
-    """An exported FP32 graph -> its FP16 graph, verified against it unless ``verify=False``.
-    Writes ``output`` atomically."""
-    from ..export.onnx import read_card
-
+def to_fp16(fp32: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """An exported FP32 graph -> its FP16 graph. Writes ``output`` atomically."""
     with tempfile.TemporaryDirectory() as scratch:
         half = Path(scratch) / "fp16.onnx"
         onnx.save(half_graph(onnx.load(str(fp32))), str(half))
-        if verify:
-            verify_reduced(fp32, half, read_card(fp32), "fp16", data=data, count=verify_count,
-                           log=log)
         return copy_into_place(half, Path(output))
-
-
-def export_fp16(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
-                data: str | os.PathLike | None = None, verify: bool = True,
-                verify_count: int = 64, log=None, **export_options) -> Path:
-    """Checkpoint -> FP32 export -> :func:`to_fp16`. Writes ``<checkpoint stem>.fp16.onnx``
-    by default; returns the path."""
-    from ..export.onnx import default_output, export_onnx
-
-    output = Path(output) if output else default_output(checkpoint).with_suffix(".fp16.onnx")
-    with tempfile.TemporaryDirectory() as scratch:
-        fp32 = export_onnx(checkpoint, Path(scratch) / "fp32.onnx", verify=verify, data=data,
-                           log=log, **export_options).path
-        return to_fp16(fp32, output, data=data, verify=verify, verify_count=verify_count,
-                       log=log)

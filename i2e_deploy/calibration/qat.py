@@ -114,6 +114,7 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     ``label_weight`` x cross-entropy on the labels."""
     from torch.utils.data import DataLoader
 
+    from ..images import Readable, skip_unreadable
     from ..training.data import Subset, image_folder, source_size, split_indices, \
         train_transform
 
@@ -141,8 +142,9 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
         train_idx, _ = split_indices(folder.targets, held, card.provenance.get("seed", 0))
     style = card.provenance.get("augment", "cifar")
     dataset = Subset(folder, train_idx, train_transform(card, style, source_size(folder)))
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
-                        num_workers=workers, pin_memory=run_on.type == "cuda")
+    loader = Readable(DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                                 num_workers=workers, pin_memory=run_on.type == "cuda",
+                                 collate_fn=skip_unreadable), data)
     for layer, bn in _layers(student):
         parametrize.register_parametrization(layer, "weight", _FoldedInt8(bn))
     # Eval mode throughout: BatchNorm frozen as the deploy graph folds it, the converter's
@@ -173,6 +175,7 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
                     f"the original {agree:.2%} ({(time.time() - began) / step:.2f} s/step)")
             if step >= steps:
                 break
+        loader.report()
     for layer, _ in _layers(student):
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
     student.cpu()

@@ -37,14 +37,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from ..artifacts import FLAVOUR_KEY, INT8_FLAVOURS, PRECISION_KEY, metadata_of, onnx_card
 from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import copy_into_place
 from .graph import elem_types, merge_spike_casts, producers, remove_dead, set_props
 
-FLAVOURS = ("onnxruntime", "tensorrt")
-PRECISION_KEY = "i2e_deploy.precision"
-FLAVOUR_KEY = "i2e_deploy.int8_flavour"
 QUANTIZED_OPS = ("Conv", "Gemm")
 MIN_GATHER_CHANNELS = 16
 # Ops that move or select values without changing them: 0/1 in, 0/1 out.
@@ -127,10 +125,8 @@ def quantize_qdq(fp32: str | os.PathLike | onnx.ModelProto, output: str | os.Pat
                  *, unsigned: bool = False) -> Path:
     """The Q/DQ graph: binary Conv/Gemm inputs at scale 1 / zero point 0 (int8, or uint8 with
     ``unsigned``), weights per-channel symmetric int8, outputs and biases FP32."""
-    from ..runtime.runners import read_onnx_card
-
     model = fp32 if isinstance(fp32, onnx.ModelProto) else onnx.load(str(fp32))
-    card = read_onnx_card(model)
+    card = onnx_card(metadata_of(model))
     activations = binary_activations(model, card)
     zero = np.array(0, np.uint8 if unsigned else np.int8)
     overrides = {tensor: [{"scale": np.array(1.0, np.float32), "zero_point": zero}]
@@ -158,8 +154,9 @@ def quantize_qdq(fp32: str | os.PathLike | onnx.ModelProto, output: str | os.Pat
     quantized = onnx.load(str(output))
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)
-    set_props(quantized, **{PRECISION_KEY: "int8", FLAVOUR_KEY: "tensorrt" if not unsigned
-                             else "qdq-u8s8"})
+    set_props(quantized, **{PRECISION_KEY: "int8"})
+    if not unsigned:  # the unsigned graph is only a step towards the ONNX Runtime flavour
+        set_props(quantized, **{FLAVOUR_KEY: "tensorrt"})
     onnx.save(quantized, str(output))
     return output
 
@@ -398,90 +395,15 @@ def lower_for_onnxruntime(qdq: onnx.ModelProto) -> onnx.ModelProto:
     return lowered
 
 
-def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, card: ModelCard,
-                   precision: str, *, data: str | os.PathLike | None = None,
-                   count: int = 64, strict: bool = False, log=None) -> dict:
-    """Compare a reduced-precision graph with its FP32 graph on ONNX Runtime (``data``
-    images or structured random ones) against the parity tool's limits for ``precision``.
-
-    Falling short is reported (``passed`` False, a warning line) and raises I2EError only
-    with ``strict``: how far a spiking network's predictions move under weight rounding is
-    a property of the model (see ``calibration.qat`` for INT8-exact checkpoints), not a
-    fault of the graph."""
-    import onnxruntime as ort
-
-    from ..export.onnx import verification_inputs
-    from ..parity import logit_metrics, thresholds_for
-
-    log = log or (lambda _msg: None)
-    inputs, source = verification_inputs(card, data, count)
-    outputs = []
-    for path in (reference, candidate):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        feed = inputs
-        if session.get_inputs()[0].type == "tensor(float)" and card.input == "images":
-            feed = np.ascontiguousarray(inputs.transpose(0, 3, 1, 2), np.float32) / 255.0
-        outputs.append(np.concatenate([session.run(None, {name: feed[i:i + 8]})[0]
-                                       for i in range(0, len(feed), 8)]).astype(np.float32))
-    limits = thresholds_for(precision)
-    metrics = logit_metrics(outputs[0], outputs[1], limits.tie_margin)
-    log(f"verify {precision}: {source}: top-1 agreement with FP32 {metrics['top1_agreement']:.2%}"
-        f" ({metrics['near_ties']} near-ties), median |Δlogit| {metrics['median_abs']:.3g}, "
-        f"max {metrics['max_abs']:.3g}")
-    failed = []
-    if metrics["top1_agreement"] < limits.top1:
-        failed.append(f"top-1 agreement {metrics['top1_agreement']:.2%} is below "
-                      f"{limits.top1:.0%}")
-    if limits.median_abs is not None and metrics["median_abs"] > limits.median_abs:
-        failed.append(f"median |Δlogit| {metrics['median_abs']:.3g} exceeds {limits.median_abs:g}")
-    metrics.update(source=source, passed=not failed)
-    if failed and strict:
-        raise I2EError(f"{precision} verification failed: {'; '.join(failed)} (vs the FP32 "
-                       "graph); no file written")
-    if failed:
-        log(f"warning: {precision} is below the parity limits ({'; '.join(failed)}): this "
-            "model's spikes are sensitive to the rounding; for INT8, fine-tune an INT8-exact "
-            "checkpoint whose INT8 graph equals its FP32 graph (`i2e-deploy qat CKPT "
-            "TRAIN_IMAGES -o OUT`)")
-    return metrics
-
-
 def to_int8(fp32: str | os.PathLike, output: str | os.PathLike, *,
-            flavour: str = "onnxruntime", data: str | os.PathLike | None = None,
-            verify: bool = True, verify_count: int = 64, log=None) -> Path:
-    """An exported FP32 graph -> its SNN-aware INT8 graph (``flavour``: 'onnxruntime' U8S8
-    for x86 CPUs, 'tensorrt' S8S8 Q/DQ), verified against the FP32 graph on ``data`` images
-    (or structured random ones) unless ``verify=False``. Writes ``output`` atomically."""
-    from ..export.onnx import read_card
-
-    if flavour not in FLAVOURS:
-        raise I2EError(f"unknown INT8 flavour {flavour!r}; choose {' or '.join(FLAVOURS)}")
+            flavour: str = "onnxruntime") -> Path:
+    """An exported FP32 graph -> its SNN-aware INT8 graph in ``flavour`` (see
+    ``artifacts.INT8_FLAVOURS``). Writes ``output`` atomically."""
+    if flavour not in INT8_FLAVOURS:
+        raise I2EError(f"unknown INT8 flavour {flavour!r}; choose {' or '.join(INT8_FLAVOURS)}")
     with tempfile.TemporaryDirectory() as scratch:
         quantized = quantize_qdq(fp32, Path(scratch) / "int8.onnx",
                                  unsigned=flavour == "onnxruntime")
         if flavour == "onnxruntime":
             onnx.save(lower_for_onnxruntime(onnx.load(str(quantized))), str(quantized))
-        if verify:
-            verify_reduced(fp32, quantized, read_card(fp32), "int8", data=data,
-                           count=verify_count, log=log)
         return copy_into_place(quantized, Path(output))
-
-
-def export_int8(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
-                flavour: str = "onnxruntime", data: str | os.PathLike | None = None,
-                verify: bool = True, verify_count: int = 64, log=None,
-                **export_options) -> Path:
-    """Checkpoint -> FP32 export -> :func:`to_int8`. ``export_options`` go to
-    :func:`i2e_deploy.export.onnx.export_onnx` (input format, batch, overrides). Writes
-    ``<checkpoint stem>.int8.onnx`` by default; returns the path."""
-    from ..export.onnx import default_output, export_onnx
-
-    output = Path(output) if output else default_output(checkpoint).with_suffix(".int8.onnx")
-    with tempfile.TemporaryDirectory() as scratch:
-        fp32 = export_onnx(checkpoint, Path(scratch) / "fp32.onnx", verify=verify, data=data,
-                           log=log, **export_options).path
-        return to_int8(fp32, output, flavour=flavour, data=data, verify=verify,
-                       verify_count=verify_count, log=log)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..model.converter import EVAL_PAIRS, TIME_ORDER
+from ..model.converter import EVAL_PAIRS, TIME_ORDER, check_ratio
 from ..model.msresnet import BasicBlock, MSResNet
 from ..model.neuron import LIF
 
@@ -151,6 +151,7 @@ class DeployI2E(nn.Module):
 
     def __init__(self, ratio: float):
         super().__init__()
+        check_ratio(ratio)  # at ratio <= 0 the comparisons below would not be the reference's
         self.ratio = float(ratio)
         # (b, a) cell offsets per output timestep: diff = cell(b) - cell(a).
         self.cells = [tuple(divmod(c - 1, 3) for c in (EVAL_PAIRS[k][1], EVAL_PAIRS[k][0]))
@@ -256,7 +257,7 @@ def run_with_spikes(module: nn.Module, x: torch.Tensor
             order.append(name)
             handles.append(sub.register_forward_hook(
                 lambda _m, _i, out, name=name: maps.__setitem__(
-                    name, out.reshape(T, -1, *out.shape[1:]).float())))
+                    name, out.reshape(T, -1, *out.shape[1:]).bool())))
         elif isinstance(sub, nn.Conv2d) and name.endswith(".downsample"):
             order.append(f"{name}.0")  # the shared shortcut LIF, reference position
     try:
@@ -269,6 +270,6 @@ def run_with_spikes(module: nn.Module, x: torch.Tensor
 
 
 def spike_maps(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Spikes of every LIF layer, ``{reference name: [T, N, ...] float}``, for a reference
+    """Spikes of every LIF layer, ``{reference name: [T, N, ...] bool}``, for a reference
     :class:`MSResNet` or a :class:`DeployMSResNet` run on input ``x``."""
     return run_with_spikes(module, x)[1]

@@ -1,4 +1,4 @@
-"""Export a model to ONNX: deploy transform, checks, metadata, verification, atomic write.
+"""Export a model to ONNX: deploy transform, checks, metadata, atomic write.
 
 ``export_onnx(model, card, output)`` (or ``export_onnx(checkpoint, output)``) writes one of
 three graphs, chosen by the flags:
@@ -20,13 +20,11 @@ read) and, with the deploy module's single-``Split`` time slicing, gives a graph
 shape arithmetic. ``simplify=True`` runs onnxslim, which folds the exporter's ``Constant``
 nodes into initializers (1178 -> 851 nodes for MS-ResNet-18) but measured no ONNX Runtime
 speed difference here and adds ~15 s, so it is off by default. The model card and the I/O
-contract travel in ``metadata_props`` (:func:`read_card`, :func:`read_metadata`);
-:func:`tensorrt_violations` checks a graph against TensorRT's documented ONNX support.
+contract travel in ``metadata_props`` (read by :mod:`i2e_deploy.artifacts`); the graph is
+checked against TensorRT's documented ONNX support (:mod:`.tensorrt_ops`).
 
-Verification (on by default) runs ONNX Runtime and the reference model on a few dozen
-inputs and fails the export, leaving no file, on a top-1 disagreement where the reference is
-decisive (top-2 margin above the parity tool's FP32 tie margin), a median |Δlogit| above its
-FP32 limit, or any event that differs from the reference converter.
+This writes the graph; :func:`i2e_deploy.targets.build_artifact` is what verifies it against
+the reference model and derives the other precisions and formats from it.
 """
 from __future__ import annotations
 
@@ -36,28 +34,25 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
+from ..artifacts import CARD_KEY, META_PREFIX, PRECISION_KEY, default_output
 from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import atomic_path
 from ..model.msresnet import MSResNet
 from .deploy import DeployConverter, DeployMSResNet
+from .tensorrt_ops import tensorrt_violations
 
-CARD_KEY = "i2e_deploy.card"
-META_PREFIX = "i2e_deploy."
 PRODUCER = "i2e-deploy"
 DEFAULT_OPSET = 17
 OPSETS = range(13, 21)  # equal-part Split needs 13; the TorchScript exporter stops at 20
 IMAGE_FORMATS = ("uint8", "float")
 GRAPHS = ("images", "events", "converter")
-VERIFY_COUNT = 32
-_CHECKPOINT_SUFFIXES = (".tar", ".pth", ".pt", ".ckpt")
 
 
 @dataclass
@@ -66,33 +61,19 @@ class ExportResult:
     graph: str
     input_format: str
     nodes: int
-    verification: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-def default_output(checkpoint: str | os.PathLike, converter_only: bool = False) -> Path:
-    """``DIR/name.onnx`` next to the checkpoint (``name_converter.onnx`` for the converter)."""
-    path = Path(checkpoint)
-    stem = path.name
-    while Path(stem).suffix.lower() in _CHECKPOINT_SUFFIXES:
-        stem = Path(stem).stem
-    return path.with_name(f"{stem}{'_converter' if converter_only else ''}.onnx")
 
 
 def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.PathLike | None = None,
                 output: str | os.PathLike | None = None, *, input_format: str | None = None,
                 converter_only: bool = False, batch: int = 1, dynamic: bool = True,
-                opset: int = DEFAULT_OPSET, verify: bool = True,
-                data: str | os.PathLike | None = None, simplify: bool = False,
-                verify_count: int = VERIFY_COUNT, precision: str = "fp32",
+                opset: int = DEFAULT_OPSET, simplify: bool = False,
                 log: Callable[[str], None] | None = None, **overrides) -> ExportResult:
     """Export ``model`` (with its ``card``) to ``output``; or, given a checkpoint path,
     ``export_onnx(checkpoint, output=None, **overrides)`` loads it first (overrides as in
     :func:`~i2e_deploy.model.checkpoint.load_checkpoint`) and writes next to it by default.
 
     ``batch`` is the traced batch, fixed in the graph when ``dynamic`` is False.
-    ``precision`` names the numeric form written (only 'fp32' here; reduced precisions
-    build on this graph).
     """
     if not isinstance(model, nn.Module):
         from ..model.checkpoint import load_checkpoint
@@ -108,12 +89,8 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
         raise TypeError("export_onnx(model, card, output) or export_onnx(checkpoint, output)")
     log = log or (lambda _msg: None)
     output = Path(output)
-    graph, input_format = _check_options(card, input_format, converter_only, batch, opset,
-                                         precision)
-    if verify and data is not None and not Path(data).is_dir():
-        raise I2EError(f"--data {data} is not a folder; give an image folder (searched "
-                       "recursively) or leave it out to verify on structured random images")
-    _check_writable(output)
+    graph, input_format = check_options(card, input_format, converter_only, batch, opset)
+    check_writable(output)
 
     module = (DeployConverter(card.ratio, input_format) if graph == "converter"
               else DeployMSResNet(model.eval(), input_format))
@@ -123,25 +100,19 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
     proto = onnx_shape_inference(proto)
     for problem in tensorrt_violations(proto):
         log(f"warning: TensorRT may not parse this graph: {problem}")
-    metadata = _metadata(card, graph, input_format, batch, dynamic, opset, precision)
+    metadata = _metadata(card, graph, input_format, batch, dynamic, opset)
     set_metadata(proto, metadata)
     _check(proto)
-
-    report = None
     with atomic_path(output) as tmp:
         _save(proto, tmp)
-        if verify:
-            report = verify_onnx(tmp, model, card, data=data, count=verify_count,
-                                 batch=None if dynamic else batch, log=log)
     log(f"wrote {output} ({len(proto.graph.node)} nodes, opset {opset}, "
         f"{'dynamic' if dynamic else f'static {batch}'} batch)")
-    return ExportResult(output, graph, input_format, len(proto.graph.node), report, metadata)
+    return ExportResult(output, graph, input_format, len(proto.graph.node), metadata)
 
 
-def _check_options(card: ModelCard, input_format: str | None, converter_only: bool, batch: int,
-                   opset: int, precision: str) -> tuple[str, str]:
-    if precision != "fp32":
-        raise I2EError(f"precision {precision!r} is not available in this export; use fp32")
+def check_options(card: ModelCard, input_format: str | None, converter_only: bool, batch: int,
+                  opset: int) -> tuple[str, str]:
+    """(graph kind, input format) for these options, or I2EError saying what does not fit."""
     if batch < 1:
         raise I2EError(f"--batch must be at least 1, got {batch}")
     if opset not in OPSETS:
@@ -162,7 +133,7 @@ def _check_options(card: ModelCard, input_format: str | None, converter_only: bo
     return ("converter" if converter_only else "images"), input_format
 
 
-def _check_writable(output: Path) -> None:
+def check_writable(output: Path) -> None:
     if output.is_dir():
         raise I2EError(f"output {output} is a directory; give a file name such as "
                        f"{output / 'model.onnx'}")
@@ -233,7 +204,7 @@ def _save(proto, path: Path) -> None:
 
 
 def _metadata(card: ModelCard, graph: str, input_format: str, batch: int, dynamic: bool,
-              opset: int, precision: str) -> dict[str, str]:
+              opset: int) -> dict[str, str]:
     n = "N" if dynamic else batch
     size = card.imgsz
     if input_format == "events":
@@ -255,7 +226,7 @@ def _metadata(card: ModelCard, graph: str, input_format: str, batch: int, dynami
         CARD_KEY: card.to_json(),
         f"{META_PREFIX}version": __version__,
         f"{META_PREFIX}graph": graph,
-        f"{META_PREFIX}precision": precision,
+        PRECISION_KEY: "fp32",
         f"{META_PREFIX}checkpoint_sha256": str(card.provenance.get("sha256", "")),
         f"{META_PREFIX}input": json.dumps(inp),
         f"{META_PREFIX}output": json.dumps(out),
@@ -273,183 +244,3 @@ def set_metadata(proto, metadata: dict[str, str]) -> None:
     for key, value in kept + sorted(metadata.items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file (weights are not read)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise I2EError(f"ONNX file not found: {path}") from None
-    except Exception as exc:  # protobuf decode errors have many types
-        raise I2EError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def read_card(path: str | os.PathLike) -> ModelCard:
-    """The model card an exported graph carries, so runtimes need no flags."""
-    metadata = read_metadata(path)
-    if CARD_KEY not in metadata:
-        raise I2EError(f"{path} has no i2e-deploy model card in its metadata; export it with "
-                       "`i2e-deploy export`")
-    return ModelCard.from_json(metadata[CARD_KEY])
-
-
-# --- TensorRT operator table -----------------------------------------------------------------
-
-def tensorrt_table() -> dict[str, Any]:
-    """onnx-tensorrt's operator support matrix as recorded in ``data/tensorrt_onnx_ops.json``."""
-    from importlib import resources
-
-    return json.loads(resources.files("i2e_deploy").joinpath("data/tensorrt_onnx_ops.json")
-                      .read_text())
-
-
-def tensorrt_violations(proto) -> list[str]:
-    """What in an ONNX model falls outside TensorRT's documented ONNX support: operators,
-    the data type of each node's first input, and the restrictions the table marks as checked
-    (constant axes, UINT8 only at the graph's I/O, 2-D/3-D pooling without dilation or
-    indices, Q/DQ zero points of 0, the opset range)."""
-    import onnx
-    from onnx import TensorProto
-
-    type_names = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16",
-                  TensorProto.BFLOAT16: "BF16", TensorProto.INT32: "INT32",
-                  TensorProto.INT64: "INT64", TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8",
-                  TensorProto.BOOL: "BOOL", TensorProto.DOUBLE: "DOUBLE",
-                  TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.INT4: "INT4"}
-    table = tensorrt_table()
-    rules = table["checked_restrictions"]
-    graph = onnx.shape_inference.infer_shapes(proto).graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in (*graph.input, *graph.output, *graph.value_info)}
-    constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
-    types.update({init.name: init.data_type for init in graph.initializer})
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
-            types[node.output[0]] = node.attribute[0].t.data_type
-    problems = []
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None or not table["opset"]["min"] <= opset <= table["opset"]["max"]:
-        problems.append(f"opset {opset} outside TensorRT's {table['opset']['min']}.."
-                        f"{table['opset']['max']}")
-    for node in graph.node:
-        where = f"{node.op_type} {node.name or node.output[0]!r}"
-        spec = table["operators"].get(node.op_type)
-        if node.domain not in ("", "ai.onnx") or spec is None or not spec["supported"]:
-            problems.append(f"{where}: operator not supported")
-            continue
-        if node.input and node.input[0] in types \
-                and node.op_type not in rules["types_of_first_input_except"]:
-            name = type_names.get(types[node.input[0]], str(types[node.input[0]]))
-            if name not in spec["types"]:
-                problems.append(f"{where}: input type {name} not in {spec['types']}")
-        index = rules["axes_constant"].get(node.op_type)
-        if index is not None and len(node.input) > index and node.input[index] \
-                and node.input[index] not in constants:
-            problems.append(f"{where}: axes input is not a constant")
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type in rules["pooling_2d_or_3d"] and len(attrs.get("kernel_shape", ())) not in (2, 3):
-            problems.append(f"{where}: only 2-D or 3-D pooling")
-        if node.op_type in rules["dilations_all_ones"] and any(d != 1 for d in attrs.get("dilations", ())):
-            problems.append(f"{where}: dilations must be all ones")
-        if node.op_type in rules["single_output"] and len([o for o in node.output if o]) > 1:
-            problems.append(f"{where}: Indices output unsupported")
-        index = rules["zero_point_zero"].get(node.op_type)
-        if index is not None and len(node.input) > index and node.input[index]:
-            zero = constants.get(node.input[index])
-            if zero is None or np.any(zero != 0):
-                problems.append(f"{where}: zero point must be a constant 0")
-    io = {v.name for v in (*graph.input, *graph.output)}
-    problems += [f"UINT8 tensor {name!r} inside the graph (TensorRT: UINT8 only at the I/O)"
-                 for name, kind in types.items() if kind == TensorProto.UINT8 and name not in io]
-    return problems
-
-
-# --- verification ---------------------------------------------------------------------------
-
-def verification_inputs(card: ModelCard, data: str | os.PathLike | None, count: int
-                        ) -> tuple[np.ndarray, str]:
-    """uint8 NHWC images from ``data`` (recursive, spread over the folder) or structured
-    random ones; for event models, those images through the reference converter."""
-    from ..runtime.preprocess import list_images, load_images, synthetic_images
-
-    if data is not None:
-        paths = list_images(data)
-        if not paths:
-            raise I2EError(f"no images under {data} to verify the export with")
-        picks = np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)
-        images, source = load_images([paths[i] for i in picks], card), f"{len(picks)} images from {data}"
-    else:
-        images, source = synthetic_images(count, card), f"{count} structured random images"
-    if card.input == "events":
-        from ..model.converter import convert
-
-        events = convert(torch.from_numpy(images), card.ratio).transpose(0, 1)
-        return events.contiguous().numpy(), source + " as events"
-    return images, source
-
-
-def verify_onnx(path: str | os.PathLike, model: MSResNet, card: ModelCard, *,
-                data: str | os.PathLike | None = None, count: int = VERIFY_COUNT,
-                batch: int | None = None, log: Callable[[str], None] | None = None
-                ) -> dict[str, Any]:
-    """Compare the graph at ``path`` on ONNX Runtime with the reference ``model``; raise
-    I2EError when it is not faithful (see the module docstring). ``batch``: the graph's
-    static batch, or None for a dynamic one."""
-    import onnxruntime as ort
-
-    from ..parity import event_metrics, logit_metrics, thresholds_for
-
-    log = log or (lambda _msg: None)
-    images, source = verification_inputs(card, data, count)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    graph_input = session.get_inputs()[0]
-    converter_only = len(session.get_outputs()[0].shape) == 5
-    if graph_input.type == "tensor(float)" and card.input == "images":
-        feed = np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32) / 255.0
-    else:
-        feed = images
-    step = batch or 8
-    got_chunks, want_chunks = [], []
-    with torch.no_grad():
-        for start in range(0, len(feed), step):
-            chunk = feed[start:start + step]
-            if batch is not None and len(chunk) < batch:  # a static graph takes whole batches
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
-            out = session.run(None, {graph_input.name: chunk})[0]
-            x = torch.from_numpy(chunk)
-            ref = (model.i2e(x).transpose(0, 1).to(torch.uint8) if converter_only
-                   else model(x))
-            got_chunks.append(out[:len(feed) - start])
-            want_chunks.append(ref.numpy()[:len(feed) - start])
-    got, want = np.concatenate(got_chunks), np.concatenate(want_chunks)
-    limits = thresholds_for("fp32")
-    if converter_only:
-        metrics = event_metrics(want, got)
-        log(f"verify: {source}: event agreement {metrics['event_agreement']:.6%} "
-            f"(event rate {metrics['event_rate']:.2%})")
-        failed = [] if metrics["event_mismatches"] == 0 else [
-            f"{metrics['event_mismatches']} events differ from the reference converter"]
-    else:
-        metrics = logit_metrics(want, got, limits.tie_margin)
-        log(f"verify: {source}: max |Δlogit| {metrics['max_abs']:.3g}, median "
-            f"{metrics['median_abs']:.3g}, top-1 agreement {metrics['top1_agreement']:.2%} "
-            f"({metrics['near_ties']} near-ties with top-2 margin <= {limits.tie_margin})")
-        failed = []
-        if metrics["decisive_mismatches"]:
-            failed.append(f"{metrics['decisive_mismatches']} top-1 prediction(s) differ where "
-                          f"the reference top-2 margin exceeds {limits.tie_margin}")
-        if metrics["median_abs"] > limits.median_abs:
-            failed.append(f"median |Δlogit| {metrics['median_abs']:.3g} exceeds "
-                          f"{limits.median_abs:g}")
-    metrics.update(source=source, passed=not failed)
-    if failed:
-        raise I2EError(f"export verification failed: {'; '.join(failed)} (ONNX Runtime vs "
-                       "the reference model); no file written")
-    return metrics

@@ -40,19 +40,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import __version__
+from ..version import __version__
+from ..artifacts import (FLAVOUR_KEY, PRECISION_KEY, PRECISIONS, engine_sidecar_path,
+                         metadata_of, onnx_card)
 from ..card import ModelCard, sha256_file
+from ..device import parse_device
 from ..errors import I2EError
 from ..fileio import atomic_output
-from ..runtime.runners import engine_sidecar_path, parse_device
 
-PRECISIONS = ("fp32", "fp16", "int8")
 INT8_MODES = ("qdq", "entropy", "minmax")
 SIDECAR_VERSION = 2
 DEFAULT_MAX_BATCH = 8
 # ONNX metadata written by calibration.quantize / calibration.half.
-_PRECISION_KEY = "i2e_deploy.precision"
-_FLAVOUR_KEY = "i2e_deploy.int8_flavour"
 
 
 def profile_shapes(input_shape: list[int], *, min_batch: int | None = None,
@@ -112,14 +111,12 @@ def read_graph(onnx_path: Path) -> GraphInfo:
     """Card, I/O and numeric form of an exported graph (weights are not read)."""
     import onnx
 
-    from ..runtime.runners import read_onnx_card
-
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors have many types
         raise I2EError(f"{onnx_path}: not a readable ONNX file ({type(exc).__name__})") from None
-    card = read_onnx_card(model)
-    metadata = {p.key: p.value for p in model.metadata_props}
+    metadata = metadata_of(model)
+    card = onnx_card(metadata, onnx_path)
     initializers = {init.name for init in model.graph.initializer}
 
     def record(value) -> dict[str, Any]:
@@ -131,8 +128,8 @@ def read_graph(onnx_path: Path) -> GraphInfo:
     io = {"inputs": [record(v) for v in model.graph.input if v.name not in initializers],
           "outputs": [record(v) for v in model.graph.output]}
     quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
-    precision = "int8" if quantized else metadata.get(_PRECISION_KEY, "fp32")
-    return GraphInfo(card, io, precision, metadata.get(_FLAVOUR_KEY))
+    precision = "int8" if quantized else metadata.get(PRECISION_KEY, "fp32")
+    return GraphInfo(card, io, precision, metadata.get(FLAVOUR_KEY))
 
 
 class BuildRequest:
@@ -164,6 +161,9 @@ class BuildRequest:
             raise I2EError("batch sizes must be at least 1")
         if calib_size < 1:
             raise I2EError(f"--calib-size must be at least 1, got {calib_size}")
+        if calib_data is not None and not (precision == "int8" and int8_mode != "qdq"):
+            raise I2EError("--data feeds implicit INT8 calibration only: add --int8 "
+                           "--calibrator entropy (or minmax); the qdq INT8 graph needs no data")
         self.device = device if device != "cpu" else "cuda"
         parse_device(self.device)
         self.graph = read_graph(self.onnx_path)

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import engine_sidecar_path, metadata_of, onnx_card, read_engine_sidecar
 from ..card import ModelCard
 from ..errors import I2EError
 
@@ -44,8 +45,6 @@ def onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]
     """Graph inputs/outputs and the model card of an exported ONNX file."""
     import onnx
 
-    from ..runtime.runners import read_onnx_card
-
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors have many types
@@ -61,14 +60,12 @@ def onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]
         return TensorSpec(value.name, ONNX_TO_TRITON[tensor.elem_type], dims)
 
     inputs = [spec(v) for v in model.graph.input if v.name not in initializers]
-    return inputs, [spec(v) for v in model.graph.output], read_onnx_card(model)
+    return inputs, [spec(v) for v in model.graph.output], onnx_card(metadata_of(model), path)
 
 
 def engine_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec], ModelCard,
                                                dict]:
     """Inputs/outputs, card and sidecar of a TensorRT engine (no TensorRT needed)."""
-    from ..runtime.runners import read_engine_sidecar
-
     sidecar = read_engine_sidecar(path)
     try:
         specs = {kind: [TensorSpec(t["name"], NUMPY_TO_TRITON[t["dtype"]], list(t["shape"]))
@@ -146,8 +143,6 @@ def write_repository(model_path: str | os.PathLike, repo: str | os.PathLike, *,
     above it. Plans run on GPU instances. An engine's sidecar goes next to its plan
     (``1/model.plan.json``) and its TensorRT version and GPU head config.pbtxt: Triton's
     TensorRT backend loads only plans of its own TensorRT version."""
-    from ..runtime.runners import engine_sidecar_path
-
     model_path = Path(model_path)
     if not model_path.is_file():
         raise I2EError(f"model file not found: {model_path}")

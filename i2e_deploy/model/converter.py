@@ -89,6 +89,13 @@ def convert(images: torch.Tensor, ratio: float, pairs=EVAL_PAIRS,
     return torch.stack((on, off), dim=2).float()
 
 
+def check_ratio(ratio: float) -> None:
+    """Models refuse ``ratio <= 0``: every pixel of every image would fire (``convert``
+    keeps the released semantics for any ratio, as the SPEC states them)."""
+    if not ratio > 0:
+        raise ValueError(f"converter ratio must be positive, got {ratio}")
+
+
 def _threshold(value_range: torch.Tensor, ratio: float) -> torch.Tensor:
     """ratio * range in float32 (torch rounds ``ratio`` to float32 first), as released."""
     return value_range * ratio
@@ -207,6 +214,7 @@ class I2E(nn.Module):
 
     def __init__(self, ratio: float = 0.07):
         super().__init__()
+        check_ratio(ratio)
         self.ratio = float(ratio)
         self.register_buffer("weight", pairs_to_kernels(EVAL_PAIRS))
 

@@ -44,3 +44,12 @@ def count_macs(card: ModelCard) -> int:
         for h in handles:
             h.remove()
     return total
+
+
+def describe(path, **overrides) -> tuple[ModelCard, dict[str, float]]:
+    """A checkpoint's card (``load_checkpoint`` overrides applied), parameter count and
+    GMACs per image."""
+    from .checkpoint import load_checkpoint
+
+    model, card = load_checkpoint(path, **overrides)
+    return card, {"params": count_params(model), "gmacs_per_image": count_macs(card) / 1e9}

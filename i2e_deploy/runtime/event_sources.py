@@ -24,7 +24,7 @@ import numpy as np
 
 from ..card import ModelCard
 from ..errors import I2EError
-from .sources import Frame, Source
+from .frames import Frame, Source
 
 EVENT_SUFFIXES = {".aedat4", ".raw", ".evt3", ".bin"}
 LIVE_EVENT_SCHEMES = ("dv://", "dvs:")

@@ -8,8 +8,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:
-    from .sources import Frame
-    from .stream import Prediction
+    from .frames import Frame, Prediction
 
 # BGR, since the canvas goes straight to cv2.VideoWriter / imshow.
 ON_BGR = np.array([60, 70, 255], np.uint8)

@@ -1,22 +1,23 @@
 """One interface for every backend: ``load_runner(path).infer(batch) -> numpy``.
 
 Every runner of an image model takes the same input, a uint8 NHWC RGB batch at the card's
-size (what ``runtime.preprocess`` yields and a camera gives); a runner whose graph wants float
+size (what ``images.preprocess`` yields and a camera gives); a runner whose graph wants float
 NCHW converts it. Event models take ``[N, T, 2, H, W]``. Outputs are float32 logits
 ``[N, classes]``, or the events for converter-only graphs (``runner.output == "events"``).
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..artifacts import (PRECISION_KEY, kind_of, onnx_card, read_engine_sidecar,
+                         read_metadata)
 from ..card import ModelCard
+from ..device import parse_device
 from ..errors import I2EError
 
 if TYPE_CHECKING:
@@ -24,18 +25,7 @@ if TYPE_CHECKING:
 
     from ..model.msresnet import MSResNet
 
-TORCH_SUFFIXES = (".pth", ".pt", ".tar")
-ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".engine", ".plan")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """'cpu' -> ('cpu', 0); 'cuda' / 'cuda:N' -> ('cuda', N)."""
-    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip().lower())
-    if not match or (match.group(1) == "cpu" and match.group(2)):
-        raise I2EError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-    return match.group(1), int(match.group(2) or 0)
 
 
 class Runner(ABC):
@@ -60,20 +50,42 @@ class Runner(ABC):
     batch_limit: int | None = None
     min_batch: int = 1
 
+    # Whether ``infer_spikes`` works: the backend can show its LIF layers' spikes.
+    exposes_spikes: bool = False
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = self._adapt(np.asarray(batch))
+        return self._chunked(self._adapt(np.asarray(batch)), self._run)
+
+    def infer_spikes(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(infer(batch), {layer: bool [T, N, ...]})``: the spikes of every LIF layer under
+        the reference model's names (``layer1.0.sn1``, ..., ``sn``), and the converter's
+        events as ``i2e`` ``[T, N, 2, H, W]``, for the comparison of two backends."""
+        if not self.exposes_spikes:
+            raise I2EError(f"the {self.name} backend does not expose spike maps")
+        return self._chunked(self._adapt(np.asarray(batch)), self._run_spikes)
+
+    def _run_spikes(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def _chunked(self, batch: np.ndarray, run):
+        """``run`` on chunks the backend takes (split to ``batch_limit``, padded to
+        ``min_batch``)."""
         size = self.batch_limit or len(batch)
         if not len(batch) or self.min_batch <= len(batch) <= size:
-            return self._run(batch)
-        outputs = []
+            return run(batch)
+        results = []
         for start in range(0, len(batch), size):
             chunk = batch[start:start + size]
             count = len(chunk)
             if count < self.min_batch:  # repeat the last input; its outputs are dropped
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.min_batch - count,
                                                          axis=0)])
-            outputs.append(self._run(chunk)[:count])
-        return np.concatenate(outputs)
+            results.append(_first(run(chunk), count))
+        if isinstance(results[0], tuple):
+            return (np.concatenate([out for out, _ in results]),
+                    {name: np.concatenate([maps[name] for _, maps in results], axis=1)
+                     for name in results[0][1]})
+        return np.concatenate(results)
 
     def example_input(self, batch: int = 1) -> np.ndarray:
         """A zero batch in the common input format (uint8 NHWC images, or events)."""
@@ -120,6 +132,14 @@ class Runner(ABC):
                        f"{batch.dtype} {list(batch.shape)}")
 
 
+def _first(result, count: int):
+    """The first ``count`` inputs' share of an output, or of ``(output, spike maps)``."""
+    if isinstance(result, tuple):
+        out, maps = result
+        return out[:count], {name: value[:, :count] for name, value in maps.items()}
+    return result[:count]
+
+
 class TorchRunner(Runner):
     """The PyTorch reference model (``load_checkpoint``); ``compile`` applies
     ``torch.compile`` (CUDA graphs via mode 'reduce-overhead' on a GPU)."""
@@ -127,7 +147,9 @@ class TorchRunner(Runner):
     name = "torch"
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None,
-                 compile: bool = False, **overrides):
+                 compile: bool = False, loaded: tuple[MSResNet, ModelCard] | None = None,
+                 **overrides):
+        """``loaded``: an already loaded ``(model, card)`` pair instead of ``path``'s."""
         import torch
 
         from ..model.checkpoint import load_checkpoint
@@ -142,7 +164,7 @@ class TorchRunner(Runner):
         self._device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
         if kind == "cuda":  # the reference is float32: TF32 convolutions would flip spikes
             torch.backends.cudnn.allow_tf32 = False
-        model, self.card = load_checkpoint(path, **overrides)
+        model, self.card = loaded if loaded is not None else load_checkpoint(path, **overrides)
         self.model: MSResNet | None = model.to(self._device)
         self.input_format = "events" if self.card.input == "events" else "uint8"
         self._forward: Callable[[torch.Tensor], torch.Tensor] | None = model
@@ -160,6 +182,25 @@ class TorchRunner(Runner):
                 x = x.float()
             return self._forward(x).float().cpu().numpy()
 
+    exposes_spikes = True
+
+    def _run_spikes(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        from ..export.deploy import run_with_spikes
+
+        torch = self._torch
+        model = self.model
+        if model is None:
+            raise I2EError(f"{self.path.name}: the runner is closed")
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self._device)
+            if self.card.input == "events":
+                x = x.float()
+            out, maps = run_with_spikes(model, x)
+            spikes = {name: value.cpu().numpy() for name, value in maps.items()}
+            if self.card.input == "images":
+                spikes = {"i2e": model.to_events(x).bool().cpu().numpy(), **spikes}
+        return out.float().cpu().numpy(), spikes
+
     def events(self, batch: np.ndarray) -> np.ndarray:
         """The reference converter's events ``[N, T, 2, H, W]`` uint8, as converter-only
         graphs output them."""
@@ -172,24 +213,6 @@ class TorchRunner(Runner):
 
     def close(self) -> None:
         self.model = self._forward = None
-
-
-def read_onnx_card(model) -> ModelCard:
-    """The model card stored in a loaded ONNX model's ``metadata_props``."""
-    from ..export.onnx import CARD_KEY
-
-    props = {p.key: p.value for p in model.metadata_props}
-    if CARD_KEY not in props:
-        raise I2EError("ONNX file has no i2e-deploy model card in its metadata; export it "
-                       "with `i2e-deploy export`")
-    return ModelCard.from_json(props[CARD_KEY])
-
-
-def _onnx_card(path: Path) -> tuple[ModelCard, dict[str, str]]:
-    """(card, metadata) of an ONNX file."""
-    from ..export.onnx import read_card, read_metadata
-
-    return read_card(path), read_metadata(path)
 
 
 def ort_providers(device: str, providers: list[str] | None = None) -> list:
@@ -223,8 +246,12 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         super().__init__(path, device)
-        self.card, props = _onnx_card(path)
-        self.precision = props.get("i2e_deploy.precision", "fp32")
+        self._threads = threads
+        self._spike_session: Any = None
+        self._spike_layers: dict[str, str] = {}
+        props = read_metadata(path)
+        self.card = onnx_card(props, path)
+        self.precision = props.get(PRECISION_KEY, "fp32")
         if optimization not in OPTIMIZATION_LEVELS:
             raise I2EError(f"unknown optimization level {optimization!r}; choose one of "
                            f"{', '.join(OPTIMIZATION_LEVELS)}")
@@ -253,12 +280,51 @@ class OrtRunner(Runner):
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    exposes_spikes = True
+
+    def _run_spikes(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if self._spike_session is None:
+            self._spike_session, self._spike_layers = self._open_spike_session()
+        session = self._spike_session
+        results = session.run(None, {self._input_name: batch})
+        names = [o.name for o in session.get_outputs()]
+        found = dict(zip(names, results))
+        out = found[names[0]]
+        out = out if self.output == "events" else out.astype(np.float32, copy=False)
+        T = self.card.T
+        return out, {layer: found[tensor].reshape(T, -1, *found[tensor].shape[1:])
+                     for tensor, layer in self._spike_layers.items()}
+
+    def _open_spike_session(self):
+        """A second session of the same graph that also outputs every LIF layer's boolean
+        spikes (and the converter's events), found by name as ``calibration.flips`` does."""
+        import onnx
+        import onnxruntime as ort
+
+        from ..calibration.flips import layer_name, spike_tensors
+        from ..calibration.graph import merge_spike_casts
+
+        model = onnx.load(str(self.path))
+        merge_spike_casts(model)  # the same function, with each LIF's spikes in one tensor
+        tensors = spike_tensors(model)
+        known = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.BOOL,
+                                                                     None)
+                                  for t in tensors if t not in known)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=self.session.get_providers())
+        return session, {t: layer_name(t) for t in tensors}
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         result = self.session.run(None, {self._input_name: batch})[0]
         return result if self.output == "events" else result.astype(np.float32, copy=False)
 
     def close(self) -> None:
-        self.session = None
+        self.session = self._spike_session = None
 
 
 def _graph_input_format(onnx_type: str, rank: int) -> str:
@@ -270,35 +336,6 @@ def _graph_input_format(onnx_type: str, rank: int) -> str:
 
 
 # --- TensorRT -------------------------------------------------------------------------------
-
-SIDECAR_SUFFIX = ".json"
-
-
-def engine_sidecar_path(engine: str | os.PathLike) -> Path:
-    """``model.engine`` -> ``model.engine.json``."""
-    engine = Path(engine)
-    return engine.with_name(engine.name + SIDECAR_SUFFIX)
-
-
-def read_engine_sidecar(engine: str | os.PathLike) -> dict:
-    """The sidecar JSON of an engine (``export.tensorrt.sidecar_record``): card,
-    tensorrt_version, gpu_name, compute_capability ("8.6"), precision, io, profile, and what
-    was built (optionally hardware_compatibility / version_compatible)."""
-    sidecar = engine_sidecar_path(engine)
-    if not sidecar.is_file():
-        raise I2EError(f"{engine}: engine sidecar {sidecar.name} is missing; rebuild the engine "
-                       "with `i2e-deploy build`")
-    try:
-        data = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise I2EError(f"{sidecar}: not valid JSON ({exc})") from None
-    required = ("card", "tensorrt_version", "gpu_name", "compute_capability", "precision",
-                "io", "profile")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise I2EError(f"{sidecar}: missing {', '.join(missing)}; rebuild the engine")
-    return data
-
 
 def check_engine_compatible(sidecar: dict, *, tensorrt_version: str, gpu_name: str,
                             compute_capability: str) -> None:
@@ -371,7 +408,7 @@ class TensorRTRunner(Runner):
 def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
                 providers: list[str] | None = None, optimization: str = "all",
                 warmup: int = 1, **torch_options) -> Runner:
-    """Open a model file on the backend its suffix names ('default' = the bundled model).
+    """Open a model file on the backend its kind names ('default' = the bundled model).
 
     ``torch_options`` go to the PyTorch runner (``compile``, and ``load_checkpoint``
     overrides such as ``imgsz``); they are refused for other backends.
@@ -381,18 +418,15 @@ def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | 
     path = resolve_model(str(path))
     if not path.is_file():
         raise I2EError(f"model file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in TORCH_SUFFIXES:
+    kind = kind_of(path)
+    if kind == "checkpoint":
         runner: Runner = TorchRunner(path, device, threads, **torch_options)
     elif torch_options:
         raise I2EError(f"options {sorted(torch_options)} apply only to PyTorch checkpoints")
-    elif suffix in ONNX_SUFFIXES:
+    elif kind == "onnx":
         runner = OrtRunner(path, device, threads, providers, optimization)
-    elif suffix in ENGINE_SUFFIXES:
-        runner = TensorRTRunner(path, "cuda" if device == "cpu" else device)
     else:
-        raise I2EError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected "
-                       f"{', '.join(TORCH_SUFFIXES + ONNX_SUFFIXES + ENGINE_SUFFIXES)}")
+        runner = TensorRTRunner(path, "cuda" if device == "cpu" else device)
     if warmup:
         runner.warmup(warmup)
     return runner

@@ -20,8 +20,7 @@ from ..fileio import temp_beside
 from .overlay import annotate
 
 if TYPE_CHECKING:
-    from .sources import Frame
-    from .stream import Prediction
+    from .frames import Frame, Prediction
 
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -22,120 +21,11 @@ import numpy as np
 
 from ..card import ModelCard
 from ..errors import I2EError
-from .preprocess import IMAGE_SUFFIXES, list_images
+from ..images import IMAGE_SUFFIXES, list_images
+from .frames import Frame, Source
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".gif"}
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
-
-
-@dataclass
-class Frame:
-    """One captured frame. ``image`` is RGB uint8 ``[H, W, 3]``; event sources also carry
-    ``events``, the model input ``[T, 2, imgsz, imgsz]`` (0/1), rendered into ``image``, and
-    ``span_us``, the window's event time ``[start, end)`` in sensor microseconds."""
-    image: np.ndarray
-    index: int
-    timestamp: float = 0.0  # time.perf_counter() when the frame became available
-    capture_ms: float = 0.0  # time spent reading and decoding it
-    source: int = 0
-    events: np.ndarray | None = None
-    span_us: tuple[int, int] | None = None
-
-
-def parse_resolution(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """'640x480' -> (640, 480)."""
-    if text is None or isinstance(text, tuple):
-        return text
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-        raise I2EError(f"resolution must be WIDTHxHEIGHT, e.g. 640x480, got {text!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-class Source:
-    """Iterable of ``Frame``s. Options common to all sources:
-
-    - ``resolution`` (w, h): frames are resized to it (cameras are also asked for it);
-    - ``fps``: cameras are asked for it; recordings are paced to it, like a live camera;
-    - ``loop``: recordings restart at their end;
-    - ``stride``: keep every stride-th frame.
-    """
-
-    live = False  # frames arrive in real time: the stream drops stale ones instead of waiting
-    nominal_fps = 25.0
-
-    def __init__(self, uri: str, *, resolution=None, fps: float | None = None,
-                 loop: bool = False, stride: int = 1):
-        if stride < 1:
-            raise I2EError(f"stride must be >= 1, got {stride}")
-        if fps is not None and not fps > 0:
-            raise I2EError(f"fps must be positive, got {fps}")
-        self.uri = uri
-        self.resolution = parse_resolution(resolution)
-        self.pace = fps
-        self.loop = loop
-        self.stride = stride
-        self.unreadable = 0
-        self.reconnects = 0
-        if fps is not None:
-            self.live = True
-
-    @property
-    def fps(self) -> float:
-        """Frames per second this source delivers (after stride)."""
-        return self.pace or self.nominal_fps / self.stride
-
-    def _read(self) -> Iterator[Frame | None]:
-        """One pass over every stride-th frame; None for a frame that cannot be decoded."""
-        raise NotImplementedError
-
-    def _fit(self, image: np.ndarray) -> np.ndarray:
-        if self.resolution and image.shape[1::-1] != self.resolution:
-            return cv2.resize(image, self.resolution, interpolation=cv2.INTER_AREA)
-        return image
-
-    def __iter__(self) -> Iterator[Frame]:
-        start = time.perf_counter()
-        emitted = 0
-        while True:
-            produced = False
-            frames = self._read()
-            while True:
-                began = time.perf_counter()
-                try:
-                    frame = next(frames)
-                except StopIteration:
-                    break
-                if frame is None:
-                    self.unreadable += 1
-                    continue
-                frame.image = self._fit(frame.image)
-                produced = True
-                done = time.perf_counter()
-                if self.pace:
-                    delay = start + emitted / self.pace - done
-                    if delay > 0:
-                        time.sleep(delay)
-                emitted += 1
-                frame.timestamp, frame.capture_ms = time.perf_counter(), (done - began) * 1e3
-                yield frame
-            if not (self.loop and produced):
-                return
-
-    def interrupt(self) -> None:
-        """Ask a read waiting in another thread to return soon (the stream is stopping)."""
-
-    def close(self) -> None:
-        """Release the device or file."""
-
-    def __enter__(self) -> "Source":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.uri!r})"
 
 
 def _quiet_opencv() -> None:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import I2EError
 from ..model.converter import T, convert_uint8
+from ..images import Readable, skip_unreadable
 from . import data as D
 from .eventsets import FORMATS, read_meta, write_meta, write_sample
 from .train import build_card
@@ -25,8 +26,9 @@ from .train import build_card
 @dataclass
 class ConvertStats:
     written: int
-    skipped: int
+    skipped: int  # already converted (a resumed run)
     seconds: float
+    unreadable: int = 0  # source images that could not be decoded, left out
 
     @property
     def rate(self) -> float:
@@ -66,7 +68,8 @@ def convert_folder(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "n
 
     began = time.perf_counter()
     images = D.HeldOut([(folder.samples[i][0], i) for i in todo], card)
-    loader = torch.utils.data.DataLoader(images, batch_size=batch, num_workers=workers)
+    loader = Readable(torch.utils.data.DataLoader(images, batch_size=batch, num_workers=workers,
+                                                  collate_fn=skip_unreadable), src)
     buffer = np.empty((batch, T, 2, card.imgsz, card.imgsz), np.bool_)
     done = 0
     with ThreadPoolExecutor(writers or os.cpu_count() or 1) as pool:
@@ -79,6 +82,9 @@ def convert_folder(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "n
                           range(count)))
             done += count
             if progress:
-                progress(done, len(todo))
-    return ConvertStats(len(todo), len(targets) - len(todo), time.perf_counter() - began)
+                progress(done + len(loader.skipped), len(todo))
+    if todo:
+        loader.report()
+    return ConvertStats(done, len(targets) - len(todo), time.perf_counter() - began,
+                        unreadable=len(loader.skipped))
 

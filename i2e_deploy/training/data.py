@@ -13,11 +13,11 @@ from torchvision.transforms import InterpolationMode
 
 from ..card import ModelCard
 from ..errors import I2EError
-from ..runtime.preprocess import preprocess, read_image
+from ..images import Unreadable, preprocess, try_read
 
 
 class CardPreprocess:
-    """The deployment preprocessing (``runtime.preprocess.preprocess``: resize the shorter
+    """The deployment preprocessing (``images.preprocess``: resize the shorter
     side, centre-crop) as a transform: PIL or RGB uint8 HWC -> uint8 HWC tensor. Held-out
     accuracy during training is thereby measured on the pixels ``val`` and runners see."""
 
@@ -72,8 +72,14 @@ def image_folder(root: str | os.PathLike) -> datasets.ImageFolder:
 
 
 def source_size(folder: datasets.ImageFolder) -> int:
-    with Image.open(folder.samples[0][0]) as img:
-        return min(img.size)
+    """The shorter side of the folder's first readable image."""
+    for path, _ in folder.samples:
+        try:
+            with Image.open(path) as img:
+                return min(img.size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+    raise I2EError(f"none of the {len(folder.samples)} images under {folder.root} is readable")
 
 
 def split_indices(targets: list[int], holdout: int | float, seed: int) -> tuple[list[int], list[int]]:
@@ -111,13 +117,17 @@ class Subset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, target = self.folder.samples[self.indices[i]]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), target
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB")), target
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return Unreadable(path, str(exc) or type(exc).__name__)
 
 
 class HeldOut(torch.utils.data.Dataset):
     """Evaluation images decoded and preprocessed exactly as deployment does
-    (``read_image`` + ``preprocess``) -> ``(uint8 HWC tensor, label)``."""
+    (``read_image`` + ``preprocess``) -> ``(uint8 HWC tensor, label)``, or
+    :class:`Unreadable` for a file that cannot be decoded."""
 
     def __init__(self, samples: list[tuple[str, int]], card: ModelCard):
         self.samples, self.card = samples, card
@@ -127,4 +137,7 @@ class HeldOut(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        return torch.from_numpy(preprocess(read_image(path), self.card)), target
+        image = try_read(path, self.card)
+        if isinstance(image, Unreadable):
+            return image
+        return torch.from_numpy(image), target

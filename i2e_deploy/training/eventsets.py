@@ -143,4 +143,14 @@ class EventFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
+        return read_labelled(path, target)
+
+
+def read_labelled(path: str, target: int):
+    """``(events tensor, target)``, or :class:`Unreadable` for a corrupt sample."""
+    from ..images import Unreadable
+
+    try:
         return torch.from_numpy(read_sample(path)), target
+    except I2EError as exc:
+        return Unreadable(path, str(exc).split(": ", 1)[-1])

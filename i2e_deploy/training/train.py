@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from ..card import ARCHS, ModelCard, default_resolution
 from ..errors import I2EError
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.msresnet import MSResNet, build_model
+from ..images import Readable, skip_unreadable
 from . import data as D
 from . import distributed as dist_util
 from .precision import Precision, resolve_precision
@@ -129,7 +130,7 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> int:
 
 
 @torch.no_grad()
-def evaluate(forward: nn.Module, loader: DataLoader, device: torch.device) -> list[float]:
+def evaluate(forward: nn.Module, loader: Iterable, device: torch.device) -> list[float]:
     """(top-1 correct, top-5 correct, count) on this process's share of the held-out set."""
     forward.eval()
     correct1 = correct5 = total = 0
@@ -325,12 +326,16 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
     wd = cfg.weight_decay if cfg.weight_decay is not None else (2e-4 if style != "imagenet" else 1e-5)
     batch = cfg.batch // ctx.world
     loader_kw: dict[str, Any] = dict(batch_size=batch, num_workers=cfg.workers,
-                     persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
+                                     collate_fn=skip_unreadable,
+                                     persistent_workers=cfg.workers > 0,
+                                     pin_memory=device.type == "cuda")
     sampler: DistributedSampler | None = (DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed,
                                   drop_last=True) if ctx.enabled else None)
     train_loader = DataLoader(data.train, shuffle=sampler is None, sampler=sampler,
                               drop_last=True, **loader_kw)
-    val_loader = DataLoader(data.heldout, shuffle=False, **loader_kw) if data.heldout else None
+    train_batches = Readable(train_loader, cfg.data)
+    val_loader = (Readable(DataLoader(data.heldout, shuffle=False, **loader_kw),
+                           cfg.val_data or cfg.data) if data.heldout else None)
     if len(train_loader) == 0:
         raise I2EError(f"{len(data.train)} training samples are fewer than one batch of "
                        f"{cfg.batch}")
@@ -411,7 +416,7 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
             began, seen = time.time(), 0
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
-            for inputs, targets in train_loader:
+            for inputs, targets in train_batches:
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 labels = targets
@@ -431,10 +436,11 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                     f"{seen * ctx.world / (time.time() - began):.1f} img/s"))
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
+            train_batches.report()  # one warning line about unreadable files, once
             dist_util.average_batchnorm(ctx, model)
             total_loss, total_correct, total_seen = dist_util.sum_across(
                 ctx, [float(loss_sum), int(correct), seen], device)
-            metrics = {"top1": math.nan, "top5": math.nan}
+            metrics: dict[str, float] = {}  # held-out top-1/top-5, when there is a held-out set
             if val_loader is not None:
                 # A contiguous copy: the layout deployment runs (channels_last convolutions
                 # round differently and flip a few spikes), so `val` reproduces this number.
@@ -442,6 +448,7 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                     memory_format=torch.contiguous_format))
                 c1, c5, n = dist_util.sum_across(ctx, evaluate(reference, val_loader, device),
                                                  device)
+                val_loader.report()
                 metrics = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
             seconds = time.time() - began
             train_loss = total_loss / max(total_seen, 1)
@@ -449,25 +456,27 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
             lr = scheduler.get_last_lr()[0]
             if budget is not None:
                 epochs = budget.fit(start_epoch, epoch + 1, seconds)
-            log(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, held-out top1 "
-                f"{metrics['top1']:.2f} top5 {metrics['top5']:.2f} ({seconds:.0f} s)")
+            heldout = (f"held-out top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}"
+                       if metrics else f"train top1 {train_top1:.2f} (no held-out set)")
+            log(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, {heldout} "
+                f"({seconds:.0f} s)")
             # Without held-out data the latest epoch counts as the best.
-            score = metrics["top1"] if val_loader is not None else float(epoch)
+            score = metrics["top1"] if metrics else float(epoch)
             if ctx.main:
                 if writer is not None and log_file is not None:
                     writer.writerow([epoch + 1, f"{train_loss:.4f}", f"{train_top1:.2f}",
-                                     f"{metrics['top1']:.2f}", f"{metrics['top5']:.2f}",
+                                     *(f"{metrics[k]:.2f}" if metrics else ""
+                                       for k in ("top1", "top5")),
                                      f"{lr:.6f}", f"{seconds:.0f}"])
                     log_file.flush()
                 if board:
                     for name, value in (("train/loss", train_loss), ("train/top1", train_top1),
-                                        ("heldout/top1", metrics["top1"]),
-                                        ("heldout/top5", metrics["top5"]), ("lr", lr)):
+                                        *((f"heldout/{k}", v) for k, v in metrics.items()),
+                                        ("lr", lr)):
                         board.add_scalar(name, value, epoch + 1)
                     board.flush()
                 card.provenance.update({"epochs": epochs, "epochs_done": epoch + 1,
-                                        "heldout_top1": metrics["top1"],
-                                        "heldout_top5": metrics["top5"]})
+                                        **{f"heldout_{k}": v for k, v in metrics.items()}})
                 train_state = {"epoch": epoch, "best": max(best, score),
                                "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "config": asdict(cfg),

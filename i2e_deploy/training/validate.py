@@ -14,8 +14,9 @@ import torch
 from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import atomic_output
+from ..images import Readable, skip_unreadable
 from . import data as D
-from .eventsets import EventFolder, is_event_folder, read_sample
+from .eventsets import EventFolder, is_event_folder, read_labelled
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Report:
     model: str = ""
     data: str = ""
     heldout: dict[str, Any] = field(default_factory=dict)  # val_split / seed when a split was used
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out
 
     @property
     def images(self) -> int:
@@ -50,7 +52,8 @@ class Report:
                 "per_class": self.per_class(),
                 "support": dict(zip(self.classes, self.confusion.sum(axis=1).tolist())),
                 "classes": self.classes, "confusion": self.confusion.tolist(),
-                "model": self.model, "data": self.data, **self.heldout}
+                "model": self.model, "data": self.data, "skipped": len(self.skipped),
+                **self.heldout}
 
 
 def _label_map(folder_classes: list[str], card: ModelCard) -> tuple[list[int], list[str]]:
@@ -90,10 +93,10 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
     dataset for event-input models). With ``val_split`` only the part ``train --val-split N
     --seed S`` held out is used; by default the card's own split when ``data`` is the folder
     it was trained on. ``progress(done, total)`` is called after each batch."""
-    from ..runtime.runners import load_runner
+    from ..targets import resolve_runner
 
     data = Path(data)
-    with load_runner(model, device=device) as runner:
+    with resolve_runner(model, device=device) as runner:
         card = runner.card
         if runner.output != "logits":
             raise I2EError(f"{model} outputs {runner.output}, not class scores; validate a "
@@ -126,7 +129,9 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
             heldout = {"val_split": val_split, "seed": seed}
         samples = [(path, label_of[target]) for path, target in samples]
         dataset = _EventSamples(samples) if events else D.HeldOut(samples, card)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
+        loader = Readable(torch.utils.data.DataLoader(dataset, batch_size=batch,
+                                                      num_workers=workers,
+                                                      collate_fn=skip_unreadable), data)
         confusion = np.zeros((card.num_classes, card.num_classes), np.int64)
         top5 = done = 0
         for inputs, targets in loader:
@@ -137,8 +142,10 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
             top5 += int((order == targets[:, None]).any(axis=1).sum())
             done += len(targets)
             if progress:
-                progress(done, len(dataset))
-    return Report(names, confusion, top5, model=str(model), data=str(data), heldout=heldout)
+                progress(done + len(loader.skipped), len(dataset))
+        loader.report()
+    return Report(names, confusion, top5, model=str(model), data=str(data), heldout=heldout,
+                  skipped=[u.path for u in loader.skipped])
 
 
 class _EventSamples(torch.utils.data.Dataset):
@@ -150,13 +157,14 @@ class _EventSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        return torch.from_numpy(read_sample(path)), target
+        return read_labelled(path, target)
 
 
 def report_tables(report: Report, max_matrix: int = 20) -> list:
     """rich tables: per-class accuracy, and the confusion matrix for up to ``max_matrix``
     classes."""
     from rich.table import Table
+    from rich.text import Text
 
     per_class = Table(title="per-class accuracy")
     per_class.add_column("class")
@@ -164,15 +172,15 @@ def report_tables(report: Report, max_matrix: int = 20) -> list:
     per_class.add_column("images", justify="right")
     support = report.confusion.sum(axis=1).tolist()
     for (name, acc), count in zip(report.per_class().items(), support):
-        per_class.add_row(name, "-" if acc is None else f"{acc:.2f}", str(count))
+        per_class.add_row(Text(name), "-" if acc is None else f"{acc:.2f}", str(count))
     if len(report.classes) > max_matrix:
         return [per_class]
     matrix = Table(title="confusion (rows: true, columns: predicted)")
     matrix.add_column("")
     for name in report.classes:
-        matrix.add_column(name[:6], justify="right")
+        matrix.add_column(Text(name[:6]), justify="right")
     for name, row in zip(report.classes, report.confusion.tolist()):
-        matrix.add_row(name, *(str(v) if v else "." for v in row))
+        matrix.add_row(Text(name), *(str(v) if v else "." for v in row))
     return [per_class, matrix]
 
 

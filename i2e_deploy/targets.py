@@ -1,0 +1,352 @@
+"""One path from a model to an artifact, and from a model file to a runner.
+
+``TARGETS`` lists every format x precision x device an export can take, with the INT8
+flavour it uses and the runner that runs it; a combination not in the table is refused in
+one place (:func:`target_for`). :func:`build_artifact` is the only caller of the exporters:
+it exports the FP32 graph, verifies it against the reference model, derives the precision
+and builds the format, optionally through the export cache. :func:`resolve_runner` opens a
+model for ``stream``, ``demo``, ``parity`` and ``benchmark``, exporting a checkpoint into
+the cache when another backend or precision is asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .artifacts import (INT8_FLAVOURS, PRECISIONS, default_output, kind_of, read_card,
+                        read_precision, stem)
+from .card import ModelCard
+from .compare import compare, limits_for
+from .device import parse_device
+from .errors import I2EError
+
+FORMATS = ("onnx", "engine", "triton")
+FP32_VERIFY_COUNT = 32  # inputs the FP32 graph is verified on
+REDUCED_VERIFY_COUNT = 64  # structured random inputs a reduced precision is checked on
+DEFAULT_CALIB_SIZE = 512  # images of --data a reduced precision is checked on
+
+
+@dataclass(frozen=True)
+class Target:
+    format: str  # onnx | engine | triton
+    precision: str  # fp32 | fp16 | int8
+    device: str  # cpu | cuda: where the artifact runs
+    int8_flavour: str | None  # the INT8 graph (artifacts.INT8_FLAVOURS), for int8
+    runner: str | None  # the backend that runs it: onnxruntime | tensorrt; None: Triton serves it
+    suffix: str  # the file's suffix; '' for a folder
+
+
+TARGETS = {(t.format, t.precision, t.device): t for t in [
+    Target("onnx", "fp32", "cpu", None, "onnxruntime", ".onnx"),
+    Target("onnx", "fp16", "cpu", None, "onnxruntime", ".onnx"),
+    Target("onnx", "int8", "cpu", "onnxruntime", "onnxruntime", ".onnx"),
+    Target("onnx", "fp32", "cuda", None, "onnxruntime", ".onnx"),
+    Target("onnx", "fp16", "cuda", None, "onnxruntime", ".onnx"),
+    Target("onnx", "int8", "cuda", "tensorrt", "onnxruntime", ".onnx"),
+    Target("engine", "fp32", "cuda", None, "tensorrt", ".engine"),
+    Target("engine", "fp16", "cuda", None, "tensorrt", ".engine"),
+    Target("engine", "int8", "cuda", "tensorrt", "tensorrt", ".engine"),
+    Target("triton", "fp32", "cpu", None, None, ""),
+    Target("triton", "fp16", "cpu", None, None, ""),
+    Target("triton", "int8", "cpu", "onnxruntime", None, ""),
+    Target("triton", "fp32", "cuda", None, None, ""),
+    Target("triton", "fp16", "cuda", None, None, ""),
+    Target("triton", "int8", "cuda", "tensorrt", None, ""),
+]}
+
+
+def target_for(fmt: str, precision: str, device: str) -> Target:
+    """The table's row for a format, precision and device (``cuda:N`` counts as cuda;
+    engines are built and run on a CUDA GPU, so ``cpu`` means the first GPU for them)."""
+    if fmt not in FORMATS:
+        raise I2EError(f"unknown format {fmt!r}; choose {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise I2EError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    kind = "cuda" if fmt == "engine" else parse_device(device)[0]
+    return TARGETS[(fmt, precision, kind)]
+
+
+def precision_from_flags(int8: bool, half: bool) -> str:
+    """``--int8`` / ``--half`` -> a precision name."""
+    if int8 and half:
+        raise I2EError("choose one of --int8 and --half")
+    return "int8" if int8 else "fp16" if half else "fp32"
+
+
+@dataclass
+class ExportRequest:
+    """Everything ``export`` takes, checked before anything is loaded or written."""
+    checkpoint: str  # a checkpoint file, or 'default'
+    output: str | os.PathLike | None = None  # default: see ``destination``
+    format: str = "onnx"
+    precision: str = "fp32"
+    device: str = "cpu"
+    input_format: str | None = None  # image graphs: uint8 (NHWC) or float (NCHW)
+    converter_only: bool = False
+    batch: int = 1
+    dynamic: bool = True
+    opset: int = 17
+    verify: bool = True
+    data: str | os.PathLike | None = None  # real images for the verification
+    calib_size: int = DEFAULT_CALIB_SIZE
+    tolerances: dict[str, float] = field(default_factory=dict)
+    max_batch: int | None = None  # engine profile's max / Triton's max batch size
+    name: str | None = None  # Triton model name
+    overrides: dict[str, Any] = field(default_factory=dict)  # load_checkpoint's
+
+    def __post_init__(self) -> None:
+        from .assets import resolve_model
+        from .export.onnx import OPSETS
+
+        self.target = target_for(self.format, self.precision, self.device)
+        limits_for(self.precision, self.tolerances)  # a bad tolerance fails here
+        source = resolve_model(self.checkpoint)
+        if not source.is_file():
+            raise I2EError(f"checkpoint not found: {source}")
+        if kind_of(source) != "checkpoint":
+            raise I2EError(f"{source}: export takes a PyTorch checkpoint; an exported graph "
+                           "is built into an engine with `i2e-deploy build`")
+        self.source = source
+        if self.converter_only and (self.format, self.precision) != ("onnx", "fp32"):
+            raise I2EError("--converter-only writes an FP32 ONNX graph; drop --format, "
+                           "--int8 and --half")
+        if self.batch < 1:
+            raise I2EError(f"--batch must be at least 1, got {self.batch}")
+        if self.opset not in OPSETS:
+            raise I2EError(f"--opset {self.opset} is not supported; choose {OPSETS.start}.."
+                           f"{OPSETS.stop - 1} (TensorRT 8.5 / JetPack 5 reads up to 17)")
+        if self.calib_size < 1:
+            raise I2EError(f"--calib-size must be at least 1, got {self.calib_size}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise I2EError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise I2EError(f"--data {self.data} is not a folder; give an image folder "
+                           "(searched recursively) or leave it out to verify on structured "
+                           "random images")
+        if self.output is None and self.format == "triton":
+            raise I2EError("--format triton needs --output REPO (the model repository folder)")
+        if self.output is not None:
+            self.output = Path(self.output)
+            if self.format != "triton":
+                from .export.onnx import check_writable
+
+                check_writable(self.output)
+
+    @property
+    def destination(self) -> Path:
+        """``output``, or by default the checkpoint's name with the target's suffix, next to
+        the checkpoint (in this folder for the bundled model, whose folder may be
+        read-only): ``m.onnx``, ``m.int8.onnx``, ``m.fp16.engine``..."""
+        if self.output is not None:
+            return Path(self.output)
+        here = Path(self.source.name) if self.checkpoint == "default" else self.source
+        tag = "" if self.precision == "fp32" else f".{self.precision}"
+        default = default_output(here, self.converter_only).with_suffix(
+            f"{tag}{self.target.suffix}")
+        from .export.onnx import check_writable
+
+        check_writable(default)
+        return default
+
+    @property
+    def export_options(self) -> dict[str, Any]:
+        return {"input_format": self.input_format, "converter_only": self.converter_only,
+                "batch": self.batch, "dynamic": self.dynamic, "opset": self.opset}
+
+
+def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = None) -> Path:
+    """Export ``request.checkpoint`` to ``request.output`` as ``request.target`` says; returns
+    the file (or Triton model folder) written. The FP32 graph is verified against the
+    reference model (a failure refuses the export, nothing is written); a reduced precision
+    is checked against the FP32 graph (a shortfall is a warning: how far a spiking network's
+    predictions move under rounding is a property of the model)."""
+    from .calibration.half import to_fp16
+    from .calibration.quantize import to_int8
+    from .export.onnx import export_onnx
+    from .fileio import copy_into_place
+    from .model.checkpoint import load_checkpoint
+
+    say = log or (lambda _msg: None)
+    target = request.target
+    output = request.destination
+    model, card = load_checkpoint(request.source, **request.overrides)
+    with tempfile.TemporaryDirectory() as scratch:
+        # The FP32 graph is an intermediate here: keep its warnings, not its "wrote" line.
+        fp32 = export_onnx(model, card, Path(scratch) / "model.onnx",
+                           log=lambda msg: None if msg.startswith("wrote ") else say(msg),
+                           **request.export_options).path
+        if request.verify:
+            verify_graph(fp32, model, card, data=request.data, tolerances=request.tolerances,
+                         log=say)
+        graph = fp32
+        if target.precision == "int8":
+            graph = to_int8(fp32, Path(scratch) / "model.int8.onnx",
+                            flavour=target.int8_flavour or "onnxruntime")
+        elif target.precision == "fp16":
+            graph = to_fp16(fp32, Path(scratch) / "model.fp16.onnx")
+        if graph != fp32 and request.verify:
+            count = request.calib_size if request.data else REDUCED_VERIFY_COUNT
+            verify_reduced(fp32, graph, target.precision, data=request.data, count=count,
+                           tolerances=request.tolerances, log=say)
+        if target.format == "engine":  # TensorRT is needed from here on: graphs checked first
+            from .export.tensorrt import build_engine
+
+            device = request.device if request.device.startswith("cuda") else "cuda"
+            return build_engine(graph, output, precision=target.precision,
+                                max_batch=request.max_batch, device=device)
+        if target.format == "triton":
+            from .export.triton import write_repository
+
+            folder = write_repository(graph, output,
+                                      name=request.name or stem(request.source),
+                                      max_batch_size=request.max_batch,
+                                      instance_kind="KIND_GPU" if target.device == "cuda"
+                                      else "KIND_CPU")
+            say(f"wrote Triton model {folder} ({target.precision})")
+            return folder
+        written = copy_into_place(graph, output)
+        say(f"wrote {written} ({target.precision}, {_graph_note(target)})")
+        return written
+
+
+def _graph_note(target: Target) -> str:
+    if target.int8_flavour:
+        return INT8_FLAVOURS[target.int8_flavour].split(":")[0]
+    return "verified against the checkpoint" if target.precision == "fp32" else "FP32 neurons"
+
+
+def cached_artifact(request: ExportRequest, log: Callable[[str], None] | None = None,
+                    cache: str | os.PathLike | None = None) -> Path:
+    """:func:`build_artifact` once per checkpoint content and options, into the export cache
+    (``$I2E_CACHE``, default ~/.cache/i2e-deploy), shared by stream, demo and benchmark."""
+    from .cache import cache_dir, cached_export
+
+    folder = Path(cache).expanduser() if cache else cache_dir()
+    target = request.target
+    options: dict[str, Any] = {
+        "backend": target.runner, "precision": target.precision, "device": target.device,
+        "verified": request.verify, **request.export_options,
+        **{f"load_{key}": value for key, value in sorted(request.overrides.items())}}
+    if target.format == "engine":  # engines are tied to the TensorRT version and the GPU
+        from .export.tensorrt import cuda_gpu, tensorrt_module
+
+        options.update(tensorrt=tensorrt_module().__version__, gpu=cuda_gpu(request.device).name)
+
+    def build(output: Path) -> None:
+        if log:
+            log(f"exporting {request.source.name} to {target.format} {target.precision} once "
+                f"(cached in {folder})")
+        build_artifact(dataclasses.replace(request, output=output), log=None)
+
+    return cached_export(request.source, target.suffix, build, cache=folder, **options)
+
+
+# --- verification ---------------------------------------------------------------------------
+
+def verify_graph(path: str | os.PathLike, model, card: ModelCard, *,
+                 data: str | os.PathLike | None = None, count: int = FP32_VERIFY_COUNT,
+                 tolerances: dict[str, float] | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compare the graph at ``path`` on ONNX Runtime with the reference ``model`` (FP32
+    limits, ``tolerances`` applied); raise I2EError naming the failing check and the ways
+    out when it is not faithful."""
+    from .images import model_inputs
+    from .runtime.runners import OrtRunner, TorchRunner
+
+    limits = limits_for("fp32", tolerances)
+    inputs, source = model_inputs(card, data, count)
+    with TorchRunner(Path(path), loaded=(model, card)) as reference, \
+            OrtRunner(Path(path)) as candidate:
+        found = compare(reference, candidate, inputs, limits)
+    if log:
+        log(f"verify: {source}: {found.summary()}")
+    if not found.passed:
+        ways = "loosen that limit with --tolerance NAME=VALUE or skip the check with --no-verify"
+        if data is None:
+            ways = ("structured random images put many inputs near a spike threshold: verify "
+                    "on real images with --data DIR, " + ways)
+        raise I2EError(f"export verification failed (ONNX Runtime vs the reference model, "
+                       f"{source}): {found.failure()}; no file written. If the graph is right, "
+                       f"{ways}")
+    return {**found.to_dict(), "source": source}
+
+
+def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, precision: str,
+                   *, data: str | os.PathLike | None = None, count: int = REDUCED_VERIFY_COUNT,
+                   tolerances: dict[str, float] | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compare a reduced-precision graph with its FP32 graph on ONNX Runtime with the limits
+    of ``precision``; falling short is a warning line, not an error (see
+    ``calibration.qat`` for INT8-exact checkpoints)."""
+    from .images import model_inputs
+    from .runtime.runners import OrtRunner
+
+    say = log or (lambda _msg: None)
+    with OrtRunner(Path(reference)) as fp32, OrtRunner(Path(candidate)) as reduced:
+        inputs, source = model_inputs(fp32.card, data, count)
+        found = compare(fp32, reduced, inputs, limits_for(precision, tolerances))
+    say(f"verify {precision} vs FP32: {source}: {found.summary()}")
+    if not found.passed:
+        say(f"warning: {precision} is outside its limits ({found.failure()}): this model's "
+            "spikes are sensitive to the rounding; for INT8, fine-tune an INT8-exact "
+            "checkpoint whose INT8 graph equals its FP32 graph (`i2e-deploy qat CKPT "
+            "TRAIN_IMAGES -o OUT`)")
+    return {**found.to_dict(), "source": source}
+
+
+# --- runners --------------------------------------------------------------------------------
+
+BACKENDS = ("auto", "torch", "onnx", "tensorrt")
+RUN_PRECISIONS = ("auto", *PRECISIONS)
+
+
+def run_precision(card: ModelCard, precision: str, backend: str, device: str) -> str:
+    """The precision a checkpoint runs in on ``backend``: 'auto' picks INT8 for an
+    INT8-exact checkpoint on ONNX Runtime on a CPU (the bundled model is one: the same
+    predictions as FP32, faster), else FP32."""
+    if precision not in RUN_PRECISIONS:
+        raise I2EError(f"unknown precision {precision!r}; choose {', '.join(RUN_PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    exact = card.provenance.get("int8_exact", False)
+    return "int8" if exact and backend == "onnx" and parse_device(device)[0] == "cpu" else "fp32"
+
+
+def resolve_runner(model: str | os.PathLike, *, backend: str = "auto", precision: str = "auto",
+                   device: str = "cpu", threads: int | None = None,
+                   cache: str | os.PathLike | None = None, warmup: int = 1,
+                   log: Callable[[str], None] | None = None, **overrides: Any):
+    """A loaded runner for a model file ('default' = the bundled model). A checkpoint runs on
+    PyTorch, or, with ``backend`` 'onnx' / 'tensorrt', as the graph or engine of the
+    precision asked for, built once into the export cache; an exported graph or engine runs
+    on its own backend. ``overrides`` are ``load_checkpoint``'s."""
+    from .assets import resolve_model
+    from .runtime.runners import load_runner
+
+    if backend not in BACKENDS:
+        raise I2EError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+    path = resolve_model(str(model))
+    if not path.is_file():
+        raise I2EError(f"model file not found: {path}")
+    kind = kind_of(path)
+    own = {"checkpoint": "torch", "onnx": "onnx", "engine": "tensorrt"}[kind]
+    if kind != "checkpoint" and backend not in ("auto", own):
+        raise I2EError(f"{path.name} runs on its own backend ({own}); --backend {backend} "
+                       "needs the checkpoint")
+    if kind != "checkpoint" and precision not in ("auto", read_precision(path)):
+        raise I2EError(f"{path.name} is a {read_precision(path)} file; --precision "
+                       f"{precision} needs the checkpoint")
+    if kind == "checkpoint" and backend in ("onnx", "tensorrt"):
+        card = read_card(path, **overrides)
+        chosen = run_precision(card, precision, backend, device)
+        request = ExportRequest(str(path), format="onnx" if backend == "onnx" else "engine",
+                                precision=chosen, device=device, overrides=overrides)
+        path, overrides = cached_artifact(request, log=log, cache=cache), {}
+    elif kind == "checkpoint" and precision not in ("auto", "fp32"):
+        raise I2EError(f"--precision {precision} runs a checkpoint's {precision} graph: add "
+                       "--backend onnx (CPU or GPU) or --backend tensorrt (GPU)")
+    return load_runner(path, device=device, threads=threads, warmup=warmup, **overrides)
