@@ -34,6 +34,7 @@ from paper_model import paper_msresnet18  # noqa: E402
 
 from i2e_deploy import __version__  # noqa: E402
 from i2e_deploy.card import ModelCard  # noqa: E402
+from i2e_deploy.device import cpu_name  # noqa: E402
 from i2e_deploy.export.onnx import export_onnx  # noqa: E402
 from i2e_deploy.images import synthetic_images  # noqa: E402
 
@@ -87,13 +88,6 @@ def time_round_robin(fns: dict, rounds: int) -> tuple[dict[str, float], dict[str
             times[name].append(time.perf_counter() - start)
     return ({name: statistics.median(v) for name, v in times.items()},
             {name: min(v) for name, v in times.items()})
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def peak_rss(onnx_path: Path, batch: int, size: int) -> int:

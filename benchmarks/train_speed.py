@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +32,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from i2e_deploy import __version__  # noqa: E402
 from i2e_deploy.model import msresnet, neuron  # noqa: E402
 from i2e_deploy.model.msresnet import msresnet18  # noqa: E402
-from i2e_deploy.training.precision import cpu_has_native_bf16, resolve_precision  # noqa: E402
+from i2e_deploy.device import cpu_has_native_bf16, cpu_name  # noqa: E402
+from i2e_deploy.training.precision import resolve_precision  # noqa: E402
 from i2e_deploy.training.train import TrainForward, train_step  # noqa: E402
 from step_lif import step_by_step  # noqa: E402
 
@@ -107,16 +107,6 @@ def where_time_goes(row: Row, steps: int = 2) -> dict[str, float]:
         if event.key in ("MultiStepLIF", "MultiStepLIFBackward"):
             shares["LIF, inclusive"] += event.cpu_time_total / 1e3 / steps
     return shares
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ from .artifacts import PRECISIONS, kind_of, read_card, read_precision
 from .cache import cache_dir
 from .card import ModelCard
 from .compare import judge, limits_for
+from .device import cpu_name
 from .errors import I2EError
 from .version import __version__
 
@@ -366,21 +367,11 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, Any]:
     import onnxruntime
 
     info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "onnxruntime": onnxruntime.__version__, "i2e_deploy": __version__}
     try:
         import torch

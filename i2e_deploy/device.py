@@ -1,7 +1,10 @@
-"""Device names: ``cpu``, ``cuda``, ``cuda:N``."""
+"""Device names (``cpu``, ``cuda``, ``cuda:N``) and what this machine's CPU is."""
 from __future__ import annotations
 
+import platform
 import re
+import sys
+from pathlib import Path
 
 from .errors import I2EError
 
@@ -12,3 +15,26 @@ def parse_device(device: str) -> tuple[str, int]:
     if not match or (match.group(1) == "cpu" and match.group(2)):
         raise I2EError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     return match.group(1), int(match.group(2) or 0)
+
+
+def _cpuinfo() -> str:
+    if not sys.platform.startswith("linux"):
+        return ""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (as benchmarks report it next to their numbers)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on x86 CPUs with AVX512-BF16 or AMX-BF16 (bf16 dot products in hardware)."""
+    flags = _cpuinfo()
+    return "avx512_bf16" in flags or "amx_bf16" in flags

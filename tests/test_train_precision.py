@@ -10,7 +10,8 @@ import torch
 from i2e_deploy.errors import I2EError
 from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.model.msresnet import msresnet18
-from i2e_deploy.training.precision import Precision, cpu_has_native_bf16, resolve_precision
+from i2e_deploy.device import cpu_has_native_bf16
+from i2e_deploy.training.precision import Precision, resolve_precision
 from i2e_deploy.training.train import Budget, CosineSchedule, TrainConfig, run_training
 from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 

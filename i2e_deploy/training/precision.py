@@ -9,27 +9,15 @@ float32 parameters and running statistics, and the master weights and optimizer 
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from ..device import cpu_has_native_bf16
 from ..errors import I2EError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on x86 CPUs with AVX512-BF16 or AMX-BF16 (bf16 dot products in hardware)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _cuda_has_native_bf16(device: torch.device) -> bool:
