@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from i2e_deploy.card import ModelCard
+from i2e_deploy.device import cpu_name
 from i2e_deploy.model.converter import convert, convert_uint8
 from i2e_deploy.images import load_image_folder
 from i2e_deploy.training.convert import convert_folder
@@ -137,7 +138,7 @@ def main() -> None:
 
     paper = next(r for r in rows if r["name"].startswith("paper"))["median"]
     print(f"\nI2E conversion, {len(images)} real CIFAR-10 images at {SIZE}x{SIZE}, ratio {RATIO}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+          f"{cpu_name()}, {os.cpu_count()} cores, torch threads "
           f"{threads}, load average before {load_before[0]:.1f}\n")
     paper_cpu = next(r for r in rows if r["name"].startswith("paper"))["per_cpu_second"]
     print("| path | input -> output | images/s (median) | best | vs paper | "
@@ -150,7 +151,7 @@ def main() -> None:
               f"{r['median'] / paper:.1f}x | {cpu_cells} |")
     result = {"images": len(images), "size": SIZE, "ratio": RATIO, "cores": os.cpu_count(),
               "torch_threads": threads, "load_average_before": load_before[0],
-              "machine": platform.machine(), "rows": rows}
+              "machine": platform.machine(), "cpu": cpu_name(), "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(f".{args.output.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -49,6 +48,7 @@ from i2e_deploy.calibration.half import half_graph
 from i2e_deploy.calibration.lif import rewrite_lif
 from i2e_deploy.calibration.quantize import lower_for_onnxruntime, quantize_qdq
 from i2e_deploy.card import ModelCard
+from i2e_deploy.device import cpu_name
 from i2e_deploy.export.onnx import export_onnx
 from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.model.msresnet import build_model
@@ -255,7 +255,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, card = load_checkpoint(args.model)
-    report = {"machine": f"this {platform.machine()} CPU ({torch.get_num_threads()} threads "
+    report = {"machine": f"{cpu_name()} ({torch.get_num_threads()} threads "
                          "visible, shared with other jobs)",
               "onnxruntime": ort.__version__, "threads": args.threads, "rounds": args.rounds,
               "iters": args.iters, "model": str(args.model.name),

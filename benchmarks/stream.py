@@ -23,6 +23,7 @@ import psutil
 
 from i2e_deploy.assets import DEFAULT_MODEL
 from i2e_deploy.card import CIFAR10_CLASSES, ModelCard
+from i2e_deploy.device import cpu_name
 from i2e_deploy.model.checkpoint import save_checkpoint
 from i2e_deploy.model.msresnet import build_model
 from i2e_deploy.images import preprocess
@@ -135,7 +136,7 @@ def main() -> None:
 
     load_end = os.getloadavg()[0]
     print(f"\nStream benchmark: {label}, source {Path(source).name}, "
-          f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+          f"{cpu_name()}, {psutil.cpu_count()} CPUs, "
           f"load average {load_start:.1f} -> {load_end:.1f}\n")
     print(f"Inference alone: {infer_ms:.1f} ms/frame = {1e3 / infer_ms:.1f} FPS\n")
     print("| output | FPS | latency p50 / p99 ms | capture | preprocess | infer | overlay | sink "
@@ -157,7 +158,7 @@ def main() -> None:
           "network.")
 
     write_json_atomic(args.json, {
-        "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_name(), "cpus": psutil.cpu_count(), "platform": platform.platform(),
                     "load_average_start": round(load_start, 2),
                     "load_average_end": round(load_end, 2)},
         "model": label, "source": Path(source).name, "notes": notes,

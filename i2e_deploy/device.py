@@ -17,6 +17,16 @@ def parse_device(device: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2) or 0)
 
 
+def torch_device(device: str):
+    """A ``torch.device`` PyTorch can use here, or one line saying why not."""
+    import torch
+
+    kind, index = parse_device(device)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise I2EError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
+
+
 def _cpuinfo() -> str:
     if not sys.platform.startswith("linux"):
         return ""

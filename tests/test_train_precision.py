@@ -98,3 +98,21 @@ def test_bf16_training_tracks_fp32(tmp_path):
         assert curve[-1] < 0.9 * curve[0], losses  # both learn
     for fp32, bf16 in zip(losses["fp32"], losses["bf16"]):
         assert math.isclose(fp32, bf16, rel_tol=0.15), losses
+
+
+@pytest.mark.parametrize("minutes", [0.0, -1.0])
+def test_time_budget_must_be_positive(tmp_path, minutes):
+    with pytest.raises(I2EError, match="--time must be a positive"):
+        run_training(config(tmp_path, tmp_path / "run", time_budget=minutes))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_without_a_gpu_is_one_clear_error(tmp_path):
+    from i2e_deploy.calibration.qat import finetune_int8
+
+    with pytest.raises(I2EError, match="CUDA is not available"):
+        finetune_int8("default", tmp_path, tmp_path / "out.pt", device="cuda")
+    with pytest.raises(I2EError, match="CUDA is not available"):
+        run_training(config(tmp_path, tmp_path / "run", device="cuda"))
+    assert not (tmp_path / "out.pt").exists()

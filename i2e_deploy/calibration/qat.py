@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..device import torch_device
 from ..errors import I2EError
 from ..model.checkpoint import QMAX, load_checkpoint, save_checkpoint
 from ..model.msresnet import MSResNet
@@ -121,7 +122,7 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     if steps < 1 or batch < 1:
         raise I2EError("--steps and --batch must be at least 1")
     torch.manual_seed(seed)
-    run_on = torch.device(device)
+    run_on = torch_device(device)
     teacher, card = load_checkpoint(checkpoint)
     student, _ = load_checkpoint(checkpoint)
     teacher.to(run_on)

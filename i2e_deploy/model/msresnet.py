@@ -34,16 +34,16 @@ class Conv2d(nn.Conv2d):
 def _live_taps(size, conv: nn.Conv2d):
     """Per spatial axis ``(first tap, end tap, new padding)`` when some taps only ever read
     padding (and cropping keeps the output size), else None."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if (conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+            or conv.dilation != (1, 1)):
         return None
     axes = []
-    for n, k, s, p, d in zip(size, conv.kernel_size, conv.stride, conv.padding,
-                             conv.dilation):
-        out = (n + 2 * p - d * (k - 1) - 1) // s + 1
-        live = [j for j in range(k) if any(0 <= i * s - p + j * d < n for i in range(out))]
+    for n, k, s, p in zip(size, conv.kernel_size, conv.stride, conv.padding):
+        out = (n + 2 * p - k) // s + 1
+        live = [j for j in range(k) if any(0 <= i * s - p + j < n for i in range(out))]
         first, last = live[0], live[-1]
         padding, kernel = p - first, last - first + 1
-        if d != 1 or padding < 0 or (n + 2 * padding - kernel) // s + 1 != out:
+        if padding < 0 or (n + 2 * padding - kernel) // s + 1 != out:
             return None
         axes.append((first, last + 1, padding))
     if all(a == (0, k, p) for a, k, p in zip(axes, conv.kernel_size, conv.padding)):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import I2EError
+from ..device import torch_device
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,9 @@ def setup(device: str) -> tuple[Context, torch.device]:
     process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Context(), _device(device)
+        return Context(), torch_device(device)
     ctx = Context(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    target = _device(device)
+    target = torch_device(device)
     if target.type == "cuda":
         target = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(target)
@@ -49,15 +49,6 @@ def teardown(ctx: Context) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise I2EError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise I2EError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
 
 
 def sum_across(ctx: Context, values: list[float], device: torch.device) -> list[float]:

@@ -16,7 +16,7 @@ import torch
 from ..device import cpu_has_native_bf16
 from ..errors import I2EError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,13 +47,14 @@ class Precision:
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """``auto`` -> bf16 on hardware with native bf16 (CPUs with AVX512-BF16/AMX, GPUs from
     Ampere on), fp16 on older CUDA GPUs, else fp32."""
-    if name not in PRECISIONS:
-        raise I2EError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+    if name not in TRAINING_PRECISIONS:
+        raise I2EError(f"unknown precision {name!r}; choose one of "
+                       f"{', '.join(TRAINING_PRECISIONS)}")
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if _cuda_has_native_bf16(device) else "fp16"
         else:
-            name = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+            name = "bf16" if cpu_has_native_bf16() else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise I2EError("--precision fp16 trains on CUDA GPUs only; use bf16 or fp32 on a CPU")
     return Precision(name, device.type)

@@ -306,6 +306,8 @@ def run_training(cfg: TrainConfig, log=print, console=None) -> TrainResult:
         raise I2EError(f"unknown recipe {cfg.recipe!r}; choose one of {', '.join(RECIPES)}")
     if cfg.arch not in ARCHS:
         raise I2EError(f"unknown arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    if cfg.time_budget is not None and not cfg.time_budget > 0:
+        raise I2EError(f"--time must be a positive number of minutes, got {cfg.time_budget:g}")
     if cfg.recipe == "transfer" and not cfg.from_checkpoint:
         raise I2EError("--recipe transfer needs --from CHECKPOINT")
     ctx, device = dist_util.setup(cfg.device)
@@ -329,8 +331,9 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                                      collate_fn=skip_unreadable,
                                      persistent_workers=cfg.workers > 0,
                                      pin_memory=device.type == "cuda")
-    sampler: DistributedSampler | None = (DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed,
-                                  drop_last=True) if ctx.enabled else None)
+    sampler: DistributedSampler | None = (
+        DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed,
+                           drop_last=True) if ctx.enabled else None)
     train_loader = DataLoader(data.train, shuffle=sampler is None, sampler=sampler,
                               drop_last=True, **loader_kw)
     train_batches = Readable(train_loader, cfg.data)
@@ -356,8 +359,7 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     precision = resolve_precision(cfg.precision, device)
-    amp = precision.scaled
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     log(f"training in {precision.name} on {device}")
     mixer = _mixer(card.num_classes) if cfg.mixup else None
 
@@ -375,7 +377,7 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         scheduler.load_state_dict(state["train_state"]["scheduler"])
         schedule.total = state["train_state"].get("total_steps", schedule.total)
-        if amp and "scaler" in state["train_state"]:
+        if precision.scaled and "scaler" in state["train_state"]:
             scaler.load_state_dict(state["train_state"]["scaler"])
         start_epoch, best = state["train_state"]["epoch"] + 1, state["train_state"]["best"]
         step = scheduler.last_epoch
@@ -454,8 +456,9 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
             train_loss = total_loss / max(total_seen, 1)
             train_top1 = 100 * total_correct / max(total_seen, 1)
             lr = scheduler.get_last_lr()[0]
-            if budget is not None:
-                epochs = budget.fit(start_epoch, epoch + 1, seconds)
+            if budget is not None:  # every process decides on the same (mean) epoch time
+                pace = dist_util.sum_across(ctx, [seconds], device)[0] / ctx.world
+                epochs = budget.fit(start_epoch, epoch + 1, pace)
             heldout = (f"held-out top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}"
                        if metrics else f"train top1 {train_top1:.2f} (no held-out set)")
             log(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, {heldout} "
@@ -482,7 +485,7 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                                "scheduler": scheduler.state_dict(), "config": asdict(cfg),
                                "total_steps": schedule.total,
                                "rng": torch.get_rng_state()}
-                if amp:
+                if precision.scaled:
                     train_state["scaler"] = scaler.state_dict()
                 save_checkpoint(last_path, model, card, extra={"train_state": train_state})
                 if score > best:
