@@ -32,7 +32,7 @@ from i2e_deploy.runtime.sources import open_source
 from i2e_deploy.cache import cache_dir
 from i2e_deploy.runtime.classify import Classifier
 from i2e_deploy.runtime.loop import Stream
-from i2e_deploy.runtime.stream import write_json_atomic
+from i2e_deploy.apps.stream import write_json_atomic
 from i2e_deploy.targets import resolve_runner
 
 REPO = Path(__file__).resolve().parents[1]

@@ -166,7 +166,7 @@ def parity_cmd(model_a: str = typer.Argument(..., help="reference: checkpoint, .
                json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here")):
     """Check that model B predicts what model A predicts (exit 0 pass, 1 fail, 2 bad input)."""
     from .compare import parse_tolerances
-    from .parity import render, run_parity, write_json
+    from .apps.parity import render, run_parity, write_json
     report = run_parity(model_a, model_b, data=data, random=random, limit=limit,
                         precision=precision, tolerances=parse_tolerances(tolerance or ()),
                         device=device, threads=threads, batch_size=batch)
@@ -217,7 +217,7 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
            events: Optional[bool] = EventsOpt):
     """Classify a camera, video, stream or event recording live, with the event view."""
-    from .runtime.stream import run_stream
+    from .apps.stream import run_stream
     overrides = model_overrides(arch, classes, ratio, imgsz, events)
     stats = run_stream(model, source, output, max_frames=max_frames, topk=topk, backend=backend,
                        precision=precision, device=device, threads=threads,
@@ -245,7 +245,7 @@ def demo(model: str = typer.Option("default", "--model", help="model file or 'de
          max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after N frames"),
          stats_json: Optional[Path] = typer.Option(None, "--json", help="write stream statistics here")):
     """Zero-argument demo: the bundled model watching bundled real photos, with its events."""
-    from .runtime.stream import run_demo
+    from .apps.stream import run_demo
     stats, outputs = run_demo(model=model, output=output or None, backend=backend,
                               precision=precision, device=device, threads=threads, max_frames=max_frames,
                               stats_json=str(stats_json) if stats_json else None,
@@ -274,8 +274,8 @@ def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .eng
                   markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="write the table here")):
     """Latency, throughput, memory, accuracy and parity of every backend x precision here."""
     from .artifacts import PRECISIONS
-    from .benchmark import markdown, run_benchmark
-    from .parity import write_json, write_text
+    from .apps.benchmark import markdown, run_benchmark
+    from .apps.parity import write_json, write_text
     report = run_benchmark(model, data=str(data) if data else None, limit=limit, iters=iters,
                            warmup=warmup, batch=batch, device=device, threads=threads,
                            cache=str(cache) if cache else None,
@@ -328,7 +328,7 @@ def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or
             plot: Optional[Path] = typer.Option(None, "--plot", help="save the confusion matrix as PNG")):
     """Top-1/top-5, per-class accuracy and confusion matrix of a model on a labelled folder."""
     from rich.progress import Progress
-    from .training.validate import plot_confusion, report_tables, validate, write_json
+    from .apps.validate import plot_confusion, report_tables, validate, write_json
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("validating", total=None)
         report = validate(model, data, device=device, batch=batch, workers=workers,

@@ -6,7 +6,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from i2e_deploy.benchmark import plan_rows
+from i2e_deploy.apps.benchmark import plan_rows
 from i2e_deploy.cache import cache_key
 from i2e_deploy.cli import app
 from i2e_deploy.export.tensorrt import tensorrt_unavailable
@@ -85,7 +85,7 @@ def test_bad_input_exits_2(ckpt, tmp_path):
 def test_workers_take_turns_and_failures_become_row_notes(ckpt, tmp_path):
     import numpy as np
 
-    from i2e_deploy.benchmark import Row, _measure
+    from i2e_deploy.apps.benchmark import Row, _measure
     from i2e_deploy.card import ModelCard
     from i2e_deploy.images import synthetic_images
 
@@ -109,7 +109,7 @@ def test_bundled_model_accuracy_and_parity_on_heldout_images(tmp_path):
     measures on them (independent code paths), and its INT8 graph, INT8-exact, changes no
     decisive prediction."""
     from i2e_deploy.assets import DEFAULT_MODEL
-    from i2e_deploy.training.validate import validate
+    from i2e_deploy.apps.validate import validate
     from runtime_models import heldout_cifar
 
     if not DEFAULT_MODEL.is_file():

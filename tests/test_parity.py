@@ -11,7 +11,7 @@ from i2e_deploy.cli import app
 from i2e_deploy.compare import (LIMITS, judge, limits_for, logit_metrics, lower_precision,
                                 parse_tolerances)
 from i2e_deploy.errors import I2EError
-from i2e_deploy.parity import run_parity
+from i2e_deploy.apps.parity import run_parity
 from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from runtime_models import corrupt, shared_cifar, shared_model
 

@@ -19,7 +19,7 @@ from i2e_deploy.runtime.sinks import NullSink, open_sink
 from i2e_deploy.runtime.sources import open_source
 from i2e_deploy.runtime.classify import Classifier
 from i2e_deploy.runtime.loop import Ring, Stream
-from i2e_deploy.runtime.stream import run_demo, run_stream
+from i2e_deploy.apps.stream import run_demo, run_stream
 
 from stream_fixtures import BIKES, make_checkpoint, read_video, synthetic_frames, write_video
 

@@ -14,7 +14,7 @@ from i2e_deploy.runtime.sinks import NullSink
 from i2e_deploy.runtime.sources import DemoSource, open_source
 from i2e_deploy.runtime.classify import Classifier
 from i2e_deploy.runtime.loop import Stream
-from i2e_deploy.runtime.stream import run_stream
+from i2e_deploy.apps.stream import run_stream
 
 from stream_fixtures import (DVS, FileServer, MjpegServer, make_checkpoint, synthetic_frames,
                              write_video)

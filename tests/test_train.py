@@ -17,7 +17,7 @@ from i2e_deploy.model.msresnet import build_model
 from i2e_deploy.images import load_labelled_folder
 from i2e_deploy.training.convert import convert_folder
 from i2e_deploy.training.train import TrainConfig, build_card, run_training, train
-from i2e_deploy.training.validate import validate
+from i2e_deploy.apps.validate import validate
 from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 
 SIZE, RATIO = 32, 0.2

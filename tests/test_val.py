@@ -17,7 +17,7 @@ from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
 from i2e_deploy.images import load_labelled_folder
 from i2e_deploy.runtime.runners import load_runner
 from i2e_deploy.training import data as D
-from i2e_deploy.training.validate import validate
+from i2e_deploy.apps.validate import validate
 from runtime_models import save_active
 from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 

@@ -11,12 +11,12 @@ from ..assets import resolve_model
 from ..errors import I2EError
 from ..fileio import atomic_output
 from ..targets import resolve_runner
-from .classify import Classifier
-from .frames import Source
-from .loop import Stream, StreamStats
-from .runners import Runner
-from .sinks import open_sinks
-from .sources import open_source
+from ..runtime.classify import Classifier
+from ..runtime.frames import Source
+from ..runtime.loop import Stream, StreamStats
+from ..runtime.runners import Runner
+from ..runtime.sinks import open_sinks
+from ..runtime.sources import open_source
 
 
 def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: list[str], *,
@@ -81,8 +81,8 @@ def run_demo(*, model: str = "default", output: list[str] | None = None,
     ``backend='auto'`` runs a PyTorch checkpoint on ONNX Runtime on a CPU (exported once into
     the cache, INT8 for an INT8-exact checkpoint: several times faster), and on PyTorch if
     that export fails."""
-    from .sinks import DisplaySink, screen_available
-    from .sources import DemoSource
+    from ..runtime.sinks import DisplaySink, screen_available
+    from ..runtime.sources import DemoSource
 
     runner: Runner | None = None
     if backend == "auto" and kind_of(resolve_model(model)) == "checkpoint" and device == "cpu":

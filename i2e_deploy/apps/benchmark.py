@@ -38,13 +38,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .artifacts import PRECISIONS, kind_of, read_card, read_precision
-from .cache import cache_dir
-from .card import ModelCard
-from .compare import judge, limits_for
-from .device import cpu_name
-from .errors import I2EError
-from .version import __version__
+from ..artifacts import PRECISIONS, kind_of, read_card, read_precision
+from ..cache import cache_dir
+from ..card import ModelCard
+from ..compare import judge, limits_for
+from ..device import cpu_name
+from ..errors import I2EError
+from ..version import __version__
 
 SYNTHETIC_COUNT = 32
 ROUNDS = 10
@@ -101,7 +101,7 @@ def plan_rows(model: Path, cache: Path, device: str,
     """The rows for a model file: what runs, what must be exported first (through
     :func:`i2e_deploy.targets.cached_artifact`), what cannot run. ``precisions`` filters the
     exported rows; the PyTorch reference always runs."""
-    from .export.tensorrt import tensorrt_unavailable
+    from ..export.tensorrt import tensorrt_unavailable
 
     _check_precisions(precisions)
     kind = kind_of(model)
@@ -126,7 +126,7 @@ def _exported_row(backend: str, fmt: str, checkpoint: Path, precision: str, devi
                   cache: Path) -> Row:
     """Export (or reuse) the artifact of a row, unverified (the benchmark measures parity
     itself), or say why it failed: one backend failing must not take the table down."""
-    from .targets import ExportRequest, cached_artifact
+    from ..targets import ExportRequest, cached_artifact
 
     try:
         request = ExportRequest(str(checkpoint), format=fmt, precision=precision,
@@ -155,12 +155,12 @@ def _load_inputs(card: ModelCard, data: str | None, limit: int
         shape = (SYNTHETIC_COUNT, card.T, 2, card.imgsz, card.imgsz)
         return (rng.random(shape) < 0.1).astype(np.float32), None, {"source": "random events"}
     if data is not None:
-        from .images import load_labelled_folder
+        from ..images import load_labelled_folder
 
         loaded, labels, _ = load_labelled_folder(data, card, limit)
         return loaded.images, labels, {"source": str(data), "count": len(labels),
                                        "skipped": len(loaded.skipped)}
-    from .images import synthetic_images
+    from ..images import synthetic_images
 
     return (synthetic_images(SYNTHETIC_COUNT, card), None,
             {"source": "structured random images", "count": SYNTHETIC_COUNT})
@@ -172,7 +172,7 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
                   precisions: tuple[str, ...] = PRECISIONS,
                   log: Callable[[str], None] = lambda msg: None) -> BenchmarkReport:
     """Benchmark every backend x precision available for ``model`` (see the module doc)."""
-    from .assets import resolve_model
+    from ..assets import resolve_model
 
     for name, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0),
                                ("--batch", batch, 1), ("--limit", limit, 1)):
@@ -249,7 +249,7 @@ class _Worker:
 
     def __init__(self, spec: dict[str, Any], tmp: Path):
         self._stderr = tempfile.TemporaryFile(mode="w+", dir=tmp)  # a pipe could fill and block
-        self._proc = subprocess.Popen([sys.executable, "-m", "i2e_deploy.benchmark"],
+        self._proc = subprocess.Popen([sys.executable, "-m", "i2e_deploy.apps.benchmark"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._stderr, text=True)
         requests, answers = self._proc.stdin, self._proc.stdout
@@ -294,7 +294,7 @@ class _Session:
         import psutil
         import torch  # noqa: F401
 
-        from .runtime.runners import load_runner
+        from ..runtime.runners import load_runner
 
         self.inputs = np.load(spec["inputs"])
         self.batch, self.iters = spec["batch"], spec["iters"]

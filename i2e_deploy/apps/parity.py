@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from .compare import Comparison, compare, limits_for, lower_precision
-from .errors import I2EError
-from .fileio import atomic_output
-from .images import load_image_folder, synthetic_images
-from .runtime.runners import Runner
-from .targets import resolve_runner
+from ..compare import Comparison, compare, limits_for, lower_precision
+from ..errors import I2EError
+from ..fileio import atomic_output
+from ..images import load_image_folder, synthetic_images
+from ..runtime.runners import Runner
+from ..targets import resolve_runner
 
 DEFAULT_LIMIT = 100
 DEFAULT_RANDOM = 32

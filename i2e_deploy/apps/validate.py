@@ -15,8 +15,8 @@ from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import atomic_output
 from ..images import Readable, skip_unreadable
-from . import data as D
-from .eventsets import EventFolder, is_event_folder, read_labelled
+from ..training import data as D
+from ..training.eventsets import EventFolder, is_event_folder, read_labelled
 
 
 @dataclass
