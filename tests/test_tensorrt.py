@@ -310,6 +310,47 @@ def _network(layers):
     return SimpleNamespace(num_layers=len(layers), get_layer=list(layers.values()).__getitem__)
 
 
+@pytest.mark.parametrize("model", ["onnx", "float.onnx"])
+def test_implicit_calibration_feeds_every_batch_as_float32(tmp_path, monkeypatch, model):
+    """Polygraphy's Calibrator on the CPU, up to the copy to the GPU (``get_batch`` with no
+    input names): each batch passes the input check TensorRT's calibration needs (float32 for
+    non-index inputs, 0-255 pixels for the uint8 NHWC graph) and every batch arrives. The
+    calibrator used to be fed ``iter(next_batch, None)`` (a ValueError on the first batch),
+    then uint8 batches, which ``get_batch`` rejected silently: zero batches calibrated."""
+    from polygraphy.backend.trt import Calibrator
+    from polygraphy.common import TensorMetadata
+    from polygraphy.datatype import DataType
+
+    import i2e_deploy.calibration.data  # noqa: F401  (before the stand-in below)
+    from i2e_deploy.export.tensorrt import _calibrator
+
+    request = BuildRequest(shared_model(model), tmp_path / "m.engine", precision="int8",
+                           int8_mode="entropy", opt_batch=4, calib_size=10)
+    if HAS_TENSORRT:
+        pytest.skip("TensorRT is installed here: its calibrator base classes need a GPU")
+    # A stand-in for TensorRT's calibrator base classes (the Calibrator compares ours with
+    # each of them).
+    trt = SimpleNamespace(__version__="10.3.0", **{name: type(name, (), {}) for name in (
+        "IInt8EntropyCalibrator2", "IInt8MinMaxCalibrator", "IInt8LegacyCalibrator",
+        "IInt8Calibrator")})
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    calibrator = _calibrator(request, trt, "entropy")
+    assert calibrator.make_func is Calibrator
+    graph_input = request.graph.io["inputs"][0]
+    # What Polygraphy's CreateConfig hands the calibrator: the network input at the opt shape.
+    calibrator.set_input_metadata(TensorMetadata().add(
+        graph_input["name"], DataType.from_dtype(np.dtype(graph_input["dtype"])),
+        request.profile["opt"]))
+    batches = []
+    while (ptrs := calibrator.get_batch([])) is not None:
+        batches.append(calibrator.data_loader[len(batches)][graph_input["name"]])
+    assert len(batches) == 2  # 10 images in batches of 4: the partial batch is dropped
+    assert all(b.dtype == np.float32 and list(b.shape) == request.profile["opt"]
+               for b in batches)
+    if graph_input["dtype"] == "uint8":  # the pixels as they are, not scaled to [0, 1]
+        assert max(b.max() for b in batches) > 1 and all(b.max() <= 255 for b in batches)
+
+
 def test_dla_core_selection_and_layer_report():
     from i2e_deploy.export.tensorrt import _use_dla_core
 

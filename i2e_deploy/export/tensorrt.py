@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from ..version import __version__
 from ..artifacts import (FLAVOUR_KEY, PRECISION_KEY, PRECISIONS, engine_sidecar_path,
                          metadata_of, onnx_card)
@@ -511,17 +513,21 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
 
 def _calibrator(request: BuildRequest, trt, kind: str):
     """Polygraphy's INT8 calibrator (entropy or min-max) over the calibration images, in
-    batches of the profile's opt batch (TensorRT calibrates at the opt shape)."""
+    batches of the profile's opt batch (TensorRT calibrates at the opt shape).
+
+    Every batch is float32: TensorRT calibrates non-index inputs in float32, and Polygraphy's
+    Calibrator (>= 0.49.10) rejects any other type inside ``get_batch``, which hides the error
+    and hands TensorRT no batch at all. The uint8 graph gets its 0-255 pixels as float32."""
     from polygraphy.backend.trt import Calibrator
 
     from ..calibration.data import CalibrationBatches, load_calibration_images, to_graph_input
 
     graph_input = request.graph.io["inputs"][0]
     images = load_calibration_images(request.calib_data, request.graph.card, request.calib_size)
-    batches = CalibrationBatches(
-        to_graph_input(images, "uint8" if graph_input["dtype"] == "uint8" else "float"),
-        request.profile["opt"][0])
-    feed = [{graph_input["name"]: batch} for batch in iter(batches.next_batch, None)]
+    samples = to_graph_input(images, "uint8" if graph_input["dtype"] == "uint8" else "float")
+    batches = CalibrationBatches(samples.astype(np.float32, copy=False),
+                                 request.profile["opt"][0])
+    feed = [{graph_input["name"]: batches.next_batch()} for _ in range(len(batches))]
     base = {"entropy": trt.IInt8EntropyCalibrator2, "minmax": trt.IInt8MinMaxCalibrator}
     return Calibrator(feed, cache=str(request.calib_cache), BaseClass=base[kind])
 
