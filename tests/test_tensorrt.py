@@ -476,6 +476,32 @@ def test_build_cli_without_tensorrt_is_one_line():
     assert tensorrt_unavailable() == "TensorRT is not installed"
 
 
+def test_install_hints_name_the_extras_requirements(monkeypatch):
+    """Every pip command an error recommends installs what pyproject's extras pin (one CUDA
+    major version throughout); on a Jetson, TensorRT comes from JetPack, never pip."""
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    from i2e_deploy.export import tensorrt as trt_module
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    monkeypatch.setattr(trt_module, "on_jetson", lambda: False)
+    hint = trt_module.install_hint("tensorrt")
+    commands = re.findall(r"`pip install ([^`]*)`", hint)
+    assert len(commands) == 2
+    for command, extra in zip(commands, ("tensorrt-cu12", "tensorrt-cu13")):
+        tokens = [token.strip("'") for token in command.split()]
+        assert tokens[0] == extra and tokens[1:] == extras[extra][1:], (command, extra)
+        assert extras[extra][0].startswith(extra + ">=")
+    monkeypatch.setattr(trt_module, "on_jetson", lambda: True)
+    hint = trt_module.install_hint("tensorrt")
+    assert "JetPack" in hint and "pip" not in hint
+    jetson = [extras["jetson-cu12"][1], extras["jetson-cu13"][1]]  # cuda-python per JetPack
+    assert [command.strip("'") for command in re.findall(
+        r"`pip install ([^`]*)`", trt_module.install_hint("cuda-python"))] == jetson
+
+
 @pytest.fixture
 def tensorrt_present(monkeypatch):
     """A stand-in ``tensorrt`` module where none is installed: the build then runs to the

@@ -429,20 +429,44 @@ def write_engine(engine_path: str | os.PathLike, engine: bytes, sidecar: dict) -
 
 # --- the machine: TensorRT, Polygraphy, the CUDA device -----------------------------------
 
+def on_jetson() -> bool:
+    """A Jetson (L4T writes this file): TensorRT comes with JetPack there, not from pip."""
+    return Path("/etc/nv_tegra_release").is_file()
+
+
+# What installs each piece on the target (every extra of pyproject.toml names the same).
+_PIP_CUDA = ("`pip install {trt}'polygraphy>=0.53' 'cuda-python>=12.6.1,<13'` on a CUDA 12 "
+             "driver, or `pip install {trt13}'polygraphy>=0.53' 'cuda-python>=13,<14'` on a "
+             "CUDA 13 (R580+) driver")
+_JETPACK = ("TensorRT's Python bindings come with JetPack (`sudo apt install nvidia-jetpack`; "
+            "use the system Python or a venv made with --system-site-packages)")
+
+
+def install_hint(what: str) -> str:
+    """How to install ``what`` ('tensorrt', 'polygraphy' or 'cuda-python') here."""
+    if what == "tensorrt":
+        return _JETPACK if on_jetson() else _PIP_CUDA.format(trt="tensorrt-cu12 ",
+                                                             trt13="tensorrt-cu13 ")
+    if what == "polygraphy":
+        return "`pip install 'polygraphy>=0.53'`"
+    if on_jetson():  # JetPack 6 runs CUDA 12, JetPack 7 CUDA 13
+        return ("`pip install 'cuda-python>=12.6.1,<13'` on JetPack 6, "
+                "`pip install 'cuda-python>=13,<14'` on JetPack 7")
+    return _PIP_CUDA.format(trt="", trt13="")
+
+
 def tensorrt_module():
     """``import tensorrt`` (and check Polygraphy is there), or the one-line error saying
-    where to build instead."""
+    how to install them here."""
     try:
         import tensorrt
     except ImportError:
-        raise I2EError("TensorRT is not installed; install it on the target (`pip install "
-                       "'i2e-deploy[tensorrt]'`, or JetPack on Jetson) and run `i2e-deploy "
-                       "build` there") from None
+        raise I2EError(f"TensorRT is not installed; on the target: {install_hint('tensorrt')}, "
+                       "then run `i2e-deploy build` there") from None
     try:
         import polygraphy  # noqa: F401
     except ImportError:
-        raise I2EError("Polygraphy is not installed; `pip install polygraphy` (JetPack ships "
-                       "it too)") from None
+        raise I2EError(f"Polygraphy is not installed; {install_hint('polygraphy')}") from None
     return tensorrt
 
 
@@ -460,8 +484,8 @@ def cuda_gpu(device: str = "cuda") -> Gpu:
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        raise I2EError("cuda-python is not installed; `pip install cuda-python` (the "
-                       "tensorrt extra installs it)") from None
+        raise I2EError("cuda-python (with cuda.bindings, 12.6.1 or newer) is not installed; "
+                       f"{install_hint('cuda-python')}") from None
     error, count = cudart.cudaGetDeviceCount()
     if error != cudart.cudaError_t.cudaSuccess or not count:
         raise I2EError(f"no CUDA GPU is visible here ({error.name}); TensorRT engines need an "
