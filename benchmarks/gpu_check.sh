@@ -10,6 +10,7 @@
 # (parity exit 1) and a faithful one passes. Each step is appended to the results file as one
 # JSON line the moment it ends (a timeout loses nothing): step, command, expected and actual
 # exit code, seconds, the output's last lines. Stream FPS goes to its own JSON files.
+# GPU_CHECK_DATA=DIR (a labelled image folder) adds benchmarks/gpu_check.py's comparison.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 MODE=gpu
@@ -118,6 +119,9 @@ if [ "$MODE" = gpu ]; then
     step 15 0 "TensorRT: info reads the engine and its sidecar" "${I2E[@]}" info "$ENGINE"
   else
     echo "== TensorRT: tensorrt, polygraphy or cuda-python not installed; skipped"
+  fi
+  if [ -n "${GPU_CHECK_DATA:-}" ]; then  # a labelled image folder (DIR/<class>/*.png)
+    step 120 0 "eager / compiled CUDA PyTorch vs the CPU reference" "$PY" benchmarks/gpu_check.py --model $MODEL --data "$GPU_CHECK_DATA" --onnx "$ONNX" --limit 500 --compile --json "$RESULTS/gpu_check.json"
   fi
 fi
 # The fastest verified runner here, with the reason on its first line.
