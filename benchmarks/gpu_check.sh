@@ -6,10 +6,11 @@
 # Needs no network and no ../shared: the bundled model, its sample images and the demo clip.
 # Runs what the machine has: PyTorch CUDA graphs (stream --backend torch), --backend auto,
 # ONNX Runtime's GPU providers where onnxruntime-gpu is installed, TensorRT engines where
-# tensorrt + polygraphy + cuda-python import; checks that a corrupted graph is refused
-# (parity exit 1) and a faithful one passes. Each step is appended to the results file as one
-# JSON line the moment it ends (a timeout loses nothing): step, command, expected and actual
-# exit code, seconds, the output's last lines. Stream FPS goes to its own JSON files.
+# tensorrt + polygraphy + cuda-python import; checks that a corrupted graph, and an engine
+# built from it, are refused (parity exit 1) and faithful ones pass. Each step is appended to
+# the results file as one JSON line the moment it ends (a timeout loses nothing): step,
+# command, expected and actual exit code, seconds, the output's last lines. Stream FPS goes to
+# its own JSON files.
 # GPU_CHECK_DATA=DIR (a labelled image folder) adds benchmarks/gpu_check.py's comparison.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -95,28 +96,31 @@ print('LD_LIBRARY_PATH additions:', '$WHEEL_LIBS' or 'none')
 MODEL=default
 ONNX=$WORK/model.onnx
 BAD=$WORK/corrupt.onnx
-step 120 0 "export the bundled model to ONNX (verified)" "${I2E[@]}" export $MODEL -o "$ONNX"
+step 90 0 "export the bundled model to ONNX (verified)" "${I2E[@]}" export $MODEL -o "$ONNX"
 step 20 0 "corrupt the stem conv's weight (x1.5)" "$PY" -c "
 import sys; sys.path.insert(0, 'tests')
 from runtime_models import corrupt
 corrupt(sys.argv[1], sys.argv[2], 'Conv', 0, 1.5)  # the stem conv" "$ONNX" "$BAD"
 step 15 0 "info reads the ONNX graph" "${I2E[@]}" info "$ONNX"
-step 60 0 "parity: faithful graph on $DEVICE" "${I2E[@]}" parity $MODEL "$ONNX" --device $DEVICE --json "$RESULTS/gpu_check_parity_$MODE.json"
-step 60 1 "parity: corrupted graph refused on $DEVICE" "${I2E[@]}" parity $MODEL "$BAD" --device $DEVICE
+step 45 0 "parity: faithful graph on $DEVICE" "${I2E[@]}" parity $MODEL "$ONNX" --device $DEVICE --json "$RESULTS/gpu_check_parity_$MODE.json"
+step 45 1 "parity: corrupted graph refused on $DEVICE" "${I2E[@]}" parity $MODEL "$BAD" --device $DEVICE
 
 if [ "$MODE" = gpu ]; then
   # PyTorch on CUDA: CUDA graphs by default for the torch backend (TF32 off).
-  step 90 0 "stream: PyTorch CUDA graphs" "${I2E[@]}" stream $MODEL --source demo --device cuda --backend torch --output none --json "$RESULTS/gpu_stream_torch.json"
+  step 60 0 "stream: PyTorch CUDA graphs" "${I2E[@]}" stream $MODEL --source demo --device cuda --backend torch --output none --json "$RESULTS/gpu_stream_torch.json"
   if has 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())'; then
-    step 90 0 "stream: ONNX Runtime GPU (verified on first use)" "${I2E[@]}" stream "$ONNX" --source demo --device cuda --backend onnxruntime --output none --json "$RESULTS/gpu_stream_ort.json"
+    step 60 0 "stream: ONNX Runtime GPU (verified on first use)" "${I2E[@]}" stream "$ONNX" --source demo --device cuda --backend onnxruntime --output none --json "$RESULTS/gpu_stream_ort.json"
   else
     echo "== ONNX Runtime GPU: onnxruntime-gpu not installed; skipped"
   fi
   if has 'import tensorrt, polygraphy, cuda.bindings'; then
     ENGINE=$WORK/model.fp16.engine
-    step 150 0 "TensorRT: build an FP16 engine (verified before it is written)" "${I2E[@]}" build "$ONNX" --half -o "$ENGINE" --timing-cache "$WORK/timing.cache"
-    step 60 0 "TensorRT: parity of the engine" "${I2E[@]}" parity $MODEL "$ENGINE" --device cuda --precision fp16
+    step 120 0 "TensorRT: build an FP16 engine (verified before it is written)" "${I2E[@]}" build "$ONNX" --half -o "$ENGINE" --timing-cache "$WORK/timing.cache"
+    step 45 0 "TensorRT: parity of the engine" "${I2E[@]}" parity $MODEL "$ENGINE" --device cuda --precision fp16
     step 15 0 "TensorRT: info reads the engine and its sidecar" "${I2E[@]}" info "$ENGINE"
+    # An engine of the corrupted graph (unverified on purpose) must fail parity.
+    step 120 0 "TensorRT: build the corrupted graph, --no-verify" "${I2E[@]}" build "$BAD" --half --no-verify -o "$WORK/corrupt.engine" --timing-cache "$WORK/timing.cache"
+    step 45 1 "TensorRT: corrupted engine refused by parity" "${I2E[@]}" parity $MODEL "$WORK/corrupt.engine" --device cuda --precision fp16
   else
     echo "== TensorRT: tensorrt, polygraphy or cuda-python not installed; skipped"
   fi
