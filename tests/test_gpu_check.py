@@ -33,7 +33,8 @@ def test_cpu_dry_run_records_each_step_within_the_budget(tmp_path):
     assert "parity: corrupted graph refused on cpu" in names
     first = rows[0]  # ran (or hit its limit, cut to the 10 s budget): an exit code either way
     assert isinstance(first["exit"], int) and first["seconds"] <= 10 + 6
-    assert first["ok"] == (first["exit"] == 0) and first["output_tail"]
+    assert first["ok"] == (first["exit"] == 0)
+    assert first["output_tail"] or first["timed_out"]  # a loaded machine may need > 10 s
     # The budget is spent after the first step: the rest are recorded, not run.
     for row in rows[1:]:
         assert row["exit"] is None and row["ok"] is False and row["seconds"] == 0, row
