@@ -4,6 +4,7 @@ loader chain, the sidecar, the CLI's one-line messages); the build and run where
 a GPU are present."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -277,7 +278,8 @@ def test_loader_chain_for_dla(tmp_path, graphs):
     assert config.use_dla and config.allow_gpu_fallback
     shapes = config.profiles[0]["images"]
     assert list(shapes.min) == list(shapes.opt) == list(shapes.max) == [2, 32, 32, 3]
-    assert config.fp16 and config.int8 and config.precision_constraints is None  # no pins
+    # Flags, and the GPU-fallback layers' FP32 pins preferred (see the DLA core test).
+    assert config.fp16 and config.int8 and config.precision_constraints == "prefer"
     assert not loaders.network.strongly_typed  # TensorRT 10: flags, as NVIDIA's DLA guide
     # Polygraphy always picks DLA core 0; the chain's last config step picks ours and
     # records which layers TensorRT can place on the DLA.
@@ -285,6 +287,7 @@ def test_loader_chain_for_dla(tmp_path, graphs):
     assert loaders.create_config is not loaders.config
     _, _, _, strong = chain(graphs, tmp_path, version="11.4.0", precision="fp16", dla_core=0)
     assert strong.network.strongly_typed and not strong.create_config.fp16
+    assert strong.create_config.precision_constraints is None
 
 
 class _Layer(SimpleNamespace):
@@ -307,27 +310,105 @@ class _Layer(SimpleNamespace):
 
 
 def _network(layers):
+    for name, layer in layers.items():
+        layer.name = name
     return SimpleNamespace(num_layers=len(layers), get_layer=list(layers.values()).__getitem__)
+
+
+@pytest.mark.parametrize("model", ["onnx", "float.onnx"])
+def test_implicit_calibration_feeds_every_batch_as_float32(tmp_path, monkeypatch, model):
+    """Polygraphy's Calibrator on the CPU, up to the copy to the GPU (``get_batch`` with no
+    input names): each batch passes the input check TensorRT's calibration needs (float32 for
+    non-index inputs, 0-255 pixels for the uint8 NHWC graph) and every batch arrives. The
+    calibrator used to be fed ``iter(next_batch, None)`` (a ValueError on the first batch),
+    then uint8 batches, which ``get_batch`` rejected silently: zero batches calibrated."""
+    from polygraphy.backend.trt import Calibrator
+    from polygraphy.common import TensorMetadata
+    from polygraphy.datatype import DataType
+
+    import i2e_deploy.calibration.data  # noqa: F401  (before the stand-in below)
+    from i2e_deploy.export.tensorrt import _calibrator
+
+    request = BuildRequest(shared_model(model), tmp_path / "m.engine", precision="int8",
+                           int8_mode="entropy", opt_batch=4, calib_size=10)
+    if HAS_TENSORRT:
+        pytest.skip("TensorRT is installed here: its calibrator base classes need a GPU")
+    # A stand-in for TensorRT's calibrator base classes (the Calibrator compares ours with
+    # each of them).
+    trt = SimpleNamespace(__version__="10.3.0", **{name: type(name, (), {}) for name in (
+        "IInt8EntropyCalibrator2", "IInt8MinMaxCalibrator", "IInt8LegacyCalibrator",
+        "IInt8Calibrator")})
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    calibrator = _calibrator(request, trt, "entropy")
+    assert calibrator.make_func is Calibrator
+    graph_input = request.graph.io["inputs"][0]
+    # What Polygraphy's CreateConfig hands the calibrator: the network input at the opt shape.
+    calibrator.set_input_metadata(TensorMetadata().add(
+        graph_input["name"], DataType.from_dtype(np.dtype(graph_input["dtype"])),
+        request.profile["opt"]))
+    batches = []
+    while (ptrs := calibrator.get_batch([])) is not None:
+        batches.append(calibrator.data_loader[len(batches)][graph_input["name"]])
+    assert len(batches) == 2  # 10 images in batches of 4: the partial batch is dropped
+    assert all(b.dtype == np.float32 and list(b.shape) == request.profile["opt"]
+               for b in batches)
+    if graph_input["dtype"] == "uint8":  # the pixels as they are, not scaled to [0, 1]
+        assert max(b.max() for b in batches) > 1 and all(b.max() <= 255 for b in batches)
 
 
 def test_dla_core_selection_and_layer_report():
     from i2e_deploy.export.tensorrt import _use_dla_core
 
     layers = {"conv": _Layer("CONVOLUTION", ["f16"], ["f16"]),
-              "threshold": _Layer("ELEMENTWISE", ["f32", "f32"], ["bool"])}
-    for name, layer in layers.items():
-        layer.name = name
+              "threshold": _Layer("ELEMENTWISE", ["f16", "f16"], ["bool"])}
     config = SimpleNamespace(DLA_core=0, can_run_on_DLA=lambda layer: layer.name == "conv")
     report: dict = {}
     _use_dla_core(SimpleNamespace(num_DLA_cores=2), _network(layers), config, core=1,
                   report=report)
     assert config.DLA_core == 1 and report == {"dla": ["conv"], "gpu": ["threshold"]}
+    assert layers["threshold"].precision is None  # strongly typed: no pins
+    # Weakly typed (TensorRT 10, FP16 flag): the layers that fall back to the GPU are pinned
+    # to FP32 (a neuron in FP16 can flip a spike); the DLA's own layers are left alone.
+    trt = SimpleNamespace(float32="f32", float16="f16", bool="bool")
+    _use_dla_core(SimpleNamespace(num_DLA_cores=2), _network(layers), config, core=0,
+                  report=report, pin=functools.partial(apply_precision_constraints, trt=trt,
+                                                       precision="fp16"))
+    assert report["gpu_fp32"] == ["threshold"] and layers["threshold"].precision == "f32"
+    assert layers["conv"].precision is None and layers["conv"].output_types == {}
     with pytest.raises(I2EError, match="--dla-core 2 does not exist: this device has 2"):
         _use_dla_core(SimpleNamespace(num_DLA_cores=2), _network(layers), config, core=2,
                       report=report)
     with pytest.raises(I2EError, match="has 0 DLA core.*drop --dla-core"):
         _use_dla_core(SimpleNamespace(num_DLA_cores=0), _network(layers), config, core=0,
                       report=report)
+
+
+def test_dla_engine_runs_on_its_core():
+    """IRuntime.DLA_core defaults to -1: the runner sets the sidecar's core on the runtime
+    that deserializes the engine, and refuses a core the device does not have."""
+    from i2e_deploy.export.tensorrt import set_dla_core
+
+    runtime = SimpleNamespace(num_DLA_cores=2, DLA_core=-1)
+    set_dla_core(runtime, 1)
+    assert runtime.DLA_core == 1
+    with pytest.raises(I2EError, match="DLA core 2, this device has 2 DLA core.*--dla-core"):
+        set_dla_core(runtime, 2)
+
+
+def test_missing_cuda_runtime_is_one_clear_line():
+    """Polygraphy looks for libcudart in LD_LIBRARY_PATH, /usr/local/cuda/lib64, /usr/lib,
+    /lib and nvidia/cuda_runtime/lib, not in the CUDA 13 wheels' nvidia/cu13/lib; then ctypes
+    raises OSError, which becomes one line saying what to set."""
+    from i2e_deploy.export.tensorrt import polygraphy_errors
+
+    with pytest.raises(I2EError, match=r"^m.engine: cannot run: .*CUDA runtime.*LD_LIBRARY_PATH"
+                                       r".*nvidia/cu13/lib"):
+        with polygraphy_errors("m.engine: cannot run"):
+            raise OSError("libcudart.so: cannot open shared object file: No such file or "
+                          "directory")
+    with pytest.raises(OSError, match="disk full"):  # other OS errors are not disguised
+        with polygraphy_errors("m.engine: cannot run"):
+            raise OSError("disk full")
 
 
 def test_precision_constraints_pin_every_float_layer_but_the_math():
@@ -348,7 +429,7 @@ def test_precision_constraints_pin_every_float_layer_but_the_math():
         return _network(layers), layers
 
     net, layers = network()
-    assert apply_precision_constraints(net, trt, "fp16") == 8
+    assert len(apply_precision_constraints(net, trt, "fp16")) == 8
     for name in ("membrane add", "threshold", "reset", "time slice", "time concat", "flatten",
                  "bias", "spike cast"):
         assert layers[name].precision == "f32", name
@@ -395,6 +476,32 @@ def test_build_cli_without_tensorrt_is_one_line():
     assert tensorrt_unavailable() == "TensorRT is not installed"
 
 
+def test_install_hints_name_the_extras_requirements(monkeypatch):
+    """Every pip command an error recommends installs what pyproject's extras pin (one CUDA
+    major version throughout); on a Jetson, TensorRT comes from JetPack, never pip."""
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    from i2e_deploy.export import tensorrt as trt_module
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    monkeypatch.setattr(trt_module, "on_jetson", lambda: False)
+    hint = trt_module.install_hint("tensorrt")
+    commands = re.findall(r"`pip install ([^`]*)`", hint)
+    assert len(commands) == 2
+    for command, extra in zip(commands, ("tensorrt-cu12", "tensorrt-cu13")):
+        tokens = [token.strip("'") for token in command.split()]
+        assert tokens[0] == extra and tokens[1:] == extras[extra][1:], (command, extra)
+        assert extras[extra][0].startswith(extra + ">=")
+    monkeypatch.setattr(trt_module, "on_jetson", lambda: True)
+    hint = trt_module.install_hint("tensorrt")
+    assert "JetPack" in hint and "pip" not in hint
+    jetson = [extras["jetson-cu12"][1], extras["jetson-cu13"][1]]  # cuda-python per JetPack
+    assert [command.strip("'") for command in re.findall(
+        r"`pip install ([^`]*)`", trt_module.install_hint("cuda-python"))] == jetson
+
+
 @pytest.fixture
 def tensorrt_present(monkeypatch):
     """A stand-in ``tensorrt`` module where none is installed: the build then runs to the
@@ -404,7 +511,7 @@ def tensorrt_present(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.3.0"))
 
 
-NO_GPU = "cuda-python is not installed|no CUDA GPU is visible"
+NO_GPU = "cuda-python .*is not installed|no CUDA GPU is visible"
 
 
 def test_export_static_engine_gets_past_the_profile(tmp_path, tensorrt_present):

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from ..version import __version__
 from ..artifacts import (FLAVOUR_KEY, PRECISION_KEY, PRECISIONS, engine_sidecar_path,
                          metadata_of, onnx_card)
@@ -226,8 +228,8 @@ def plan_build(request: BuildRequest, tensorrt_version: str) -> BuildPlan:
 
     Strongly typed (TensorRT >= 10) wherever it applies: the graph carries the precision.
     Weakly typed with flags: TensorRT < 10 (no strong typing; neurons pinned to FP32 on the
-    GPU), DLA on TensorRT 10 (flags as NVIDIA's DLA guide builds; no pins, which would move
-    layers off the DLA) and implicit INT8 calibration (refused on TensorRT 11, which removed
+    GPU), DLA on TensorRT 10 (flags as NVIDIA's DLA guide builds; only the layers that fall
+    back to the GPU are pinned, see :func:`_use_dla_core`) and implicit INT8 calibration (refused on TensorRT 11, which removed
     it)."""
     major = tensorrt_major(tensorrt_version)
     dla = request.dla_core is not None
@@ -294,21 +296,33 @@ def engine_loaders(request: BuildRequest, plan: BuildPlan, graph: Path, trt,
         profiles=[Profile().add(request.graph.input_name, shapes["min"], shapes["opt"],
                                 shapes["max"])],
         tf32=False, fp16=plan.fp16, int8=plan.int8, calibrator=calibrator,
-        precision_constraints="obey" if plan.pin_fp32 else None,
+        # DLA, weakly typed: the GPU-fallback layers' FP32 pins (see _use_dla_core) are
+        # preferred, as Polygraphy asks on DLA anyway; forcing them could fail the build.
+        precision_constraints="obey" if plan.pin_fp32 else
+        "prefer" if dla and not plan.strongly_typed else None,
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: request.workspace_bytes},
         load_timing_cache=timing_cache, use_dla=dla, allow_gpu_fallback=dla)
     dla_layers: dict[str, list[str]] = {}
     config: Any = create_config
     if request.dla_core is not None:
         config = PostprocessConfig(create_config, functools.partial(
-            _use_dla_core, core=request.dla_core, report=dla_layers))
+            _use_dla_core, core=request.dla_core, report=dla_layers,
+            pin=None if plan.strongly_typed else functools.partial(
+                apply_precision_constraints, trt=trt, precision=request.precision)))
     engine = EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)
     return EngineLoaders(network, create_config, config, engine, dla_layers)
 
 
-def _use_dla_core(builder, network, config, *, core: int, report: dict[str, list[str]]) -> None:
+def _use_dla_core(builder, network, config, *, core: int, report: dict[str, list[str]],
+                  pin=None) -> None:
     """Polygraphy's CreateConfig always picks DLA core 0: pick ``core``, and record which
-    layers TensorRT can run on the DLA (the rest fall back to the GPU)."""
+    layers TensorRT can run on the DLA (the rest fall back to the GPU).
+
+    Weakly typed DLA builds (TensorRT 10) set the FP16 flag, which also lets the GPU-fallback
+    layers (the neurons' compare and select among them) run FP16, where a membrane potential
+    near the threshold can flip a spike. ``pin`` (:func:`apply_precision_constraints`) pins
+    those layers to FP32; the DLA-capable ones stay as they are (pinning them to FP32 would
+    move them off the DLA, which runs FP16 and INT8 only)."""
     cores = builder.num_DLA_cores
     if core >= cores:
         raise I2EError(f"--dla-core {core} does not exist: this device has {cores} DLA "
@@ -318,24 +332,30 @@ def _use_dla_core(builder, network, config, *, core: int, report: dict[str, list
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         report["dla" if config.can_run_on_DLA(layer) else "gpu"].append(layer.name)
+    if pin is not None:
+        report["gpu_fp32"] = pin(network, only=set(report["gpu"]))
 
 
 # Layers that compute the conv / linear math: FP16 in weakly typed FP16 builds.
 _MATH_LAYER_TYPES = ("CONVOLUTION", "MATRIX_MULTIPLY")
 
 
-def apply_precision_constraints(network, trt, precision: str) -> int:
+def apply_precision_constraints(network, trt, precision: str,
+                                only: set[str] | None = None) -> list[str]:
     """Weakly typed GPU builds only: pin every layer that computes on float values (neurons,
     converter, pooling, and also slices, concatenations, shuffles, casts and constants) to
     FP32; convs and the classifier run FP16 in FP16 builds, with FP32 outputs. Layers that
     touch integer tensors (shape arithmetic, the INT8 side of Q/DQ) keep their types.
-    Returns the number of pinned layers. TensorRT may still fuse pinned layers (Myelin):
-    strongly typed builds do not depend on these pins."""
+    ``only``: the names of the layers to consider (DLA: those that fall back to the GPU).
+    Returns the names of the layers pinned to FP32. TensorRT may still fuse pinned layers
+    (Myelin): strongly typed builds do not depend on these pins."""
     float_types = {trt.float32, trt.float16}
     allowed = float_types | {trt.bool}
-    pinned = 0
+    pinned = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
+        if only is not None and layer.name not in only:
+            continue
         tensors = [layer.get_input(k) for k in range(layer.num_inputs)] + \
                   [layer.get_output(j) for j in range(layer.num_outputs)]
         types = {t.dtype for t in tensors if t is not None}
@@ -346,7 +366,7 @@ def apply_precision_constraints(network, trt, precision: str) -> int:
                 layer.precision = trt.float16
         else:
             layer.precision = trt.float32
-            pinned += 1
+            pinned.append(layer.name)
         for j in range(layer.num_outputs):
             if layer.get_output(j).dtype in float_types:
                 layer.set_output_type(j, trt.float32)
@@ -409,20 +429,44 @@ def write_engine(engine_path: str | os.PathLike, engine: bytes, sidecar: dict) -
 
 # --- the machine: TensorRT, Polygraphy, the CUDA device -----------------------------------
 
+def on_jetson() -> bool:
+    """A Jetson (L4T writes this file): TensorRT comes with JetPack there, not from pip."""
+    return Path("/etc/nv_tegra_release").is_file()
+
+
+# What installs each piece on the target (every extra of pyproject.toml names the same).
+_PIP_CUDA = ("`pip install {trt}'polygraphy>=0.53' 'cuda-python>=12.6.1,<13'` on a CUDA 12 "
+             "driver, or `pip install {trt13}'polygraphy>=0.53' 'cuda-python>=13,<14'` on a "
+             "CUDA 13 (R580+) driver")
+_JETPACK = ("TensorRT's Python bindings come with JetPack (`sudo apt install nvidia-jetpack`; "
+            "use the system Python or a venv made with --system-site-packages)")
+
+
+def install_hint(what: str) -> str:
+    """How to install ``what`` ('tensorrt', 'polygraphy' or 'cuda-python') here."""
+    if what == "tensorrt":
+        return _JETPACK if on_jetson() else _PIP_CUDA.format(trt="tensorrt-cu12 ",
+                                                             trt13="tensorrt-cu13 ")
+    if what == "polygraphy":
+        return "`pip install 'polygraphy>=0.53'`"
+    if on_jetson():  # JetPack 6 runs CUDA 12, JetPack 7 CUDA 13
+        return ("`pip install 'cuda-python>=12.6.1,<13'` on JetPack 6, "
+                "`pip install 'cuda-python>=13,<14'` on JetPack 7")
+    return _PIP_CUDA.format(trt="", trt13="")
+
+
 def tensorrt_module():
     """``import tensorrt`` (and check Polygraphy is there), or the one-line error saying
-    where to build instead."""
+    how to install them here."""
     try:
         import tensorrt
     except ImportError:
-        raise I2EError("TensorRT is not installed; install it on the target (`pip install "
-                       "'i2e-deploy[tensorrt]'`, or JetPack on Jetson) and run `i2e-deploy "
-                       "build` there") from None
+        raise I2EError(f"TensorRT is not installed; on the target: {install_hint('tensorrt')}, "
+                       "then run `i2e-deploy build` there") from None
     try:
         import polygraphy  # noqa: F401
     except ImportError:
-        raise I2EError("Polygraphy is not installed; `pip install polygraphy` (JetPack ships "
-                       "it too)") from None
+        raise I2EError(f"Polygraphy is not installed; {install_hint('polygraphy')}") from None
     return tensorrt
 
 
@@ -440,8 +484,8 @@ def cuda_gpu(device: str = "cuda") -> Gpu:
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        raise I2EError("cuda-python is not installed; `pip install cuda-python` (the "
-                       "tensorrt extra installs it)") from None
+        raise I2EError("cuda-python (with cuda.bindings, 12.6.1 or newer) is not installed; "
+                       f"{install_hint('cuda-python')}") from None
     error, count = cudart.cudaGetDeviceCount()
     if error != cudart.cudaError_t.cudaSuccess or not count:
         raise I2EError(f"no CUDA GPU is visible here ({error.name}); TensorRT engines need an "
@@ -480,6 +524,41 @@ def polygraphy_errors(what: str) -> Iterator[None]:
         except PolygraphyException as exc:
             first = next((line for line in str(exc).splitlines() if line.strip()), "")
             raise I2EError(f"{what}: {first.strip()} (see the TensorRT log above)") from None
+        except OSError as exc:  # ctypes could not load libcudart for Polygraphy's CUDA wrapper
+            if "libcudart" not in str(exc):
+                raise
+            raise I2EError(f"{what}: Polygraphy cannot load the CUDA runtime ({exc}); add the "
+                           "folder holding libcudart.so.* to LD_LIBRARY_PATH (the CUDA 13 pip "
+                           "wheels put it in <site-packages>/nvidia/cu13/lib, which Polygraphy "
+                           "does not search)") from None
+
+
+def load_cuda_runtime(what: str) -> None:
+    """Load the CUDA runtime Polygraphy's buffers and streams use, now, so that a missing
+    libcudart is one clear error before a build or a run (during a build TensorRT would see it
+    only inside the calibrator's callback)."""
+    from polygraphy import cuda
+
+    with polygraphy_errors(what):
+        cuda.wrapper()
+
+
+def dla_runtime(trt, core: int):
+    """A TensorRT runtime that runs a DLA engine on ``core``: ``IRuntime.DLA_core`` defaults to
+    -1 (TensorRT 10's API reference), whatever core the engine was built for."""
+    from polygraphy.backend.trt import util as trt_util
+
+    runtime = trt.Runtime(trt_util.get_trt_logger())
+    set_dla_core(runtime, core)
+    return runtime
+
+
+def set_dla_core(runtime, core: int) -> None:
+    cores = runtime.num_DLA_cores
+    if core >= cores:
+        raise I2EError(f"the engine runs on DLA core {core}, this device has {cores} DLA "
+                       "core(s); rebuild it here (`i2e-deploy build model.onnx --dla-core N`)")
+    runtime.DLA_core = core
 
 
 # --- the build --------------------------------------------------------------------------
@@ -494,7 +573,10 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
     plan = plan_build(request, trt.__version__)
     with tempfile.TemporaryDirectory() as scratch:
         graph = parsed_graph(request, plan, Path(scratch))
-        calibrator = _calibrator(request, trt, plan.calibrator) if plan.calibrator else None
+        calibrator = None
+        if plan.calibrator:
+            load_cuda_runtime(f"cannot calibrate {request.onnx_path}")
+            calibrator = _calibrator(request, trt, plan.calibrator)
         with polygraphy_errors(f"TensorRT could not build {request.onnx_path}"):
             loaders = engine_loaders(request, plan, graph, trt, calibrator)
             serialized = loaders.engine()
@@ -511,17 +593,21 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
 
 def _calibrator(request: BuildRequest, trt, kind: str):
     """Polygraphy's INT8 calibrator (entropy or min-max) over the calibration images, in
-    batches of the profile's opt batch (TensorRT calibrates at the opt shape)."""
+    batches of the profile's opt batch (TensorRT calibrates at the opt shape).
+
+    Every batch is float32: TensorRT calibrates non-index inputs in float32, and Polygraphy's
+    Calibrator (>= 0.49.10) rejects any other type inside ``get_batch``, which hides the error
+    and hands TensorRT no batch at all. The uint8 graph gets its 0-255 pixels as float32."""
     from polygraphy.backend.trt import Calibrator
 
     from ..calibration.data import CalibrationBatches, load_calibration_images, to_graph_input
 
     graph_input = request.graph.io["inputs"][0]
     images = load_calibration_images(request.calib_data, request.graph.card, request.calib_size)
-    batches = CalibrationBatches(
-        to_graph_input(images, "uint8" if graph_input["dtype"] == "uint8" else "float"),
-        request.profile["opt"][0])
-    feed = [{graph_input["name"]: batch} for batch in iter(batches.next_batch, None)]
+    samples = to_graph_input(images, "uint8" if graph_input["dtype"] == "uint8" else "float")
+    batches = CalibrationBatches(samples.astype(np.float32, copy=False),
+                                 request.profile["opt"][0])
+    feed = [{graph_input["name"]: batches.next_batch()} for _ in range(len(batches))]
     base = {"entropy": trt.IInt8EntropyCalibrator2, "minmax": trt.IInt8MinMaxCalibrator}
     return Calibrator(feed, cache=str(request.calib_cache), BaseClass=base[kind])
 

@@ -7,6 +7,7 @@ NCHW converts it. Event models take ``[N, T, 2, H, W]``. Outputs are float32 log
 """
 from __future__ import annotations
 
+import functools
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -368,7 +369,8 @@ class TensorRTRunner(Runner):
     name = "tensorrt"
 
     def __init__(self, path: Path, device: str = "cuda"):
-        from ..export.tensorrt import cuda_gpu, polygraphy_errors, tensorrt_module
+        from ..export.tensorrt import (cuda_gpu, dla_runtime, load_cuda_runtime,
+                                       polygraphy_errors, tensorrt_module)
 
         super().__init__(path, device)
         trt = tensorrt_module()
@@ -388,7 +390,11 @@ class TensorRTRunner(Runner):
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path))))
+        load_cuda_runtime(f"{path}: cannot run the engine")
+        # A DLA engine runs on the core it was built for (the runtime's default is -1).
+        dla_core = sidecar.get("dla_core")
+        runtime = None if dla_core is None else functools.partial(dla_runtime, trt, dla_core)
+        self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path)), runtime=runtime))
         with polygraphy_errors(f"{path}: TensorRT cannot load the engine"):
             self._runner.activate()
 

@@ -1,0 +1,43 @@
+"""benchmarks/gpu_check.sh's step runner on the CPU (--cpu): every step is recorded as one JSON
+line the moment it ends, within the time budget; steps past the budget are recorded skipped."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def test_script_is_executable_and_parses():
+    assert os.access(SCRIPT, os.X_OK)
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_records_each_step_within_the_budget(tmp_path):
+    env = dict(os.environ, GPU_CHECK_BUDGET="10", GPU_CHECK_RESULTS=str(tmp_path),
+               PYTHON=sys.executable, I2E_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run(["bash", str(SCRIPT), "--cpu"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in
+            (tmp_path / "gpu_check_steps_cpu.jsonl").read_text().splitlines()]
+    names = [row["step"] for row in rows]
+    assert names[0] == "environment" and names[-1] == "stream: --backend auto on cpu"
+    assert "parity: corrupted graph refused on cpu" in names
+    first = rows[0]  # ran (or hit its limit, cut to the 10 s budget): an exit code either way
+    assert isinstance(first["exit"], int) and first["seconds"] <= 10 + 6
+    assert first["ok"] == (first["exit"] == 0)
+    assert first["output_tail"] or first["timed_out"]  # a loaded machine may need > 10 s
+    # The budget is spent after the first step: the rest are recorded, not run.
+    for row in rows[1:]:
+        assert row["exit"] is None and row["ok"] is False and row["seconds"] == 0, row
+    refused = rows[names.index("parity: corrupted graph refused on cpu")]
+    assert refused["expected_exit"] == 1
+    assert "results:" in done.stdout
