@@ -213,6 +213,14 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            reconnects: int = typer.Option(5, "--reconnects",
                                           help="cameras and streams: reconnect attempts when "
                                                "lost (backoff doubling from 0.5 s)"),
+           activity: Optional[bool] = typer.Option(None, "--activity/--no-activity",
+                                                   help="count each prediction's firing rate "
+                                                        "and SOPs from the backend's spikes "
+                                                        "(into --json and .jsonl; default: on "
+                                                        "with --json where the backend "
+                                                        "exposes spikes)"),
+           show_activity: bool = typer.Option(False, "--show-activity",
+                                              help="show firing rate and SOPs on the overlay"),
            arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
            ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
            events: Optional[bool] = EventsOpt):
@@ -223,7 +231,7 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
                        precision=precision, device=device, threads=threads,
                        resolution=resolution, fps=fps, loop=loop, stride=stride,
                        window_ms=window_ms, reconnects=reconnects, stats_json=stats_json,
-                       log=say, **overrides)
+                       activity=activity, show_activity=show_activity, log=say, **overrides)
     say(stats.summary())
     if stats.error:
         raise I2EError(stats.error)

@@ -20,7 +20,7 @@ from ..card import ModelCard
 from ..errors import I2EError
 from ..images import spread_images
 from ..model.profile import layer_table
-from ..runtime.activity import (ENERGY_AC_PJ, ENERGY_MAC_PJ, ActivityCounter, spike_maps,
+from ..runtime.activity import (ENERGY_AC_PJ, ENERGY_MAC_PJ, ActivityCounter, SpikeReader,
                                 totals)
 from ..runtime.layer_times import OTHER, SHARES, layer_times
 from ..targets import resolve_runner
@@ -131,8 +131,9 @@ def run_profile(model: str | os.PathLike, data: str | os.PathLike, *, limit: int
         notes: list[str] = []
         counter = ActivityCounter(table, card.T)
         if runner.exposes_spikes:
+            read = SpikeReader(runner, table)
             for start in range(0, len(inputs), 8):
-                counter.add(spike_maps(runner, inputs[start:start + 8])[1])
+                counter.add(read(inputs[start:start + 8])[1])
         else:
             notes.append(f"the {runner.name} backend does not expose spike maps: no firing "
                          "rates or SOPs")

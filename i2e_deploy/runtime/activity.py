@@ -19,21 +19,68 @@ ENERGY_AC_PJ = 0.9
 ENERGY_MAC_PJ = 4.6
 
 
-def spike_maps(runner, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``runner.infer_spikes(batch)``, with the input events of an event-input model added
-    under ``INPUT_EVENTS`` (``[T, N, 2, H, W]``, as the converter's events of an image
-    model are under 'i2e'). Exported graphs run a downsampling block's shortcut LIF once,
-    as the block's first LIF (same input, same parameters), so its spikes are that LIF's:
-    each ``X.sn1`` is also given as ``X.downsample.0`` where the backend left it out (the
-    counter reads only the layers the model has)."""
-    out, maps = runner.infer_spikes(batch)
-    for name in list(maps):
-        block = name[:-len(".sn1")]
-        if name.endswith(".sn1") and f"{block}.downsample.0" not in maps:
-            maps[f"{block}.downsample.0"] = maps[name]
-    if runner.card.input == "events":
-        maps = {INPUT_EVENTS: np.asarray(batch).swapaxes(0, 1) != 0, **maps}
-    return out, maps
+class SpikeReader:
+    """``reader(batch) -> (output, {layer: bool [T, N, ...]})``: the spikes the backend
+    computes, for every spiking layer of ``table`` it can show.
+
+    The runner's ``infer_spikes`` names what it finds; added here: the input events of an
+    event-input model (under ``INPUT_EVENTS``, as the converter's events of an image model
+    are under 'i2e'); a downsampling block's shortcut LIF, which exported graphs run once as
+    the block's first LIF (same input, same parameters); and, for an ONNX graph whose neuron
+    form the runner does not recognise (rewritten INT8 neurons), each remaining LIF's
+    spikes found by structure (:func:`graph_spike_tensors`), read in a second run."""
+
+    def __init__(self, runner, table: list[Layer]):
+        self.runner, self.table = runner, table
+        self.wanted = [layer.name for layer in table if layer.kind == "lif"]
+        self._probe: tuple | None = None
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        runner = self.runner
+        out, maps = runner.infer_spikes(batch)
+        for name in list(maps):
+            block = name[:-len(".sn1")]
+            if name.endswith(".sn1") and f"{block}.downsample.0" in self.wanted:
+                maps.setdefault(f"{block}.downsample.0", maps[name])
+        if runner.card.input == "events":
+            maps = {INPUT_EVENTS: np.asarray(batch).swapaxes(0, 1) != 0, **maps}
+        missing = [name for name in self.wanted if name not in maps]
+        if missing and runner.name == "onnxruntime":
+            if self._probe is None:
+                self._probe = _graph_probe(runner, self.table, missing)
+            session, tensors = self._probe
+            if tensors:
+                feed = {session.get_inputs()[0].name: runner._adapt(np.asarray(batch))}
+                found = session.run(list(tensors), feed)
+                T = runner.card.T
+                for (tensor, layer), value in zip(tensors.items(), found):
+                    maps[layer] = value.reshape(T, -1, *value.shape[1:])
+                    if layer.endswith(".sn1") and f"{layer[:-4]}.downsample.0" in self.wanted:
+                        maps.setdefault(f"{layer[:-4]}.downsample.0", maps[layer])
+        return out, maps
+
+
+def _graph_probe(runner, table: list[Layer], layers: list[str]):
+    """An ONNX Runtime session of the runner's graph that outputs the spikes of ``layers``."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from .layer_times import graph_spike_tensors
+
+    model = onnx.load(str(runner.path))
+    tensors = {t: layer for t, layer in graph_spike_tensors(model.graph, table).items()
+               if layer in layers}
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.BOOL, None)
+                              for t in tensors)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    threads = runner.session.get_session_options().intra_op_num_threads
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=runner.session.get_providers())
+    return session, tensors
 
 
 class ActivityCounter:
