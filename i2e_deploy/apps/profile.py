@@ -36,7 +36,7 @@ class ProfileReport:
     images: int
     T: int
     layers: list[dict[str, Any]]
-    total: dict[str, float]
+    total: dict[str, Any]  # the SNN's entries None where spikes are not exposed
     energy: dict[str, Any]
     timing: dict[str, Any]
     notes: list[str] = field(default_factory=list)
@@ -167,7 +167,7 @@ def run_profile(model: str | os.PathLike, data: str | os.PathLike, *, limit: int
     if OTHER in times.per_layer:
         layers.append({"name": OTHER, "kind": OTHER, "ms": times.per_layer[OTHER]})
     found = totals(table, rates, sops, energy_ac=energy_ac, energy_mac=energy_mac)
-    total = {"macs": found.macs, "sops": found.sops, "firing_rate": found.firing_rate,
+    total: dict[str, Any] = {"macs": found.macs, "sops": found.sops, "firing_rate": found.firing_rate,
              "energy_snn_pj": found.energy_snn_pj, "energy_ann_pj": found.energy_ann_pj,
              "ms": times.total_ms}
     if not rates:  # without spikes there is no SNN count: say so rather than print zeros
@@ -269,9 +269,9 @@ def plot(report: ProfileReport, path: str | os.PathLike) -> None:
     spiking = [row for row in report.layers if "firing_rate_per_step" in row]
     rows = [row for row in report.layers if "macs" in row or "ms" in row]
     fig = plt.figure(figsize=(16, max(7.0, 0.2 * len(rows) + 2.0)), layout="constrained")
-    left, right = fig.add_gridspec(1, 2, width_ratios=[1.1, 2.0], wspace=0.06)
-    heat = fig.add_subplot(left)
-    pair = right.subgridspec(1, 2, wspace=0.03)
+    grid = fig.add_gridspec(1, 2, width_ratios=[1.1, 2.0], wspace=0.06)
+    heat = fig.add_subplot(grid[0])
+    pair = grid[1].subgridspec(1, 2, wspace=0.03)
     bars = fig.add_subplot(pair[0])
     clock = fig.add_subplot(pair[1], sharey=bars)
     model, total = report.model, report.total

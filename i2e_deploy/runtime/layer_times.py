@@ -12,6 +12,7 @@ layer (pooling, the mean over T) is 'other'. Nodes the backend adds itself are '
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tempfile
@@ -130,13 +131,14 @@ def attribute_nodes(graph, table: list[Layer]) -> list[str]:
     up: list[str | None] = [None] * len(nodes)
     for i, node in enumerate(nodes):
         for tensor in node.input:
-            j = producer.get(tensor)
-            if j is not None:
-                up[i] = anchors[j] or up[j] or up[i]
-    found = []
+            source = producer.get(tensor)
+            if source is not None:
+                up[i] = anchors[source] or up[source] or up[i]
+    found: list[str] = []
     for i, node in enumerate(nodes):
-        if anchors[i]:
-            found.append(anchors[i])
+        anchor = anchors[i]
+        if anchor:
+            found.append(anchor)
             continue
         below, above = down[i], up[i]
         below_kind = names.kinds.get(below or "")
@@ -224,16 +226,16 @@ def profile_events(model_bytes: bytes, feed: dict[str, np.ndarray], runs: int, *
         options.profile_file_prefix = str(Path(scratch) / "profile")
         session = ort.InferenceSession(model_bytes, options,
                                        providers=providers or ["CPUExecutionProvider"])
-        session.run(None, feed)  # first call: allocations, not part of the profile
-        session.end_profiling()
-        session = ort.InferenceSession(model_bytes, options,
-                                       providers=providers or ["CPUExecutionProvider"])
-        for _ in range(runs):
+        for _ in range(runs + 1):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
+    kernels = sorted((e for e in events
+                      if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
+                     key=lambda e: e["ts"])
+    # The first call allocates and plans: drop its share (every call runs the same kernels).
+    kernels = kernels[len(kernels) // (runs + 1):]
     return [{"node": e["name"][:-len("_kernel_time")], "op": e["args"].get("op_name", ""),
-             "ms": e["dur"] / 1e3}
-            for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+             "ms": e["dur"] / 1e3} for e in kernels]
 
 
 def _ort_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> LayerTimes:
@@ -303,7 +305,7 @@ def _torch_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> La
     try:
         with torch.inference_mode():
             model(x)
-            with profile(activities=activities) as prof:
+            with _native_stderr_muted(), profile(activities=activities) as prof:
                 for _ in range(runs):
                     with record_function(tag + "#total"):
                         model(x)
@@ -335,6 +337,24 @@ def _torch_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> La
                       " time per module; BatchNorm counted with its conv")
 
 
+@contextlib.contextmanager
+def _native_stderr_muted():
+    """Silence the C++ side's stderr (this PyTorch build's profiler logs its start, stop
+    and a GPU probe as lines a user would take for errors); Python errors still raise."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 # --- TensorRT ---------------------------------------------------------------------------------
 
 def _tensorrt_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> LayerTimes:
@@ -345,7 +365,7 @@ def _tensorrt_times(runner, batch: np.ndarray, table: list[Layer], runs: int) ->
     names = LayerNames(table)
     per_layer: dict[str, float] = {}
 
-    class Profiler(trt.IProfiler):  # type: ignore[misc]
+    class Profiler(trt.IProfiler):
         def report_layer_time(self, layer_name: str, ms: float) -> None:
             layer = names.find(layer_name) or OTHER
             per_layer[layer] = per_layer.get(layer, 0.0) + ms / runs
