@@ -146,7 +146,7 @@ def run_profile(model: str | os.PathLike, data: str | os.PathLike, *, limit: int
         timing_batch = inputs[:batch] if len(inputs) >= batch else \
             np.concatenate([inputs] * -(-batch // len(inputs)))[:batch]
         times = layer_times(runner, timing_batch, table, runs)
-        models = {"path": str(runner.path), "backend": runner.name,
+        models = {"name": str(model), "path": str(runner.path), "backend": runner.name,
                   "precision": runner.precision, "device": device, "arch": card.arch,
                   "imgsz": card.imgsz, "input": card.input, "classes": card.num_classes}
     sops = counter.sops()
@@ -275,7 +275,7 @@ def plot(report: ProfileReport, path: str | os.PathLike) -> None:
     bars = fig.add_subplot(pair[0])
     clock = fig.add_subplot(pair[1], sharey=bars)
     model, total = report.model, report.total
-    fig.suptitle(f"{Path(model['path']).name}: {model['arch']} at {model['imgsz']} px, "
+    fig.suptitle(f"{model['name']}: {model['arch']} at {model['imgsz']} px, "
                  f"{model['backend']} {model['precision']}, {report.images} inputs",
                  fontsize=12)
     if spiking:
@@ -287,7 +287,7 @@ def plot(report: ProfileReport, path: str | os.PathLike) -> None:
         heat.set_xticks(range(report.T), [f"t{t}" for t in range(report.T)], fontsize=8)
         fig.colorbar(image, ax=heat, fraction=0.05, pad=0.02, label="firing rate")
         heat.set_title("firing rate per layer and time step\n"
-                       f"(all LIF neurons: {total['firing_rate']:.3f})", fontsize=10)
+                       f"(all LIF neurons: {total['firing_rate']:.3f})", fontsize=9)
     else:
         heat.text(0.5, 0.5, "spikes not exposed\nby this backend", ha="center", va="center")
         heat.set_axis_off()
@@ -299,12 +299,12 @@ def plot(report: ProfileReport, path: str | os.PathLike) -> None:
     bars.set_yticks(y, [row["name"] for row in rows], fontsize=7)
     bars.set_ylim(len(rows) - 0.5, -0.5)
     bars.set_xlabel("millions per image")
-    title = "synaptic operations per layer"
+    title = "SOPs (spike-driven) and dense MACs per layer"
     if total["sops"] is not None:
-        title += (f"\nSNN {total['sops'] / 1e6:,.0f} M SOPs x {report.energy['ac_pj']} pJ = "
-                  f"{total['energy_snn_pj'] / 1e6:.1f} µJ; ANN {total['macs'] / 1e6:,.0f} M "
-                  f"MACs x {report.energy['mac_pj']} pJ = {total['energy_ann_pj'] / 1e6:,.0f} µJ")
-    bars.set_title(title, fontsize=10)
+        title += (f"\nSNN {total['sops'] / 1e6:,.0f} M x {report.energy['ac_pj']} pJ = "
+                  f"{total['energy_snn_pj'] / 1e6:.1f} µJ, ANN {total['macs'] / 1e6:,.0f} M x "
+                  f"{report.energy['mac_pj']} pJ = {total['energy_ann_pj'] / 1e6:,.0f} µJ")
+    bars.set_title(title, fontsize=9)
     bars.legend(loc="lower right", fontsize=8)
     colours = {"events": "#8c564b", "conv": "#3b75af", "linear": "#3b75af", "lif": "#e3822b",
                "residual": "#55a868", OTHER: "#999999"}
@@ -314,10 +314,10 @@ def plot(report: ProfileReport, path: str | os.PathLike) -> None:
                    color=[colours.get(row["kind"], "#999999") for row in rows])
         clock.tick_params(labelleft=False)
         clock.set_xlabel(f"ms per call (batch {timing['batch']})")
-        shares = timing["shares_ms"]
+        shares, total_ms = timing["shares_ms"], timing["total_ms"]
         clock.set_title(f"{timing['backend']} profiler: {timing['total_ms']:.1f} ms per call\n"
-                        + ", ".join(f"{k} {100 * shares.get(k, 0) / timing['total_ms']:.0f}%"
-                                    for k in SHARES[1:4]), fontsize=10)
+                        + ", ".join(f"{k.split(' /')[0]} {100 * shares.get(k, 0) / total_ms:.0f}%"
+                                    for k in SHARES[1:4]), fontsize=9)
         from matplotlib.patches import Patch
 
         clock.legend(handles=[Patch(color=colours[k], label=label) for k, label in

@@ -36,7 +36,7 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
     ``activity``: count each prediction's firing rate and SOPs from the backend's spikes
     (in ``stats_json`` and ``.jsonl`` outputs); by default on when ``stats_json`` is written
     or ``show_activity`` (the overlay's status line) asks for it, where the backend exposes
-    spikes. It costs time per frame (``benchmarks/profile.py`` measures how much)."""
+    spikes. It costs time per frame (``benchmarks/profile_default.py`` measures how much)."""
     if reconnects < 0:
         raise I2EError(f"--reconnects must be >= 0, got {reconnects}")
     if max_frames is not None and max_frames < 1:

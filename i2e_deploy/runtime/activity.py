@@ -27,8 +27,9 @@ class SpikeReader:
     event-input model (under ``INPUT_EVENTS``, as the converter's events of an image model
     are under 'i2e'); a downsampling block's shortcut LIF, which exported graphs run once as
     the block's first LIF (same input, same parameters); and, for an ONNX graph whose neuron
-    form the runner does not recognise (rewritten INT8 neurons), each remaining LIF's
-    spikes found by structure (:func:`graph_spike_tensors`), read in a second run."""
+    form the runner does not recognise (rewritten INT8 neurons), the remaining LIFs' spikes
+    found by structure (:func:`.layer_times.graph_spike_tensors`): from then on one session
+    of the graph outputs the logits and every layer's spikes in one run."""
 
     def __init__(self, runner, table: list[Layer]):
         self.runner, self.table = runner, table
@@ -37,42 +38,59 @@ class SpikeReader:
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         runner = self.runner
-        out, maps = runner.infer_spikes(batch)
+        if self._probe is not None:
+            out, maps = self._run_probe(batch)
+        else:
+            out, maps = runner.infer_spikes(batch)
+            missing = [name for name in self.wanted if name not in maps
+                       and not name.endswith(".downsample.0")]
+            if missing and runner.name == "onnxruntime":
+                self._probe = _graph_probe(runner, self.table)
+                out, maps = self._run_probe(batch)
         for name in list(maps):
             block = name[:-len(".sn1")]
             if name.endswith(".sn1") and f"{block}.downsample.0" in self.wanted:
                 maps.setdefault(f"{block}.downsample.0", maps[name])
         if runner.card.input == "events":
             maps = {INPUT_EVENTS: np.asarray(batch).swapaxes(0, 1) != 0, **maps}
-        missing = [name for name in self.wanted if name not in maps]
-        if missing and runner.name == "onnxruntime":
-            if self._probe is None:
-                self._probe = _graph_probe(runner, self.table, missing)
-            session, tensors = self._probe
-            if tensors:
-                feed = {session.get_inputs()[0].name: runner._adapt(np.asarray(batch))}
-                found = session.run(list(tensors), feed)
-                T = runner.card.T
-                for (tensor, layer), value in zip(tensors.items(), found):
-                    maps[layer] = value.reshape(T, -1, *value.shape[1:])
-                    if layer.endswith(".sn1") and f"{layer[:-4]}.downsample.0" in self.wanted:
-                        maps.setdefault(f"{layer[:-4]}.downsample.0", maps[layer])
         return out, maps
 
+    def _run_probe(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        runner = self.runner  # its chunking and padding, as for its own calls
+        return runner._chunked(runner._adapt(np.asarray(batch)), self._probe_call)
 
-def _graph_probe(runner, table: list[Layer], layers: list[str]):
-    """An ONNX Runtime session of the runner's graph that outputs the spikes of ``layers``."""
+    def _probe_call(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        session, tensors = self._probe  # type: ignore[misc]
+        T = self.runner.card.T
+        feed = {session.get_inputs()[0].name: batch}
+        first, *found = session.run([session.get_outputs()[0].name, *tensors], feed)
+        return (first.astype(np.float32, copy=False),
+                {layer: value.reshape(T, -1, *value.shape[1:])
+                 for layer, value in zip(tensors.values(), found)})
+
+
+def _graph_probe(runner, table: list[Layer]):
+    """A session of an ONNX runner's graph that also outputs the spikes of every spiking
+    layer it computes: boolean joins of per-step spikes (as the runner finds them), else a
+    LIF's single comparison over all steps."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from ..calibration.flips import layer_name, spike_tensors
+    from ..calibration.graph import merge_spike_casts
     from .layer_times import graph_spike_tensors
 
     model = onnx.load(str(runner.path))
-    tensors = {t: layer for t, layer in graph_spike_tensors(model.graph, table).items()
-               if layer in layers}
+    merge_spike_casts(model)
+    names = {layer.name for layer in table}
+    tensors = {t: layer_name(t) for t in spike_tensors(model) if layer_name(t) in names}
+    found = set(tensors.values())
+    tensors.update((t, layer) for t, layer in graph_spike_tensors(model.graph, table).items()
+                   if layer not in found)
+    known = {o.name for o in model.graph.output}
     model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.BOOL, None)
-                              for t in tensors)
+                              for t in tensors if t not in known)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     threads = runner.session.get_session_options().intra_op_num_threads
