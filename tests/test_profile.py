@@ -21,7 +21,7 @@ from i2e_deploy.runtime.activity import ActivityCounter, SpikeReader, totals
 from i2e_deploy.runtime.layer_times import layer_times
 from i2e_deploy.runtime.runners import load_runner
 from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
-from runtime_models import released_checkpoint, shared_model
+from runtime_models import SHARED, released_checkpoint, shared_model
 
 T = 8
 cli = CliRunner()
@@ -306,3 +306,27 @@ def test_stream_json_adds_firing_rate_and_sops(image_folder, tmp_path):
                threads=1, activity=False)
     assert "activity" not in json.loads(stats.read_text())
     assert "sops" not in preds.read_text()
+
+
+def test_event_models_take_event_datasets_and_recordings(tmp_path):
+    """An event-input model profiles an I2E event dataset (its input events' rate is the
+    samples' own) and an event recording (N-MNIST, from ../shared when present)."""
+    from i2e_deploy.training.eventsets import write_sample
+
+    rng = np.random.default_rng(2)
+    samples = rng.random((4, T, 2, 32, 32)) < 0.07
+    for i, events in enumerate(samples):
+        (tmp_path / "ds" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        write_sample(tmp_path / "ds" / str(i % 2) / f"{i}.npz", events, "npz")
+    model = shared_model("events.onnx")
+    report = run_profile(model, tmp_path / "ds", runs=1, threads=1)
+    rows = {row["name"]: row for row in report.layers}
+    assert report.images == 4
+    np.testing.assert_allclose(rows["input"]["firing_rate_per_step"],
+                               samples.mean(axis=(0, 2, 3, 4)))
+    assert rows["conv1"]["sops"] == pytest.approx(samples.mean() * rows["conv1"]["macs"])
+    recording = SHARED / "data" / "dvs" / "sample_nmnist.bin"
+    if recording.is_file():
+        report = run_profile(model, recording, limit=2, runs=1, threads=1)
+        assert report.images >= 1 and report.total["sops"] > 0
+
