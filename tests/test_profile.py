@@ -4,6 +4,7 @@ a conv's SOPs against a direct count of the accumulates its input spikes trigger
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -330,3 +331,31 @@ def test_event_models_take_event_datasets_and_recordings(tmp_path):
         report = run_profile(model, recording, limit=2, runs=1, threads=1)
         assert report.images >= 1 and report.total["sops"] > 0
 
+
+
+def test_overlay_shows_activity_only_when_asked(image_folder, monkeypatch):
+    from i2e_deploy.runtime import loop
+    from i2e_deploy.runtime.classify import Classifier
+    from i2e_deploy.runtime.sinks import Sink
+    from i2e_deploy.runtime.sources import open_source
+
+    class Canvases(Sink):
+        needs_canvas = True
+
+        def write(self, frame, prediction, canvas):
+            assert canvas.ndim == 3
+
+    statuses: list[str] = []
+    draw = loop.annotate
+    monkeypatch.setattr(loop, "annotate", lambda f, p, status=None: (statuses.append(status),
+                                                                     draw(f, p, status))[1])
+    with load_runner(shared_model("onnx"), threads=1) as runner:
+        for show in (False, True):
+            loop.Stream(Classifier(runner, activity=True), [open_source(str(image_folder))],
+                        Canvases(), max_frames=2, show_activity=show).run()
+        plain = Classifier(runner)
+        assert plain.activity is None
+        assert plain.classify([synthetic_images(1, CARD_32)[0]])[0].sops is None
+    assert len(statuses) == 4
+    assert not any("SOPs" in s for s in statuses[:2])
+    assert all(re.search(r"rate 0\.\d{3}, \d+ M SOPs", s) for s in statuses[2:])
