@@ -167,9 +167,10 @@ def run_profile(model: str | os.PathLike, data: str | os.PathLike, *, limit: int
     if OTHER in times.per_layer:
         layers.append({"name": OTHER, "kind": OTHER, "ms": times.per_layer[OTHER]})
     found = totals(table, rates, sops, energy_ac=energy_ac, energy_mac=energy_mac)
-    total: dict[str, Any] = {"macs": found.macs, "sops": found.sops, "firing_rate": found.firing_rate,
-             "energy_snn_pj": found.energy_snn_pj, "energy_ann_pj": found.energy_ann_pj,
-             "ms": times.total_ms}
+    total: dict[str, Any] = {
+        "macs": found.macs, "sops": found.sops, "firing_rate": found.firing_rate,
+        "energy_snn_pj": found.energy_snn_pj, "energy_ann_pj": found.energy_ann_pj,
+        "ms": times.total_ms}
     if not rates:  # without spikes there is no SNN count: say so rather than print zeros
         for key in ("sops", "firing_rate", "energy_snn_pj"):
             total[key] = None

@@ -366,6 +366,9 @@ def _tensorrt_times(runner, batch: np.ndarray, table: list[Layer], runs: int) ->
     per_layer: dict[str, float] = {}
 
     class Profiler(trt.IProfiler):
+        def __init__(self) -> None:
+            trt.IProfiler.__init__(self)  # TensorRT's bindings need the base initialised
+
         def report_layer_time(self, layer_name: str, ms: float) -> None:
             layer = names.find(layer_name) or OTHER
             per_layer[layer] = per_layer.get(layer, 0.0) + ms / runs
