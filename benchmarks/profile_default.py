@@ -90,7 +90,7 @@ def stream_cost(frames: int, rounds: int, threads: int) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# `i2e-deploy profile default`, {report['machine']}", "",
              f"{report['data']}; ONNX Runtime {report['onnxruntime']}, PyTorch "
-             f"{report['torch']}, {report['threads']} threads, times: batch 1, mean of "
+             f"{report['torch']}, {report['threads']} threads, times: batch 1, per layer the median of "
              f"{report['runs']} profiled calls; load average at start {report['load_average']}.",
              "", "| backend | LIF firing rate | M SOPs / image | M MACs / image | SNN µJ | "
              "ANN µJ | profiled ms | " + " | ".join(f"{s} %" for s in SHARES) + " |",

@@ -308,7 +308,7 @@ def profile_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engin
                 device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
                 threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads"),
                 batch: int = typer.Option(1, "--batch", help="batch size of the profiled calls"),
-                runs: int = typer.Option(20, "--runs", help="profiled calls the times are averaged over"),
+                runs: int = typer.Option(20, "--runs", help="profiled calls (per layer the median is shown)"),
                 energy_ac: float = typer.Option(0.9, "--energy-ac", help="pJ per accumulate (SNN: per SOP)"),
                 energy_mac: float = typer.Option(4.6, "--energy-mac", help="pJ per multiply-accumulate (ANN: per MAC)"),
                 json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here"),

@@ -226,7 +226,7 @@ def summary_lines(report: ProfileReport) -> list[str]:
         parts = ", ".join(f"{name} {100 * shares.get(name, 0) / timing['total_ms']:.0f} %"
                           for name in SHARES)
         lines.append(f"profiled time {timing['total_ms']:.2f} ms per call (batch "
-                     f"{timing['batch']}, mean of {timing['runs']} calls): {parts}")
+                     f"{timing['batch']}, median of {timing['runs']} calls): {parts}")
     if timing.get("note"):
         lines.append(f"timing: {timing['note']}")
     lines += [f"note: {note}" for note in report.notes]

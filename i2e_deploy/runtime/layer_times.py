@@ -52,7 +52,7 @@ def op_group(op: str) -> str:
 
 @dataclass
 class LayerTimes:
-    """Milliseconds per inference call: per layer (the table's names, plus 'other'), per
+    """Milliseconds per inference call (medians over the profiled calls): per layer (the table's names, plus 'other'), per
     share (:data:`SHARES`), per operator group (ONNX Runtime), and the profiled total."""
     backend: str
     batch: int
@@ -70,6 +70,12 @@ class LayerTimes:
         return {"backend": self.backend, "batch": self.batch, "runs": self.runs,
                 "total_ms": self.total_ms, "shares_ms": self.shares,
                 "op_groups_ms": self.op_groups, "note": self.note}
+
+
+def _medians(values: dict[str, list[float]]) -> dict[str, float]:
+    """Per key, the median over calls: the typical call, robust to a call disturbed by other
+    work on the machine."""
+    return {key: float(np.median(found)) for key, found in values.items()}
 
 
 def _shares(table: list[Layer], per_layer: dict[str, float]) -> dict[str, float]:
@@ -212,7 +218,7 @@ def profile_events(model_bytes: bytes, feed: dict[str, np.ndarray], runs: int, *
                    threads: int | None = None, providers: list | None = None,
                    optimization: Any = None) -> list[dict]:
     """ONNX Runtime's profiler events of the kernels of ``runs`` calls (after one untimed
-    call): ``{'node', 'op', 'ms'}`` each."""
+    call): ``{'node', 'op', 'ms', 'run'}`` each."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -233,9 +239,10 @@ def profile_events(model_bytes: bytes, feed: dict[str, np.ndarray], runs: int, *
                       if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
                      key=lambda e: e["ts"])
     # The first call allocates and plans: drop its share (every call runs the same kernels).
-    kernels = kernels[len(kernels) // (runs + 1):]
+    per_run = len(kernels) // (runs + 1)
     return [{"node": e["name"][:-len("_kernel_time")], "op": e["args"].get("op_name", ""),
-             "ms": e["dur"] / 1e3} for e in kernels]
+             "ms": e["dur"] / 1e3, "run": i // per_run - 1}
+            for i, e in enumerate(kernels) if i >= per_run]
 
 
 def _ort_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> LayerTimes:
@@ -247,16 +254,16 @@ def _ort_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> Laye
                             providers=runner.session.get_providers(),
                             optimization=options.graph_optimization_level)
     known = {layer.name for layer in table}
-    per_layer: dict[str, float] = {}
-    groups: dict[str, float] = {}
+    per_layer: dict[str, list[float]] = {}
+    groups: dict[str, list[float]] = {}
     for event in events:
         layer = event["node"].split("#", 1)[0]
-        layer = layer if layer in known else OTHER
-        per_layer[layer] = per_layer.get(layer, 0.0) + event["ms"] / runs
-        group = op_group(event["op"])
-        groups[group] = groups.get(group, 0.0) + event["ms"] / runs
-    return LayerTimes("onnxruntime", len(batch), runs, per_layer, _shares(table, per_layer),
-                      groups, note="ONNX Runtime session profiling: kernel time per node; "
+        for key, found in ((layer if layer in known else OTHER, per_layer),
+                           (op_group(event["op"]), groups)):
+            found.setdefault(key, [0.0] * runs)[event["run"]] += event["ms"]
+    medians = _medians(per_layer)
+    return LayerTimes("onnxruntime", len(batch), runs, medians, _shares(table, medians),
+                      _medians(groups), note="ONNX Runtime session profiling: kernel time per node; "
                       "it adds a fixed cost per node, so small ops weigh more than in plain "
                       "timings")
 
@@ -314,12 +321,12 @@ def _torch_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> La
     finally:
         for handle in handles:
             handle.remove()
-    spent: dict[str, float] = {}
+    times: dict[str, list[float]] = {}  # one entry per call, per module
     for event in prof.events():
         if event.name.startswith(tag):
             us = event.device_time_total if cuda else event.cpu_time_total
-            label = event.name[len(tag):]
-            spent[label] = spent.get(label, 0.0) + us / 1e3 / runs
+            times.setdefault(event.name[len(tag):], []).append(us / 1e3)
+    spent = _medians(times)
     per_layer: dict[str, float] = {}
     for label, ms in spent.items():
         if label == "#total":
@@ -363,7 +370,8 @@ def _tensorrt_times(runner, batch: np.ndarray, table: list[Layer], runs: int) ->
     import tensorrt as trt
 
     names = LayerNames(table)
-    per_layer: dict[str, float] = {}
+    per_layer: dict[str, list[float]] = {}
+    run = [0]
 
     class Profiler(trt.IProfiler):
         def __init__(self) -> None:
@@ -371,24 +379,25 @@ def _tensorrt_times(runner, batch: np.ndarray, table: list[Layer], runs: int) ->
 
         def report_layer_time(self, layer_name: str, ms: float) -> None:
             layer = names.find(layer_name) or OTHER
-            per_layer[layer] = per_layer.get(layer, 0.0) + ms / runs
+            per_layer.setdefault(layer, [0.0] * runs)[run[0]] += ms
 
     runner.infer(batch)
     context = runner._runner.context
     context.profiler = Profiler()
     try:
-        for _ in range(runs):
+        for run[0] in range(runs):
             runner.infer(batch)
     finally:
         context.profiler = None
-    return LayerTimes("tensorrt", len(batch), runs, per_layer, _shares(table, per_layer),
+    medians = _medians(per_layer)
+    return LayerTimes("tensorrt", len(batch), runs, medians, _shares(table, medians),
                       note="TensorRT IProfiler: time per engine layer, fused layers under "
                       "the first layer name they carry")
 
 
 def layer_times(runner, batch: np.ndarray, table: list[Layer], runs: int = 10) -> LayerTimes:
     """Milliseconds per call of ``runner`` on ``batch`` per layer of ``table``, from the
-    backend's own profiler (mean of ``runs`` calls after one untimed call)."""
+    backend's own profiler (per layer the median of ``runs`` calls after an untimed one)."""
     if runs < 1:
         raise I2EError(f"--runs must be at least 1, got {runs}")
     timing = {"onnxruntime": _ort_times, "torch": _torch_times,
