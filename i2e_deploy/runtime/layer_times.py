@@ -52,7 +52,8 @@ def op_group(op: str) -> str:
 
 @dataclass
 class LayerTimes:
-    """Milliseconds per inference call (medians over the profiled calls): per layer (the table's names, plus 'other'), per
+    """Milliseconds per inference call (per node or module the median over the profiled
+    calls, summed): per layer (the table's names, plus 'other'), per
     share (:data:`SHARES`), per operator group (ONNX Runtime), and the profiled total."""
     backend: str
     batch: int
@@ -254,16 +255,20 @@ def _ort_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> Laye
                             providers=runner.session.get_providers(),
                             optimization=options.graph_optimization_level)
     known = {layer.name for layer in table}
-    per_layer: dict[str, list[float]] = {}
-    groups: dict[str, list[float]] = {}
+    per_node: dict[str, list[float]] = {}
+    op_of: dict[str, str] = {}
     for event in events:
-        layer = event["node"].split("#", 1)[0]
-        for key, found in ((layer if layer in known else OTHER, per_layer),
-                           (op_group(event["op"]), groups)):
-            found.setdefault(key, [0.0] * runs)[event["run"]] += event["ms"]
-    medians = _medians(per_layer)
-    return LayerTimes("onnxruntime", len(batch), runs, medians, _shares(table, medians),
-                      _medians(groups), note="ONNX Runtime session profiling: kernel time per node; "
+        per_node.setdefault(event["node"], [0.0] * runs)[event["run"]] += event["ms"]
+        op_of[event["node"]] = event["op"]
+    per_layer: dict[str, float] = {}
+    groups: dict[str, float] = {}
+    for node, ms in _medians(per_node).items():
+        layer = node.split("#", 1)[0]
+        layer = layer if layer in known else OTHER
+        per_layer[layer] = per_layer.get(layer, 0.0) + ms
+        groups[op_group(op_of[node])] = groups.get(op_group(op_of[node]), 0.0) + ms
+    return LayerTimes("onnxruntime", len(batch), runs, per_layer, _shares(table, per_layer),
+                      groups, note="ONNX Runtime session profiling: kernel time per node; "
                       "it adds a fixed cost per node, so small ops weigh more than in plain "
                       "timings")
 
@@ -341,7 +346,8 @@ def _torch_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> La
     per_layer[OTHER] = max(spent.get("#total", 0.0) - sum(per_layer.values()), 0.0)
     return LayerTimes("torch", len(batch), runs, per_layer, _shares(table, per_layer),
                       note="PyTorch profiler: " + ("CUDA kernel" if cuda else "CPU") +
-                      " time per module; BatchNorm counted with its conv")
+                      " time per module; BatchNorm counted with its conv, a block's own time "
+                      "(its membrane sum and the Python around its modules) as its residual")
 
 
 @contextlib.contextmanager
