@@ -215,15 +215,20 @@ def test_json_report_has_the_issue_keys(image_folder, tmp_path):
     assert "| layer1.0.conv1 | conv |" in (tmp_path / "p.md").read_text()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_onnx_runtime_time_lands_on_the_layers(precision, tmp_path):
-    """Graphs exported here, FP32 and INT8 (whose neurons the precision pass rewrites): every
-    conv and every LIF layer the graph computes gets profiled time, and little is left over."""
+    """Graphs exported here, FP32, FP16 and INT8 (whose neurons the precision pass
+    rewrites): every conv and every LIF layer the graph computes gets profiled time and
+    shows its spikes, and little time is left over."""
     graph = shared_model("onnx")
     if precision == "int8":
         from i2e_deploy.calibration.quantize import to_int8
 
         graph = to_int8(graph, tmp_path / "tiny.int8.onnx", flavour="onnxruntime")
+    elif precision == "fp16":
+        from i2e_deploy.calibration.half import to_fp16
+
+        graph = to_fp16(graph, tmp_path / "tiny.fp16.onnx")
     with load_runner(graph, threads=1, warmup=0) as runner:
         table = layer_table(runner.card)
         times = layer_times(runner, synthetic_images(1, CARD_32), table, runs=3)

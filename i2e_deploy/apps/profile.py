@@ -52,8 +52,6 @@ def profile_inputs(card: ModelCard, data: str | os.PathLike, limit: int
     """What the model takes from ``data``: ``limit`` images spread over an image folder, or
     for an event-input model the windows of an event recording, the samples of an I2E event
     dataset, or images through the converter."""
-    if limit < 1:
-        raise I2EError(f"--limit must be at least 1, got {limit}")
     path = Path(data)
     if not path.exists():
         raise I2EError(f"--data {data} not found: give an image folder"
@@ -119,6 +117,8 @@ def run_profile(model: str | os.PathLike, data: str | os.PathLike, *, limit: int
             raise I2EError(f"{name} must be positive (pJ per operation), got {value}")
     if batch < 1:
         raise I2EError(f"--batch must be at least 1, got {batch}")
+    if limit < 1:
+        raise I2EError(f"--limit must be at least 1, got {limit}")
     if runs < 1:
         raise I2EError(f"--runs must be at least 1, got {runs}")
     with resolve_runner(model, backend=backend, precision=precision, device=device,

@@ -263,7 +263,9 @@ def _ort_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> Laye
     per_layer: dict[str, float] = {}
     groups: dict[str, float] = {}
     for node, ms in _medians(per_node).items():
-        layer = node.split("#", 1)[0]
+        # 'LAYER#i', or with a prefix ONNX Runtime adds ('InsertedPrecisionFreeCast_LAYER#i');
+        # layer names hold no '_'.
+        layer = node.split("#", 1)[0].rsplit("_", 1)[-1]
         layer = layer if layer in known else OTHER
         per_layer[layer] = per_layer.get(layer, 0.0) + ms
         groups[op_group(op_of[node])] = groups.get(op_group(op_of[node]), 0.0) + ms
