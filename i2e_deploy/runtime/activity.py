@@ -10,10 +10,12 @@ ANN; both depend on the chip, hence the parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..model.profile import INPUT_EVENTS, Layer
+if TYPE_CHECKING:  # model/ imports PyTorch; ONNX Runtime streams need not
+    from ..model.profile import Layer
 
 ENERGY_AC_PJ = 0.9
 ENERGY_MAC_PJ = 4.6
@@ -24,8 +26,8 @@ class SpikeReader:
     computes, for every spiking layer of ``table`` it can show.
 
     The runner's ``infer_spikes`` names what it finds; added here: the input events of an
-    event-input model (under ``INPUT_EVENTS``, as the converter's events of an image model
-    are under 'i2e'); a downsampling block's shortcut LIF, which exported graphs run once as
+    event-input model (under the table's name for them, as the converter's events of an
+    image model are under 'i2e'); a downsampling block's shortcut LIF, which exported graphs run once as
     the block's first LIF (same input, same parameters); and, for an ONNX graph whose neuron
     form the runner does not recognise (rewritten INT8 neurons), the remaining LIFs' spikes
     found by structure (:func:`.layer_times.graph_spike_tensors`): from then on one session
@@ -34,6 +36,7 @@ class SpikeReader:
     def __init__(self, runner, table: list[Layer]):
         self.runner, self.table = runner, table
         self.wanted = [layer.name for layer in table if layer.kind == "lif"]
+        self.events = next((layer.name for layer in table if layer.kind == "events"), "i2e")
         self._probe: tuple | None = None
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -52,7 +55,7 @@ class SpikeReader:
             if name.endswith(".sn1") and f"{block}.downsample.0" in self.wanted:
                 maps.setdefault(f"{block}.downsample.0", maps[name])
         if runner.card.input == "events":
-            maps = {INPUT_EVENTS: np.asarray(batch).swapaxes(0, 1) != 0, **maps}
+            maps = {self.events: np.asarray(batch).swapaxes(0, 1) != 0, **maps}
         return out, maps
 
     def _run_probe(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -18,12 +18,14 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import I2EError
-from ..model.profile import Layer
+
+if TYPE_CHECKING:  # model/ imports PyTorch; ONNX Runtime streams need not
+    from ..model.profile import Layer
 
 OTHER = "other"
 
