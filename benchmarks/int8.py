@@ -54,6 +54,7 @@ from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.model.msresnet import build_model
 from i2e_deploy.compare import judge, limits_for
 from i2e_deploy.images import load_images, synthetic_images
+from i2e_deploy.runtime.layer_times import OP_GROUPS, op_group, profile_events
 from i2e_deploy.training.data import image_folder, split_indices
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -125,35 +126,13 @@ def speed(graphs: dict[str, Path], image: np.ndarray, threads: int, rounds: int,
             for name, v in per_round.items()}
 
 
-OP_GROUPS = {
-    "conv / GEMM": {"Conv", "FusedConv", "MatMulIntegerToFloat", "Gemm", "MatMul", "FusedGemm"},
-    "neurons + residual sums": {"Add", "Sub", "Mul", "Neg", "ThresholdedRelu", "Where",
-                                "GreaterOrEqual", "LessOrEqual", "Split", "Concat", "Expand"},
-    "im2col / layout": {"Gather", "Pad", "Reshape", "Transpose", "Slice", "Cast", "Squeeze",
-                        "Unsqueeze", "ReorderInput", "ReorderOutput", "Flatten"},
-}
-
-
 def time_shares(path: Path, image: np.ndarray, threads: int, runs: int = 30) -> dict:
     """Profiled kernel ms per run, and each op group's share of it (see the module doc)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    with tempfile.TemporaryDirectory() as scratch:
-        options.profile_file_prefix = str(Path(scratch) / "profile")
-        s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for _ in range(runs):
-            s.run(None, {"images": image})
-        events = json.loads(Path(s.end_profiling()).read_text())
+    events = profile_events(Path(path).read_bytes(), {"images": image}, runs, threads=threads)
     totals = dict.fromkeys([*OP_GROUPS, "converter", "other"], 0.0)
     for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
-        op = event["args"]["op_name"]
-        group = "converter" if event["name"].startswith("/i2e/") else next(
-            (g for g, ops in OP_GROUPS.items() if op in ops), "other")
-        totals[group] += event["dur"] / 1e3 / runs
+        group = "converter" if event["node"].startswith("/i2e/") else op_group(event["op"])
+        totals[group] += event["ms"] / runs
     total = sum(totals.values())
     return {"kernel_ms": total, **{g: 100 * t / total for g, t in totals.items()}}
 

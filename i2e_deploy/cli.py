@@ -213,6 +213,14 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            reconnects: int = typer.Option(5, "--reconnects",
                                           help="cameras and streams: reconnect attempts when "
                                                "lost (backoff doubling from 0.5 s)"),
+           activity: Optional[bool] = typer.Option(None, "--activity/--no-activity",
+                                                   help="count each prediction's firing rate "
+                                                        "and SOPs from the backend's spikes "
+                                                        "(into --json and .jsonl; default: on "
+                                                        "with --json where the backend "
+                                                        "exposes spikes)"),
+           show_activity: bool = typer.Option(False, "--show-activity",
+                                              help="show firing rate and SOPs on the overlay"),
            arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
            ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
            events: Optional[bool] = EventsOpt):
@@ -223,7 +231,7 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
                        precision=precision, device=device, threads=threads,
                        resolution=resolution, fps=fps, loop=loop, stride=stride,
                        window_ms=window_ms, reconnects=reconnects, stats_json=stats_json,
-                       log=say, **overrides)
+                       activity=activity, show_activity=show_activity, log=say, **overrides)
     say(stats.summary())
     if stats.error:
         raise I2EError(stats.error)
@@ -287,6 +295,39 @@ def benchmark_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .eng
         write_text(markdown_path, table + "\n")
     if json_path:
         write_json(json_path, report.to_dict())
+
+
+@command("profile")
+def profile_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or 'default'"),
+                data: Path = typer.Option(..., "--data", help="image folder (recursive); for event-input models also an event recording or I2E event dataset"),
+                limit: int = typer.Option(100, "--limit", help="inputs taken from --data (spread over it)"),
+                backend: str = typer.Option("auto", "--backend",
+                                            help="auto (the file's own), torch, onnx or tensorrt (a checkpoint is exported once into the cache)"),
+                precision: str = typer.Option("auto", "--precision",
+                                              help="what a checkpoint runs as on onnx/tensorrt: auto, fp32, fp16 or int8"),
+                device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
+                threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads"),
+                batch: int = typer.Option(1, "--batch", help="batch size of the profiled calls"),
+                runs: int = typer.Option(20, "--runs", help="profiled calls (per layer the median is shown)"),
+                energy_ac: float = typer.Option(0.9, "--energy-ac", help="pJ per accumulate (SNN: per SOP)"),
+                energy_mac: float = typer.Option(4.6, "--energy-mac", help="pJ per multiply-accumulate (ANN: per MAC)"),
+                json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here"),
+                markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="write the table here"),
+                plot_path: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: firing rates per layer and step, SOPs and ms per layer"),
+                arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
+                ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
+                events: Optional[bool] = EventsOpt):
+    """Firing rates, MACs, synaptic operations, energy and ms per layer of a model."""
+    from .apps.profile import render, run_profile, write_reports
+    report = run_profile(model, data, limit=limit, backend=backend, precision=precision,
+                         device=device, threads=threads, batch=batch, runs=runs,
+                         energy_ac=energy_ac, energy_mac=energy_mac, log=say_stderr,
+                         **model_overrides(arch, classes, ratio, imgsz, events))
+    render(report, console)
+    write_reports(report, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
+    for path in (json_path, markdown_path, plot_path):
+        if path:
+            say(f"wrote {path}")
 
 
 @command("build")

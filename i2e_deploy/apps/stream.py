@@ -25,12 +25,18 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
                resolution: str | None = None, fps: float | None = None, loop: bool = False,
                stride: int = 1, window_ms: float = 100.0, queue_size: int = 1,
                reconnects: int = 5, stats_json: str | os.PathLike | None = None,
+               activity: bool | None = None, show_activity: bool = False,
                log: Callable[[str], None] | None = None, **overrides) -> StreamStats:
     """Open everything by name (``model`` through :func:`i2e_deploy.targets.resolve_runner`,
     or an already loaded runner), run the stream, write ``stats_json``. Open failures
     (missing file, dead URL, no camera) raise I2EError before anything runs; a failure
     mid-stream (camera lost, not back after ``reconnects`` attempts) ends the stream and is
-    reported in ``stats.error``."""
+    reported in ``stats.error``.
+
+    ``activity``: count each prediction's firing rate and SOPs from the backend's spikes
+    (in ``stats_json`` and ``.jsonl`` outputs); by default on when ``stats_json`` is written
+    or ``show_activity`` (the overlay's status line) asks for it, where the backend exposes
+    spikes. It costs time per frame (``benchmarks/profile_default.py`` measures how much)."""
     if reconnects < 0:
         raise I2EError(f"--reconnects must be >= 0, got {reconnects}")
     if max_frames is not None and max_frames < 1:
@@ -40,7 +46,13 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
     runner = model if isinstance(model, Runner) else resolve_runner(
         model, backend=backend, precision=precision, device=device, threads=threads, log=log,
         **overrides)
-    classifier = Classifier(runner, topk=topk)
+    if activity is None:
+        activity = (stats_json is not None or show_activity) and runner.exposes_spikes
+    try:
+        classifier = Classifier(runner, topk=topk, activity=activity)
+    except BaseException:
+        runner.close()
+        raise
     opened: list[Source] = []
     try:
         for uri in sources:
@@ -55,7 +67,7 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
         raise
     try:
         stats = Stream(classifier, opened, sink, max_frames=max_frames,
-                       queue_size=queue_size).run()
+                       queue_size=queue_size, show_activity=show_activity).run()
     finally:
         classifier.close()
     if stats_json:

@@ -1,11 +1,15 @@
-"""Parameter and MAC counts of a model at its card's input size."""
+"""Parameter and MAC counts of a model at its card's input size, per layer and in total."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..card import ModelCard
-from .msresnet import build_model
+from .converter import I2E
+from .msresnet import BasicBlock, build_model
+from .neuron import LIF
 
 
 def example_input(card: ModelCard, batch: int = 1) -> torch.Tensor:
@@ -18,32 +22,71 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
-def count_macs(card: ModelCard) -> int:
-    """Multiply-accumulates of the conv and linear layers for one input (all T steps).
+# The name of the event input of an event-input model (image models: 'i2e', the converter).
+INPUT_EVENTS = "input"
 
-    Runs the model on the meta device: shapes only, no arithmetic, so it is instant."""
+
+@dataclass(frozen=True)
+class Layer:
+    """One row of a model's layer table, in network order.
+
+    ``kind``: 'events' (the converter's events, or the input events of an event model),
+    'lif', 'conv', 'linear' or 'residual' (a block's membrane sum). ``macs``: dense
+    multiply-accumulates per image over all T steps (conv / linear). ``source``: the spiking
+    layer whose output a conv / linear reads (every one reads binary spikes)."""
+    name: str
+    kind: str
+    macs: int = 0
+    source: str | None = None
+    shape: tuple[int, ...] = ()  # output per time step and image, [C, H, W] or [C]
+
+
+@torch.no_grad()
+def layer_table(card: ModelCard) -> list[Layer]:
+    """The converter's events, every LIF layer, every conv / linear (with its MACs and the
+    spiking layer it reads) and every residual sum, in execution order.
+
+    Runs the model on the meta device: shapes only, no arithmetic, so it is instant. A conv
+    reads the spiking layer that ran last before it (LIF -> conv in every block and
+    shortcut, converter -> stem, LIF -> pool -> flatten -> fc in the head)."""
     with torch.device("meta"):
         model = build_model(card).eval()
         sample = example_input(card)
-    total = 0
+    rows: list[Layer] = []
+    last_spikes = [INPUT_EVENTS]
+    if card.input == "events":
+        rows.append(Layer(INPUT_EVENTS, "events", shape=(2, card.imgsz, card.imgsz)))
 
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            per_out = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += output.numel() * per_out
-        else:
-            total += output.numel() * module.in_features
+    def hook(name: str, module: nn.Module, output: torch.Tensor) -> None:
+        per_step = tuple(output.shape[1:])
+        if isinstance(module, (I2E, LIF)):
+            kind = "events" if isinstance(module, I2E) else "lif"
+            shape = per_step[1:] if isinstance(module, I2E) else per_step  # I2E: [T, B, ...]
+            rows.append(Layer(name, kind, shape=shape))
+            last_spikes[0] = name
+        elif isinstance(module, nn.Conv2d):
+            taps = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            rows.append(Layer(name, "conv", output.numel() * taps, last_spikes[0], per_step))
+        elif isinstance(module, nn.Linear):
+            rows.append(Layer(name, "linear", output.numel() * module.in_features,
+                              last_spikes[0], per_step))
+        elif isinstance(module, BasicBlock):
+            rows.append(Layer(name, "residual", shape=per_step))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(lambda m, _i, out, name=name: hook(name, m, out))
+               for name, m in model.named_modules()
+               if isinstance(m, (I2E, LIF, nn.Conv2d, nn.Linear, BasicBlock))]
     try:
         model(sample)
     finally:
         for h in handles:
             h.remove()
-    return total
+    return rows
+
+
+def count_macs(card: ModelCard) -> int:
+    """Multiply-accumulates of the conv and linear layers for one input (all T steps)."""
+    return sum(layer.macs for layer in layer_table(card))
 
 
 def describe(path, **overrides) -> tuple[ModelCard, dict[str, float]]:

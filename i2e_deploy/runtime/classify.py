@@ -21,6 +21,7 @@ import numpy as np
 from ..card import ModelCard
 from ..errors import I2EError
 from ..images import preprocess
+from .activity import ActivityCounter, SpikeReader
 from .frames import Frame, Prediction, image_to_events
 from .runners import Runner, load_runner
 
@@ -37,7 +38,10 @@ class Classifier:
     picks others), or an already loaded runner (anything with ``card`` and ``infer``)."""
 
     def __init__(self, model: str | os.PathLike | Runner, *, topk: int = 3,
-                 device: str = "cpu", threads: int | None = None, **overrides):
+                 device: str = "cpu", threads: int | None = None, activity: bool = False,
+                 **overrides):
+        """``activity``: count each prediction's firing rate and synaptic operations from
+        the spikes the backend computes (off by default: it costs time per frame)."""
         if topk < 1:
             raise I2EError(f"topk must be >= 1, got {topk}")
         self.runner = load_runner(model, device=device, threads=threads, **overrides) \
@@ -50,6 +54,15 @@ class Classifier:
             torch.set_num_threads(1)
         self.card: ModelCard = self.runner.card
         self.topk = min(topk, self.card.num_classes)
+        self.activity: tuple[SpikeReader, ActivityCounter] | None = None
+        if activity:
+            if not self.runner.exposes_spikes:
+                raise I2EError(f"the {self.runner.name} backend does not expose spike maps: "
+                               "no firing rates or SOPs; use the ONNX or PyTorch backend")
+            from ..model.profile import layer_table
+
+            table = layer_table(self.card)
+            self.activity = SpikeReader(self.runner, table), ActivityCounter(table, self.card.T)
 
     @property
     def name(self) -> str:
@@ -69,11 +82,21 @@ class Classifier:
 
     def classify(self, inputs: list[np.ndarray]) -> list[Prediction]:
         """One inference over a micro-batch of prepared inputs."""
-        logits = self.runner.infer(np.stack(inputs))
+        batch = np.stack(inputs)
+        rates: list[float | None] = [None] * len(inputs)
+        sops: list[float | None] = [None] * len(inputs)
+        if self.activity is None:
+            logits = self.runner.infer(batch)
+        else:
+            read, counter = self.activity
+            logits, maps = read(batch)
+            rate, ops = counter.per_image(counter.counts(maps))
+            rates, sops = rate.tolist(), ops.tolist()
         probs = softmax(logits.astype(np.float64))
         top = np.argsort(-probs, axis=1)[:, :self.topk]
         return [Prediction(top[i], [self.card.label(int(k)) for k in top[i]], probs[i, top[i]],
-                           logits[i], inputs[i], self.card) for i in range(len(inputs))]
+                           logits[i], inputs[i], self.card, rates[i], sops[i])
+                for i in range(len(inputs))]
 
     def __call__(self, frame: Frame) -> Prediction:
         return self.classify([self.prepare(frame)])[0]

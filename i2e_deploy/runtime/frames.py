@@ -134,6 +134,9 @@ class Prediction:
     logits: np.ndarray
     model_input: np.ndarray  # uint8 [S, S, 3] crop, or events [T, 2, S, S]
     card: ModelCard
+    # Counted from the backend's spikes when the classifier was asked to (``activity``):
+    firing_rate: float | None = None  # over all LIF neurons and time steps
+    sops: float | None = None  # synaptic operations of this prediction
 
     @cached_property
     def events(self) -> np.ndarray:

@@ -59,6 +59,8 @@ class StreamStats:
     error: str | None = None
     latency: Ring = field(default_factory=Ring)
     stages: dict[str, Ring] = field(default_factory=lambda: {s: Ring() for s in STAGES})
+    firing_rate: Ring | None = None  # per prediction, when the classifier counts activity
+    sops: Ring | None = None
 
     @property
     def fps(self) -> float:
@@ -79,6 +81,9 @@ class StreamStats:
             if self.seconds > 0 else 0.0,
             "dropped": self.dropped, "unreadable": self.unreadable,
             "reconnects": self.reconnects, "interrupted": self.interrupted, "error": self.error,
+            **({"activity": {"firing_rate": self.firing_rate.mean,
+                             "sops_per_prediction": self.sops.mean}}
+               if self.firing_rate is not None and self.sops is not None else {}),
         }
 
     def summary(self) -> str:
@@ -89,7 +94,14 @@ class StreamStats:
                 f"({self.backend}) | latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms | "
                 f"per frame: capture {st['capture']:.1f}, preprocess {st['preprocess']:.1f}, "
                 f"infer {st['infer']:.1f}, overlay {st['overlay']:.1f}, sink {st['sink']:.1f} ms "
-                f"| dropped {self.dropped}, unreadable {self.unreadable}")
+                f"| dropped {self.dropped}, unreadable {self.unreadable}"
+                + (f" | LIF rate {self.firing_rate.mean:.4f}, {self.sops.mean / 1e6:.1f} M SOPs "
+                   "per prediction" if self.firing_rate is not None and self.sops is not None
+                   and self.firing_rate.count else ""))
+
+
+def _activity(prediction) -> str:
+    return f" | rate {prediction.firing_rate:.3f}, {prediction.sops / 1e6:.0f} M SOPs"
 
 
 _END = object()
@@ -172,7 +184,8 @@ class Stream:
     bounds each source's queue (1-2 keeps latency low)."""
 
     def __init__(self, classifier: Classifier, sources: list[Source], sink: Sink, *,
-                 max_frames: int | None = None, queue_size: int = 1, latest: bool | None = None):
+                 max_frames: int | None = None, queue_size: int = 1, latest: bool | None = None,
+                 show_activity: bool = False):
         if not sources:
             raise I2EError("no source given")
         if queue_size < 1:
@@ -183,6 +196,9 @@ class Stream:
                                   s.live if latest is None else latest)
                          for i, s in enumerate(sources)]
         self.stats = StreamStats([s.uri for s in sources], classifier.name)
+        if classifier.activity is not None:
+            self.stats.firing_rate, self.stats.sops = Ring(), Ring()
+        self.show_activity = show_activity and classifier.activity is not None
 
     def run(self) -> StreamStats:
         stats = self.stats
@@ -212,7 +228,8 @@ class Stream:
                 if self.sink.needs_canvas:
                     status = f"{rate:.1f} FPS | {stats.latency.percentile(50):.0f} ms | " \
                              f"{self.classifier.name}"
-                    canvases = [annotate(f, p, status) for f, p in zip(frames, predictions)]
+                    canvases = [annotate(f, p, status + _activity(p) if self.show_activity
+                                         else status) for f, p in zip(frames, predictions)]
                 drawn = time.perf_counter()
                 for frame, prediction, canvas in zip(frames, predictions, canvases):
                     self.sink.write(frame, prediction, canvas)
@@ -227,6 +244,10 @@ class Stream:
                                           ("sink", written - drawn)):
                         stats.stages[name].add(seconds * 1e3 / n)
                 stats.frames += n
+                if stats.firing_rate is not None and stats.sops is not None:
+                    for prediction in predictions:
+                        stats.firing_rate.add(prediction.firing_rate or 0.0)
+                        stats.sops.add(prediction.sops or 0.0)
                 elapsed = written - start
                 rate = stats.frames / elapsed if elapsed > 0 else 0.0
                 if self.max_frames is not None and stats.frames >= self.max_frames:

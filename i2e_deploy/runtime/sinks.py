@@ -120,6 +120,9 @@ class JsonlSink(Sink):
                                                  prediction.probs)]}
         if frame.span_us is not None:
             record["window_us"] = list(frame.span_us)
+        if prediction.firing_rate is not None:
+            record["firing_rate"] = round(prediction.firing_rate, 6)
+            record["sops"] = round(prediction.sops)
         file.write(json.dumps(record) + "\n")
         file.flush()  # one small write per frame; the temp file shows progress
 
