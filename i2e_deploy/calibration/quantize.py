@@ -19,8 +19,14 @@ Two flavours:
   output: the boolean spikes cast straight to uint8 (no QuantizeLinear), an NHWC im2col
   (``Gather`` of a precomputed index), and ``com.microsoft.MatMulIntegerToFloat`` (uint8 x
   int8 GEMM, per-channel scale and bias applied on the FP32 output), one 2-D GEMM over all
-  time steps and pixels. Convs with few input channels (the 2-channel stem, whose patch rows
-  would be 2 bytes) run as float convs with the dequantized weights on the exact 0/1 input.
+  time steps and pixels. The GEMM's ``[T*N*H*W, C]`` output rows stay as they are through
+  the neurons and residual sums (elementwise, and a neuron's per-step Split works on T-major
+  rows) up to the next im2col, so no layout change sits between convs; only the max pool's
+  output enters that layout and the average pool's input leaves it. A map smaller than the
+  kernel (2x2 under 3x3) runs as one GEMM over whole images with a weight per (input,
+  output) pixel pair, which skips the products with padding (4 of 9 taps are real there).
+  Convs with few input channels (the 2-channel stem, whose patch rows would be 2 bytes) run
+  as float convs with the dequantized weights on the exact 0/1 input.
   Weights, scales and biases are read from the Q/DQ graph, so both flavours compute the same
   function. Once the convs are INT8 the neuron chains dominate, so they are rewritten into
   an exact, cheaper form too (:mod:`.lif`).
@@ -323,13 +329,13 @@ class _Lowering:
             # (input pixel, output pixel) pair skips the products with padding. Integer
             # accumulation is exact in any order: the same sums as the im2col GEMM.
             dense = np.zeros((height, width, channels, ho, wo, out_ch), np.int8)
-            for oy in range(ho):
-                for ox in range(wo):
+            for y in range(ho):
+                for x in range(wo):
                     for ky in range(kh):
                         for kx in range(kw):
-                            iy, ix = oy * sh + ky - top, ox * sw + kx - left
+                            iy, ix = y * sh + ky - top, x * sw + kx - left
                             if 0 <= iy < height and 0 <= ix < width:
-                                dense[iy, ix, :, oy, ox, :] = weight[:, :, ky, kx].T
+                                dense[iy, ix, :, y, x, :] = weight[:, :, ky, kx].T
             images, out_images = self.fresh(hint + "_img"), self.fresh(hint + "_mm")
             nodes.append(helper.make_node("Reshape", [self.nhwc_of(source, nodes), self.const(
                 np.array([-1, height * width * channels], np.int64), hint + "_ri")], [images]))
