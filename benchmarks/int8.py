@@ -277,6 +277,15 @@ def markdown(report: dict) -> str:
         for name, row in rows.items():
             lines.append(f"| {model} | {name} | {row['kernel_ms']:.2f} | "
                          + " | ".join(f"{row[g]:.0f}" for g in groups) + " |")
+    lines += ["", "The convolution floor: with every other node free, INT8 would take its conv / "
+              "GEMM kernel time; the FP32 graph's whole kernel time over it bounds the speedup "
+              "(profiled times):", "", "| model | FP32 kernel ms | INT8 conv / GEMM ms | "
+              "best possible speedup | measured (profiled) |", "|---|---|---|---|---|"]
+    for model, rows in report["time_shares"].items():
+        fp32, int8 = rows["fp32"]["kernel_ms"], rows["int8 u8s8"]
+        floor = int8["kernel_ms"] * int8["conv / GEMM"] / 100
+        lines.append(f"| {model} | {fp32:.2f} | {floor:.2f} | {fp32 / floor:.2f}x | "
+                     f"{fp32 / int8['kernel_ms']:.2f}x |")
     for model, rows in report["time_shares"].items():
         names = list(rows)
         ops = sorted({op for row in rows.values() for op in row["ops"]},
