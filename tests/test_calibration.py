@@ -25,7 +25,7 @@ from i2e_deploy.calibration.quantize import (binary_activations, lower_for_onnxr
 from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
-from i2e_deploy.compare import logit_metrics
+from i2e_deploy.compare import judge, limits_for, logit_metrics
 from i2e_deploy.images import synthetic_images
 from i2e_deploy.artifacts import metadata_of, onnx_card
 from runtime_models import _session_dir, shared_model
@@ -322,3 +322,90 @@ def test_compare_says_when_rewritten_neurons_hide_their_spikes():
     assert found.checks[-1].name == "event agreement" and found.checks[-1].value == 1.0
     assert any("LIF spike maps not compared" in note for note in found.notes)
     assert "LIF spike maps not compared" in found.summary()
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
+    return model
+
+
+def test_lowered_convs_compute_the_qdq_convs_in_gemm_rows():
+    """Every lowered conv (im2col GEMM, dense GEMM on the 2x2 maps, 1x1 maps) gives the Q/DQ
+    graph's conv output, kept as rows [T*N*H*W, C] up to the pooling; no transposes between
+    GEMMs and neurons."""
+    from i2e_deploy.calibration.flips import as_layout_of
+
+    qdq, low = onnx.load(str(graph("u8s8"))), onnx.load(str(graph("ort")))
+    ops = [n.op_type for n in low.graph.node]
+    assert ops.count("Transpose") <= 2  # into rows after the max pool, back before avgpool
+    widths = {constant(low, n.input[1]).shape[0] for n in low.graph.node
+              if n.op_type == "MatMulIntegerToFloat"}
+    assert 2 * 2 * 64 in widths  # layer3 of the 32 px model: whole 2x2 images, 64 channels
+    convs = [n.output[0] for n in qdq.graph.node if n.op_type == "Conv"][1:]  # not the stem
+    x = images(8)
+    want = dict(zip(convs, ort.InferenceSession(
+        _with_outputs(qdq, convs).SerializeToString()).run(convs, {"images": x})))
+    got = dict(zip(convs, ort.InferenceSession(
+        _with_outputs(low, convs).SerializeToString()).run(convs, {"images": x})))
+    for name in convs:
+        assert got[name].ndim == 2 and got[name].shape[1] == want[name].shape[1], name
+        nchw = as_layout_of(got[name], want[name])
+        assert np.abs(nchw - want[name]).max() <= 1e-5 * np.abs(want[name]).max() + 1e-6, name
+
+
+def test_lif_rewrite_on_gemm_rows_is_exact_near_the_threshold(tmp_path):
+    """The rewritten chain on a [T*rows, C] input (the INT8 lowering's layout) fires exactly
+    as SPEC's LIF, step by step, on inputs that put membranes on the threshold, one ulp
+    below and above it."""
+    from step_lif import lif_step
+
+    from i2e_deploy.export.deploy import UnrolledLIF
+    from i2e_deploy.model.neuron import LIF
+
+    T, rows, channels = 8, 64, 16
+    torch.onnx.export(UnrolledLIF(LIF(T), T), (torch.zeros(T * rows, channels),),
+                      str(tmp_path / "lif.onnx"), input_names=["x"], output_names=["spikes"],
+                      opset_version=17, dynamic_axes={"x": {0: "rows"}}, dynamo=False)
+    model = onnx.load(str(tmp_path / "lif.onnx"))
+    assert rewrite_lif(model) == 1
+    assert [n.op_type for n in model.graph.node].count("ThresholdedRelu") == T - 1
+    rng = np.random.default_rng(0)
+    x = (rng.integers(-6, 10, (T, rows, channels)) / 8).astype(np.float32)  # exact sums
+    x[0, 0, :3] = [1.0, np.nextafter(np.float32(1), 0), np.nextafter(np.float32(1), 2)]
+    x[:, 1] = rng.normal(0.5, 0.6, (T, channels))  # ordinary rounding too
+    got = ort.InferenceSession(model.SerializeToString()).run(
+        None, {"x": x.reshape(T * rows, channels)})[0].reshape(T, rows, channels)
+    v, want, on_threshold = torch.zeros(rows, channels), [], 0
+    for t in range(T):
+        on_threshold += int((v * 0.5 + torch.from_numpy(x[t]) == 1.0).sum())
+        s, v = lif_step(v, torch.from_numpy(x[t]))
+        want.append(s.numpy())
+    assert on_threshold > 100  # the inputs do test the >= at the threshold
+    assert np.array_equal(got != 0, np.stack(want) != 0)
+
+
+def test_bundled_int8_graph_predicts_what_its_fp32_graph_predicts(tmp_path):
+    """The bundled model is INT8-exact: on held-out CIFAR-10 images its ONNX Runtime INT8
+    graph (GEMM rows, dense small maps, rewritten neurons) predicts what its FP32 graph
+    predicts. Integer GEMMs and float convs round their sums differently, so a membrane within
+    rounding of the threshold may flip, rarely."""
+    from i2e_deploy.assets import DEFAULT_MODEL
+    from i2e_deploy.calibration.quantize import to_int8
+    from i2e_deploy.export.onnx import export_onnx
+    from i2e_deploy.images import load_images
+    from i2e_deploy.model.checkpoint import load_checkpoint
+    from runtime_models import heldout_cifar
+
+    folder = heldout_cifar(200)
+    card = load_checkpoint(DEFAULT_MODEL)[1]
+    x = load_images(sorted(folder.rglob("*.jpg"))[::4], card).images
+    fp32 = export_onnx(DEFAULT_MODEL, tmp_path / "bundled.onnx").path
+    int8 = to_int8(fp32, tmp_path / "bundled.int8.onnx")
+    assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load(str(int8)).graph.node}
+    a, b = run(fp32, x), run(int8, x)
+    found = judge(a, b, limits_for("int8"))
+    assert found.passed and found.metrics["decisive_mismatches"] == 0, found.metrics
+    assert found.metrics["top1_agreement"] >= 0.98 and np.median(np.abs(a - b)) < 1e-5
+    layers = spike_agreement(fp32, int8, x)
+    assert len(layers) == 18 and layers[0]["agreement"] == 1.0  # the converter's events
+    assert all(r["agreement"] > 0.99 for r in layers), layers  # >= 99.7 % before this lowering

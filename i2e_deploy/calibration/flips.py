@@ -2,7 +2,7 @@
 
 Both graphs come from the same FP32 export, so their boolean spike tensors (each LIF's
 concatenated comparisons, per-step casts merged first) keep the same names; they are exposed
-as extra outputs and compared bit for bit on the same inputs.
+as extra outputs and compared bit for bit on the same inputs (in the reference's layout).
 """
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def layer_name(tensor: str) -> str:
     if len(parts) >= 2 and "." in parts[-2]:
         return f"{parts[-2]}.{parts[-1]}"
     return parts[-1]
+
+
+def as_layout_of(spikes: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``spikes`` in ``reference``'s NCHW layout: the ONNX Runtime INT8 lowering keeps
+    activations as GEMM rows ``[T*N*H*W, C]``, the same values in another order."""
+    if spikes.shape == reference.shape or reference.ndim != 4 or spikes.size != reference.size:
+        return spikes
+    rows, channels, height, width = reference.shape
+    return spikes.reshape(rows, height, width, channels).transpose(0, 3, 1, 2)
 
 
 def _session(model: onnx.ModelProto, outputs: list[str]):
@@ -66,7 +75,7 @@ def spike_agreement(reference: str | os.PathLike, other: str | os.PathLike,
         results = [dict(zip([o.name for o in s.get_outputs()],
                             s.run(None, {s.get_inputs()[0].name: chunk}))) for s in sessions]
         for t in tensors:
-            a, b = results[0][t], results[1][t]
+            a, b = results[0][t], as_layout_of(results[1][t], results[0][t])
             flips[t] += int((a != b).sum())
             spikes[t] += int(a.sum())
             sizes[t] += a.size

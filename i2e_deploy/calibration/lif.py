@@ -10,9 +10,10 @@ four ops, one of them ``Where``, which ONNX Runtime executes slowly. With a powe
 ``ThresholdedRelu`` keeps values above alpha (no spike: the membrane carries over) and zeroes
 the rest (spike: hard reset), so a step is two ops, and one ``Mul`` scales all steps' inputs
 and one ``LessOrEqual`` fires all steps at once. Scaling by a power of two and negating are
-exact in floating point, so every spike equals the exported chain's. Rank and layout are kept
-(the per-step constants are ``[T*N, 1, 1, 1]`` tensors built once from the batch size), so
-ONNX Runtime's transpose optimizer can still move layout changes through the chain.
+exact in floating point, so every spike equals the exported chain's. The chain works on a
+``[T, rest]`` view of its input, so it does not care about the layout (NCHW, or the ``[rows,
+channels]`` of the INT8 lowering) as long as the rows are T-major; the spikes come back in the
+input's shape.
 """
 from __future__ import annotations
 
@@ -165,34 +166,17 @@ def rewrite_lif(model: onnx.ModelProto) -> int:
         return 0
     steps, theta, decay = first["steps"], first["theta"], first["decay"]
     prefix = "lif_fast"
-    # Per-row constants of the time-folded [T*N, ...] layout, built once from the batch size:
-    # row t*N + n holds step t's input scale (-1/decay^t) and firing level (-theta/decay^t).
+    # Step t's input scale (-1/decay^t) and firing level (-theta/decay^t), one row per step of
+    # the [T, rest] view every chain takes of its input (any layout: rows stay T-major).
     growth = np.array([decay ** -t for t in range(steps)], np.float32).reshape(steps, 1)
-    consts = {f"{prefix}_scale_t": -growth, f"{prefix}_fire_t": -theta * growth,
-              f"{prefix}_one": np.array([1], np.int64), f"{prefix}_first": np.array([0], np.int64),
-              f"{prefix}_steps": np.array([steps], np.int64),
-              f"{prefix}_rows": np.array([-1, 1, 1, 1], np.int64)}
+    consts = {f"{prefix}_scale": -growth, f"{prefix}_fire": -theta * growth,
+              f"{prefix}_steps": np.array([steps, -1], np.int64)}
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    sample = chains[0]["input"]
-    nodes_before = [
-        helper.make_node("Shape", [sample], [f"{prefix}_shape"]),
-        helper.make_node("Gather", [f"{prefix}_shape", f"{prefix}_first"], [f"{prefix}_folded"]),
-        helper.make_node("Div", [f"{prefix}_folded", f"{prefix}_steps"], [f"{prefix}_batch"]),
-        helper.make_node("Concat", [f"{prefix}_one", f"{prefix}_batch"], [f"{prefix}_grid"], axis=0),
-    ]
-    for name in ("scale", "fire"):
-        nodes_before += [
-            helper.make_node("Expand", [f"{prefix}_{name}_t", f"{prefix}_grid"], [f"{prefix}_{name}_tn"]),
-            helper.make_node("Reshape", [f"{prefix}_{name}_tn", f"{prefix}_rows"], [f"{prefix}_{name}"])]
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
     replaced = {c["output"]: c for c in chains}
     new_nodes: list = []
-    inserted = False
     for node in g.graph.node:
-        if not inserted and sample in node.input:
-            new_nodes += nodes_before
-            inserted = True
         if node.op_type == "Concat" and node.output[0] in replaced:
             new_nodes += _fast_chain(replaced[node.output[0]], prefix, opset)
         else:
@@ -206,9 +190,11 @@ def rewrite_lif(model: onnx.ModelProto) -> int:
 def _fast_chain(chain: dict, prefix: str, opset: int) -> list:
     steps, theta, decay, out = chain["steps"], chain["theta"], chain["decay"], chain["output"]
     base = out + "__lif"
-    scaled, parts = f"{base}_y", [f"{base}_y{t}" for t in range(steps)]
+    steps_view, scaled = f"{base}_x", f"{base}_y"
+    parts = [f"{base}_y{t}" for t in range(steps)]
     equal_parts = {"num_outputs": steps} if opset >= 18 else {}
-    nodes = [helper.make_node("Mul", [chain["input"], f"{prefix}_scale"], [scaled]),
+    nodes = [helper.make_node("Reshape", [chain["input"], f"{prefix}_steps"], [steps_view]),
+             helper.make_node("Mul", [steps_view, f"{prefix}_scale"], [scaled]),
              helper.make_node("Split", [scaled], parts, axis=0, **equal_parts)]
     membranes = [parts[0]]
     for t in range(1, steps):
@@ -217,10 +203,14 @@ def _fast_chain(chain: dict, prefix: str, opset: int) -> list:
                                    alpha=-theta * decay ** -(t - 1)),
                   helper.make_node("Add", [parts[t], kept], [membrane])]
         membranes.append(membrane)
-    fired = out if chain["dtype"] == np.bool_ else f"{base}_fired"
+    fired = f"{base}_fired"
     nodes += [helper.make_node("Concat", membranes, [f"{base}_all"], axis=0),
-              helper.make_node("LessOrEqual", [f"{base}_all", f"{prefix}_fire"], [fired])]
-    if fired != out:
-        nodes.append(helper.make_node("Cast", [fired], [out], to=helper.np_dtype_to_tensor_dtype(
-            np.dtype(chain["dtype"]))))
+              helper.make_node("LessOrEqual", [f"{base}_all", f"{prefix}_fire"], [fired]),
+              helper.make_node("Shape", [chain["input"]], [f"{base}_shape"])]
+    if chain["dtype"] == np.bool_:
+        nodes.append(helper.make_node("Reshape", [fired, f"{base}_shape"], [out]))
+    else:
+        nodes += [helper.make_node("Reshape", [fired, f"{base}_shape"], [f"{base}_bool"]),
+                  helper.make_node("Cast", [f"{base}_bool"], [out], to=helper.np_dtype_to_tensor_dtype(
+                      np.dtype(chain["dtype"])))]
     return nodes

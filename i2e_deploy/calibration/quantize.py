@@ -19,8 +19,14 @@ Two flavours:
   output: the boolean spikes cast straight to uint8 (no QuantizeLinear), an NHWC im2col
   (``Gather`` of a precomputed index), and ``com.microsoft.MatMulIntegerToFloat`` (uint8 x
   int8 GEMM, per-channel scale and bias applied on the FP32 output), one 2-D GEMM over all
-  time steps and pixels. Convs with few input channels (the 2-channel stem, whose patch rows
-  would be 2 bytes) run as float convs with the dequantized weights on the exact 0/1 input.
+  time steps and pixels. The GEMM's ``[T*N*H*W, C]`` output rows stay as they are through
+  the neurons and residual sums (elementwise, and a neuron's per-step Split works on T-major
+  rows) up to the next im2col, so no layout change sits between convs; only the max pool's
+  output enters that layout and the average pool's input leaves it. A map smaller than the
+  kernel (2x2 under 3x3) runs as one GEMM over whole images with a weight per (input,
+  output) pixel pair, which skips the products with padding (4 of 9 taps are real there).
+  Convs with few input channels (the 2-channel stem, whose patch rows would be 2 bytes) run
+  as float convs with the dequantized weights on the exact 0/1 input.
   Weights, scales and biases are read from the Q/DQ graph, so both flavours compute the same
   function. Once the convs are INT8 the neuron chains dominate, so they are rewritten into
   an exact, cheaper form too (:mod:`.lif`).
@@ -41,10 +47,14 @@ from ..artifacts import FLAVOUR_KEY, INT8_FLAVOURS, PRECISION_KEY, metadata_of, 
 from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import copy_into_place
-from .graph import elem_types, merge_spike_casts, producers, remove_dead, set_props
+from .graph import attribute, elem_types, merge_spike_casts, producers, remove_dead, set_props
 
 QUANTIZED_OPS = ("Conv", "Gemm")
 MIN_GATHER_CHANNELS = 16
+# Ops that compute each element from the same element of their inputs (and scalars).
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Neg", "ThresholdedRelu", "Relu", "GreaterOrEqual",
+                "LessOrEqual", "Greater", "Less", "Equal", "Not", "And", "Or", "Where", "Cast",
+                "Identity", "QuantizeLinear", "DequantizeLinear")
 # Ops that move or select values without changing them: 0/1 in, 0/1 out.
 _VALUE_PRESERVING = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
                      "Slice", "Split", "Concat", "MaxPool", "Expand", "Tile", "Gather", "Pad")
@@ -198,6 +208,13 @@ class _Lowering:
         self.types = elem_types(model)
         self.new_initializers: list[onnx.TensorProto] = []
         self.uint8_nhwc: dict[str, str] = {}  # binary source tensor -> its uint8 NHWC copy
+        # Tensors held as GEMM rows [T*N*H*W, C] (T-major, channels innermost) -> (C, H, W),
+        # and the copies made when a tensor is needed in the other layout.
+        self.rows: dict[str, tuple[int, int, int]] = {}
+        self.uint8: dict[str, str] = {}  # boolean spikes -> their uint8 cast
+        self.as_rows: dict[str, str] = {}
+        self.as_nchw: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.count = 0
 
     def const(self, value: np.ndarray, hint: str) -> str:
@@ -230,9 +247,14 @@ class _Lowering:
         cast = self.producers.get(source)
         if cast is not None and cast.op_type == "Cast" and \
                 self.types.get(cast.input[0]) == TensorProto.BOOL:
-            as_uint8 = self.fresh(source + "_u8")
-            nodes.append(helper.make_node("Cast", [cast.input[0]], [as_uint8], to=TensorProto.UINT8))
-            return as_uint8
+            spikes = cast.input[0]
+            if spikes not in self.uint8:
+                self.uint8[spikes] = self.fresh(source + "_u8")
+                nodes.append(helper.make_node("Cast", [spikes], [self.uint8[spikes]],
+                                              to=TensorProto.UINT8))
+                if spikes in self.rows:
+                    self.rows[self.uint8[spikes]] = self.rows[spikes]
+            return self.uint8[spikes]
         return dq_input
 
     def activation(self, node, nodes: list) -> str:
@@ -292,20 +314,6 @@ class _Lowering:
         _, channels, height, width = in_shape
         hp, wp = height + top + bottom, width + left + right
         ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-
-        source = self.activation(node, nodes)
-        nhwc = self.uint8_nhwc.get(source)
-        if nhwc is None:
-            nhwc = self.fresh(hint + "_nhwc")
-            nodes.append(helper.make_node("Transpose", [source], [nhwc], perm=[0, 2, 3, 1]))
-            self.uint8_nhwc[source] = nhwc
-        if top or left or bottom or right:
-            padded = self.fresh(hint + "_pad")
-            nodes.append(helper.make_node(
-                "Pad", [nhwc, self.const(np.array([0, top, left, 0, 0, bottom, right, 0],
-                                                  np.int64), hint + "_pads")], [padded]))
-        else:
-            padded = nhwc
         # Taps that read padding for every output pixel (a 3x3 conv on a 1x1 map keeps only
         # its centre) add nothing: leave them out of the GEMM.
         rows_used = [k for k in range(kh) if any(top <= y * sh + k < top + height
@@ -313,6 +321,37 @@ class _Lowering:
         cols_used = [k for k in range(kw) if any(left <= x * sw + k < left + width
                                                  for x in range(wo))]
         taps = [(ky, kx) for ky in rows_used for kx in cols_used]
+        source = self.activation(node, nodes)
+        self.rows[node.output[0]] = (out_ch, ho, wo)  # the GEMM's rows are the output
+        if height * width < len(taps):
+            # A map smaller than the kernel (2x2 under a 3x3): every input pixel meets every
+            # output pixel through one tap, so one GEMM over whole images with a weight per
+            # (input pixel, output pixel) pair skips the products with padding. Integer
+            # accumulation is exact in any order: the same sums as the im2col GEMM.
+            dense = np.zeros((height, width, channels, ho, wo, out_ch), np.int8)
+            for y in range(ho):
+                for x in range(wo):
+                    for ky in range(kh):
+                        for kx in range(kw):
+                            iy, ix = y * sh + ky - top, x * sw + kx - left
+                            if 0 <= iy < height and 0 <= ix < width:
+                                dense[iy, ix, :, y, x, :] = weight[:, :, ky, kx].T
+            images, out_images = self.fresh(hint + "_img"), self.fresh(hint + "_mm")
+            nodes.append(helper.make_node("Reshape", [self.nhwc_of(source, nodes), self.const(
+                np.array([-1, height * width * channels], np.int64), hint + "_ri")], [images]))
+            self.matmul(images, dense.reshape(height * width * channels, -1), np.tile(scale, ho * wo),
+                        np.tile(bias, ho * wo), out_images, nodes, hint)
+            nodes.append(helper.make_node("Reshape", [out_images, self.const(
+                np.array([-1, out_ch], np.int64), hint + "_ro")], list(node.output)))
+            return
+        nhwc = self.nhwc_of(source, nodes)
+        if top or left or bottom or right:
+            padded = self.fresh(hint + "_pad")
+            nodes.append(helper.make_node(
+                "Pad", [nhwc, self.const(np.array([0, top, left, 0, 0, bottom, right, 0],
+                                                  np.int64), hint + "_pads")], [padded]))
+        else:
+            padded = nhwc
         if taps == [(0, 0)] and kh == kw == 1:
             patches = padded
             if sh != 1 or sw != 1:
@@ -337,17 +376,78 @@ class _Lowering:
                 helper.make_node("Gather", [flat, self.const(index, hint + "_idx")], [patches],
                                  axis=1)]
         # One 2-D GEMM over all (time, image, pixel) rows: batch dimensions would split it
-        # into many small ones.
-        rows, out_rows, out_nhwc = (self.fresh(hint + s) for s in ("_rows", "_mm", "_out"))
+        # into many small ones. Its [rows, channels] output is what the neurons and residual
+        # sums read next (see run()).
+        patch_rows = self.fresh(hint + "_rows")
         nodes.append(helper.make_node("Reshape", [patches, self.const(
-            np.array([-1, len(taps) * channels], np.int64), hint + "_r2")], [rows]))
+            np.array([-1, len(taps) * channels], np.int64), hint + "_r2")], [patch_rows]))
         weight_kn = np.concatenate([weight[:, :, ky, kx].T for ky, kx in taps])
-        self.matmul(rows, weight_kn, scale, bias, out_rows, nodes, hint)
-        nodes += [
-            helper.make_node("Reshape", [out_rows, self.const(np.array([-1, ho, wo, out_ch],
-                                                                       np.int64), hint + "_r3")],
-                             [out_nhwc]),
-            helper.make_node("Transpose", [out_nhwc], [node.output[0]], perm=[0, 3, 1, 2])]
+        self.matmul(patch_rows, weight_kn, scale, bias, node.output[0], nodes, hint)
+
+    def nhwc_of(self, source: str, nodes: list) -> str:
+        """``source`` (uint8 0/1, rows or NCHW) as ``[T*N, H, W, C]``, once per tensor."""
+        nhwc = self.uint8_nhwc.get(source)
+        if nhwc is None:
+            nhwc = self.fresh(source + "_nhwc")
+            if source in self.rows:
+                channels, height, width = self.rows[source]
+                nodes.append(helper.make_node("Reshape", [source, self.const(
+                    np.array([-1, height, width, channels], np.int64), "nhwc")], [nhwc]))
+            else:
+                nodes.append(helper.make_node("Transpose", [source], [nhwc], perm=[0, 2, 3, 1]))
+            self.uint8_nhwc[source] = nhwc
+        return nhwc
+
+    def rows_of(self, tensor: str, nodes: list) -> str:
+        """``tensor`` in the ``[T*N*H*W, C]`` row layout (converted from NCHW once)."""
+        if tensor in self.rows:
+            return tensor
+        if tensor not in self.as_rows:
+            _, channels, height, width = self.shapes[tensor]
+            nhwc, rows = self.fresh(tensor + "_nhwc"), self.fresh(tensor + "_rows")
+            nodes += [helper.make_node("Transpose", [tensor], [nhwc], perm=[0, 2, 3, 1]),
+                      helper.make_node("Reshape", [nhwc, self.const(
+                          np.array([-1, channels], np.int64), "rows")], [rows])]
+            self.as_rows[tensor] = rows
+            self.rows[rows] = (channels, height, width)
+        return self.as_rows[tensor]
+
+    def nchw_of(self, tensor: str, nodes: list) -> str:
+        """A row-layout ``tensor`` back in NCHW, for the ops that need it (pooling)."""
+        if tensor not in self.as_nchw:
+            channels, height, width = self.rows[tensor]
+            nhwc, nchw = self.fresh(tensor + "_nhwc"), self.fresh(tensor + "_nchw")
+            nodes += [helper.make_node("Reshape", [tensor, self.const(
+                          np.array([-1, height, width, channels], np.int64), "nhwc")], [nhwc]),
+                      helper.make_node("Transpose", [nhwc], [nchw], perm=[0, 3, 1, 2])]
+            self.as_nchw[tensor] = nchw
+        return self.as_nchw[tensor]
+
+    def relayout(self, node, nodes: list) -> None:
+        """Keep the GEMMs' row layout through what does not care about it: elementwise ops
+        with scalar constants, and the neurons' per-step Split / Concat on axis 0 (rows are
+        T-major, so each step is a contiguous block of rows). Anything else reads NCHW."""
+        data = [i for i in node.input if i and i not in self.sizes]
+        keeps = node.op_type in _ELEMENTWISE and all(self.sizes[i] == 1 for i in node.input
+                                                     if i in self.sizes)
+        if node.op_type in ("Split", "Concat") and attribute(node, "axis", 0) == 0 and \
+                (node.op_type == "Concat" or len(node.input) == 1):
+            keeps = True
+            if node.op_type == "Split" and data[0] not in self.rows:
+                # A neuron reading NCHW (after the max pool): its spikes go to a GEMM, so
+                # convert its input once; not on 1x1 maps (the head), where nothing is gained.
+                shape = self.shapes.get(data[0], ())
+                keeps = len(shape) == 4 and shape[2] * shape[3] > 1
+                if keeps:
+                    node.input[0] = self.rows_of(data[0], nodes)
+        if keeps and any(i in self.rows for i in node.input):
+            node.input[:] = [self.rows_of(i, nodes) if i in data else i for i in node.input]
+            layout = next(self.rows[i] for i in node.input if i in self.rows)
+            for out in node.output:
+                self.rows[out] = layout
+        else:
+            node.input[:] = [self.nchw_of(i, nodes) if i in self.rows else i for i in node.input]
+        nodes.append(node)
 
     def gemm(self, node, nodes: list) -> None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -363,18 +463,27 @@ class _Lowering:
 
     def run(self) -> onnx.ModelProto:
         targets = [n for n in self.graph.node if n.op_type in QUANTIZED_OPS]
-        shapes = _probe_shapes(self.model, [n.input[0] for n in targets if n.op_type == "Conv"])
+        self.shapes = _probe_shapes(self.model, [n.input[0] for n in targets if n.op_type == "Conv"]
+                                    + [n.input[0] for n in self.graph.node if n.op_type == "Split"]
+                                    + [i for n in self.graph.node if n.op_type in _ELEMENTWISE
+                                       for i in n.input if i and i not in self.initializers])
+        # Element counts of the constants (initializers and Constant nodes).
+        self.sizes = {i.name: int(np.prod(i.dims)) for i in self.graph.initializer}
+        self.sizes.update((n.output[0], int(np.prod(n.attribute[0].t.dims)))
+                          for n in self.graph.node
+                          if n.op_type == "Constant" and n.attribute[0].name == "value")
         nodes: list = []
         for node in self.graph.node:
             if node.op_type == "Conv":
-                self.conv(node, shapes[node.input[0]], nodes)
+                self.conv(node, self.shapes[node.input[0]], nodes)
             elif node.op_type == "Gemm":
                 self.gemm(node, nodes)
             else:
-                nodes.append(node)
+                self.relayout(node, nodes)
         del self.graph.node[:]
         self.graph.node.extend(nodes)
         self.graph.initializer.extend(self.new_initializers)
+        del self.graph.value_info[:]  # shapes recorded for NCHW; many tensors are rows now
         remove_dead(self.graph)
         if not any(op.domain == "com.microsoft" for op in self.model.opset_import):
             self.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
