@@ -137,3 +137,13 @@ def read_engine_sidecar(engine: str | os.PathLike) -> dict:
     if missing:
         raise I2EError(f"{sidecar}: missing {', '.join(missing)}; rebuild the engine")
     return data
+
+
+def write_engine_verification(engine: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Add the on-target verification verdict to an engine's sidecar (atomically)."""
+    from .fileio import atomic_output
+
+    data = read_engine_sidecar(engine)
+    data["verification"] = record
+    with atomic_output(engine_sidecar_path(engine), "w") as fh:
+        fh.write(json.dumps(data, indent=2) + "\n")
