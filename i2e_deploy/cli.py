@@ -62,6 +62,15 @@ def command(*args, **kwargs):
                 err_console.print(Text.assemble(("error:", "red"), f" {exc}"), highlight=False,
                                   soft_wrap=True)
                 raise typer.Exit(1 if isinstance(exc, VerificationError) else 2) from None
+            except ImportError as exc:
+                if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+                    raise
+                err_console.print(Text.assemble(
+                    ("error:", "red"), f" `{fn.__name__.removesuffix('_cmd')}` needs PyTorch "
+                    "here (checkpoints, export, training; exported .onnx/.engine files run "
+                    "without it): pip install 'i2e-deploy[torch]'"), highlight=False,
+                    soft_wrap=True)
+                raise typer.Exit(2) from None
         return app.command(*args, **kwargs)(run)
     return wrap
 
@@ -80,32 +89,24 @@ EventsOpt = typer.Option(None, "--events/--images", help="event-input or image-i
 
 
 @command("info")
-def info(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'default'"),
+def info(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine, Triton model folder, or 'default'"),
          as_json: bool = typer.Option(False, "--json", help="print JSON"),
          arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
          ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
          events: Optional[bool] = EventsOpt):
-    """Show a checkpoint's model card, what was inferred, parameters and GMACs."""
-    from .assets import resolve_model
-    from .model.profile import describe
-    card, stats = describe(resolve_model(checkpoint),
-                           **model_overrides(arch, classes, ratio, imgsz, events))
+    """Show a model file's card, precision, INT8 flavour and verification verdicts (and a
+    checkpoint's inferred fields, parameters and GMACs)."""
+    from .apps.info import describe_file, rows
+    found = describe_file(model, **model_overrides(arch, classes, ratio, imgsz, events))
     if as_json:
-        print(json.dumps({"card": card.to_dict(), **stats}, indent=2))
+        print(json.dumps(found, indent=2))
         return
     from rich.table import Table
-    table = Table(title=Text(checkpoint), show_header=False)
-    for key, value in card.to_dict().items():
-        if key in ("inferred", "provenance"):
-            continue
-        table.add_row(key, Text(str(value)))
-    for key, value in card.provenance.items():
-        table.add_row(f"provenance.{key}", Text(str(value)))
-    table.add_row("parameters", f"{stats['params']:,}")
-    table.add_row("GMACs / image", f"{stats['gmacs_per_image']:.3f} (T={card.T}, "
-                  f"{card.imgsz}x{card.imgsz})")
+    table = Table(title=Text(model), show_header=False)
+    for key, value in rows(found):
+        table.add_row(key, Text(value))
     console.print(table)
-    for note in card.inferred:
+    for note in found["card"].get("inferred", []):
         console.print(Text.assemble(("inferred:", "yellow"), f" {note}"), highlight=False)
 
 
