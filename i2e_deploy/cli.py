@@ -315,15 +315,21 @@ def build_cmd(onnx_file: Path = typer.Argument(..., help=".onnx graph from `i2e-
               workspace: float = typer.Option(4.0, "--workspace", help="workspace limit, GiB"),
               dla_core: Optional[int] = typer.Option(None, "--dla-core", help="Jetson DLA core: one fixed batch, GPU fallback on"),
               timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="reuse/update this timing cache"),
-              device: str = typer.Option("cuda", "--device", help="cuda or cuda:N")):
-    """Build a TensorRT engine (+ JSON sidecar) from an exported ONNX graph, on the target."""
-    from .export.tensorrt import build_engine
-    from .targets import precision_from_flags
-    engine = build_engine(onnx_file, output, precision=precision_from_flags(int8, half),
-                          int8_mode=calibrator, min_batch=min_batch, opt_batch=batch,
-                          max_batch=max_batch, workspace_gib=workspace, dla_core=dla_core,
-                          timing_cache=timing_cache, calib_data=data, calib_size=calib_size,
-                          calib_cache=calib_cache, device=device)
+              device: str = typer.Option("cuda", "--device", help="cuda or cuda:N"),
+              verify: bool = typer.Option(True, "--verify/--no-verify", help="run the engine on this GPU against the ONNX graph on the CPU before writing it"),
+              verify_data: Optional[Path] = VerifyDataOpt,
+              tolerance: Optional[list[str]] = ToleranceOpt):
+    """Build a TensorRT engine (+ JSON sidecar) from an exported ONNX graph, on the target,
+    verified there against the graph on ONNX Runtime (CPU) before it is written."""
+    from .compare import parse_tolerances
+    from .targets import build_verified_engine, precision_from_flags
+    engine = build_verified_engine(
+        onnx_file, output, verify=verify, data=verify_data,
+        tolerances=parse_tolerances(tolerance or ()), log=say,
+        precision=precision_from_flags(int8, half), int8_mode=calibrator, min_batch=min_batch,
+        opt_batch=batch, max_batch=max_batch, workspace_gib=workspace, dla_core=dla_core,
+        timing_cache=timing_cache, calib_data=data, calib_size=calib_size,
+        calib_cache=calib_cache, device=device)
     say(f"wrote {engine} and {engine.name}.json")
 
 

@@ -236,7 +236,9 @@ def build_verified_engine(graph: Path, output: str | os.PathLike | None, *,
     from .runtime.runners import TensorRTRunner
 
     say = log or (lambda _msg: None)
-    destination = BuildRequest(graph, output, **options).output  # checks before any build
+    request = BuildRequest(graph, output, **options)  # checks before any build
+    destination = request.output
+    options = {**options, "calib_cache": request.calib_cache}  # beside the engine, as unverified
     with tempfile.TemporaryDirectory() as scratch:
         engine = build_engine(graph, Path(scratch) / destination.name, **options)
         if verify:
