@@ -18,7 +18,7 @@ from ..artifacts import (PRECISION_KEY, kind_of, onnx_card, read_engine_sidecar,
                          read_metadata)
 from ..card import ModelCard
 from ..device import parse_device
-from ..errors import I2EError
+from ..errors import I2EError, warn
 
 if TYPE_CHECKING:
     import torch
@@ -268,7 +268,12 @@ class TorchRunner(Runner):
 
     def warmup(self, iterations: int = 1, batch: int = 1) -> None:
         if self._graphs is not None:  # capture every bucket now, not mid-stream
-            self._graphs.capture_all()
+            try:
+                self._graphs.capture_all()
+            except RuntimeError as exc:  # a capture PyTorch refuses: eager is still right
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                warn(f"CUDA graph capture failed ({first}); running eager on {self.device}")
+                self._graphs, self.batch_limit, self.name = None, None, "torch"
         super().warmup(iterations, batch)
 
     exposes_spikes = True
