@@ -29,6 +29,7 @@ META_PREFIX = "i2e_deploy."
 CARD_KEY = META_PREFIX + "card"
 PRECISION_KEY = META_PREFIX + "precision"
 FLAVOUR_KEY = META_PREFIX + "int8_flavour"
+VERIFICATION_KEY = META_PREFIX + "verification"  # the export's verdict, JSON
 SIDECAR_SUFFIX = ".json"
 
 
@@ -90,6 +91,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     except Exception as exc:  # protobuf decode errors have many types
         raise I2EError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
     return metadata_of(proto)
+
+
+def add_metadata(path: str | os.PathLike, entries: dict[str, str]) -> None:
+    """Set ``metadata_props`` entries of an ONNX file in place (others are kept)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in entries]
+    del proto.metadata_props[:]
+    for key, value in kept + sorted(entries.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
 
 
 def metadata_of(proto) -> dict[str, str]:

@@ -11,6 +11,7 @@ the cache when another backend or precision is asked for.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .artifacts import (INT8_FLAVOURS, PRECISIONS, default_output, kind_of, read_card,
+from .artifacts import (INT8_FLAVOURS, PRECISIONS, VERIFICATION_KEY, add_metadata,
+                        default_output, kind_of, read_card,
                         read_precision, stem)
 from .card import ModelCard
 from .compare import compare, limits_for
@@ -181,9 +183,10 @@ def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = N
         fp32 = export_onnx(model, card, Path(scratch) / "model.onnx",
                            log=lambda msg: None if msg.startswith("wrote ") else say(msg),
                            **request.export_options).path
+        stamp: dict[str, Any] = {}
         if request.verify:
-            verify_graph(fp32, model, card, data=request.data, tolerances=request.tolerances,
-                         log=say)
+            stamp["export"] = verify_graph(fp32, model, card, data=request.data,
+                                           tolerances=request.tolerances, log=say)
         graph = fp32
         if target.precision == "int8":
             graph = to_int8(fp32, Path(scratch) / "model.int8.onnx",
@@ -192,8 +195,14 @@ def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = N
             graph = to_fp16(fp32, Path(scratch) / "model.fp16.onnx")
         if graph != fp32 and request.verify:
             count = request.calib_size if request.data else REDUCED_VERIFY_COUNT
-            verify_reduced(fp32, graph, target.precision, data=request.data, count=count,
-                           tolerances=request.tolerances, log=say)
+            reduced = verify_reduced(fp32, graph, target.precision, data=request.data,
+                                     count=count, tolerances=request.tolerances, log=say)
+            stamp["reduced"] = {"passed": reduced["passed"], "vs": "the FP32 graph",
+                                "images": reduced["source"], **{
+                                    key: reduced["metrics"].get(key) for key in
+                                    ("decisive_mismatches", "median_rel", "event_agreement")}}
+        if stamp:  # info shows what the graph was checked against
+            add_metadata(graph, {VERIFICATION_KEY: json.dumps(stamp)})
         if target.format == "engine":  # TensorRT is needed from here on: graphs checked first
             device = request.device if request.device.startswith("cuda") else "cuda"
             # FP32: the engine against the checkpoint; a reduced precision against its own

@@ -194,3 +194,16 @@ def test_info_reads_an_engine_sidecar_with_its_verdict_and_a_triton_folder(tmp_p
     assert data["triton"]["platform"] == "onnxruntime_onnx" and data["triton"]["name"] == "tiny"
     assert data["model"].endswith("1/model.onnx")
     assert_clean_failure(info(tmp_path), "no config.pbtxt")
+
+
+def test_info_shows_the_export_verdict_a_graph_carries(tmp_path):
+    from runtime_models import shared_model
+
+    graph = tmp_path / "tiny.onnx"
+    exported = runner.invoke(app, ["export", str(shared_model("ckpt")), "-o", str(graph)])
+    assert exported.exit_code == 0, exported.output
+    data = json.loads(info(graph, "--json").stdout)
+    record = data["verification"][0]
+    assert record["passed"] and record["on"] == "export: ONNX Runtime (CPU)"
+    assert record["count"] == 32 and record["decisive_changes"] == 0
+    assert "PyTorch reference" in record["reference"]

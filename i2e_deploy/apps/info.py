@@ -5,13 +5,15 @@ model folder (config.pbtxt and the model inside); with every verification verdic
 for it (an engine's sidecar, this machine's export cache)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import (FLAVOUR_KEY, INT8_FLAVOURS, ONNX_SUFFIXES, ENGINE_SUFFIXES,
-                         PRECISION_KEY, onnx_card, read_engine_sidecar, read_metadata)
+from ..artifacts import (ENGINE_SUFFIXES, FLAVOUR_KEY, INT8_FLAVOURS, ONNX_SUFFIXES,
+                         PRECISION_KEY, VERIFICATION_KEY, onnx_card, read_engine_sidecar,
+                         read_metadata)
 from ..card import ModelCard, sha256_file
 from ..errors import I2EError
 
@@ -51,10 +53,14 @@ def _onnx(path: Path) -> dict[str, Any]:
     metadata = read_metadata(path)
     card = onnx_card(metadata, path)
     flavour = metadata.get(FLAVOUR_KEY)
+    stamp = json.loads(metadata.get(VERIFICATION_KEY, "{}"))
+    exported = [{**stamp["export"], "on": "export: ONNX Runtime (CPU)"}] if "export" in stamp \
+        else []
     return {"kind": "onnx", "path": str(path), "card": card.to_dict(),
             "precision": metadata.get(PRECISION_KEY, "fp32"), "int8_flavour": flavour,
             "int8_flavour_note": INT8_FLAVOURS.get(flavour or ""),
-            "verification": _verdicts(path)}
+            "reduced_check": stamp.get("reduced"),
+            "verification": exported + _verdicts(path)}
 
 
 def _engine(path: Path) -> dict[str, Any]:
@@ -126,6 +132,11 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         triton = info["triton"]
         out.append(("triton", f"{triton['name']} ({triton['platform']}, max batch "
                               f"{triton['max_batch_size']}): {info['model']}"))
+    reduced = info.get("reduced_check")
+    if reduced:
+        verdict = "pass" if reduced["passed"] else "outside its limits (a warning)"
+        out.append((f"{info['precision']} vs FP32", f"{verdict} on {reduced['images']} "
+                    f"(decisive changes {reduced['decisive_mismatches']})"))
     for record in info["verification"]:
         where = record.get("on") or record.get("what")
         out.append(("verified", f"{'pass' if record['passed'] else 'FAIL'} {where}, "
