@@ -395,7 +395,7 @@ def verdict_record(found, *, source: str, what: str, reference: str, precision: 
         "decisive_changes": metrics.get("decisive_mismatches"),
         "median_rel": metrics.get("median_rel"), "median_abs": metrics.get("median_abs"),
         "spike_agreement": min(neurons) if neurons else None,
-        "event_agreement": metrics.get("event_agreement"),
+        "event_agreement": metrics.get("event_agreement"), "layers": found.layers,
     }
     if key is not None:
         write_verdict(key, record, cache)

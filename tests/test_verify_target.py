@@ -117,3 +117,35 @@ def test_auto_on_cuda_without_tensorrt_or_onnxruntime_gpu_is_cuda_graphs(graphs)
         assert "CUDA graphs" in choice.why and "no onnxruntime-gpu" in choice.why
         with pytest.raises(I2EError, match="needs TensorRT or onnxruntime-gpu"):
             choose_runner(read_card(graphs["ckpt"]), "auto", "int8", "cuda")
+
+
+def _gpu_torch() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_torch(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_runner_is_verified_once_and_info_shows_it(graphs, tmp_path,
+                                                                 monkeypatch):
+    """Whatever ``--backend auto`` picks on this GPU is verified before it runs; the verdict
+    is kept (the second open reuses it) and ``info`` lists it."""
+    from i2e_deploy.apps.info import describe_file
+    from i2e_deploy.targets import gpu_onnxruntime, resolve_runner
+
+    monkeypatch.setenv("I2E_CACHE", str(tmp_path))
+    notes: list[str] = []
+    with resolve_runner(graphs["ckpt"], device="cuda", log=notes.append) as run:
+        assert run.name in ("torch-cudagraph", "onnxruntime", "tensorrt")
+    assert notes[0].startswith("runner: ") and any(n.startswith("verify: ") for n in notes)
+    again: list[str] = []
+    with resolve_runner(graphs["ckpt"], device="cuda", log=again.append):
+        pass
+    assert any("verified" in n for n in again)
+    assert not any(n.startswith("verify: ") for n in again)
+    if run.name == "torch-cudagraph":
+        assert describe_file(graphs["ckpt"])["verification"][0]["passed"]
+    if gpu_onnxruntime():  # the corrupted graph on this GPU's ONNX Runtime
+        with pytest.raises(VerificationError):
+            resolve_runner(graphs["bad"], device="cuda").close()

@@ -182,8 +182,8 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
     if not path.is_file():
         raise I2EError(f"model file not found: {path}")
     card = read_card(path)
-    log(auto_line(path, card, device))
     inputs, labels, input_info = _load_inputs(card, data, limit)
+    log(auto_line(path, card, device))
     folder = Path(cache).expanduser() if cache else cache_dir()
     log(f"exporting into {folder} (cached by checkpoint sha256 + options)")
     rows = plan_rows(path, folder, device, tuple(precisions))
