@@ -497,6 +497,8 @@ def _label(backend: str, precision: str, device: str) -> str:
     names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "tensorrt": "TensorRT"}
     if backend == "torch" and parse_device(device)[0] == "cuda":
         return f"PyTorch CUDA graphs fp32 on {device}"
+    if backend == "tensorrt" and device == "cpu":  # engines run on the first GPU
+        device = "cuda"
     return f"{names[backend]} {precision} on {device}"
 
 
