@@ -410,7 +410,16 @@ class OrtRunner(Runner):
         chosen = ort_providers(device, providers, precision=self.precision, cache=cache,
                                cuda_graph=static)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=chosen)
+            try:
+                self.session = ort.InferenceSession(str(path), options, providers=chosen)
+            except Exception:
+                if not static:
+                    raise
+                # ONNX Runtime refuses a CUDA graph unless every node runs on the CUDA
+                # provider: the same providers without it.
+                chosen = ort_providers(device, providers, precision=self.precision,
+                                       cache=cache)
+                self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except I2EError:
             raise
         except Exception as exc:
