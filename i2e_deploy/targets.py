@@ -506,7 +506,7 @@ def resolve_runner(model: str | os.PathLike, *, backend: str = "auto", precision
                    device: str = "cpu", threads: int | None = None,
                    cache: str | os.PathLike | None = None, warmup: int = 1,
                    verify: bool = True, data: str | os.PathLike | None = None,
-                   tolerances: dict[str, float] | None = None,
+                   tolerances: dict[str, float] | None = None, spinning: bool = True,
                    log: Callable[[str], None] | None = None, **overrides: Any):
     """A loaded runner for a model file ('default' = the bundled model). A checkpoint runs
     where :func:`choose_runner` says (``backend`` 'auto': the fastest verified runner here),
@@ -514,7 +514,8 @@ def resolve_runner(model: str | os.PathLike, *, backend: str = "auto", precision
     exported graph or engine runs on its own backend ('own' keeps a checkpoint on PyTorch).
     Whatever runs on a GPU from something other than the reference is verified there first
     (:func:`verify_target`, once per artifact and device; ``verify=False`` skips it). The
-    first ``log`` line says which runner and why. ``overrides`` are ``load_checkpoint``'s."""
+    first ``log`` line says which runner and why. ``spinning``: ONNX Runtime's (see
+    ``load_runner``). ``overrides`` are ``load_checkpoint``'s."""
     from .assets import resolve_model
     from .runtime.runners import load_runner
 
@@ -541,7 +542,7 @@ def resolve_runner(model: str | os.PathLike, *, backend: str = "auto", precision
         say(f"runner: {_label(own, read_precision(path), device)} ({path.name}: the file's "
             "own backend)")
         runner = load_runner(path, device=device, threads=threads, warmup=warmup,
-                             cache=folder or _cache(), **overrides)
+                             cache=folder or _cache(), spinning=spinning, **overrides)
         return _verified(runner, path, None, verify=verify and on_gpu, data=data,
                          tolerances=tolerances, cache=folder, log=say)
     card = read_card(path, **overrides)
@@ -564,7 +565,7 @@ def resolve_runner(model: str | os.PathLike, *, backend: str = "auto", precision
             say(f"export failed ({str(exc).splitlines()[0]}); running on PyTorch instead")
         else:
             runner = load_runner(artifact, device=device, threads=threads, warmup=warmup,
-                                 cache=folder or _cache())
+                                 cache=folder or _cache(), spinning=spinning)
             reference = path if choice.precision == "fp32" else artifact
             return _verified(runner, artifact, reference, verify=verify and on_gpu,
                              data=data, tolerances=tolerances, cache=folder, log=say,

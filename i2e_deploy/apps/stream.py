@@ -36,9 +36,11 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
         raise I2EError(f"--max-frames must be >= 1, got {max_frames}")
     if topk < 1:
         raise I2EError(f"--topk must be >= 1, got {topk}")
+    # The source's reader thread preprocesses beside inference: ONNX Runtime's spinning
+    # idle threads would take its core on a small machine.
     runner = model if isinstance(model, Runner) else resolve_runner(
         model, backend=backend, precision=precision, device=device, threads=threads,
-        verify=verify, data=data, log=log, **overrides)
+        verify=verify, data=data, spinning=False, log=log, **overrides)
     classifier = Classifier(runner, topk=topk)
     opened: list[Source] = []
     try:

@@ -384,8 +384,9 @@ class OrtRunner(Runner):
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None,
                  providers: list[str] | None = None, optimization: str = "all",
-                 cache: Path | None = None):
-        """``cache``: the folder for the TensorRT provider's engine and timing caches."""
+                 cache: Path | None = None, spinning: bool = True):
+        """``cache``: the folder for the TensorRT provider's engine and timing caches.
+        ``spinning``: whether idle intra-op threads spin (ONNX Runtime's default)."""
         import onnxruntime as ort
 
         super().__init__(path, device)
@@ -405,6 +406,8 @@ class OrtRunner(Runner):
             "ORT_DISABLE_ALL" if optimization == "disable" else f"ORT_ENABLE_{optimization.upper()}")
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         on_gpu = parse_device(device)[0] == "cuda" and not providers
         static = on_gpu and _static_input(path)
         chosen = ort_providers(device, providers, precision=self.precision, cache=cache,
@@ -595,12 +598,14 @@ class TensorRTRunner(Runner):
 
 def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
                 providers: list[str] | None = None, optimization: str = "all",
-                warmup: int = 1, cache: Path | None = None, **torch_options) -> Runner:
+                warmup: int = 1, cache: Path | None = None, spinning: bool = True,
+                **torch_options) -> Runner:
     """Open a model file on the backend its kind names ('default' = the bundled model).
 
     ``torch_options`` go to the PyTorch runner (``graphs``, and ``load_checkpoint``
     overrides such as ``imgsz``); they are refused for other backends. ``cache``: where the
-    ONNX Runtime TensorRT provider keeps its engines.
+    ONNX Runtime TensorRT provider keeps its engines; ``spinning``: ONNX Runtime's idle
+    threads spin (off where another thread of the process needs the cores: ``stream``).
     """
     from ..assets import resolve_model
 
@@ -613,7 +618,7 @@ def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | 
     elif torch_options:
         raise I2EError(f"options {sorted(torch_options)} apply only to PyTorch checkpoints")
     elif kind == "onnx":
-        runner = OrtRunner(path, device, threads, providers, optimization, cache)
+        runner = OrtRunner(path, device, threads, providers, optimization, cache, spinning)
     else:
         runner = TensorRTRunner(path, "cuda" if device == "cpu" else device)
     if warmup:
