@@ -29,6 +29,7 @@ META_PREFIX = "i2e_deploy."
 CARD_KEY = META_PREFIX + "card"
 PRECISION_KEY = META_PREFIX + "precision"
 FLAVOUR_KEY = META_PREFIX + "int8_flavour"
+VERIFICATION_KEY = META_PREFIX + "verification"  # the export's verdict, JSON
 SIDECAR_SUFFIX = ".json"
 
 
@@ -92,6 +93,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return metadata_of(proto)
 
 
+def add_metadata(path: str | os.PathLike, entries: dict[str, str]) -> None:
+    """Set ``metadata_props`` entries of an ONNX file in place (others are kept)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in entries]
+    del proto.metadata_props[:]
+    for key, value in kept + sorted(entries.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
 def metadata_of(proto) -> dict[str, str]:
     """The ``metadata_props`` of a loaded ``onnx.ModelProto``."""
     return {p.key: p.value for p in proto.metadata_props}
@@ -137,3 +151,13 @@ def read_engine_sidecar(engine: str | os.PathLike) -> dict:
     if missing:
         raise I2EError(f"{sidecar}: missing {', '.join(missing)}; rebuild the engine")
     return data
+
+
+def write_engine_verification(engine: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Add the on-target verification verdict to an engine's sidecar (atomically)."""
+    from .fileio import atomic_output
+
+    data = read_engine_sidecar(engine)
+    data["verification"] = record
+    with atomic_output(engine_sidecar_path(engine), "w") as fh:
+        fh.write(json.dumps(data, indent=2) + "\n")

@@ -1,6 +1,8 @@
 """One export cache for every tool (stream, demo, benchmark): ``$I2E_CACHE``, by default
 ~/.cache/i2e-deploy; a file's name carries the sha256 of the checkpoint, the export options and
-the package version, so a changed model or a new release never reuses a stale export."""
+the package version, so a changed model or a new release never reuses a stale export. The
+verdicts of on-target verification live beside the exports (``verified/``), one JSON file per
+artifact and device, so an artifact is verified once on each machine."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +14,9 @@ from typing import Any, Callable
 from .version import __version__
 from .artifacts import engine_sidecar_path
 from .card import sha256_file
-from .fileio import temp_beside
+from .fileio import atomic_output, temp_beside
+
+VERDICTS = "verified"
 
 
 def cache_dir() -> Path:
@@ -44,3 +48,39 @@ def cached_export(checkpoint: Path, suffix: str, build: Callable[[Path], Any], *
             tmp.unlink(missing_ok=True)
             engine_sidecar_path(tmp).unlink(missing_ok=True)
     return target
+
+
+def verdict_path(key: dict[str, Any], cache: Path | None = None) -> Path:
+    """Where the verdict for ``key`` (artifact sha256, runner, device, GPU, versions) lives."""
+    text = json.dumps({"version": __version__, **key}, sort_keys=True)
+    return (cache or cache_dir()) / VERDICTS / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+
+
+def read_verdict(key: dict[str, Any], cache: Path | None = None) -> dict[str, Any] | None:
+    path = verdict_path(key, cache)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # none yet, or unreadable: verify again
+
+
+def write_verdict(key: dict[str, Any], record: dict[str, Any], cache: Path | None = None) -> Path:
+    path = verdict_path(key, cache)
+    with atomic_output(path, "w") as fh:
+        json.dump({**record, "key": key}, fh, indent=2)
+        fh.write("\n")
+    return path
+
+
+def verdicts_for(sha256: str, cache: Path | None = None) -> list[dict[str, Any]]:
+    """Every verdict recorded here for the artifact with this sha256 (for ``info``)."""
+    folder = (cache or cache_dir()) / VERDICTS
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("key", {}).get("sha256") == sha256:
+            found.append(record)
+    return found

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .errors import I2EError, logger
+from .errors import I2EError, VerificationError, logger
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export, run and verify I2E spiking networks.")
@@ -49,7 +49,8 @@ _warning_line = _WarningLine(logging.WARNING)
 
 
 def command(*args, **kwargs):
-    """Register a command whose I2EError becomes one red line and exit code 2. The message
+    """Register a command whose I2EError becomes one red line and exit code 2 (1 for a
+    refused verification, as parity's failure). The message
     prints literally: a Text, not markup, so "pip install 'i2e-deploy[events]'" keeps its
     brackets."""
     def wrap(fn):
@@ -60,6 +61,15 @@ def command(*args, **kwargs):
             except I2EError as exc:
                 err_console.print(Text.assemble(("error:", "red"), f" {exc}"), highlight=False,
                                   soft_wrap=True)
+                raise typer.Exit(1 if isinstance(exc, VerificationError) else 2) from None
+            except ImportError as exc:
+                if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+                    raise
+                err_console.print(Text.assemble(
+                    ("error:", "red"), f" `{fn.__name__.removesuffix('_cmd')}` needs PyTorch "
+                    "here (checkpoints, export, training; exported .onnx/.engine files run "
+                    "without it): pip install 'i2e-deploy[torch]'"), highlight=False,
+                    soft_wrap=True)
                 raise typer.Exit(2) from None
         return app.command(*args, **kwargs)(run)
     return wrap
@@ -79,32 +89,24 @@ EventsOpt = typer.Option(None, "--events/--images", help="event-input or image-i
 
 
 @command("info")
-def info(checkpoint: str = typer.Argument(..., help="checkpoint file, or 'default'"),
+def info(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine, Triton model folder, or 'default'"),
          as_json: bool = typer.Option(False, "--json", help="print JSON"),
          arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
          ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
          events: Optional[bool] = EventsOpt):
-    """Show a checkpoint's model card, what was inferred, parameters and GMACs."""
-    from .assets import resolve_model
-    from .model.profile import describe
-    card, stats = describe(resolve_model(checkpoint),
-                           **model_overrides(arch, classes, ratio, imgsz, events))
+    """Show a model file's card, precision, INT8 flavour and verification verdicts (and a
+    checkpoint's inferred fields, parameters and GMACs)."""
+    from .apps.info import describe_file, rows
+    found = describe_file(model, **model_overrides(arch, classes, ratio, imgsz, events))
     if as_json:
-        print(json.dumps({"card": card.to_dict(), **stats}, indent=2))
+        print(json.dumps(found, indent=2))
         return
     from rich.table import Table
-    table = Table(title=Text(checkpoint), show_header=False)
-    for key, value in card.to_dict().items():
-        if key in ("inferred", "provenance"):
-            continue
-        table.add_row(key, Text(str(value)))
-    for key, value in card.provenance.items():
-        table.add_row(f"provenance.{key}", Text(str(value)))
-    table.add_row("parameters", f"{stats['params']:,}")
-    table.add_row("GMACs / image", f"{stats['gmacs_per_image']:.3f} (T={card.T}, "
-                  f"{card.imgsz}x{card.imgsz})")
+    table = Table(title=Text(model), show_header=False)
+    for key, value in rows(found):
+        table.add_row(key, Text(value))
     console.print(table)
-    for note in card.inferred:
+    for note in found["card"].get("inferred", []):
         console.print(Text.assemble(("inferred:", "yellow"), f" {note}"), highlight=False)
 
 
@@ -144,6 +146,16 @@ def train_cmd(data: Path = typer.Argument(..., help="image folder or I2E event d
     train(cfg, log=say, console=console)
 
 
+BACKEND_HELP = ("auto (the fastest runner verified here: on a CPU ONNX Runtime, INT8 for an "
+                "INT8-exact checkpoint; on CUDA TensorRT, else onnxruntime-gpu, else PyTorch "
+                "CUDA graphs), torch, onnx or tensorrt (a checkpoint is exported once into "
+                "the cache)")
+VerifyOpt = typer.Option(True, "--verify/--no-verify",
+                         help="check a runner built for a GPU against the reference on the "
+                              "CPU before it runs (once per model file and GPU)")
+VerifyDataOpt = typer.Option(None, "--verify-data",
+                             help="image folder for that check (default: the bundled sample "
+                                  "photos)")
 ToleranceOpt = typer.Option(None, "--tolerance",
                              help="override one limit, NAME=VALUE (repeatable): tie_margin, "
                                   "decisive, median_rel, spike_agreement, event_agreement; "
@@ -169,7 +181,7 @@ def parity_cmd(model_a: str = typer.Argument(..., help="reference: checkpoint, .
     from .apps.parity import render, run_parity, write_json
     report = run_parity(model_a, model_b, data=data, random=random, limit=limit,
                         precision=precision, tolerances=parse_tolerances(tolerance or ()),
-                        device=device, threads=threads, batch_size=batch)
+                        device=device, threads=threads, batch_size=batch, log=say)
     render(report, console, layers=layers)
     if json_path:
         write_json(json_path, report.to_dict())
@@ -192,9 +204,7 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
            max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after N frames"),
            stats_json: Optional[Path] = typer.Option(None, "--json", help="write stream statistics here"),
            topk: int = typer.Option(3, "--topk", help="labels shown and logged per frame"),
-           backend: str = typer.Option("auto", "--backend",
-                                       help="auto (the file's own), torch, onnx or tensorrt "
-                                            "(a checkpoint is exported once into the cache)"),
+           backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
            precision: str = typer.Option("auto", "--precision",
                                          help="what a checkpoint runs as on onnx/tensorrt: auto "
                                               "(int8 on a CPU for an INT8-exact checkpoint, "
@@ -221,6 +231,7 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
                                                         "exposes spikes)"),
            show_activity: bool = typer.Option(False, "--show-activity",
                                               help="show firing rate and SOPs on the overlay"),
+           verify: bool = VerifyOpt, verify_data: Optional[Path] = VerifyDataOpt,
            arch: Optional[str] = ArchOpt, classes: Optional[int] = ClassesOpt,
            ratio: Optional[float] = RatioOpt, imgsz: Optional[int] = ImgszOpt,
            events: Optional[bool] = EventsOpt):
@@ -231,7 +242,8 @@ def stream(model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .
                        precision=precision, device=device, threads=threads,
                        resolution=resolution, fps=fps, loop=loop, stride=stride,
                        window_ms=window_ms, reconnects=reconnects, stats_json=stats_json,
-                       activity=activity, show_activity=show_activity, log=say, **overrides)
+                       activity=activity, show_activity=show_activity, verify=verify,
+                       data=verify_data, log=say, **overrides)
     say(stats.summary())
     if stats.error:
         raise I2EError(stats.error)
@@ -242,22 +254,21 @@ def demo(model: str = typer.Option("default", "--model", help="model file or 'de
          output: Optional[list[str]] = typer.Option(None, "--output", "-o",
                                                     help="default: a window if there is a screen, "
                                                          "else demo.mp4 + demo.jsonl here"),
-         backend: str = typer.Option("auto", "--backend",
-                                     help="auto (ONNX Runtime for a checkpoint, exported once "
-                                          "into the cache; PyTorch if that fails), torch or onnx"),
+         backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
          precision: str = typer.Option("auto", "--precision",
                                        help="auto (int8 on a CPU for an INT8-exact model such as "
                                             "the bundled one, else fp32), fp32 or int8"),
          device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
          threads: Optional[int] = typer.Option(None, "--threads", help="inference threads"),
          max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after N frames"),
-         stats_json: Optional[Path] = typer.Option(None, "--json", help="write stream statistics here")):
+         stats_json: Optional[Path] = typer.Option(None, "--json", help="write stream statistics here"),
+         verify: bool = VerifyOpt):
     """Zero-argument demo: the bundled model watching bundled real photos, with its events."""
     from .apps.stream import run_demo
     stats, outputs = run_demo(model=model, output=output or None, backend=backend,
                               precision=precision, device=device, threads=threads, max_frames=max_frames,
                               stats_json=str(stats_json) if stats_json else None,
-                              log=say)
+                              verify=verify, log=say)
     say(stats.summary())
     files = [o for o in outputs if o not in ("display", "none")]
     if files:
@@ -346,15 +357,21 @@ def build_cmd(onnx_file: Path = typer.Argument(..., help=".onnx graph from `i2e-
               workspace: float = typer.Option(4.0, "--workspace", help="workspace limit, GiB"),
               dla_core: Optional[int] = typer.Option(None, "--dla-core", help="Jetson DLA core: one fixed batch, GPU fallback on"),
               timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="reuse/update this timing cache"),
-              device: str = typer.Option("cuda", "--device", help="cuda or cuda:N")):
-    """Build a TensorRT engine (+ JSON sidecar) from an exported ONNX graph, on the target."""
-    from .export.tensorrt import build_engine
-    from .targets import precision_from_flags
-    engine = build_engine(onnx_file, output, precision=precision_from_flags(int8, half),
-                          int8_mode=calibrator, min_batch=min_batch, opt_batch=batch,
-                          max_batch=max_batch, workspace_gib=workspace, dla_core=dla_core,
-                          timing_cache=timing_cache, calib_data=data, calib_size=calib_size,
-                          calib_cache=calib_cache, device=device)
+              device: str = typer.Option("cuda", "--device", help="cuda or cuda:N"),
+              verify: bool = typer.Option(True, "--verify/--no-verify", help="run the engine on this GPU against the ONNX graph on the CPU before writing it"),
+              verify_data: Optional[Path] = VerifyDataOpt,
+              tolerance: Optional[list[str]] = ToleranceOpt):
+    """Build a TensorRT engine (+ JSON sidecar) from an exported ONNX graph, on the target,
+    verified there against the graph on ONNX Runtime (CPU) before it is written."""
+    from .compare import parse_tolerances
+    from .targets import build_verified_engine, precision_from_flags
+    engine = build_verified_engine(
+        onnx_file, output, verify=verify, data=verify_data,
+        tolerances=parse_tolerances(tolerance or ()), log=say,
+        precision=precision_from_flags(int8, half), int8_mode=calibrator, min_batch=min_batch,
+        opt_batch=batch, max_batch=max_batch, workspace_gib=workspace, dla_core=dla_core,
+        timing_cache=timing_cache, calib_data=data, calib_size=calib_size,
+        calib_cache=calib_cache, device=device)
     say(f"wrote {engine} and {engine.name}.json")
 
 
@@ -364,6 +381,9 @@ def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or
             val_split: Optional[float] = typer.Option(None, "--val-split", help="evaluate only what `train --val-split N --seed S` held out (default: the card's split when DATA is its training folder; 0 = all)"),
             seed: Optional[int] = typer.Option(None, "--seed", help="seed of that split (default: the card's)"),
             device: str = typer.Option("cpu", "--device"),
+            backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+            precision: str = typer.Option("auto", "--precision", help="auto, fp32, fp16 or int8 (a checkpoint's graph on onnx/tensorrt)"),
+            verify: bool = VerifyOpt,
             batch: int = typer.Option(64, "--batch"), workers: int = typer.Option(2, "--workers"),
             json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
             plot: Optional[Path] = typer.Option(None, "--plot", help="save the confusion matrix as PNG")):
@@ -373,7 +393,8 @@ def val_cmd(model: str = typer.Argument(..., help="checkpoint, .onnx, .engine or
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("validating", total=None)
         report = validate(model, data, device=device, batch=batch, workers=workers,
-                          val_split=val_split, seed=seed,
+                          val_split=val_split, seed=seed, backend=backend,
+                          precision=precision, verify=verify,
                           progress=lambda done, total: bar.update(task, completed=done, total=total),
                           log=say)
     for table in report_tables(report):

@@ -14,3 +14,8 @@ class I2EError(Exception):
 
 def warn(message: str) -> None:
     logger.warning(message)
+
+
+class VerificationError(I2EError):
+    """A model file or runner that does not compute what its reference computes: refused
+    (exit 1, as a failing parity check), not a usage error (exit 2)."""

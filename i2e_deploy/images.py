@@ -7,6 +7,7 @@ themselves, so the uint8 result is what every runner takes.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -15,10 +16,7 @@ from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from .card import ModelCard
 from .errors import I2EError, warn
@@ -33,11 +31,52 @@ def preprocess(image: np.ndarray, card: ModelCard) -> np.ndarray:
     height, width = image.shape[:2]
     if min(height, width) == card.resize and height == width == card.imgsz:
         return np.ascontiguousarray(image)
+    torchvision = _torchvision()
+    if torchvision is None:
+        return _preprocess_without_torch(image, card)
+    torch, InterpolationMode, F = torchvision
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     tensor = F.resize(tensor, [card.resize], interpolation=InterpolationMode(card.interpolation),
                       antialias=card.antialias)
     tensor = F.center_crop(tensor, [card.imgsz, card.imgsz])
     return tensor.permute(1, 2, 0).contiguous().numpy()
+
+
+@functools.cache
+def _torchvision():
+    """(torch, InterpolationMode, transforms.v2.functional), or None on an install without
+    PyTorch (running exported models needs none)."""
+    try:
+        import torch
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional
+    except ImportError:
+        return None
+    return torch, InterpolationMode, functional
+
+
+_PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
+                "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
+
+
+def _preprocess_without_torch(image: np.ndarray, card: ModelCard) -> np.ndarray:
+    """The card's preprocessing through Pillow, whose antialiased resampling torchvision's
+    follows: the same sizes and crop; pixels of downscaled images may differ by one grey
+    level (fixed-point rounding), upscaled ones are identical (tests/test_runners.py)."""
+    height, width = image.shape[:2]
+    short, long = sorted((height, width))
+    size = (card.resize, int(card.resize * long / short))  # torchvision's rounding
+    new_h, new_w = size if height <= width else size[::-1]
+    if card.antialias or card.interpolation not in ("bilinear", "bicubic"):
+        resized = np.asarray(Image.fromarray(image).resize(
+            (new_w, new_h), _PIL_FILTERS[card.interpolation]))
+    else:  # no antialiasing: plain bilinear / bicubic sampling
+        flag = cv2.INTER_LINEAR if card.interpolation == "bilinear" else cv2.INTER_CUBIC
+        resized = cv2.resize(image, (new_w, new_h), interpolation=flag)
+    top = int(round((new_h - card.imgsz) / 2.0))
+    left = int(round((new_w - card.imgsz) / 2.0))
+    return np.ascontiguousarray(resized[top:top + card.imgsz, left:left + card.imgsz])
 
 
 class Unreadable(NamedTuple):
@@ -190,6 +229,8 @@ def model_inputs(card: ModelCard, data: str | os.PathLike | None, count: int
     else:
         images, source = synthetic_images(count, card), f"{count} structured random images"
     if card.input == "events":
+        import torch
+
         from .model.converter import convert
 
         events = convert(torch.from_numpy(images), card.ratio).transpose(0, 1)

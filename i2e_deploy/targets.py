@@ -11,18 +11,22 @@ the cache when another backend or precision is asked for.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import (INT8_FLAVOURS, PRECISIONS, default_output, kind_of, read_card,
+import numpy as np
+
+from .artifacts import (INT8_FLAVOURS, PRECISIONS, VERIFICATION_KEY, add_metadata,
+                        default_output, kind_of, read_card,
                         read_precision, stem)
 from .card import ModelCard
 from .compare import compare, limits_for
 from .device import parse_device
-from .errors import I2EError
+from .errors import I2EError, VerificationError
 
 FORMATS = ("onnx", "engine", "triton")
 FP32_VERIFY_COUNT = 32  # inputs the FP32 graph is verified on
@@ -179,9 +183,10 @@ def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = N
         fp32 = export_onnx(model, card, Path(scratch) / "model.onnx",
                            log=lambda msg: None if msg.startswith("wrote ") else say(msg),
                            **request.export_options).path
+        stamp: dict[str, Any] = {}
         if request.verify:
-            verify_graph(fp32, model, card, data=request.data, tolerances=request.tolerances,
-                         log=say)
+            stamp["export"] = verify_graph(fp32, model, card, data=request.data,
+                                           tolerances=request.tolerances, log=say)
         graph = fp32
         if target.precision == "int8":
             graph = to_int8(fp32, Path(scratch) / "model.int8.onnx",
@@ -190,14 +195,24 @@ def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = N
             graph = to_fp16(fp32, Path(scratch) / "model.fp16.onnx")
         if graph != fp32 and request.verify:
             count = request.calib_size if request.data else REDUCED_VERIFY_COUNT
-            verify_reduced(fp32, graph, target.precision, data=request.data, count=count,
-                           tolerances=request.tolerances, log=say)
+            reduced = verify_reduced(fp32, graph, target.precision, data=request.data,
+                                     count=count, tolerances=request.tolerances, log=say)
+            stamp["reduced"] = {"passed": reduced["passed"], "vs": "the FP32 graph",
+                                "images": reduced["source"], **{
+                                    key: reduced["metrics"].get(key) for key in
+                                    ("decisive_mismatches", "median_rel", "event_agreement")}}
+        if stamp:  # info shows what the graph was checked against
+            add_metadata(graph, {VERIFICATION_KEY: json.dumps(stamp)})
         if target.format == "engine":  # TensorRT is needed from here on: graphs checked first
-            from .export.tensorrt import build_engine
-
             device = request.device if request.device.startswith("cuda") else "cuda"
-            return build_engine(graph, output, precision=target.precision,
-                                max_batch=request.max_batch, device=device)
+            # FP32: the engine against the checkpoint; a reduced precision against its own
+            # graph on the CPU (that graph's distance from FP32 was checked above).
+            reference = request.source if graph == fp32 else graph
+            return build_verified_engine(
+                graph, output, reference=reference,
+                loaded=(model, card) if graph == fp32 else None, verify=request.verify,
+                data=request.data, tolerances=request.tolerances, log=say,
+                precision=target.precision, max_batch=request.max_batch, device=device)
         if target.format == "triton":
             from .export.triton import write_repository
 
@@ -211,6 +226,39 @@ def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = N
         written = copy_into_place(graph, output)
         say(f"wrote {written} ({target.precision}, {_graph_note(target)})")
         return written
+
+
+def build_verified_engine(graph: Path, output: str | os.PathLike | None, *,
+                          reference: Path | None = None,
+                          loaded: tuple[Any, ModelCard] | None = None, verify: bool = True,
+                          data: str | os.PathLike | None = None,
+                          tolerances: dict[str, float] | None = None,
+                          log: Callable[[str], None] | None = None, **options: Any) -> Path:
+    """Build a TensorRT engine from ``graph`` (``options``: ``build_engine``'s) into a scratch
+    folder, run it on this GPU against ``reference`` (default: ``graph`` on ONNX Runtime on
+    the CPU), and only then write it and its sidecar, the verdict included. A refused engine
+    leaves nothing behind. ``build``, ``export --format engine`` and the export cache all
+    build engines here."""
+    from .artifacts import engine_sidecar_path, write_engine_verification
+    from .export.tensorrt import BuildRequest, build_engine
+    from .fileio import copy_into_place
+    from .runtime.runners import TensorRTRunner
+
+    say = log or (lambda _msg: None)
+    request = BuildRequest(graph, output, **options)  # checks before any build
+    destination = request.output
+    options = {**options, "calib_cache": request.calib_cache}  # beside the engine, as unverified
+    with tempfile.TemporaryDirectory() as scratch:
+        engine = build_engine(graph, Path(scratch) / destination.name, **options)
+        if verify:
+            with TensorRTRunner(engine, options.get("device", "cuda")) as candidate:
+                record = verify_target(candidate, reference or Path(graph), loaded=loaded,
+                                       data=data, tolerances=tolerances, log=say,
+                                       what=f"TensorRT {candidate.precision} engine",
+                                       refused="no engine written")
+            write_engine_verification(engine, record)
+        copy_into_place(engine_sidecar_path(engine), engine_sidecar_path(destination))
+        return copy_into_place(engine, destination)
 
 
 def _graph_note(target: Target) -> str:
@@ -252,27 +300,106 @@ def verify_graph(path: str | os.PathLike, model, card: ModelCard, *,
                  tolerances: dict[str, float] | None = None,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compare the graph at ``path`` on ONNX Runtime with the reference ``model`` (FP32
-    limits, ``tolerances`` applied); raise I2EError naming the failing check and the ways
-    out when it is not faithful."""
+    limits, ``tolerances`` applied); raise VerificationError naming the failing check and the
+    ways out when it is not faithful."""
+    from .runtime.runners import OrtRunner
+
+    with OrtRunner(Path(path)) as candidate:
+        return verify_target(candidate, Path(path), loaded=(model, card), data=data,
+                             count=count, tolerances=tolerances, log=log,
+                             stage="export verification", what="ONNX Runtime",
+                             refused="no file written", bundled=False)
+
+
+def verify_target(candidate, reference: Path, *, loaded: tuple[Any, ModelCard] | None = None,
+                  data: str | os.PathLike | None = None, count: int = FP32_VERIFY_COUNT,
+                  tolerances: dict[str, float] | None = None, key: dict[str, Any] | None = None,
+                  cache: Path | None = None, log: Callable[[str], None] | None = None,
+                  stage: str = "verification on the target", what: str | None = None,
+                  refused: str = "not used, nothing cached", bundled: bool = True,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one check of a runner built from something other than the reference: compare
+    ``candidate`` with the reference on the CPU (``loaded`` ``(model, card)``: the PyTorch
+    model; else the checkpoint or the ONNX graph at ``reference``, on PyTorch or ONNX Runtime)
+    on images of ``data``, else on the bundled sample photos (``bundled``; structured random
+    images for export verification and event models), with the limits of the candidate's
+    precision. A failure raises VerificationError naming the failing check, what was refused
+    and the ways out. With ``key`` (artifact sha256, runner, device, GPU, versions) a passing
+    verdict is kept in the cache and later calls reuse it: once per artifact and device.
+    Returns the verdict record (for a sidecar, a cache entry and ``info``)."""
+    from .cache import read_verdict
     from .images import model_inputs
     from .runtime.runners import OrtRunner, TorchRunner
 
-    limits = limits_for("fp32", tolerances)
-    inputs, source = model_inputs(card, data, count)
-    with TorchRunner(Path(path), loaded=(model, card)) as reference, \
-            OrtRunner(Path(path)) as candidate:
-        found = compare(reference, candidate, inputs, limits)
-    if log:
-        log(f"verify: {source}: {found.summary()}")
+    say = log or (lambda _msg: None)
+    what = what or f"{candidate.name} on {candidate.device}"
+    if key is not None:
+        known = read_verdict(key, cache)
+        if known is not None and known.get("passed"):
+            say(f"verified here before ({known['when']}): {what}: {known['summary']}")
+            return known
+    limits = limits_for(candidate.precision, tolerances)
+    random = data is None and (not bundled or candidate.card.input == "events")
+    inputs, source = (model_inputs(candidate.card, data, count) if data is not None or random
+                      else sample_inputs(candidate.card, count))
+    if loaded is not None or kind_of(reference) == "checkpoint":
+        opened: Any = TorchRunner(reference, loaded=loaded, **(overrides or {}))
+        against = f"the PyTorch reference ({reference.name}, CPU)"
+    else:
+        opened = OrtRunner(reference)
+        against = f"{reference.name} on ONNX Runtime (CPU)"
+    with opened as ref:
+        found = compare(ref, candidate, inputs, limits)
+    say(f"verify: {what} vs {against}: {source}: {found.summary()}")
     if not found.passed:
         ways = "loosen that limit with --tolerance NAME=VALUE or skip the check with --no-verify"
-        if data is None:
+        if random:
             ways = ("structured random images put many inputs near a spike threshold: verify "
                     "on real images with --data DIR, " + ways)
-        raise I2EError(f"export verification failed (ONNX Runtime vs the reference model, "
-                       f"{source}): {found.failure()}; no file written. If the graph is right, "
-                       f"{ways}")
-    return {**found.to_dict(), "source": source}
+        elif data is None:
+            ways = "verify on your own images with --data DIR, " + ways
+        raise VerificationError(f"{stage} failed ({what} vs {against}, {source}): "
+                                f"{found.failure()}; {refused}. If it is right, {ways}")
+    return verdict_record(found, source=source, what=what, reference=against,
+                          precision=candidate.precision, key=key, cache=cache)
+
+
+def sample_inputs(card: ModelCard, count: int) -> tuple[np.ndarray, str]:
+    """``count`` frames spread over the bundled demo clip (real photos: a cat, a rocket, a
+    cup, an astronaut), preprocessed per the card."""
+    from .images import preprocess
+    from .runtime.sources import DemoSource
+
+    with DemoSource() as clip:
+        frames = [frame.image for frame in clip]
+    picks = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
+    return (np.stack([preprocess(frames[i], card) for i in picks]),
+            f"{len(picks)} frames of the bundled sample photos")
+
+
+def verdict_record(found, *, source: str, what: str, reference: str, precision: str,
+                   key: dict[str, Any] | None = None, cache: Path | None = None
+                   ) -> dict[str, Any]:
+    """What a passing verification leaves behind (kept in the cache when ``key`` is given)."""
+    import datetime
+
+    from .cache import write_verdict
+
+    neurons = [row["agreement"] for row in found.layers or () if row["layer"] != "i2e"]
+    metrics = found.metrics
+    record = {
+        "passed": found.passed, "what": what, "reference": reference, "images": source,
+        "precision": precision, "summary": found.summary(),
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "count": metrics["count"],
+        "decisive_changes": metrics.get("decisive_mismatches"),
+        "median_rel": metrics.get("median_rel"), "median_abs": metrics.get("median_abs"),
+        "spike_agreement": min(neurons) if neurons else None,
+        "event_agreement": metrics.get("event_agreement"), "layers": found.layers,
+    }
+    if key is not None:
+        write_verdict(key, record, cache)
+    return record
 
 
 def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, precision: str,
@@ -316,37 +443,187 @@ def run_precision(card: ModelCard, precision: str, backend: str, device: str) ->
     return "int8" if exact and backend == "onnx" and parse_device(device)[0] == "cpu" else "fp32"
 
 
+@dataclass(frozen=True)
+class Choice:
+    """Which runner ``--backend auto`` (or the flag given) picked for a model, and why."""
+    backend: str  # torch | onnx | tensorrt
+    precision: str
+    why: str
+
+
+def gpu_onnxruntime() -> bool:
+    """Whether this ONNX Runtime has a GPU provider (onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    return bool({"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+                & set(ort.get_available_providers()))
+
+
+def choose_runner(card: ModelCard, backend: str, precision: str, device: str) -> Choice:
+    """For a checkpoint: the fastest runner that is verified here. On CUDA, a TensorRT
+    engine where TensorRT imports, else ONNX Runtime's TensorRT/CUDA providers where
+    onnxruntime-gpu is installed, else PyTorch CUDA graphs; on a CPU, ONNX Runtime (INT8 for
+    an INT8-exact checkpoint, else FP32). ``backend`` other than auto forces one."""
+    if backend not in BACKENDS:
+        raise I2EError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+    on_gpu = parse_device(device)[0] == "cuda"
+    if backend != "auto":
+        chosen = run_precision(card, precision, backend, device)
+        return Choice(backend, chosen, f"--backend {backend}")
+    if on_gpu:
+        from .export.tensorrt import tensorrt_unavailable
+
+        missing = tensorrt_unavailable(device)
+        if missing is None:
+            return Choice("tensorrt", run_precision(card, precision, "tensorrt", device),
+                          "TensorRT is installed: an engine built and verified on this GPU")
+        if gpu_onnxruntime():
+            return Choice("onnx", run_precision(card, precision, "onnx", device),
+                          f"{missing}; onnxruntime-gpu's TensorRT/CUDA providers, verified "
+                          "on this GPU")
+        if precision not in ("auto", "fp32"):
+            raise I2EError(f"--precision {precision} on CUDA needs TensorRT or "
+                           "onnxruntime-gpu (pip install 'i2e-deploy[gpu]')")
+        return Choice("torch", "fp32", f"{missing}, no onnxruntime-gpu: PyTorch CUDA graphs, "
+                      "verified on this GPU")
+    chosen = run_precision(card, precision, "onnx", device)
+    why = ("an INT8-exact checkpoint: its INT8 graph predicts what FP32 does, the fastest on "
+           "a CPU" if chosen == "int8" and precision == "auto" else
+           "ONNX Runtime runs the verified graph faster than eager PyTorch on a CPU")
+    return Choice("onnx", chosen, why)
+
+
+def _label(backend: str, precision: str, device: str) -> str:
+    names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "tensorrt": "TensorRT"}
+    if backend == "torch" and parse_device(device)[0] == "cuda":
+        return f"PyTorch CUDA graphs fp32 on {device}"
+    if backend == "tensorrt" and device == "cpu":  # engines run on the first GPU
+        device = "cuda"
+    return f"{names[backend]} {precision} on {device}"
+
+
 def resolve_runner(model: str | os.PathLike, *, backend: str = "auto", precision: str = "auto",
                    device: str = "cpu", threads: int | None = None,
                    cache: str | os.PathLike | None = None, warmup: int = 1,
+                   verify: bool = True, data: str | os.PathLike | None = None,
+                   tolerances: dict[str, float] | None = None, spinning: bool = True,
                    log: Callable[[str], None] | None = None, **overrides: Any):
-    """A loaded runner for a model file ('default' = the bundled model). A checkpoint runs on
-    PyTorch, or, with ``backend`` 'onnx' / 'tensorrt', as the graph or engine of the
-    precision asked for, built once into the export cache; an exported graph or engine runs
-    on its own backend. ``overrides`` are ``load_checkpoint``'s."""
+    """A loaded runner for a model file ('default' = the bundled model). A checkpoint runs
+    where :func:`choose_runner` says (``backend`` 'auto': the fastest verified runner here),
+    as the graph or engine of the precision asked for, built once into the export cache; an
+    exported graph or engine runs on its own backend ('own' keeps a checkpoint on PyTorch).
+    Whatever runs on a GPU from something other than the reference is verified there first
+    (:func:`verify_target`, once per artifact and device; ``verify=False`` skips it). The
+    first ``log`` line says which runner and why. ``spinning``: ONNX Runtime's (see
+    ``load_runner``). ``overrides`` are ``load_checkpoint``'s."""
     from .assets import resolve_model
     from .runtime.runners import load_runner
 
-    if backend not in BACKENDS:
+    say = log or (lambda _msg: None)
+    if backend not in (*BACKENDS, "own"):
         raise I2EError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     path = resolve_model(str(model))
     if not path.is_file():
         raise I2EError(f"model file not found: {path}")
+    folder = Path(cache).expanduser() if cache else None
     kind = kind_of(path)
     own = {"checkpoint": "torch", "onnx": "onnx", "engine": "tensorrt"}[kind]
-    if kind != "checkpoint" and backend not in ("auto", own):
+    if kind != "checkpoint" and backend not in ("auto", "own", own):
         raise I2EError(f"{path.name} runs on its own backend ({own}); --backend {backend} "
                        "needs the checkpoint")
     if kind != "checkpoint" and precision not in ("auto", read_precision(path)):
         raise I2EError(f"{path.name} is a {read_precision(path)} file; --precision "
                        f"{precision} needs the checkpoint")
-    if kind == "checkpoint" and backend in ("onnx", "tensorrt"):
-        card = read_card(path, **overrides)
-        chosen = run_precision(card, precision, backend, device)
-        request = ExportRequest(str(path), format="onnx" if backend == "onnx" else "engine",
-                                precision=chosen, device=device, overrides=overrides)
-        path, overrides = cached_artifact(request, log=log, cache=cache), {}
-    elif kind == "checkpoint" and precision not in ("auto", "fp32"):
-        raise I2EError(f"--precision {precision} runs a checkpoint's {precision} graph: add "
-                       "--backend onnx (CPU or GPU) or --backend tensorrt (GPU)")
-    return load_runner(path, device=device, threads=threads, warmup=warmup, **overrides)
+    on_gpu = parse_device(device)[0] == "cuda"
+    if kind != "checkpoint" or backend == "own":
+        if kind == "checkpoint" and precision not in ("auto", "fp32"):
+            raise I2EError(f"--precision {precision} runs a checkpoint's {precision} graph: "
+                           "add --backend onnx (CPU or GPU) or --backend tensorrt (GPU)")
+        say(f"runner: {_label(own, read_precision(path), device)} ({path.name}: the file's "
+            "own backend)")
+        runner = load_runner(path, device=device, threads=threads, warmup=warmup,
+                             cache=folder or _cache(), spinning=spinning, **overrides)
+        return _verified(runner, path, None, verify=verify and on_gpu, data=data,
+                         tolerances=tolerances, cache=folder, log=say)
+    card = read_card(path, **overrides)
+    choice = choose_runner(card, backend, precision, device)
+    if choice.backend == "torch" and choice.precision != "fp32":
+        raise I2EError(f"--precision {choice.precision} runs a checkpoint's "
+                       f"{choice.precision} graph: add --backend onnx (CPU or GPU) or "
+                       "--backend tensorrt (GPU)")
+    say(f"runner: {_label(choice.backend, choice.precision, device)} ({choice.why})")
+    if choice.backend in ("onnx", "tensorrt"):
+        request = ExportRequest(str(path), format="onnx" if choice.backend == "onnx" else
+                                "engine", precision=choice.precision, device=device,
+                                data=data, tolerances=tolerances or {}, verify=verify,
+                                overrides=overrides)
+        try:
+            artifact = cached_artifact(request, log=say, cache=folder)
+        except I2EError as exc:  # auto: PyTorch, the reference itself, is always right
+            if backend != "auto":
+                raise
+            say(f"export failed ({str(exc).splitlines()[0]}); running on PyTorch instead")
+        else:
+            runner = load_runner(artifact, device=device, threads=threads, warmup=warmup,
+                                 cache=folder or _cache(), spinning=spinning)
+            reference = path if choice.precision == "fp32" else artifact
+            return _verified(runner, artifact, reference, verify=verify and on_gpu,
+                             data=data, tolerances=tolerances, cache=folder, log=say,
+                             overrides=overrides)
+    runner = load_runner(path, device=device, threads=threads, warmup=warmup, **overrides)
+    return _verified(runner, path, path, verify=verify and on_gpu, data=data,
+                     tolerances=tolerances, cache=folder, log=say, overrides=overrides)
+
+
+def _cache() -> Path:
+    from .cache import cache_dir
+
+    return cache_dir()
+
+
+def _verified(runner, artifact: Path, reference: Path | None, *, verify: bool,
+              data: str | os.PathLike | None, tolerances: dict[str, float] | None,
+              cache: Path | None, log: Callable[[str], None],
+              overrides: dict[str, Any] | None = None):
+    """``runner`` after :func:`verify_target` where it runs on a GPU: an ONNX Runtime GPU
+    session or CUDA-graph PyTorch against ``reference`` (default: a graph on the CPU), keyed
+    by the artifact's sha256, the runner, its providers and the GPU; an engine's verdict is
+    in its sidecar (written when it was built and verified)."""
+    if not verify:
+        return runner
+    from .artifacts import read_engine_sidecar
+    from .card import sha256_file
+    from .runtime.runners import gpu_name
+
+    try:
+        if runner.name == "tensorrt":
+            record = read_engine_sidecar(artifact).get("verification")
+            if record:
+                log(f"verified when built on {read_engine_sidecar(artifact)['gpu_name']} "
+                    f"({record['when']}): {record['summary']}")
+            else:
+                log(f"warning: {artifact.name} carries no verification verdict; rebuild it "
+                    "with `i2e-deploy build` to verify it on this GPU")
+            return runner
+        if runner.name == "torch":  # the reference itself (eager)
+            return runner
+        versions: dict[str, Any] = {}
+        if runner.name == "onnxruntime":
+            import onnxruntime
+
+            versions = {"onnxruntime": onnxruntime.__version__, "providers": runner.providers}
+        else:
+            import torch
+
+            versions = {"torch": torch.__version__}
+        key = {"sha256": sha256_file(artifact), "runner": runner.name,
+               "device": runner.device, "gpu": gpu_name(runner.device), **versions,
+               **{f"load_{k}": v for k, v in sorted((overrides or {}).items())}}
+        verify_target(runner, reference or artifact, data=data, tolerances=tolerances,
+                      key=key, cache=cache, log=log,
+                      overrides=overrides if reference == artifact or reference is None
+                      else None)
+    except BaseException:
+        runner.close()
+        raise
+    return runner

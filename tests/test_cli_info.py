@@ -142,3 +142,68 @@ def test_messages_print_literally(tmp_path, monkeypatch):
                                      "'i2e-deploy[events]'")
     result = runner.invoke(app, ["info", str(tmp_path / "[red]x[/red].pt")])
     assert result.exit_code == 2 and "[red]x[/red].pt" in result.stderr
+
+
+# --- every model file: ONNX graphs, engines, Triton folders ----------------------------------
+
+def test_info_reads_an_onnx_graphs_card_precision_and_flavour(tmp_path):
+    from i2e_deploy.calibration.quantize import to_int8
+    from runtime_models import shared_model
+
+    graph = shared_model("onnx")
+    result = info(graph, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["kind"], data["precision"], data["int8_flavour"]) == ("onnx", "fp32", None)
+    assert (data["card"]["arch"], data["card"]["imgsz"]) == ("msresnet18", 32)
+    int8 = to_int8(graph, tmp_path / "tiny.int8.onnx", flavour="tensorrt")
+    table = info(int8).stdout
+    for text in ("onnx:", "msresnet18", "precision", "int8", "S8S8 Q/DQ", "no verdict"):
+        assert text in table, text
+    assert_clean_failure(info(graph, "--imgsz", "64"), "apply only to PyTorch checkpoints")
+
+
+def test_info_reads_an_engine_sidecar_with_its_verdict_and_a_triton_folder(tmp_path):
+    """The engine's bytes are TensorRT's (not readable here): info reads its sidecar only.
+    The sidecar is the one `build` writes, verdict included."""
+    from i2e_deploy.artifacts import engine_sidecar_path
+    from i2e_deploy.export.triton import write_repository
+    from runtime_models import shared_model
+
+    engine = tmp_path / "tiny.fp16.engine"
+    engine.write_bytes(b"engine")
+    card = ModelCard(imgsz=32, resize=32)
+    verdict = {"passed": True, "what": "TensorRT fp16 engine", "when": "2026-12-04T05:00:00+00:00",
+               "summary": "decisive top-1 changes 0 of 32", "images": "32 frames"}
+    sidecar = {"card": card.to_dict(), "tensorrt_version": "10.3.0", "gpu_name": "Orin",
+               "compute_capability": "8.7", "precision": "fp16",
+               "io": {"inputs": [{"name": "images", "dtype": "uint8", "shape": [-1, 32, 32, 3]}],
+                      "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}]},
+               "profile": {"min": [1, 32, 32, 3], "opt": [1, 32, 32, 3], "max": [8, 32, 32, 3]},
+               "verification": verdict}
+    engine_sidecar_path(engine).write_text(json.dumps(sidecar))
+    data = json.loads(info(engine, "--json").stdout)
+    assert (data["kind"], data["precision"], data["gpu_name"]) == ("engine", "fp16", "Orin")
+    assert data["verification"] == [verdict]
+    table = info(engine).stdout
+    assert "TensorRT 10.3.0 on Orin" in table and "pass TensorRT fp16 engine" in table
+
+    folder = write_repository(shared_model("onnx"), tmp_path / "repo", name="tiny")
+    data = json.loads(info(folder, "--json").stdout)
+    assert (data["kind"], data["precision"], data["card"]["imgsz"]) == ("triton", "fp32", 32)
+    assert data["triton"]["platform"] == "onnxruntime_onnx" and data["triton"]["name"] == "tiny"
+    assert data["model"].endswith("1/model.onnx")
+    assert_clean_failure(info(tmp_path), "no config.pbtxt")
+
+
+def test_info_shows_the_export_verdict_a_graph_carries(tmp_path):
+    from runtime_models import shared_model
+
+    graph = tmp_path / "tiny.onnx"
+    exported = runner.invoke(app, ["export", str(shared_model("ckpt")), "-o", str(graph)])
+    assert exported.exit_code == 0, exported.output
+    data = json.loads(info(graph, "--json").stdout)
+    record = data["verification"][0]
+    assert record["passed"] and record["on"] == "export: ONNX Runtime (CPU)"
+    assert record["count"] == 32 and record["decisive_changes"] == 0
+    assert "PyTorch reference" in record["reference"]

@@ -164,10 +164,12 @@ def test_stream_classifies_a_dv_stream_as_the_recording_it_plays(checkpoint, mod
         result = CliRunner().invoke(app, [
             "stream", str(checkpoint), "--source", f"dv://127.0.0.1:{port}",
             "--output", str(preds), "--json", str(stats_json), "--window-ms", str(WINDOW_MS),
-            "--reconnects", "0", "--threads", "1"])
+            "--reconnects", "0", "--threads", "1", "--backend", "torch"])
         assert sender.sent() == (everything, recording.events(0, everything))
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("done:")  # the end of the stream is a clean stop
+    first, last = result.stdout.strip().splitlines()
+    assert first == "runner: PyTorch fp32 on cpu (--backend torch)"
+    assert last.startswith("done:")  # the end of the stream is a clean stop
     stats = json.loads(stats_json.read_text())
     records = [json.loads(line) for line in preds.read_text().splitlines()]
     assert stats["sources"] == [f"dv://127.0.0.1:{port}"] and stats["error"] is None

@@ -225,7 +225,7 @@ def test_metadata_round_trip(graphs):
 def test_verification_passes_and_catches_a_broken_graph(graphs, tmp_path):
     model, card = graphs["model"], graphs["card"]
     report = verify_graph(graphs["paths"]["uint8"], model, card, count=6)
-    assert report["passed"] and report["metrics"]["count"] == 6
+    assert report["passed"] and report["count"] == 6 and report["decisive_changes"] == 0
     assert report["layers"][0]["layer"] == "i2e" and len(report["layers"]) == 18
     broken = onnx.load(str(graphs["paths"]["uint8"]))
     fc_weight = next(i for i in broken.graph.initializer if i.name == "fc.weight")

@@ -15,8 +15,9 @@ from i2e_deploy.images import (load_image_folder, load_labelled_folder, preproce
                                            synthetic_images)
 from i2e_deploy.artifacts import engine_sidecar_path, read_engine_sidecar
 from i2e_deploy.device import parse_device
-from i2e_deploy.runtime.runners import (OrtRunner, TorchRunner, check_engine_compatible,
-                                        load_runner, ort_providers)
+from i2e_deploy.runtime.runners import (GRAPH_BUCKETS, OrtRunner, TorchRunner, bucket_for,
+                                        check_engine_compatible, load_runner, ort_providers,
+                                        pad_batch)
 from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from runtime_models import shared_cifar, shared_model
 
@@ -146,7 +147,7 @@ def test_load_errors(tmp_path, models):
     with pytest.raises(I2EError, match="optimization level"):
         load_runner(models["onnx"], optimization="max")
     with pytest.raises(I2EError, match="only to PyTorch"):
-        load_runner(models["onnx"], compile=True)
+        load_runner(models["onnx"], graphs=True)
 
 
 def test_engine_without_tensorrt_says_so(tmp_path):
@@ -249,11 +250,16 @@ def test_image_folders_from_real_images(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_torch_runner_on_cuda_matches_cpu(models, images):
-    with load_runner(models["ckpt"]) as cpu, load_runner(models["ckpt"], device="cuda") as gpu, \
-            load_runner(models["ckpt"], device="cuda", compile=True) as compiled:
+    with load_runner(models["ckpt"]) as cpu, \
+            load_runner(models["ckpt"], device="cuda", graphs=False) as eager, \
+            load_runner(models["ckpt"], device="cuda") as graphs:
+        assert graphs.name == "torch-cudagraph" and eager.name == "torch"
         expected = cpu.infer(images)
-        np.testing.assert_allclose(gpu.infer(images), expected, atol=1e-3)
-        np.testing.assert_allclose(compiled.infer(images), expected, atol=1e-3)
+        np.testing.assert_allclose(eager.infer(images), expected, atol=1e-3)
+        for count in (1, 3, 6):  # bucket 1, padded into 4, padded into 8
+            np.testing.assert_allclose(graphs.infer(images[:count]), expected[:count],
+                                       atol=1e-3)
+        assert not torch.backends.cudnn.allow_tf32
 
 
 @pytest.mark.tensorrt
@@ -291,3 +297,69 @@ def test_image_folders_skip_unreadable_files(tmp_path, caplog):
         image.write_bytes(b"GIF89a")
     with pytest.raises(I2EError, match="none of the 21 file"):
         load_image_folder(folder, card)
+
+
+def test_cuda_graph_buckets_and_padding():
+    assert GRAPH_BUCKETS == (1, 2, 4, 8)
+    assert [bucket_for(n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    for bad in (0, 9):
+        with pytest.raises(I2EError, match="does not fit"):
+            bucket_for(bad)
+    batch = np.arange(3 * 2).reshape(3, 2)
+    padded = pad_batch(batch, 4)
+    np.testing.assert_array_equal(padded, [[0, 1], [2, 3], [4, 5], [4, 5]])
+    assert pad_batch(batch, 3) is batch
+    with pytest.raises(I2EError, match="need --device cuda"):
+        TorchRunner(shared_model("ckpt"), graphs=True)
+
+
+def test_gpu_provider_options(monkeypatch, tmp_path):
+    """The options given to ONNX Runtime's GPU providers (what onnxruntime-gpu would get;
+    this machine's onnxruntime lists no GPU provider, so the list is set here)."""
+    import onnxruntime as ort
+
+    both = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: both)
+    chosen = ort_providers("cuda:1", precision="fp16", cache=tmp_path, cuda_graph=True)
+    (trt, trt_options), (cuda, cuda_options), cpu = chosen
+    assert (trt, cuda, cpu) == tuple(both)
+    assert trt_options == {"device_id": 1, "trt_fp16_enable": True, "trt_int8_enable": False,
+                           "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
+                           "trt_engine_cache_path": str(tmp_path / "ort-tensorrt"),
+                           "trt_timing_cache_path": str(tmp_path / "ort-tensorrt")}
+    assert cuda_options == {"device_id": 1}  # TensorRT takes the graph: no CUDA graph here
+    assert ort_providers("cuda", precision="int8")[0][1]["trt_int8_enable"] is True
+    monkeypatch.setattr(ort, "get_available_providers", lambda: both[1:])
+    assert ort_providers("cuda", cuda_graph=True)[0] == (
+        "CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": True})
+    assert ort_providers("cuda")[0] == ("CUDAExecutionProvider", {"device_id": 0})
+
+
+def test_static_graphs_are_told_apart():
+    from i2e_deploy.runtime.runners import _static_input
+
+    assert _static_input(shared_model("static.onnx"))
+    assert not _static_input(shared_model("onnx"))
+
+
+def test_preprocessing_without_torch_follows_torchvision():
+    """On an install without PyTorch, Pillow resizes: the same sizes and crop; identical
+    when upscaling (CIFAR's 32 px to 64), within one grey level when downscaling."""
+    from i2e_deploy.images import _preprocess_without_torch
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (32, 32, 3), np.uint8)
+    frame = cv2_blur(rng.integers(0, 256, (272, 640, 3), np.uint8))
+    for image, size, exact in ((small, 64, True), (frame, 128, False), (frame[:, :200], 64,
+                                                                         False)):
+        card = ModelCard(imgsz=size, resize=size)
+        want, got = preprocess(image, card), _preprocess_without_torch(image, card)
+        assert got.shape == want.shape == (size, size, 3) and got.dtype == np.uint8
+        diff = np.abs(want.astype(int) - got.astype(int))
+        assert diff.max() == 0 if exact else diff.max() <= 1, (size, diff.max())
+
+
+def cv2_blur(image):
+    import cv2
+
+    return cv2.GaussianBlur(image, (9, 9), 3)

@@ -45,6 +45,9 @@ def video(tmp_path_factory):
 
 
 def stream(checkpoint, sources, outputs, **options):
+    """PyTorch unless a test asks for another backend: these tests check the loop against
+    the runner itself (``--backend auto`` is tested on its own)."""
+    options.setdefault("backend", "torch")
     return run_stream(str(checkpoint), sources, outputs, threads=THREADS, **options)
 
 
@@ -196,13 +199,18 @@ def test_ring_keeps_bounded_memory_and_exact_recent_percentiles():
 
 def test_cli_stream_and_demo(checkpoint, video, onnx_cache, tmp_path, monkeypatch):
     runner = CliRunner()
+    monkeypatch.setenv("I2E_CACHE", str(onnx_cache))
     stats_path = tmp_path / "stats.json"
     result = runner.invoke(app, ["stream", str(checkpoint), "--source", str(video), "--output",
                                  "none", "--max-frames", "3", "--json", str(stats_path),
                                  "--threads", "1"])
     assert result.exit_code == 0, result.output
+    # --backend auto on a CPU: the checkpoint's verified graph on ONNX Runtime, said first.
+    assert result.stdout.startswith("runner: ONNX Runtime fp32 on cpu (ONNX Runtime runs the "
+                                    "verified graph faster than eager PyTorch on a CPU)")
     assert "3 frames" in result.output and "FPS" in result.output
-    assert json.loads(stats_path.read_text())["frames"] == 3
+    stats = json.loads(stats_path.read_text())
+    assert stats["frames"] == 3 and stats["backend"] == "onnxruntime"
 
     result = runner.invoke(app, ["stream", str(checkpoint), "--source", str(tmp_path / "x.mp4"),
                                  "--output", "none"])
@@ -210,7 +218,6 @@ def test_cli_stream_and_demo(checkpoint, video, onnx_cache, tmp_path, monkeypatc
     assert "source not found" in result.output and "Traceback" not in result.output
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("I2E_CACHE", str(onnx_cache))
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     result = runner.invoke(app, ["demo", "--model", str(checkpoint), "--max-frames", "4",
@@ -229,7 +236,7 @@ def test_demo_falls_back_to_pytorch_when_export_fails(checkpoint, tmp_path, monk
     stats, outputs = run_demo(model=str(checkpoint), output=["none"], max_frames=2, threads=1,
                               log=notes.append)
     assert stats.backend == "torch" and stats.frames == 2 and outputs == ["none"]
-    assert any("running on PyTorch" in n for n in notes)
+    assert notes[0].startswith("runner: ONNX Runtime") and "running on PyTorch" in notes[-1]
 
 
 def test_open_errors_are_one_clear_line(checkpoint, tmp_path, monkeypatch):
@@ -308,7 +315,8 @@ def test_int8_exact_checkpoints_stream_through_int8(checkpoint, video, onnx_cach
     assert len(tops["auto"]) == N_FRAMES and tops["auto"] == tops["fp32"]  # INT8-exact
 
     result = CliRunner().invoke(app, ["stream", str(checkpoint), "--source", str(video),
-                                      "--output", "none", "--precision", "int8"])
+                                      "--output", "none", "--precision", "int8", "--backend",
+                                      "torch"])
     assert result.exit_code == 2 and "--backend onnx" in result.output
     graph = next(onnx_cache.glob("*.onnx"))
     result = CliRunner().invoke(app, ["stream", str(graph), "--source", str(video),

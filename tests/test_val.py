@@ -34,7 +34,8 @@ def checkpoint(tmp_path):
 
 
 def test_report_matches_runner_predictions(folder, checkpoint):
-    report = validate(str(checkpoint), folder, workers=0, batch=7, log=lambda _: None)
+    report = validate(str(checkpoint), folder, workers=0, batch=7, backend="torch",
+                      log=lambda _: None)
     with load_runner(checkpoint) as runner:
         loaded, labels, names = load_labelled_folder(folder, runner.card)
         images = loaded.images
@@ -58,6 +59,7 @@ def test_cli_json_and_plot(folder, checkpoint, tmp_path):
     result = CliRunner().invoke(app, ["val", str(checkpoint), str(folder), "--workers", "0",
                                       "--json", str(out), "--plot", str(png)])
     assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("runner: ONNX Runtime fp32 on cpu")  # --backend auto
     assert "top-1" in result.output and "per-class accuracy" in result.output
     report = json.loads(out.read_text())
     assert {"top1", "top5", "per_class", "confusion"} <= report.keys()

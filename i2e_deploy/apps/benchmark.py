@@ -10,9 +10,8 @@ spells fall on every row alike and ratios between rows hold. What is measured:
   model alone;
 - throughput: images/s of ``runner.infer`` at ``batch``;
 - memory: the worker's peak RSS (``VmHWM``), and that peak minus the RSS after the worker
-  imported its libraries (PyTorch, ONNX, ONNX Runtime: the package imports PyTorch, so every
-  worker carries it) and read the inputs: the delta is what loading and running the model
-  added;
+  imported its libraries (PyTorch where installed, ONNX, ONNX Runtime) and read the inputs:
+  the delta is what loading and running the model added;
 - accuracy: top-1 on the labelled folder (``--data``, ImageFolder layout);
 - parity: each row's outputs against the PyTorch reference's on the same inputs, judged by
   :func:`i2e_deploy.compare.judge` with the limits of the row's precision (decisive top-1
@@ -184,6 +183,7 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
         raise I2EError(f"model file not found: {path}")
     card = read_card(path)
     inputs, labels, input_info = _load_inputs(card, data, limit)
+    log(auto_line(path, card, device))
     folder = Path(cache).expanduser() if cache else cache_dir()
     log(f"exporting into {folder} (cached by checkpoint sha256 + options)")
     rows = plan_rows(path, folder, device, tuple(precisions))
@@ -196,6 +196,17 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
                  {"threads": threads, "warmup": warmup, "batch": batch, "iters": iters}, log)
     return BenchmarkReport(model=str(path), card=card.to_dict(), settings=settings,
                            environment=environment(), rows=rows)
+
+
+def auto_line(path: Path, card: ModelCard, device: str) -> str:
+    """What ``--backend auto`` runs this model on here, and why (the table has every row)."""
+    from ..targets import choose_runner
+
+    if kind_of(path) != "checkpoint":
+        return f"auto runner: {path.name} on its own backend; every row below"
+    choice = choose_runner(card, "auto", "auto", device)
+    return (f"auto runner (stream, demo, val): {choice.backend} {choice.precision} "
+            f"({choice.why}); every row below")
 
 
 def _measure(rows: list[Row], tmp: Path, inputs_file: Path, labels: np.ndarray | None,
@@ -292,7 +303,11 @@ class _Session:
         import onnx  # noqa: F401  # imported before the baseline: libraries are not the model
         import onnxruntime  # noqa: F401
         import psutil
-        import torch  # noqa: F401
+
+        try:
+            import torch  # noqa: F401
+        except ImportError:  # an install without PyTorch runs ONNX rows
+            pass
 
         from ..runtime.runners import load_runner
 

@@ -89,16 +89,22 @@ def run_parity(model_a: str, model_b: str, *, data: str | os.PathLike | None = N
                random: int | None = None, limit: int | None = None,
                precision: str | None = None, tolerances: dict[str, float] | None = None,
                device: str = "cpu", threads: int | None = None, batch_size: int = 8,
-               seed: int = 0) -> ParityReport:
-    """Compare model B with model A (the reference) and judge it; see the module docstring."""
+               seed: int = 0, log=None) -> ParityReport:
+    """Compare model B with model A (the reference) and judge it; see the module docstring.
+    Each file runs on its own backend (a checkpoint on PyTorch: parity compares files, and
+    is itself the verification, so neither is verified first)."""
     if batch_size < 1:
         raise I2EError(f"--batch must be at least 1, got {batch_size}")
-    if precision is not None:
-        limits_for(precision, tolerances)  # fail on a bad flag before loading models
+    limits_for(precision or "fp32", tolerances)  # fail on a bad flag before loading models
     check_input_flags(data, random)
-    with resolve_runner(model_a, device=device, threads=threads, warmup=0) as a, \
-            resolve_runner(model_b, device=device, threads=threads, warmup=0) as b:
+    opened: list[str] = []  # the runner lines, printed once both files are open and match
+    with resolve_runner(model_a, backend="own", device=device, threads=threads, warmup=0,
+                        verify=False, log=lambda msg: opened.append(f"A {msg}")) as a, \
+            resolve_runner(model_b, backend="own", device=device, threads=threads, warmup=0,
+                           verify=False, log=lambda msg: opened.append(f"B {msg}")) as b:
         check_cards_match(a, b)
+        for line in opened:
+            (log or (lambda _msg: None))(line)
         batch, inputs = parity_inputs(a.card, data, random, limit, seed)
         precision = precision or lower_precision(a.precision, b.precision)
         comparison = compare(a, b, batch, limits_for(precision, tolerances),

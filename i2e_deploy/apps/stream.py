@@ -6,8 +6,6 @@ import json
 import os
 from typing import Callable
 
-from ..artifacts import kind_of
-from ..assets import resolve_model
 from ..errors import I2EError
 from ..fileio import atomic_output
 from ..targets import resolve_runner
@@ -26,6 +24,7 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
                stride: int = 1, window_ms: float = 100.0, queue_size: int = 1,
                reconnects: int = 5, stats_json: str | os.PathLike | None = None,
                activity: bool | None = None, show_activity: bool = False,
+               verify: bool = True, data: str | os.PathLike | None = None,
                log: Callable[[str], None] | None = None, **overrides) -> StreamStats:
     """Open everything by name (``model`` through :func:`i2e_deploy.targets.resolve_runner`,
     or an already loaded runner), run the stream, write ``stats_json``. Open failures
@@ -43,9 +42,11 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
         raise I2EError(f"--max-frames must be >= 1, got {max_frames}")
     if topk < 1:
         raise I2EError(f"--topk must be >= 1, got {topk}")
+    # The source's reader thread preprocesses beside inference: ONNX Runtime's spinning
+    # idle threads would take its core on a small machine.
     runner = model if isinstance(model, Runner) else resolve_runner(
-        model, backend=backend, precision=precision, device=device, threads=threads, log=log,
-        **overrides)
+        model, backend=backend, precision=precision, device=device, threads=threads,
+        verify=verify, data=data, spinning=False, log=log, **overrides)
     if activity is None:
         activity = (stats_json is not None or show_activity) and runner.exposes_spikes
     try:
@@ -84,26 +85,17 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
 def run_demo(*, model: str = "default", output: list[str] | None = None,
              backend: str = "auto", precision: str = "auto", device: str = "cpu",
              threads: int | None = None, max_frames: int | None = None,
-             stats_json: str | os.PathLike | None = None,
+             stats_json: str | os.PathLike | None = None, verify: bool = True,
              log: Callable[[str], None] = print) -> tuple[StreamStats, list[str]]:
     """The zero-argument demo: the bundled model on the bundled 'demo' clip; a window when
     a screen and a GUI OpenCV are there, else demo.mp4 + demo.jsonl in the current folder.
     Returns the stats and the outputs used.
 
-    ``backend='auto'`` runs a PyTorch checkpoint on ONNX Runtime on a CPU (exported once into
-    the cache, INT8 for an INT8-exact checkpoint: several times faster), and on PyTorch if
-    that export fails."""
+    ``backend='auto'``: the fastest verified runner here (:func:`~i2e_deploy.targets.choose_runner`;
+    on a CPU, ONNX Runtime, INT8 for an INT8-exact checkpoint), PyTorch if the export fails."""
     from ..runtime.sinks import DisplaySink, screen_available
     from ..runtime.sources import DemoSource
 
-    runner: Runner | None = None
-    if backend == "auto" and kind_of(resolve_model(model)) == "checkpoint" and device == "cpu":
-        try:
-            runner = resolve_runner(model, backend="onnx", precision=precision, device=device,
-                                    threads=threads, log=log)
-        except Exception as exc:  # the demo must run; PyTorch runs the same network
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log(f"ONNX export failed ({first}); running on PyTorch")
     if output is None:
         output = ["demo.mp4", "demo.jsonl"]
         if screen_available():
@@ -113,8 +105,8 @@ def run_demo(*, model: str = "default", output: list[str] | None = None,
             except I2EError:
                 pass  # a screen but a headless OpenCV: fall back to files
     paced = "display" in output  # on screen, play at the clip's own speed
-    stats = run_stream(runner or model, ["demo"], output, max_frames=max_frames,
+    stats = run_stream(model, ["demo"], output, max_frames=max_frames,
                        backend=backend, precision=precision, device=device, threads=threads,
                        fps=DemoSource.nominal_fps if paced else None, stats_json=stats_json,
-                       log=log)
+                       verify=verify, log=log)
     return stats, output

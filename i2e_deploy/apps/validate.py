@@ -88,6 +88,7 @@ def heldout_defaults(card: ModelCard, data: Path, count: int) -> tuple[float, in
 
 def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch: int = 64,
              workers: int = 2, val_split: float | None = None, seed: int | None = None,
+             backend: str = "auto", precision: str = "auto", verify: bool = True,
              progress=None, log=print) -> Report:
     """Run ``model`` over the labelled folder ``data`` (an image folder, or an I2E event
     dataset for event-input models). With ``val_split`` only the part ``train --val-split N
@@ -96,7 +97,8 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
     from ..targets import resolve_runner
 
     data = Path(data)
-    with resolve_runner(model, device=device) as runner:
+    with resolve_runner(model, backend=backend, precision=precision, device=device,
+                        verify=verify, log=log) as runner:
         card = runner.card
         if runner.output != "logits":
             raise I2EError(f"{model} outputs {runner.output}, not class scores; validate a "

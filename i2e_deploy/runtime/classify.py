@@ -46,12 +46,15 @@ class Classifier:
             raise I2EError(f"topk must be >= 1, got {topk}")
         self.runner = load_runner(model, device=device, threads=threads, **overrides) \
             if isinstance(model, (str, os.PathLike)) else model
-        if self.runner.name != "torch":
-            import torch
-
-            # Torch only preprocesses here; for such small ops its thread pool costs more
-            # than it gives, many times more when the cores are busy.
-            torch.set_num_threads(1)
+        if not self.runner.name.startswith("torch"):
+            try:
+                import torch
+            except ImportError:  # exported models run without PyTorch
+                pass
+            else:
+                # Torch only preprocesses here; for such small ops its thread pool costs more
+                # than it gives, many times more when the cores are busy.
+                torch.set_num_threads(1)
         self.card: ModelCard = self.runner.card
         self.topk = min(topk, self.card.num_classes)
         self.activity: tuple[SpikeReader, ActivityCounter] | None = None

@@ -19,7 +19,7 @@ from ..artifacts import (PRECISION_KEY, kind_of, onnx_card, read_engine_sidecar,
                          read_metadata)
 from ..card import ModelCard
 from ..device import parse_device
-from ..errors import I2EError
+from ..errors import I2EError, warn
 
 if TYPE_CHECKING:
     import torch
@@ -141,15 +141,91 @@ def _first(result, count: int):
     return result[:count]
 
 
+# Batch sizes a CUDA-graph runner captures: a call runs in the smallest bucket that holds it
+# (padded), longer batches are split into the largest.
+GRAPH_BUCKETS = (1, 2, 4, 8)
+GRAPH_WARMUP = 3  # eager calls on a side stream before a capture (cuDNN picks its kernels)
+
+
+def bucket_for(count: int, buckets: tuple[int, ...] = GRAPH_BUCKETS) -> int:
+    """The smallest bucket that holds ``count`` inputs (callers split at the largest)."""
+    if count < 1 or count > buckets[-1]:
+        raise I2EError(f"a batch of {count} does not fit the CUDA-graph buckets {buckets}")
+    return next(size for size in buckets if size >= count)
+
+
+def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    """``batch`` repeated at its last input up to ``size`` (the padding's outputs are
+    dropped; a repeat rather than zeros keeps every input a real one)."""
+    if len(batch) >= size:
+        return batch
+    return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+
+
+class _CudaGraphs:
+    """The model captured as one CUDA graph per batch bucket and replayed: a static input
+    buffer on the GPU fed from a pinned host buffer, the converter and network in the graph,
+    the logits copied back into a pinned host buffer (torch.cuda.graphs: warm-up on a side
+    stream, capture, then ``copy_`` into the static input and ``replay``)."""
+
+    def __init__(self, model, device, card: ModelCard, buckets: tuple[int, ...]):
+        import torch
+
+        self._torch, self._model, self._device = torch, model, device
+        size = card.imgsz
+        self._sample = (((card.T, 2, size, size), torch.float32) if card.input == "events"
+                        else ((size, size, 3), torch.uint8))
+        self.buckets = buckets
+        self._graphs: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
+
+    def _capture(self, bucket: int) -> tuple[Any, Any, Any, Any, Any]:
+        torch = self._torch
+        shape, dtype = self._sample
+        static_in = torch.zeros((bucket, *shape), dtype=dtype, device=self._device)
+        host_in = torch.zeros((bucket, *shape), dtype=dtype).pin_memory()
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.inference_mode():
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP):
+                    self._model(static_in)
+            torch.cuda.current_stream(self._device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._model(static_in).float()
+        host_out = torch.empty(static_out.shape, dtype=torch.float32).pin_memory()
+        return graph, static_in, static_out, host_in, host_out
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        count = len(batch)
+        bucket = bucket_for(count, self.buckets)
+        if bucket not in self._graphs:
+            self._graphs[bucket] = self._capture(bucket)
+        graph, static_in, static_out, host_in, host_out = self._graphs[bucket]
+        host_in.numpy()[:] = pad_batch(batch, bucket)
+        static_in.copy_(host_in, non_blocking=True)
+        graph.replay()
+        host_out.copy_(static_out, non_blocking=True)
+        self._torch.cuda.current_stream(self._device).synchronize()
+        return host_out.numpy()[:count].copy()
+
+    def capture_all(self) -> None:
+        for bucket in self.buckets:
+            if bucket not in self._graphs:
+                self._graphs[bucket] = self._capture(bucket)
+
+
 class TorchRunner(Runner):
-    """The PyTorch reference model (``load_checkpoint``); ``compile`` applies
-    ``torch.compile`` (CUDA graphs via mode 'reduce-overhead' on a GPU)."""
+    """The PyTorch reference model (``load_checkpoint``). On CUDA it runs as CUDA graphs by
+    default (``graphs``; one capture per batch bucket, replayed: :class:`_CudaGraphs`), eager
+    with ``graphs=False`` and always on the CPU. TF32 stays off: the reference is float32,
+    and TF32 convolutions would flip spikes."""
 
     name = "torch"
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None,
-                 compile: bool = False, loaded: tuple[MSResNet, ModelCard] | None = None,
-                 **overrides):
+                 graphs: bool | None = None, loaded: tuple[MSResNet, ModelCard] | None = None,
+                 buckets: tuple[int, ...] = GRAPH_BUCKETS, **overrides):
         """``loaded``: an already loaded ``(model, card)`` pair instead of ``path``'s."""
         import torch
 
@@ -159,29 +235,47 @@ class TorchRunner(Runner):
         kind, index = parse_device(device)
         if kind == "cuda" and not torch.cuda.is_available():
             raise I2EError(f"device {device} requested but PyTorch sees no CUDA GPU; use --device cpu")
+        if graphs and kind != "cuda":
+            raise I2EError("CUDA graphs need --device cuda")
         if threads:
             torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
         self._torch = torch
         self._device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
-        if kind == "cuda":  # the reference is float32: TF32 convolutions would flip spikes
+        if kind == "cuda":
             torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         model, self.card = loaded if loaded is not None else load_checkpoint(path, **overrides)
         self.model: MSResNet | None = model.to(self._device)
         self.input_format = "events" if self.card.input == "events" else "uint8"
-        self._forward: Callable[[torch.Tensor], torch.Tensor] | None = model
-        if compile:
-            mode = "reduce-overhead" if kind == "cuda" else "default"
-            self._forward = torch.compile(model, mode=mode, dynamic=False)
+        self._graphs: _CudaGraphs | None = None
+        if kind == "cuda" and graphs is not False:
+            self._graphs = _CudaGraphs(self.model, self._device, self.card, buckets)
+            self.batch_limit = buckets[-1]
+            self.name = "torch-cudagraph"
+            # Spike maps would come from the eager model, not from the graphs being judged.
+            self.exposes_spikes = False
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
-        if self._forward is None:
+        if self.model is None:
             raise I2EError(f"{self.path.name}: the runner is closed")
+        if self._graphs is not None:
+            return self._graphs(batch)
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self._device)
             if self.card.input == "events":
                 x = x.float()
-            return self._forward(x).float().cpu().numpy()
+            return self.model(x).float().cpu().numpy()
+
+    def warmup(self, iterations: int = 1, batch: int = 1) -> None:
+        if self._graphs is not None:  # capture every bucket now, not mid-stream
+            try:
+                self._graphs.capture_all()
+            except RuntimeError as exc:  # a capture PyTorch refuses: eager is still right
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                warn(f"CUDA graph capture failed ({first}); running eager on {self.device}")
+                self._graphs, self.batch_limit, self.name = None, None, "torch"
+        super().warmup(iterations, batch)
 
     exposes_spikes = True
 
@@ -213,11 +307,43 @@ class TorchRunner(Runner):
             return self.model.to_events(x).transpose(0, 1).to(torch.uint8).cpu().numpy()
 
     def close(self) -> None:
-        self.model = self._forward = None
+        self.model = self._graphs = None
 
 
-def ort_providers(device: str, providers: list[str] | None = None) -> list:
-    """Execution providers for a device, best first (TensorRT > CUDA > CPU), with options."""
+def gpu_name(device: str) -> str:
+    """The CUDA GPU's name, through cuda-python or PyTorch, whichever is here (verdicts are
+    kept per GPU); the device string when neither can say."""
+    kind, index = parse_device(device)
+    try:
+        from cuda.bindings import runtime as cudart
+
+        error, props = cudart.cudaGetDeviceProperties(index)
+        if error == cudart.cudaError_t.cudaSuccess:
+            name = props.name
+            text = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+            return text.split("\x00")[0].strip()
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(index)
+    except ImportError:
+        pass
+    return f"{kind}:{index}"
+
+
+def ort_providers(device: str, providers: list[str] | None = None, *,
+                  precision: str = "fp32", cache: Path | None = None,
+                  cuda_graph: bool = False) -> list:
+    """Execution providers for a device, best first (TensorRT > CUDA > CPU), with options:
+    the TensorRT provider's engine and timing caches in ``cache`` (a build takes minutes;
+    ONNX Runtime names its cached engines by graph and GPU), its FP16/INT8 flags from the
+    graph's ``precision`` (an INT8 graph for GPUs is the S8S8 Q/DQ one: explicit
+    quantization, no calibration table), and, with ``cuda_graph`` and no TensorRT provider,
+    the CUDA provider's CUDA graph (static shapes, inputs and outputs bound to fixed GPU
+    buffers: :class:`OrtRunner` runs it through IO binding)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -233,8 +359,23 @@ def ort_providers(device: str, providers: list[str] | None = None) -> list:
     gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
     if not gpu:
         raise I2EError(f"device {device} requested but this onnxruntime has no GPU provider; "
-                       "install onnxruntime-gpu or use --device cpu")
-    return [(p, {"device_id": index}) for p in gpu] + ["CPUExecutionProvider"]
+                       "install onnxruntime-gpu (pip install 'i2e-deploy[gpu]') or use "
+                       "--device cpu")
+    chosen: list = []
+    if "TensorrtExecutionProvider" in gpu:
+        trt: dict[str, Any] = {"device_id": index, "trt_fp16_enable": precision == "fp16",
+                               "trt_int8_enable": precision == "int8"}
+        if cache is not None:
+            folder = str(cache / "ort-tensorrt")
+            trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=folder,
+                       trt_timing_cache_enable=True, trt_timing_cache_path=folder)
+        chosen.append(("TensorrtExecutionProvider", trt))
+    if "CUDAExecutionProvider" in gpu:
+        options: dict[str, Any] = {"device_id": index}
+        if cuda_graph and "TensorrtExecutionProvider" not in gpu:
+            options["enable_cuda_graph"] = True
+        chosen.append(("CUDAExecutionProvider", options))
+    return chosen + ["CPUExecutionProvider"]
 
 
 class OrtRunner(Runner):
@@ -243,10 +384,14 @@ class OrtRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None,
-                 providers: list[str] | None = None, optimization: str = "all"):
+                 providers: list[str] | None = None, optimization: str = "all",
+                 cache: Path | None = None, spinning: bool = True):
+        """``cache``: the folder for the TensorRT provider's engine and timing caches.
+        ``spinning``: whether idle intra-op threads spin (ONNX Runtime's default)."""
         import onnxruntime as ort
 
         super().__init__(path, device)
+        self._binding: Any = None
         self._threads = threads
         self._spike_session: Any = None
         self._spike_layers: dict[str, str] = {}
@@ -262,9 +407,23 @@ class OrtRunner(Runner):
             "ORT_DISABLE_ALL" if optimization == "disable" else f"ORT_ENABLE_{optimization.upper()}")
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        on_gpu = parse_device(device)[0] == "cuda" and not providers
+        static = on_gpu and _static_input(path)
+        chosen = ort_providers(device, providers, precision=self.precision, cache=cache,
+                               cuda_graph=static)
         try:
-            self.session = ort.InferenceSession(str(path), options,
-                                                providers=ort_providers(device, providers))
+            try:
+                self.session = ort.InferenceSession(str(path), options, providers=chosen)
+            except Exception:
+                if not static:
+                    raise
+                # ONNX Runtime refuses a CUDA graph unless every node runs on the CUDA
+                # provider: the same providers without it.
+                chosen = ort_providers(device, providers, precision=self.precision,
+                                       cache=cache)
+                self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except I2EError:
             raise
         except Exception as exc:
@@ -276,6 +435,20 @@ class OrtRunner(Runner):
         if isinstance(graph_input.shape[0], int):  # exported with --static
             self.batch_limit = self.min_batch = graph_input.shape[0]
         self.output = "events" if len(self.session.get_outputs()[0].shape) == 5 else "logits"
+        if any(isinstance(p, tuple) and p[1].get("enable_cuda_graph") for p in chosen):
+            self._bind_cuda_graph(ort, parse_device(device)[1])
+
+    def _bind_cuda_graph(self, ort, index: int) -> None:
+        """The CUDA provider replays a CUDA graph only when inputs and outputs stay at the
+        same GPU addresses: bind them once to fixed buffers and copy into them."""
+        graph_input, graph_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self._gpu_in = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros(graph_input.shape, ONNX_DTYPES[graph_input.type]), "cuda", index)
+        self._gpu_out = ort.OrtValue.ortvalue_from_shape_and_type(
+            graph_output.shape, ONNX_DTYPES[graph_output.type], "cuda", index)
+        self._binding = self.session.io_binding()
+        self._binding.bind_ortvalue_input(graph_input.name, self._gpu_in)
+        self._binding.bind_ortvalue_output(graph_output.name, self._gpu_out)
 
     @property
     def providers(self) -> list[str]:
@@ -321,11 +494,29 @@ class OrtRunner(Runner):
         return session, {t: layer_name(t) for t in tensors}
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        result = self.session.run(None, {self._input_name: batch})[0]
+        if self._binding is not None:
+            self._gpu_in.update_inplace(batch)
+            self.session.run_with_iobinding(self._binding)
+            result = self._gpu_out.numpy()
+        else:
+            result = self.session.run(None, {self._input_name: batch})[0]
         return result if self.output == "events" else result.astype(np.float32, copy=False)
 
     def close(self) -> None:
-        self.session = self._spike_session = None
+        self.session = self._spike_session = self._binding = None
+
+
+ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+               "tensor(uint8)": np.uint8}
+
+
+def _static_input(path: Path) -> bool:
+    """Whether the graph's input has a fixed shape (exported with ``--static``)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return bool(dims) and all(d.HasField("dim_value") for d in dims)
 
 
 def _graph_input_format(onnx_type: str, rank: int) -> str:
@@ -413,11 +604,14 @@ class TensorRTRunner(Runner):
 
 def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
                 providers: list[str] | None = None, optimization: str = "all",
-                warmup: int = 1, **torch_options) -> Runner:
+                warmup: int = 1, cache: Path | None = None, spinning: bool = True,
+                **torch_options) -> Runner:
     """Open a model file on the backend its kind names ('default' = the bundled model).
 
-    ``torch_options`` go to the PyTorch runner (``compile``, and ``load_checkpoint``
-    overrides such as ``imgsz``); they are refused for other backends.
+    ``torch_options`` go to the PyTorch runner (``graphs``, and ``load_checkpoint``
+    overrides such as ``imgsz``); they are refused for other backends. ``cache``: where the
+    ONNX Runtime TensorRT provider keeps its engines; ``spinning``: ONNX Runtime's idle
+    threads spin (off where another thread of the process needs the cores: ``stream``).
     """
     from ..assets import resolve_model
 
@@ -430,7 +624,7 @@ def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | 
     elif torch_options:
         raise I2EError(f"options {sorted(torch_options)} apply only to PyTorch checkpoints")
     elif kind == "onnx":
-        runner = OrtRunner(path, device, threads, providers, optimization)
+        runner = OrtRunner(path, device, threads, providers, optimization, cache, spinning)
     else:
         runner = TensorRTRunner(path, "cuda" if device == "cpu" else device)
     if warmup:
