@@ -17,10 +17,13 @@ from .graph import elem_types, merge_spike_casts
 
 def spike_tensors(model: onnx.ModelProto) -> list[str]:
     """The boolean spike (and event) tensors of a graph, in network order: outputs of
-    Concat nodes joining boolean comparisons."""
+    Concat nodes joining boolean comparisons, and the row-layout reshapes that keep those
+    names in the ONNX Runtime INT8 graph (its rewritten neurons fire all steps at once)."""
     types = elem_types(model)
     return [node.output[0] for node in model.graph.node
-            if node.op_type == "Concat" and types.get(node.output[0]) == TensorProto.BOOL]
+            if types.get(node.output[0]) == TensorProto.BOOL and (
+                node.op_type == "Concat" or (node.op_type == "Reshape" and node.output[0]
+                                             .rsplit("/", 1)[-1].startswith("Concat")))]
 
 
 def layer_name(tensor: str) -> str:

@@ -8,6 +8,7 @@ NCHW converts it. Event models take ``[N, T, 2, H, W]``. Outputs are float32 log
 from __future__ import annotations
 
 import functools
+import math
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -465,8 +466,7 @@ class OrtRunner(Runner):
         found = dict(zip(names, results))
         out = found[names[0]]
         out = out if self.output == "events" else out.astype(np.float32, copy=False)
-        T = self.card.T
-        return out, {layer: found[tensor].reshape(T, -1, *found[tensor].shape[1:])
+        return out, {layer: _time_major(found[tensor], self.card.T, len(batch))
                      for tensor, layer in self._spike_layers.items()}
 
     def _open_spike_session(self):
@@ -517,6 +517,17 @@ def _static_input(path: Path) -> bool:
     proto = onnx.load(str(path), load_external_data=False)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     return bool(dims) and all(d.HasField("dim_value") for d in dims)
+
+
+def _time_major(spikes: np.ndarray, T: int, batch: int) -> np.ndarray:
+    """A graph's time-folded spikes as ``[T, N, C, H, W]`` (or ``[T, N, ...]``): ``[T*N, ...]``
+    as exported, or the ONNX Runtime INT8 lowering's GEMM rows ``[T*N*H*W, C]`` (square maps,
+    as a square input gives)."""
+    if spikes.ndim == 2 and spikes.shape[0] >= T * batch:
+        side = math.isqrt(spikes.shape[0] // (T * batch))
+        if T * batch * side * side == spikes.shape[0]:
+            return spikes.reshape(T, batch, side, side, -1).transpose(0, 1, 4, 2, 3)
+    return spikes.reshape(T, -1, *spikes.shape[1:])
 
 
 def _graph_input_format(onnx_type: str, rank: int) -> str:
