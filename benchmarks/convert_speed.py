@@ -13,6 +13,7 @@ All rows come from one run (the box is shared, so compare rows with each other r
 with other runs). Prints a Markdown table and writes JSON
 (default benchmarks/results/convert_speed.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ import torch
 
 from i2e_deploy.card import ModelCard
 from i2e_deploy.device import cpu_name
-from i2e_deploy.model.converter import convert, convert_uint8
 from i2e_deploy.images import load_image_folder
+from i2e_deploy.model.converter import convert, convert_uint8
 from i2e_deploy.training.convert import convert_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,8 +75,11 @@ def rates(run, batches: list, repeats: int) -> dict[str, float]:
             run(batch)
         wall.append(count / (time.perf_counter() - began))
         cpu.append(count / (time.process_time() - began_cpu))
-    return {"median": statistics.median(wall), "best": max(wall),
-            "per_cpu_second": statistics.median(cpu)}
+    return {
+        "median": statistics.median(wall),
+        "best": max(wall),
+        "per_cpu_second": statistics.median(cpu),
+    }
 
 
 def main() -> None:
@@ -83,10 +87,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--paper-images", type=int, default=256,
-                        help="images for the (slow) paper converter")
-    parser.add_argument("--output", type=Path,
-                        default=REPO / "benchmarks" / "results" / "convert_speed.json")
+    parser.add_argument(
+        "--paper-images", type=int, default=256, help="images for the (slow) paper converter"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=REPO / "benchmarks" / "results" / "convert_speed.json"
+    )
     args = parser.parse_args()
     if not CIFAR_TAR.is_file():
         sys.exit(f"needs {CIFAR_TAR}")
@@ -97,11 +103,12 @@ def main() -> None:
         folder = extract(args.images, work)
         card = ModelCard(imgsz=SIZE, resize=SIZE)
         images = load_image_folder(folder, card).images
-        uint8_batches = [images[i:i + args.batch] for i in range(0, len(images), args.batch)]
+        uint8_batches = [images[i : i + args.batch] for i in range(0, len(images), args.batch)]
         buffers = {len(b): np.empty((len(b), 8, 2, SIZE, SIZE), np.bool_) for b in uint8_batches}
-        paper_batches = [torch.from_numpy(b).permute(0, 3, 1, 2).float().div(255)
-                         for b in uint8_batches]
-        paper_batches = [b[:args.paper_images] for b in paper_batches[:1]]
+        paper_batches = [
+            torch.from_numpy(b).permute(0, 3, 1, 2).float().div(255) for b in uint8_batches
+        ]
+        paper_batches = [b[: args.paper_images] for b in paper_batches[:1]]
 
         rows = []
 
@@ -109,49 +116,80 @@ def main() -> None:
             rows.append({"name": name, "what": what, **measured, **extra})
 
         for count in (1, threads):
-            row(f"ours: convert_uint8, {count} thread{'s' * (count > 1)}",
+            row(
+                f"ours: convert_uint8, {count} thread{'s' * (count > 1)}",
                 "uint8 NHWC -> bool events [B, 8, 2, H, W]",
-                rates(lambda b, c=count: convert_uint8(b, RATIO, time_major=False, threads=c,
-                                                       out=buffers[len(b)]),
-                      uint8_batches, args.repeats), threads=count)
+                rates(
+                    lambda b, c=count: convert_uint8(
+                        b, RATIO, time_major=False, threads=c, out=buffers[len(b)]
+                    ),
+                    uint8_batches,
+                    args.repeats,
+                ),
+                threads=count,
+            )
         tensors = [torch.from_numpy(b) for b in uint8_batches]
-        row("ours: convert (model input)", "uint8 NHWC -> float events [8, B, 2, H, W]",
-            rates(lambda b: convert(b, RATIO), tensors, args.repeats), threads=threads)
-        row("paper: paper_convert", "float NCHW -> float events [8, B, 2, H, W]",
+        row(
+            "ours: convert (model input)",
+            "uint8 NHWC -> float events [8, B, 2, H, W]",
+            rates(lambda b: convert(b, RATIO), tensors, args.repeats),
+            threads=threads,
+        )
+        row(
+            "paper: paper_convert",
+            "float NCHW -> float events [8, B, 2, H, W]",
             rates(lambda b: paper_convert(b, RATIO), paper_batches, max(2, args.repeats // 2)),
-            threads=threads)
+            threads=threads,
+        )
         for fmt in ("packed", "npz"):
             out = work / f"events_{fmt}"
             began = time.perf_counter()
-            stats = convert_folder(folder, out, fmt, ratio=RATIO, imgsz=SIZE, batch=args.batch,
-                                   workers=2)
+            stats = convert_folder(
+                folder, out, fmt, ratio=RATIO, imgsz=SIZE, batch=args.batch, workers=2
+            )
             seconds = time.perf_counter() - began
             size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
             rate = stats.written / seconds
-            row(f"end to end: i2e-deploy convert --format {fmt}",
+            row(
+                f"end to end: i2e-deploy convert --format {fmt}",
                 "JPEG decode + resize (2 workers), convert, write",
                 {"median": rate, "best": rate, "per_cpu_second": None},
-                bytes_per_sample=size / stats.written)
+                bytes_per_sample=size / stats.written,
+            )
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     paper = next(r for r in rows if r["name"].startswith("paper"))["median"]
-    print(f"\nI2E conversion, {len(images)} real CIFAR-10 images at {SIZE}x{SIZE}, ratio {RATIO}; "
-          f"{cpu_name()}, {os.cpu_count()} cores, torch threads "
-          f"{threads}, load average before {load_before[0]:.1f}\n")
+    print(
+        f"\nI2E conversion, {len(images)} real CIFAR-10 images at {SIZE}x{SIZE}, ratio {RATIO}; "
+        f"{cpu_name()}, {os.cpu_count()} cores, torch threads "
+        f"{threads}, load average before {load_before[0]:.1f}\n"
+    )
     paper_cpu = next(r for r in rows if r["name"].startswith("paper"))["per_cpu_second"]
-    print("| path | input -> output | images/s (median) | best | vs paper | "
-          "images per CPU-second | vs paper |")
+    print(
+        "| path | input -> output | images/s (median) | best | vs paper | "
+        "images per CPU-second | vs paper |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         cpu = r["per_cpu_second"]
         cpu_cells = f"{cpu:,.0f} | {cpu / paper_cpu:.1f}x" if cpu else "- | -"
-        print(f"| {r['name']} | {r['what']} | {r['median']:,.0f} | {r['best']:,.0f} | "
-              f"{r['median'] / paper:.1f}x | {cpu_cells} |")
-    result = {"images": len(images), "size": SIZE, "ratio": RATIO, "cores": os.cpu_count(),
-              "torch_threads": threads, "load_average_before": load_before[0],
-              "machine": platform.machine(), "cpu": cpu_name(), "rows": rows}
+        print(
+            f"| {r['name']} | {r['what']} | {r['median']:,.0f} | {r['best']:,.0f} | "
+            f"{r['median'] / paper:.1f}x | {cpu_cells} |"
+        )
+    result = {
+        "images": len(images),
+        "size": SIZE,
+        "ratio": RATIO,
+        "cores": os.cpu_count(),
+        "torch_threads": threads,
+        "load_average_before": load_before[0],
+        "machine": platform.machine(),
+        "cpu": cpu_name(),
+        "rows": rows,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(f".{args.output.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2))

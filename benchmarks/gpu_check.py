@@ -10,6 +10,7 @@ Runs the PyTorch reference on the CPU, the same checkpoint on CUDA (eager and, w
 CPU reference (decisive flips, median |Δlogit|; top-1 agreement reported), and latency /
 throughput of each runner. Writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ from i2e_deploy.runtime.runners import load_runner  # noqa: E402
 
 
 def in_batches(runner, images: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([runner.infer(images[i:i + batch])
-                           for i in range(0, len(images), batch)])
+    return np.concatenate(
+        [runner.infer(images[i : i + batch]) for i in range(0, len(images), batch)]
+    )
 
 
 def timing(runner, images: np.ndarray, batch: int, iters: int) -> dict:
@@ -53,12 +55,14 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """The one comparison (``i2e_deploy.compare``) with the FP32 limits, as JSON fields."""
     found = judge(reference, candidate, limits_for("fp32"))
     metrics = found.metrics
-    return {"parity": "pass" if found.passed else "fail",
-            "top1_agreement": metrics["top1_agreement"],
-            "mismatches": metrics["top1_mismatches"],
-            "decisive_mismatches": metrics["decisive_mismatches"],
-            "median_abs_dlogit": metrics["median_abs"],
-            "max_abs_dlogit": metrics["max_abs"]}
+    return {
+        "parity": "pass" if found.passed else "fail",
+        "top1_agreement": metrics["top1_agreement"],
+        "mismatches": metrics["top1_mismatches"],
+        "decisive_mismatches": metrics["decisive_mismatches"],
+        "median_abs_dlogit": metrics["median_abs"],
+        "max_abs_dlogit": metrics["max_abs"],
+    }
 
 
 def main() -> None:
@@ -75,13 +79,16 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py: PyTorch sees no CUDA GPU")
 
-    runners = {"torch-cpu": lambda: load_runner(args.model, threads=4),
-               "torch-cuda": lambda: load_runner(args.model, device="cuda")}
+    runners = {
+        "torch-cpu": lambda: load_runner(args.model, threads=4),
+        "torch-cuda": lambda: load_runner(args.model, device="cuda"),
+    }
     if args.onnx:
         runners["onnxruntime-cpu"] = lambda: load_runner(args.onnx, threads=4)
     if args.compile:  # last: compiling takes a while
-        runners["torch-cuda-compiled"] = lambda: load_runner(args.model, device="cuda",
-                                                             compile=True)
+        runners["torch-cuda-compiled"] = lambda: load_runner(
+            args.model, device="cuda", compile=True
+        )
     rows, logits = [], {}
     labels = None
     for name, open_runner in runners.items():
@@ -91,28 +98,46 @@ def main() -> None:
                 loaded, labels, _ = load_labelled_folder(args.data, runner.card, args.limit)
                 images = loaded.images
             logits[name] = in_batches(runner, images, args.batch)
-            row = {"runner": name, "open_and_run_s": time.perf_counter() - began,
-                   "top1": float((logits[name].argmax(1) == labels).mean()),
-                   "batch1": timing(runner, images, 1, args.iters),
-                   f"batch{args.batch}": timing(runner, images, args.batch, args.iters // 5 + 3)}
+            row = {
+                "runner": name,
+                "open_and_run_s": time.perf_counter() - began,
+                "top1": float((logits[name].argmax(1) == labels).mean()),
+                "batch1": timing(runner, images, 1, args.iters),
+                f"batch{args.batch}": timing(runner, images, args.batch, args.iters // 5 + 3),
+            }
         row.update(compare(logits["torch-cpu"], logits[name]))
         rows.append(row)
         write(args, rows, len(labels))
-        print(f"{name:22s} top-1 {100 * row['top1']:.2f}%  agreement "
-              f"{100 * row['top1_agreement']:.2f}% (decisive flips {row['decisive_mismatches']})"
-              f"  median |dlogit| {row['median_abs_dlogit']:.2e}  b1 p50 "
-              f"{row['batch1']['p50_ms']:.2f} ms  b{args.batch} "
-              f"{row[f'batch{args.batch}']['images_per_s']:.0f} img/s", flush=True)
+        print(
+            f"{name:22s} top-1 {100 * row['top1']:.2f}%  agreement "
+            f"{100 * row['top1_agreement']:.2f}% (decisive flips {row['decisive_mismatches']})"
+            f"  median |dlogit| {row['median_abs_dlogit']:.2e}  b1 p50 "
+            f"{row['batch1']['p50_ms']:.2f} ms  b{args.batch} "
+            f"{row[f'batch{args.batch}']['images_per_s']:.0f} img/s",
+            flush=True,
+        )
     print(f"wrote {args.json}")
 
 
 def write(args, rows: list[dict], images: int) -> None:
     """After every runner, so a run cut short keeps what it measured."""
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "benchmark": "gpu_check", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "model": str(args.model), "images": images,
-        "limits": dataclasses.asdict(limits_for("fp32")), "rows": rows}, indent=2) + "\n")
+    args.json.write_text(
+        json.dumps(
+            {
+                "benchmark": "gpu_check",
+                "gpu": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "model": str(args.model),
+                "images": images,
+                "limits": dataclasses.asdict(limits_for("fp32")),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

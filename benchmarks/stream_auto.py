@@ -12,6 +12,7 @@ for a released file (10 classes: 128 px, ratio 0.07). The export into the cache 
 before the timed runs. Prints a Markdown table; writes JSON (default
 benchmarks/results/stream_auto.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,19 @@ def released_checkpoint() -> Path:
 
 def stream(checkpoint: Path, backend: str | None, frames: int, stats: Path) -> dict:
     """One run of the real command in its own process; its first line and stats."""
-    command = ["i2e-deploy", "stream", str(checkpoint), "--source", str(BIKES), "--output",
-               "none", "--max-frames", str(frames), "--json", str(stats)]
+    command = [
+        "i2e-deploy",
+        "stream",
+        str(checkpoint),
+        "--source",
+        str(BIKES),
+        "--output",
+        "none",
+        "--max-frames",
+        str(frames),
+        "--json",
+        str(stats),
+    ]
     if backend:
         command += ["--backend", backend]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -62,8 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--frames", type=int, default=120)
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" /
-                                              "stream_auto.json"))
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "stream_auto.json"))
     args = parser.parse_args()
     if not BIKES.is_file():
         sys.exit(f"{BIKES} not found (the shared data)")
@@ -78,32 +89,53 @@ def main() -> None:
             for name in order:
                 result = stream(checkpoint, None if name == "auto" else name, args.frames, stats)
                 runs[name].append(result)
-                print(f"round {turn + 1} {name}: {result['fps']:.2f} FPS "
-                      f"({result['backend']}; {result['first_line']})")
+                print(
+                    f"round {turn + 1} {name}: {result['fps']:.2f} FPS "
+                    f"({result['backend']}; {result['first_line']})"
+                )
     fps = {name: [r["fps"] for r in results] for name, results in runs.items()}
     median = {name: float(np.median(values)) for name, values in fps.items()}
     ratios = [a / t for a, t in zip(fps["auto"], fps["torch"])]
-    print(f"\nMS-ResNet-18 128x128 (released format), bikes.mp4, {args.frames} frames, "
-          f"{cpu_name()}, {psutil.cpu_count()} CPUs; {args.rounds} interleaved rounds\n")
+    print(
+        f"\nMS-ResNet-18 128x128 (released format), bikes.mp4, {args.frames} frames, "
+        f"{cpu_name()}, {psutil.cpu_count()} CPUs; {args.rounds} interleaved rounds\n"
+    )
     print("| command | runner picked | FPS per round | median FPS |")
     print("|---|---|---|---|")
     for name in runs:
         flag = "" if name == "auto" else " --backend torch"
-        print(f"| stream{flag} | {runs[name][0]['backend']} | "
-              f"{', '.join(f'{v:.2f}' for v in fps[name])} | {median[name]:.2f} |")
-    print(f"\nauto / torch: {median['auto'] / median['torch']:.2f}x (median FPS); per round "
-          f"{', '.join(f'{r:.2f}x' for r in ratios)}")
-    write_json_atomic(args.json, {
-        "machine": {"cpu": cpu_name(), "cpus": psutil.cpu_count(),
-                    "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_avg": os.getloadavg()},
-        "model": "MS-ResNet-18, 10 classes, 128x128, ratio 0.07 (released format, bundled "
-                 "weights)",
-        "source": BIKES.name, "frames": args.frames, "rounds": args.rounds,
-        "auto_first_line": runs["auto"][0]["first_line"],
-        "fps": fps, "median_fps": median,
-        "speedup_median": median["auto"] / median["torch"], "speedup_per_round": ratios,
-        "runs": runs})
+        print(
+            f"| stream{flag} | {runs[name][0]['backend']} | "
+            f"{', '.join(f'{v:.2f}' for v in fps[name])} | {median[name]:.2f} |"
+        )
+    print(
+        f"\nauto / torch: {median['auto'] / median['torch']:.2f}x (median FPS); per round "
+        f"{', '.join(f'{r:.2f}x' for r in ratios)}"
+    )
+    write_json_atomic(
+        args.json,
+        {
+            "machine": {
+                "cpu": cpu_name(),
+                "cpus": psutil.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "load_avg": os.getloadavg(),
+            },
+            "model": "MS-ResNet-18, 10 classes, 128x128, ratio 0.07 (released format, bundled "
+            "weights)",
+            "source": BIKES.name,
+            "frames": args.frames,
+            "rounds": args.rounds,
+            "auto_first_line": runs["auto"][0]["first_line"],
+            "fps": fps,
+            "median_fps": median,
+            "speedup_median": median["auto"] / median["torch"],
+            "speedup_per_round": ratios,
+            "runs": runs,
+        },
+    )
     print(f"wrote {args.json}")
 
 

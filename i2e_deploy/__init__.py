@@ -3,6 +3,7 @@
 The public API loads on first use, so that ``import i2e_deploy.errors`` or the CLI's
 ``--help`` do not import PyTorch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,11 +16,27 @@ if TYPE_CHECKING:
     from .errors import I2EError
     from .model import I2E, LIF, MSResNet, build_model, load_checkpoint, save_checkpoint
 
-_API = {"ModelCard": "card", "I2EError": "errors", "I2E": "model", "LIF": "model",
-        "MSResNet": "model", "build_model": "model", "load_checkpoint": "model",
-        "save_checkpoint": "model"}
-__all__ = ["I2E", "I2EError", "LIF", "MSResNet", "ModelCard", "build_model", "load_checkpoint",
-           "save_checkpoint", "__version__"]
+_API = {
+    "ModelCard": "card",
+    "I2EError": "errors",
+    "I2E": "model",
+    "LIF": "model",
+    "MSResNet": "model",
+    "build_model": "model",
+    "load_checkpoint": "model",
+    "save_checkpoint": "model",
+}
+__all__ = [
+    "I2E",
+    "I2EError",
+    "LIF",
+    "MSResNet",
+    "ModelCard",
+    "build_model",
+    "load_checkpoint",
+    "save_checkpoint",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 card, an ONNX graph's ``metadata_props``, a TensorRT engine's JSON sidecar), so that export,
 runtime and Triton read model files the same way without importing each other.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,10 @@ def read_card(path: str | os.PathLike, **overrides: Any) -> ModelCard:
 
         return load_checkpoint(path, **overrides)[1]
     if overrides:
-        raise I2EError(f"options {sorted(overrides)} apply only to PyTorch checkpoints; an "
-                       f"{kind} file carries its own card")
+        raise I2EError(
+            f"options {sorted(overrides)} apply only to PyTorch checkpoints; an "
+            f"{kind} file carries its own card"
+        )
     if kind == "onnx":
         return onnx_card(read_metadata(path), path)
     return ModelCard.from_dict(read_engine_sidecar(path)["card"])
@@ -79,6 +82,7 @@ def read_precision(path: str | os.PathLike) -> str:
 
 
 # --- ONNX graphs ----------------------------------------------------------------------------
+
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file (weights are not read)."""
@@ -114,8 +118,10 @@ def metadata_of(proto) -> dict[str, str]:
 def onnx_card(metadata: dict[str, str], where: str | os.PathLike = "ONNX file") -> ModelCard:
     """The model card in a graph's metadata, so runtimes need no flags."""
     if CARD_KEY not in metadata:
-        raise I2EError(f"{where} has no i2e-deploy model card in its metadata; export it with "
-                       "`i2e-deploy export`")
+        raise I2EError(
+            f"{where} has no i2e-deploy model card in its metadata; export it with "
+            "`i2e-deploy export`"
+        )
     return ModelCard.from_json(metadata[CARD_KEY])
 
 
@@ -126,6 +132,7 @@ def default_output(checkpoint: str | os.PathLike, converter_only: bool = False) 
 
 
 # --- TensorRT engines -----------------------------------------------------------------------
+
 
 def engine_sidecar_path(engine: str | os.PathLike) -> Path:
     """``model.engine`` -> ``model.engine.json``."""
@@ -139,14 +146,23 @@ def read_engine_sidecar(engine: str | os.PathLike) -> dict:
     was built (optionally hardware_compatibility / version_compatible)."""
     sidecar = engine_sidecar_path(engine)
     if not sidecar.is_file():
-        raise I2EError(f"{engine}: engine sidecar {sidecar.name} is missing; rebuild the engine "
-                       "with `i2e-deploy build`")
+        raise I2EError(
+            f"{engine}: engine sidecar {sidecar.name} is missing; rebuild the engine "
+            "with `i2e-deploy build`"
+        )
     try:
         data = json.loads(sidecar.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise I2EError(f"{sidecar}: not valid JSON ({exc})") from None
-    required = ("card", "tensorrt_version", "gpu_name", "compute_capability", "precision",
-                "io", "profile")
+    required = (
+        "card",
+        "tensorrt_version",
+        "gpu_name",
+        "compute_capability",
+        "precision",
+        "io",
+        "profile",
+    )
     missing = [k for k in required if k not in data]
     if missing:
         raise I2EError(f"{sidecar}: missing {', '.join(missing)}; rebuild the engine")

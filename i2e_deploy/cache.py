@@ -3,18 +3,20 @@
 the package version, so a changed model or a new release never reuses a stale export. The
 verdicts of on-target verification live beside the exports (``verified/``), one JSON file per
 artifact and device, so an artifact is verified once on each machine."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .version import __version__
 from .artifacts import engine_sidecar_path
 from .card import sha256_file
 from .fileio import atomic_output, temp_beside
+from .version import __version__
 
 VERDICTS = "verified"
 
@@ -25,13 +27,20 @@ def cache_dir() -> Path:
 
 def cache_key(checkpoint: Path, **options: Any) -> str:
     """sha256 of the checkpoint, the export options and the package version."""
-    text = json.dumps({"sha256": sha256_file(checkpoint), "version": __version__, **options},
-                      sort_keys=True)
+    text = json.dumps(
+        {"sha256": sha256_file(checkpoint), "version": __version__, **options}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cached_export(checkpoint: Path, suffix: str, build: Callable[[Path], Any], *,
-                  cache: Path | None = None, **options: Any) -> Path:
+def cached_export(
+    checkpoint: Path,
+    suffix: str,
+    build: Callable[[Path], Any],
+    *,
+    cache: Path | None = None,
+    **options: Any,
+) -> Path:
     """The cached export of ``checkpoint`` for these options, made by ``build(path)`` (into a
     temporary name, then renamed) when missing. An engine's sidecar moves with it."""
     cache = cache or cache_dir()
@@ -53,7 +62,9 @@ def cached_export(checkpoint: Path, suffix: str, build: Callable[[Path], Any], *
 def verdict_path(key: dict[str, Any], cache: Path | None = None) -> Path:
     """Where the verdict for ``key`` (artifact sha256, runner, device, GPU, versions) lives."""
     text = json.dumps({"version": __version__, **key}, sort_keys=True)
-    return (cache or cache_dir()) / VERDICTS / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    return (
+        (cache or cache_dir()) / VERDICTS / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    )
 
 
 def read_verdict(key: dict[str, Any], cache: Path | None = None) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 It travels with our checkpoints, in ONNX ``metadata_props`` and in engine sidecars.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,18 @@ from .errors import I2EError
 
 ARCHS = {"msresnet18": (2, 2, 2, 2), "msresnet34": (3, 4, 6, 3)}
 INPUT_KINDS = ("images", "events")
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def default_resolution(num_classes: int) -> tuple[int, float, int]:
@@ -51,11 +62,15 @@ class ModelCard:
         if self.num_classes < 1:
             raise I2EError(f"num_classes must be positive, got {self.num_classes}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise I2EError(f"{len(self.class_names)} class names given for a model with "
-                           f"{self.num_classes} classes")
+            raise I2EError(
+                f"{len(self.class_names)} class names given for a model with "
+                f"{self.num_classes} classes"
+            )
         if not self.ratio > 0:
-            raise I2EError(f"ratio must be positive, got {self.ratio} (at 0 every pixel fires); "
-                           "the paper uses 0.07 at 128 px and 0.12 at 224 px")
+            raise I2EError(
+                f"ratio must be positive, got {self.ratio} (at 0 every pixel fires); "
+                "the paper uses 0.07 at 128 px and 0.12 at 224 px"
+            )
         if self.imgsz < 32:
             raise I2EError(f"image size must be at least 32 px, got {self.imgsz}")
         if self.resize < self.imgsz:
@@ -73,16 +88,18 @@ class ModelCard:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise I2EError(f"model card has unknown fields {sorted(unknown)}; "
-                           "was it written by a newer i2e-deploy?")
+            raise I2EError(
+                f"model card has unknown fields {sorted(unknown)}; "
+                "was it written by a newer i2e-deploy?"
+            )
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelCard":
+    def from_json(cls, text: str) -> ModelCard:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

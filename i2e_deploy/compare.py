@@ -23,11 +23,13 @@ near-ties). What it can promise, and what pass/fail rests on:
 Raw top-1 agreement, near-tie counts, top-5 overlap and max |Δlogit| are reported, never the
 reason for a failure. Converter-only graphs are judged on event agreement.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,11 +40,12 @@ from .errors import I2EError
 @dataclass(frozen=True)
 class Limits:
     """What a candidate may differ by (see the module docstring)."""
-    tie_margin: float = 1.0        # top-2 margin / logit spread up to which a change is a tie
-    decisive: float = 0.0          # max share of inputs whose decisive top-1 changed
-    median_rel: float = 0.02       # max median |Δlogit| / reference logit spread
+
+    tie_margin: float = 1.0  # top-2 margin / logit spread up to which a change is a tie
+    decisive: float = 0.0  # max share of inputs whose decisive top-1 changed
+    median_rel: float = 0.02  # max median |Δlogit| / reference logit spread
     spike_agreement: float = 0.95  # min agreement of every LIF layer where both expose spikes
-    event_agreement: float = 1.0   # min agreement of the converter's events (converter is FP32)
+    event_agreement: float = 1.0  # min agreement of the converter's events (converter is FP32)
 
 
 # Reduced precisions round weights (INT8) or conv outputs (FP16) on purpose: more spikes flip.
@@ -80,8 +83,10 @@ def parse_tolerances(items: Iterable[str]) -> dict[str, float]:
                 raise ValueError
             parsed[name.strip()] = float(value)
         except ValueError:
-            raise I2EError(f"--tolerance takes NAME=VALUE (e.g. median_rel=0.05), got "
-                           f"{item!r}; names: {', '.join(LIMIT_NAMES)}") from None
+            raise I2EError(
+                f"--tolerance takes NAME=VALUE (e.g. median_rel=0.05), got "
+                f"{item!r}; names: {', '.join(LIMIT_NAMES)}"
+            ) from None
     return parsed
 
 
@@ -93,6 +98,7 @@ def lower_precision(*precisions: str) -> str:
 
 class Comparable(Protocol):
     """What :func:`compare` needs of a runner."""
+
     card: Any
     output: str  # 'logits' or 'events'
     exposes_spikes: bool
@@ -114,6 +120,7 @@ class Check:
 @dataclass
 class Comparison:
     """What :func:`compare` found: metrics, the per-layer rows, the checks and the verdict."""
+
     kind: str  # 'logits' or 'events'
     limits: Limits
     metrics: dict[str, Any]
@@ -133,17 +140,23 @@ class Comparison:
         """One line: the numbers pass/fail rests on, and the reported ones."""
         m = self.metrics
         if self.kind == "events":
-            return (f"event agreement {m['event_agreement']:.6%} (event rate "
-                    f"{m['event_rate']:.2%}) on {m['count']} inputs")
-        text = (f"decisive top-1 changes {m['decisive_mismatches']} of {m['count']}, median "
-                f"|Δlogit| {m['median_abs']:.3g} ({m['median_rel']:.2%} of the logit spread "
-                f"{m['logit_spread']:.3g})")
+            return (
+                f"event agreement {m['event_agreement']:.6%} (event rate "
+                f"{m['event_rate']:.2%}) on {m['count']} inputs"
+            )
+        text = (
+            f"decisive top-1 changes {m['decisive_mismatches']} of {m['count']}, median "
+            f"|Δlogit| {m['median_abs']:.3g} ({m['median_rel']:.2%} of the logit spread "
+            f"{m['logit_spread']:.3g})"
+        )
         neurons = [row for row in self.layers or () if row["layer"] != "i2e"]
         if neurons:
             worst = min(neurons, key=lambda row: row["agreement"])
             text += f", lowest spike agreement {worst['agreement']:.4%} ({worst['layer']})"
-        text += (f"; reported: top-1 agreement {m['top1_agreement']:.2%} "
-                 f"({m['near_ties']} near-ties), max |Δlogit| {m['max_abs']:.3g}")
+        text += (
+            f"; reported: top-1 agreement {m['top1_agreement']:.2%} "
+            f"({m['near_ties']} near-ties), max |Δlogit| {m['max_abs']:.3g}"
+        )
         return "; ".join([text, *self.notes])
 
     def failure(self) -> str:
@@ -210,9 +223,12 @@ def logit_metrics(reference: np.ndarray, other: np.ndarray, tie_margin: float) -
 
 def event_metrics(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
     equal = reference.astype(np.uint8) == other.astype(np.uint8)
-    return {"count": int(len(reference)), "event_agreement": float(equal.mean()),
-            "event_mismatches": int((~equal).sum()),
-            "event_rate": float(reference.astype(bool).mean())}
+    return {
+        "count": int(len(reference)),
+        "event_agreement": float(equal.mean()),
+        "event_mismatches": int((~equal).sum()),
+        "event_rate": float(reference.astype(bool).mean()),
+    }
 
 
 class _LayerTally:
@@ -229,20 +245,35 @@ class _LayerTally:
                 continue
             got = other[name]
             if got.shape != ref.shape:
-                raise I2EError(f"spike maps of layer {name} differ in shape "
-                               f"({list(ref.shape)} vs {list(got.shape)})")
+                raise I2EError(
+                    f"spike maps of layer {name} differ in shape "
+                    f"({list(ref.shape)} vs {list(got.shape)})"
+                )
             self.flips[name] = self.flips.get(name, 0) + int(np.count_nonzero(ref != got))
             self.spikes[name] = self.spikes.get(name, 0) + int(np.count_nonzero(ref))
             self.sizes[name] = self.sizes.get(name, 0) + ref.size
 
     def rows(self) -> list[dict[str, Any]]:
-        return [{"layer": name, "agreement": 1.0 - self.flips[name] / self.sizes[name],
-                 "flips": self.flips[name], "rate": self.spikes[name] / self.sizes[name]}
-                for name in self.flips]
+        return [
+            {
+                "layer": name,
+                "agreement": 1.0 - self.flips[name] / self.sizes[name],
+                "flips": self.flips[name],
+                "rate": self.spikes[name] / self.sizes[name],
+            }
+            for name in self.flips
+        ]
 
 
-def compare(reference: Comparable, candidate: Comparable, inputs: np.ndarray, limits: Limits,
-            *, batch_size: int = 8, spikes: bool = True) -> Comparison:
+def compare(
+    reference: Comparable,
+    candidate: Comparable,
+    inputs: np.ndarray,
+    limits: Limits,
+    *,
+    batch_size: int = 8,
+    spikes: bool = True,
+) -> Comparison:
     """Run both runners on ``inputs`` (chunks of ``batch_size``) and judge the candidate
     against ``limits``. Spike maps are compared when ``spikes`` and both runners expose them."""
     if batch_size < 1:
@@ -250,58 +281,76 @@ def compare(reference: Comparable, candidate: Comparable, inputs: np.ndarray, li
     if len(inputs) == 0:
         raise I2EError("no inputs to compare on")
     kind = "events" if "events" in (reference.output, candidate.output) else "logits"
-    with_spikes = (spikes and kind == "logits" and reference.exposes_spikes
-                   and candidate.exposes_spikes)
+    with_spikes = (
+        spikes and kind == "logits" and reference.exposes_spikes and candidate.exposes_spikes
+    )
     tally = _LayerTally()
     outputs: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
+        chunk = inputs[start : start + batch_size]
         if with_spikes:
-            (ref_out, ref_maps), (cand_out, cand_maps) = (reference.infer_spikes(chunk),
-                                                          candidate.infer_spikes(chunk))
+            (ref_out, ref_maps), (cand_out, cand_maps) = (
+                reference.infer_spikes(chunk),
+                candidate.infer_spikes(chunk),
+            )
             tally.add(ref_maps, cand_maps)
         else:
             ref_out, cand_out = _output(reference, chunk, kind), _output(candidate, chunk, kind)
         outputs[0].append(ref_out)
         outputs[1].append(cand_out)
     layers = tally.rows() if with_spikes else None
-    comparison = judge(np.concatenate(outputs[0]), np.concatenate(outputs[1]), limits,
-                       kind=kind, layers=layers)
+    comparison = judge(
+        np.concatenate(outputs[0]), np.concatenate(outputs[1]), limits, kind=kind, layers=layers
+    )
     if spikes and kind == "logits" and not with_spikes:
-        who = "one runner does" if reference.exposes_spikes or candidate.exposes_spikes \
+        who = (
+            "one runner does"
+            if reference.exposes_spikes or candidate.exposes_spikes
             else "the runners do"
+        )
         comparison.notes.append(f"spike maps not compared: {who} not expose them")
     elif with_spikes and not any(row["layer"] != "i2e" for row in layers or ()):
-        comparison.notes.append("LIF spike maps not compared: no LIF layer of one runner is "
-                                "found in the other (rewritten neurons keep no spike tensor)")
+        comparison.notes.append(
+            "LIF spike maps not compared: no LIF layer of one runner is "
+            "found in the other (rewritten neurons keep no spike tensor)"
+        )
     return comparison
 
 
-def judge(reference: np.ndarray, candidate: np.ndarray, limits: Limits, *, kind: str = "logits",
-          layers: list[dict[str, Any]] | None = None) -> Comparison:
+def judge(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    limits: Limits,
+    *,
+    kind: str = "logits",
+    layers: list[dict[str, Any]] | None = None,
+) -> Comparison:
     """The verdict on outputs already computed (``reference`` first) and, optionally, the
     per-layer spike rows of :func:`compare`."""
     if reference.shape != candidate.shape:
-        raise I2EError(f"output shapes differ: {list(reference.shape)} vs "
-                       f"{list(candidate.shape)}")
+        raise I2EError(f"output shapes differ: {list(reference.shape)} vs {list(candidate.shape)}")
     if kind == "events":
         metrics = event_metrics(reference, candidate)
-        checks = [_at_least("event agreement", metrics["event_agreement"],
-                            limits.event_agreement)]
+        checks = [_at_least("event agreement", metrics["event_agreement"], limits.event_agreement)]
         return Comparison(kind, limits, metrics, checks)
     metrics = logit_metrics(reference, candidate, limits.tie_margin)
-    checks = [_at_most("decisive top-1 changes", metrics["decisive_rate"], limits.decisive),
-              _at_most("median |Δlogit| / logit spread", metrics["median_rel"],
-                       limits.median_rel)]
+    checks = [
+        _at_most("decisive top-1 changes", metrics["decisive_rate"], limits.decisive),
+        _at_most("median |Δlogit| / logit spread", metrics["median_rel"], limits.median_rel),
+    ]
     neurons = [row for row in layers or () if row["layer"] != "i2e"]
     events = [row for row in layers or () if row["layer"] == "i2e"]
     if neurons:
         worst = min(neurons, key=lambda row: row["agreement"])
-        checks.append(_at_least(f"lowest spike agreement ({worst['layer']})",
-                                worst["agreement"], limits.spike_agreement))
+        checks.append(
+            _at_least(
+                f"lowest spike agreement ({worst['layer']})",
+                worst["agreement"],
+                limits.spike_agreement,
+            )
+        )
     if events:
-        checks.append(_at_least("event agreement", events[0]["agreement"],
-                                limits.event_agreement))
+        checks.append(_at_least("event agreement", events[0]["agreement"], limits.event_agreement))
     return Comparison(kind, limits, metrics, checks, layers)
 
 
@@ -309,8 +358,10 @@ def _output(runner: Comparable, chunk: np.ndarray, kind: str) -> np.ndarray:
     if kind == "events" and runner.output != "events":
         events = getattr(runner, "events", None)
         if events is None:
-            raise I2EError("a converter-only graph compares with a checkpoint (its reference "
-                           "converter) or another converter graph, not with a classifier graph")
+            raise I2EError(
+                "a converter-only graph compares with a checkpoint (its reference "
+                "converter) or another converter graph, not with a classifier graph"
+            )
         return events(chunk)
     return runner.infer(chunk)
 

@@ -1,4 +1,5 @@
 """Device names (``cpu``, ``cuda``, ``cuda:N``) and what this machine's CPU is."""
+
 from __future__ import annotations
 
 import platform
@@ -23,7 +24,9 @@ def torch_device(device: str):
 
     kind, index = parse_device(device)
     if kind == "cuda" and not torch.cuda.is_available():
-        raise I2EError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise I2EError(
+            f"--device {device}: CUDA is not available on this machine; use --device cpu"
+        )
     return torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
 
 
@@ -38,19 +41,37 @@ def _cpuinfo() -> str:
 
 # The vector extensions that set INT8 and bf16 speed, widest first; one VM model name ("AMD
 # EPYC") covers hosts with and without AVX-512, so benchmarks name them beside the model.
-_VECTOR_FLAGS = (("amx_int8", "AMX-INT8"), ("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"),
-                 ("avx512_vnni", "AVX512-VNNI"), ("avx512f", "AVX-512"), ("avx_vnni", "AVX-VNNI"),
-                 ("avx2", "AVX2"))
+_VECTOR_FLAGS = (
+    ("amx_int8", "AMX-INT8"),
+    ("amx_bf16", "AMX-BF16"),
+    ("avx512_bf16", "AVX512-BF16"),
+    ("avx512_vnni", "AVX512-VNNI"),
+    ("avx512f", "AVX-512"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("avx2", "AVX2"),
+)
 
 
 def cpu_name() -> str:
     """The CPU's model name and its widest vector extensions, e.g. ``AMD EPYC (AVX2)`` (as
     benchmarks report it next to their numbers)."""
     info = _cpuinfo()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), platform.processor() or platform.machine())
-    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines()
-                  if line.startswith("flags")), set())
+    name = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in info.splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
+    flags = next(
+        (
+            set(line.split(":", 1)[1].split())
+            for line in info.splitlines()
+            if line.startswith("flags")
+        ),
+        set(),
+    )
     found = [label for flag, label in _VECTOR_FLAGS if flag in flags]
     if "AVX-512" in found:
         found = [label for label in found if label != "AVX2"]

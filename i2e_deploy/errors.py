@@ -1,4 +1,5 @@
 """User-facing errors and warnings: one line saying what is wrong and how to fix it."""
+
 from __future__ import annotations
 
 import logging

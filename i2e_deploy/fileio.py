@@ -1,13 +1,15 @@
 """Atomic file output: a temp file beside the target, renamed into place only on success,
 so an interrupted or failed write never leaves a half-written file."""
+
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from .errors import I2EError
 

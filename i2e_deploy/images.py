@@ -5,13 +5,13 @@ The card's contract: resize the shorter side to ``card.resize`` (``card.interpol
 ``card.antialias``), centre-crop ``card.imgsz``, RGB uint8 HWC. The graphs scale to [0, 1]
 themselves, so the uint8 result is what every runner takes.
 """
+
 from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
-
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import cv2
@@ -36,8 +36,12 @@ def preprocess(image: np.ndarray, card: ModelCard) -> np.ndarray:
         return _preprocess_without_torch(image, card)
     torch, InterpolationMode, F = torchvision
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    tensor = F.resize(tensor, [card.resize], interpolation=InterpolationMode(card.interpolation),
-                      antialias=card.antialias)
+    tensor = F.resize(
+        tensor,
+        [card.resize],
+        interpolation=InterpolationMode(card.interpolation),
+        antialias=card.antialias,
+    )
     tensor = F.center_crop(tensor, [card.imgsz, card.imgsz])
     return tensor.permute(1, 2, 0).contiguous().numpy()
 
@@ -55,9 +59,14 @@ def _torchvision():
     return torch, InterpolationMode, functional
 
 
-_PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-                "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
-                "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 def _preprocess_without_torch(image: np.ndarray, card: ModelCard) -> np.ndarray:
@@ -69,19 +78,21 @@ def _preprocess_without_torch(image: np.ndarray, card: ModelCard) -> np.ndarray:
     size = (card.resize, int(card.resize * long / short))  # torchvision's rounding
     new_h, new_w = size if height <= width else size[::-1]
     if card.antialias or card.interpolation not in ("bilinear", "bicubic"):
-        resized = np.asarray(Image.fromarray(image).resize(
-            (new_w, new_h), _PIL_FILTERS[card.interpolation]))
+        resized = np.asarray(
+            Image.fromarray(image).resize((new_w, new_h), _PIL_FILTERS[card.interpolation])
+        )
     else:  # no antialiasing: plain bilinear / bicubic sampling
         flag = cv2.INTER_LINEAR if card.interpolation == "bilinear" else cv2.INTER_CUBIC
         resized = cv2.resize(image, (new_w, new_h), interpolation=flag)
     top = int(round((new_h - card.imgsz) / 2.0))
     left = int(round((new_w - card.imgsz) / 2.0))
-    return np.ascontiguousarray(resized[top:top + card.imgsz, left:left + card.imgsz])
+    return np.ascontiguousarray(resized[top : top + card.imgsz, left : left + card.imgsz])
 
 
 class Unreadable(NamedTuple):
     """An input file that could not be decoded, in place of its sample (datasets return it
     so that a data loader's worker does not raise; :func:`skip_unreadable` drops it)."""
+
     path: str
     reason: str
 
@@ -113,8 +124,10 @@ def skip_unreadable(batch: list) -> tuple[Any, list[Unreadable]]:
     from torch.utils.data import default_collate
 
     kept = [sample for sample in batch if not isinstance(sample, Unreadable)]
-    return (default_collate(kept) if kept else None,
-            [sample for sample in batch if isinstance(sample, Unreadable)])
+    return (
+        default_collate(kept) if kept else None,
+        [sample for sample in batch if isinstance(sample, Unreadable)],
+    )
 
 
 class Readable:
@@ -162,21 +175,27 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise I2EError(f"image folder not found: {folder}")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                  and p.is_file())
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
 
 
 @dataclass
 class Loaded:
     """Images read and preprocessed: the uint8 NHWC batch, the files it came from (in
     order), and the files that were skipped as unreadable."""
+
     images: np.ndarray
     paths: list[Path]
     skipped: list[Unreadable] = field(default_factory=list)
 
 
-def load_images(paths: list[Path], card: ModelCard, limit: int | None = None,
-                where: str | os.PathLike | None = None) -> Loaded:
+def load_images(
+    paths: list[Path],
+    card: ModelCard,
+    limit: int | None = None,
+    where: str | os.PathLike | None = None,
+) -> Loaded:
     """Read and preprocess image files (up to ``limit`` readable ones, in order) into one
     uint8 NHWC batch; unreadable files are skipped with one warning line."""
     size = card.imgsz
@@ -193,13 +212,15 @@ def load_images(paths: list[Path], card: ModelCard, limit: int | None = None,
         else:
             batch[len(kept)] = image
             kept.append(Path(path))
-    warn_skipped(skipped, where or (Path(paths[0]).parent if paths else "."),
-                 len(kept) + len(skipped))
-    return Loaded(batch[:len(kept)], kept, skipped)
+    warn_skipped(
+        skipped, where or (Path(paths[0]).parent if paths else "."), len(kept) + len(skipped)
+    )
+    return Loaded(batch[: len(kept)], kept, skipped)
 
 
-def load_image_folder(folder: str | os.PathLike, card: ModelCard,
-                      limit: int | None = None) -> Loaded:
+def load_image_folder(
+    folder: str | os.PathLike, card: ModelCard, limit: int | None = None
+) -> Loaded:
     """Up to ``limit`` readable images of a folder (recursive, sorted)."""
     paths = list_images(folder)
     if not paths:
@@ -218,8 +239,9 @@ def spread_images(data: str | os.PathLike, card: ModelCard, count: int) -> Loade
     return load_images(paths, card, where=data)
 
 
-def model_inputs(card: ModelCard, data: str | os.PathLike | None, count: int
-                 ) -> tuple[np.ndarray, str]:
+def model_inputs(
+    card: ModelCard, data: str | os.PathLike | None, count: int
+) -> tuple[np.ndarray, str]:
     """What a model takes, and where it came from: uint8 NHWC images of ``data`` (see
     :func:`spread_images`) or structured random ones; for event models, those images
     through the reference converter."""
@@ -238,8 +260,9 @@ def model_inputs(card: ModelCard, data: str | os.PathLike | None, count: int
     return images, source
 
 
-def load_labelled_folder(folder: str | os.PathLike, card: ModelCard, limit: int | None = None
-                         ) -> tuple[Loaded, np.ndarray, list[str]]:
+def load_labelled_folder(
+    folder: str | os.PathLike, card: ModelCard, limit: int | None = None
+) -> tuple[Loaded, np.ndarray, list[str]]:
     """An ImageFolder layout (``DIR/<class>/*.jpg``) as (images, labels, class names).
 
     Labels index the card's class names when the card has them (folders must match them),
@@ -251,13 +274,16 @@ def load_labelled_folder(folder: str | os.PathLike, card: ModelCard, limit: int 
         raise I2EError(f"image folder not found: {folder}")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not classes:
-        raise I2EError(f"{folder}: no class folders; expected the ImageFolder layout "
-                       "DIR/<class>/<image>")
+        raise I2EError(
+            f"{folder}: no class folders; expected the ImageFolder layout DIR/<class>/<image>"
+        )
     names = list(card.class_names) if card.class_names else classes
     unknown = [c for c in classes if c not in names]
     if unknown:
-        raise I2EError(f"{folder}: class folder(s) {', '.join(unknown[:3])} are not classes of "
-                       f"the model ({', '.join(names[:5])}, ...)")
+        raise I2EError(
+            f"{folder}: class folder(s) {', '.join(unknown[:3])} are not classes of "
+            f"the model ({', '.join(names[:5])}, ...)"
+        )
     per_class = [[(p, names.index(c)) for p in list_images(folder / c)] for c in classes]
     picked: list[tuple[Path, int]] = []
     for rank in range(max(len(items) for items in per_class)):

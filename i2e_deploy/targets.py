@@ -8,21 +8,31 @@ and builds the format, optionally through the export cache. :func:`resolve_runne
 model for ``stream``, ``demo``, ``parity`` and ``benchmark``, exporting a checkpoint into
 the cache when another backend or precision is asked for.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .artifacts import (INT8_FLAVOURS, PRECISIONS, VERIFICATION_KEY, add_metadata,
-                        default_output, kind_of, read_card,
-                        read_precision, stem)
+from .artifacts import (
+    INT8_FLAVOURS,
+    PRECISIONS,
+    VERIFICATION_KEY,
+    add_metadata,
+    default_output,
+    kind_of,
+    read_card,
+    read_precision,
+    stem,
+)
 from .card import ModelCard
 from .compare import compare, limits_for
 from .device import parse_device
@@ -44,23 +54,26 @@ class Target:
     suffix: str  # the file's suffix; '' for a folder
 
 
-TARGETS = {(t.format, t.precision, t.device): t for t in [
-    Target("onnx", "fp32", "cpu", None, "onnxruntime", ".onnx"),
-    Target("onnx", "fp16", "cpu", None, "onnxruntime", ".onnx"),
-    Target("onnx", "int8", "cpu", "onnxruntime", "onnxruntime", ".onnx"),
-    Target("onnx", "fp32", "cuda", None, "onnxruntime", ".onnx"),
-    Target("onnx", "fp16", "cuda", None, "onnxruntime", ".onnx"),
-    Target("onnx", "int8", "cuda", "tensorrt", "onnxruntime", ".onnx"),
-    Target("engine", "fp32", "cuda", None, "tensorrt", ".engine"),
-    Target("engine", "fp16", "cuda", None, "tensorrt", ".engine"),
-    Target("engine", "int8", "cuda", "tensorrt", "tensorrt", ".engine"),
-    Target("triton", "fp32", "cpu", None, None, ""),
-    Target("triton", "fp16", "cpu", None, None, ""),
-    Target("triton", "int8", "cpu", "onnxruntime", None, ""),
-    Target("triton", "fp32", "cuda", None, None, ""),
-    Target("triton", "fp16", "cuda", None, None, ""),
-    Target("triton", "int8", "cuda", "tensorrt", None, ""),
-]}
+TARGETS = {
+    (t.format, t.precision, t.device): t
+    for t in [
+        Target("onnx", "fp32", "cpu", None, "onnxruntime", ".onnx"),
+        Target("onnx", "fp16", "cpu", None, "onnxruntime", ".onnx"),
+        Target("onnx", "int8", "cpu", "onnxruntime", "onnxruntime", ".onnx"),
+        Target("onnx", "fp32", "cuda", None, "onnxruntime", ".onnx"),
+        Target("onnx", "fp16", "cuda", None, "onnxruntime", ".onnx"),
+        Target("onnx", "int8", "cuda", "tensorrt", "onnxruntime", ".onnx"),
+        Target("engine", "fp32", "cuda", None, "tensorrt", ".engine"),
+        Target("engine", "fp16", "cuda", None, "tensorrt", ".engine"),
+        Target("engine", "int8", "cuda", "tensorrt", "tensorrt", ".engine"),
+        Target("triton", "fp32", "cpu", None, None, ""),
+        Target("triton", "fp16", "cpu", None, None, ""),
+        Target("triton", "int8", "cpu", "onnxruntime", None, ""),
+        Target("triton", "fp32", "cuda", None, None, ""),
+        Target("triton", "fp16", "cuda", None, None, ""),
+        Target("triton", "int8", "cuda", "tensorrt", None, ""),
+    ]
+}
 
 
 def target_for(fmt: str, precision: str, device: str) -> Target:
@@ -84,6 +97,7 @@ def precision_from_flags(int8: bool, half: bool) -> str:
 @dataclass
 class ExportRequest:
     """Everything ``export`` takes, checked before anything is loaded or written."""
+
     checkpoint: str  # a checkpoint file, or 'default'
     output: str | os.PathLike | None = None  # default: see ``destination``
     format: str = "onnx"
@@ -112,25 +126,32 @@ class ExportRequest:
         if not source.is_file():
             raise I2EError(f"checkpoint not found: {source}")
         if kind_of(source) != "checkpoint":
-            raise I2EError(f"{source}: export takes a PyTorch checkpoint; an exported graph "
-                           "is built into an engine with `i2e-deploy build`")
+            raise I2EError(
+                f"{source}: export takes a PyTorch checkpoint; an exported graph "
+                "is built into an engine with `i2e-deploy build`"
+            )
         self.source = source
         if self.converter_only and (self.format, self.precision) != ("onnx", "fp32"):
-            raise I2EError("--converter-only writes an FP32 ONNX graph; drop --format, "
-                           "--int8 and --half")
+            raise I2EError(
+                "--converter-only writes an FP32 ONNX graph; drop --format, --int8 and --half"
+            )
         if self.batch < 1:
             raise I2EError(f"--batch must be at least 1, got {self.batch}")
         if self.opset not in OPSETS:
-            raise I2EError(f"--opset {self.opset} is not supported; choose {OPSETS.start}.."
-                           f"{OPSETS.stop - 1} (TensorRT 8.5 / JetPack 5 reads up to 17)")
+            raise I2EError(
+                f"--opset {self.opset} is not supported; choose {OPSETS.start}.."
+                f"{OPSETS.stop - 1} (TensorRT 8.5 / JetPack 5 reads up to 17)"
+            )
         if self.calib_size < 1:
             raise I2EError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.max_batch is not None and self.max_batch < 1:
             raise I2EError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.data is not None and not Path(self.data).is_dir():
-            raise I2EError(f"--data {self.data} is not a folder; give an image folder "
-                           "(searched recursively) or leave it out to verify on structured "
-                           "random images")
+            raise I2EError(
+                f"--data {self.data} is not a folder; give an image folder "
+                "(searched recursively) or leave it out to verify on structured "
+                "random images"
+            )
         if self.output is None and self.format == "triton":
             raise I2EError("--format triton needs --output REPO (the model repository folder)")
         if self.output is not None:
@@ -150,7 +171,8 @@ class ExportRequest:
         here = Path(self.source.name) if self.checkpoint == "default" else self.source
         tag = "" if self.precision == "fp32" else f".{self.precision}"
         default = default_output(here, self.converter_only).with_suffix(
-            f"{tag}{self.target.suffix}")
+            f"{tag}{self.target.suffix}"
+        )
         from .export.onnx import check_writable
 
         check_writable(default)
@@ -158,8 +180,13 @@ class ExportRequest:
 
     @property
     def export_options(self) -> dict[str, Any]:
-        return {"input_format": self.input_format, "converter_only": self.converter_only,
-                "batch": self.batch, "dynamic": self.dynamic, "opset": self.opset}
+        return {
+            "input_format": self.input_format,
+            "converter_only": self.converter_only,
+            "batch": self.batch,
+            "dynamic": self.dynamic,
+            "opset": self.opset,
+        }
 
 
 def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = None) -> Path:
@@ -180,27 +207,47 @@ def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = N
     model, card = load_checkpoint(request.source, **request.overrides)
     with tempfile.TemporaryDirectory() as scratch:
         # The FP32 graph is an intermediate here: keep its warnings, not its "wrote" line.
-        fp32 = export_onnx(model, card, Path(scratch) / "model.onnx",
-                           log=lambda msg: None if msg.startswith("wrote ") else say(msg),
-                           **request.export_options).path
+        fp32 = export_onnx(
+            model,
+            card,
+            Path(scratch) / "model.onnx",
+            log=lambda msg: None if msg.startswith("wrote ") else say(msg),
+            **request.export_options,
+        ).path
         stamp: dict[str, Any] = {}
         if request.verify:
-            stamp["export"] = verify_graph(fp32, model, card, data=request.data,
-                                           tolerances=request.tolerances, log=say)
+            stamp["export"] = verify_graph(
+                fp32, model, card, data=request.data, tolerances=request.tolerances, log=say
+            )
         graph = fp32
         if target.precision == "int8":
-            graph = to_int8(fp32, Path(scratch) / "model.int8.onnx",
-                            flavour=target.int8_flavour or "onnxruntime")
+            graph = to_int8(
+                fp32,
+                Path(scratch) / "model.int8.onnx",
+                flavour=target.int8_flavour or "onnxruntime",
+            )
         elif target.precision == "fp16":
             graph = to_fp16(fp32, Path(scratch) / "model.fp16.onnx")
         if graph != fp32 and request.verify:
             count = request.calib_size if request.data else REDUCED_VERIFY_COUNT
-            reduced = verify_reduced(fp32, graph, target.precision, data=request.data,
-                                     count=count, tolerances=request.tolerances, log=say)
-            stamp["reduced"] = {"passed": reduced["passed"], "vs": "the FP32 graph",
-                                "images": reduced["source"], **{
-                                    key: reduced["metrics"].get(key) for key in
-                                    ("decisive_mismatches", "median_rel", "event_agreement")}}
+            reduced = verify_reduced(
+                fp32,
+                graph,
+                target.precision,
+                data=request.data,
+                count=count,
+                tolerances=request.tolerances,
+                log=say,
+            )
+            stamp["reduced"] = {
+                "passed": reduced["passed"],
+                "vs": "the FP32 graph",
+                "images": reduced["source"],
+                **{
+                    key: reduced["metrics"].get(key)
+                    for key in ("decisive_mismatches", "median_rel", "event_agreement")
+                },
+            }
         if stamp:  # info shows what the graph was checked against
             add_metadata(graph, {VERIFICATION_KEY: json.dumps(stamp)})
         if target.format == "engine":  # TensorRT is needed from here on: graphs checked first
@@ -209,18 +256,28 @@ def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = N
             # graph on the CPU (that graph's distance from FP32 was checked above).
             reference = request.source if graph == fp32 else graph
             return build_verified_engine(
-                graph, output, reference=reference,
-                loaded=(model, card) if graph == fp32 else None, verify=request.verify,
-                data=request.data, tolerances=request.tolerances, log=say,
-                precision=target.precision, max_batch=request.max_batch, device=device)
+                graph,
+                output,
+                reference=reference,
+                loaded=(model, card) if graph == fp32 else None,
+                verify=request.verify,
+                data=request.data,
+                tolerances=request.tolerances,
+                log=say,
+                precision=target.precision,
+                max_batch=request.max_batch,
+                device=device,
+            )
         if target.format == "triton":
             from .export.triton import write_repository
 
-            folder = write_repository(graph, output,
-                                      name=request.name or stem(request.source),
-                                      max_batch_size=request.max_batch,
-                                      instance_kind="KIND_GPU" if target.device == "cuda"
-                                      else "KIND_CPU")
+            folder = write_repository(
+                graph,
+                output,
+                name=request.name or stem(request.source),
+                max_batch_size=request.max_batch,
+                instance_kind="KIND_GPU" if target.device == "cuda" else "KIND_CPU",
+            )
             say(f"wrote Triton model {folder} ({target.precision})")
             return folder
         written = copy_into_place(graph, output)
@@ -228,12 +285,18 @@ def build_artifact(request: ExportRequest, log: Callable[[str], None] | None = N
         return written
 
 
-def build_verified_engine(graph: Path, output: str | os.PathLike | None, *,
-                          reference: Path | None = None,
-                          loaded: tuple[Any, ModelCard] | None = None, verify: bool = True,
-                          data: str | os.PathLike | None = None,
-                          tolerances: dict[str, float] | None = None,
-                          log: Callable[[str], None] | None = None, **options: Any) -> Path:
+def build_verified_engine(
+    graph: Path,
+    output: str | os.PathLike | None,
+    *,
+    reference: Path | None = None,
+    loaded: tuple[Any, ModelCard] | None = None,
+    verify: bool = True,
+    data: str | os.PathLike | None = None,
+    tolerances: dict[str, float] | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Path:
     """Build a TensorRT engine from ``graph`` (``options``: ``build_engine``'s) into a scratch
     folder, run it on this GPU against ``reference`` (default: ``graph`` on ONNX Runtime on
     the CPU), and only then write it and its sidecar, the verdict included. A refused engine
@@ -252,10 +315,16 @@ def build_verified_engine(graph: Path, output: str | os.PathLike | None, *,
         engine = build_engine(graph, Path(scratch) / destination.name, **options)
         if verify:
             with TensorRTRunner(engine, options.get("device", "cuda")) as candidate:
-                record = verify_target(candidate, reference or Path(graph), loaded=loaded,
-                                       data=data, tolerances=tolerances, log=say,
-                                       what=f"TensorRT {candidate.precision} engine",
-                                       refused="no engine written")
+                record = verify_target(
+                    candidate,
+                    reference or Path(graph),
+                    loaded=loaded,
+                    data=data,
+                    tolerances=tolerances,
+                    log=say,
+                    what=f"TensorRT {candidate.precision} engine",
+                    refused="no engine written",
+                )
             write_engine_verification(engine, record)
         copy_into_place(engine_sidecar_path(engine), engine_sidecar_path(destination))
         return copy_into_place(engine, destination)
@@ -267,8 +336,11 @@ def _graph_note(target: Target) -> str:
     return "verified against the checkpoint" if target.precision == "fp32" else "FP32 neurons"
 
 
-def cached_artifact(request: ExportRequest, log: Callable[[str], None] | None = None,
-                    cache: str | os.PathLike | None = None) -> Path:
+def cached_artifact(
+    request: ExportRequest,
+    log: Callable[[str], None] | None = None,
+    cache: str | os.PathLike | None = None,
+) -> Path:
     """:func:`build_artifact` once per checkpoint content and options, into the export cache
     (``$I2E_CACHE``, default ~/.cache/i2e-deploy), shared by stream, demo and benchmark."""
     from .cache import cache_dir, cached_export
@@ -276,9 +348,13 @@ def cached_artifact(request: ExportRequest, log: Callable[[str], None] | None = 
     folder = Path(cache).expanduser() if cache else cache_dir()
     target = request.target
     options: dict[str, Any] = {
-        "backend": target.runner, "precision": target.precision, "device": target.device,
-        "verified": request.verify, **request.export_options,
-        **{f"load_{key}": value for key, value in sorted(request.overrides.items())}}
+        "backend": target.runner,
+        "precision": target.precision,
+        "device": target.device,
+        "verified": request.verify,
+        **request.export_options,
+        **{f"load_{key}": value for key, value in sorted(request.overrides.items())},
+    }
     if target.format == "engine":  # engines are tied to the TensorRT version and the GPU
         from .export.tensorrt import cuda_gpu, tensorrt_module
 
@@ -286,8 +362,10 @@ def cached_artifact(request: ExportRequest, log: Callable[[str], None] | None = 
 
     def build(output: Path) -> None:
         if log:
-            log(f"exporting {request.source.name} to {target.format} {target.precision} once "
-                f"(cached in {folder})")
+            log(
+                f"exporting {request.source.name} to {target.format} {target.precision} once "
+                f"(cached in {folder})"
+            )
         build_artifact(dataclasses.replace(request, output=output), log=None)
 
     return cached_export(request.source, target.suffix, build, cache=folder, **options)
@@ -295,29 +373,55 @@ def cached_artifact(request: ExportRequest, log: Callable[[str], None] | None = 
 
 # --- verification ---------------------------------------------------------------------------
 
-def verify_graph(path: str | os.PathLike, model, card: ModelCard, *,
-                 data: str | os.PathLike | None = None, count: int = FP32_VERIFY_COUNT,
-                 tolerances: dict[str, float] | None = None,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+
+def verify_graph(
+    path: str | os.PathLike,
+    model,
+    card: ModelCard,
+    *,
+    data: str | os.PathLike | None = None,
+    count: int = FP32_VERIFY_COUNT,
+    tolerances: dict[str, float] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Compare the graph at ``path`` on ONNX Runtime with the reference ``model`` (FP32
     limits, ``tolerances`` applied); raise VerificationError naming the failing check and the
     ways out when it is not faithful."""
     from .runtime.runners import OrtRunner
 
     with OrtRunner(Path(path)) as candidate:
-        return verify_target(candidate, Path(path), loaded=(model, card), data=data,
-                             count=count, tolerances=tolerances, log=log,
-                             stage="export verification", what="ONNX Runtime",
-                             refused="no file written", bundled=False)
+        return verify_target(
+            candidate,
+            Path(path),
+            loaded=(model, card),
+            data=data,
+            count=count,
+            tolerances=tolerances,
+            log=log,
+            stage="export verification",
+            what="ONNX Runtime",
+            refused="no file written",
+            bundled=False,
+        )
 
 
-def verify_target(candidate, reference: Path, *, loaded: tuple[Any, ModelCard] | None = None,
-                  data: str | os.PathLike | None = None, count: int = FP32_VERIFY_COUNT,
-                  tolerances: dict[str, float] | None = None, key: dict[str, Any] | None = None,
-                  cache: Path | None = None, log: Callable[[str], None] | None = None,
-                  stage: str = "verification on the target", what: str | None = None,
-                  refused: str = "not used, nothing cached", bundled: bool = True,
-                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def verify_target(
+    candidate,
+    reference: Path,
+    *,
+    loaded: tuple[Any, ModelCard] | None = None,
+    data: str | os.PathLike | None = None,
+    count: int = FP32_VERIFY_COUNT,
+    tolerances: dict[str, float] | None = None,
+    key: dict[str, Any] | None = None,
+    cache: Path | None = None,
+    log: Callable[[str], None] | None = None,
+    stage: str = "verification on the target",
+    what: str | None = None,
+    refused: str = "not used, nothing cached",
+    bundled: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The one check of a runner built from something other than the reference: compare
     ``candidate`` with the reference on the CPU (``loaded`` ``(model, card)``: the PyTorch
     model; else the checkpoint or the ONNX graph at ``reference``, on PyTorch or ONNX Runtime)
@@ -340,8 +444,11 @@ def verify_target(candidate, reference: Path, *, loaded: tuple[Any, ModelCard] |
             return known
     limits = limits_for(candidate.precision, tolerances)
     random = data is None and (not bundled or candidate.card.input == "events")
-    inputs, source = (model_inputs(candidate.card, data, count) if data is not None or random
-                      else sample_inputs(candidate.card, count))
+    inputs, source = (
+        model_inputs(candidate.card, data, count)
+        if data is not None or random
+        else sample_inputs(candidate.card, count)
+    )
     if loaded is not None or kind_of(reference) == "checkpoint":
         opened: Any = TorchRunner(reference, loaded=loaded, **(overrides or {}))
         against = f"the PyTorch reference ({reference.name}, CPU)"
@@ -354,14 +461,25 @@ def verify_target(candidate, reference: Path, *, loaded: tuple[Any, ModelCard] |
     if not found.passed:
         ways = "loosen that limit with --tolerance NAME=VALUE or skip the check with --no-verify"
         if random:
-            ways = ("structured random images put many inputs near a spike threshold: verify "
-                    "on real images with --data DIR, " + ways)
+            ways = (
+                "structured random images put many inputs near a spike threshold: verify "
+                "on real images with --data DIR, " + ways
+            )
         elif data is None:
             ways = "verify on your own images with --data DIR, " + ways
-        raise VerificationError(f"{stage} failed ({what} vs {against}, {source}): "
-                                f"{found.failure()}; {refused}. If it is right, {ways}")
-    return verdict_record(found, source=source, what=what, reference=against,
-                          precision=candidate.precision, key=key, cache=cache)
+        raise VerificationError(
+            f"{stage} failed ({what} vs {against}, {source}): "
+            f"{found.failure()}; {refused}. If it is right, {ways}"
+        )
+    return verdict_record(
+        found,
+        source=source,
+        what=what,
+        reference=against,
+        precision=candidate.precision,
+        key=key,
+        cache=cache,
+    )
 
 
 def sample_inputs(card: ModelCard, count: int) -> tuple[np.ndarray, str]:
@@ -373,13 +491,22 @@ def sample_inputs(card: ModelCard, count: int) -> tuple[np.ndarray, str]:
     with DemoSource() as clip:
         frames = [frame.image for frame in clip]
     picks = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
-    return (np.stack([preprocess(frames[i], card) for i in picks]),
-            f"{len(picks)} frames of the bundled sample photos")
+    return (
+        np.stack([preprocess(frames[i], card) for i in picks]),
+        f"{len(picks)} frames of the bundled sample photos",
+    )
 
 
-def verdict_record(found, *, source: str, what: str, reference: str, precision: str,
-                   key: dict[str, Any] | None = None, cache: Path | None = None
-                   ) -> dict[str, Any]:
+def verdict_record(
+    found,
+    *,
+    source: str,
+    what: str,
+    reference: str,
+    precision: str,
+    key: dict[str, Any] | None = None,
+    cache: Path | None = None,
+) -> dict[str, Any]:
     """What a passing verification leaves behind (kept in the cache when ``key`` is given)."""
     import datetime
 
@@ -388,24 +515,36 @@ def verdict_record(found, *, source: str, what: str, reference: str, precision: 
     neurons = [row["agreement"] for row in found.layers or () if row["layer"] != "i2e"]
     metrics = found.metrics
     record = {
-        "passed": found.passed, "what": what, "reference": reference, "images": source,
-        "precision": precision, "summary": found.summary(),
+        "passed": found.passed,
+        "what": what,
+        "reference": reference,
+        "images": source,
+        "precision": precision,
+        "summary": found.summary(),
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "count": metrics["count"],
         "decisive_changes": metrics.get("decisive_mismatches"),
-        "median_rel": metrics.get("median_rel"), "median_abs": metrics.get("median_abs"),
+        "median_rel": metrics.get("median_rel"),
+        "median_abs": metrics.get("median_abs"),
         "spike_agreement": min(neurons) if neurons else None,
-        "event_agreement": metrics.get("event_agreement"), "layers": found.layers,
+        "event_agreement": metrics.get("event_agreement"),
+        "layers": found.layers,
     }
     if key is not None:
         write_verdict(key, record, cache)
     return record
 
 
-def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, precision: str,
-                   *, data: str | os.PathLike | None = None, count: int = REDUCED_VERIFY_COUNT,
-                   tolerances: dict[str, float] | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def verify_reduced(
+    reference: str | os.PathLike,
+    candidate: str | os.PathLike,
+    precision: str,
+    *,
+    data: str | os.PathLike | None = None,
+    count: int = REDUCED_VERIFY_COUNT,
+    tolerances: dict[str, float] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Compare a reduced-precision graph with its FP32 graph on ONNX Runtime with the limits
     of ``precision``; falling short is a warning line, not an error (see
     ``calibration.qat`` for INT8-exact checkpoints)."""
@@ -418,10 +557,12 @@ def verify_reduced(reference: str | os.PathLike, candidate: str | os.PathLike, p
         found = compare(fp32, reduced, inputs, limits_for(precision, tolerances))
     say(f"verify {precision} vs FP32: {source}: {found.summary()}")
     if not found.passed:
-        say(f"warning: {precision} is outside its limits ({found.failure()}): this model's "
+        say(
+            f"warning: {precision} is outside its limits ({found.failure()}): this model's "
             "spikes are sensitive to the rounding; for INT8, fine-tune an INT8-exact "
             "checkpoint whose INT8 graph equals its FP32 graph (`i2e-deploy qat CKPT "
-            "TRAIN_IMAGES -o OUT`)")
+            "TRAIN_IMAGES -o OUT`)"
+        )
     return {**found.to_dict(), "source": source}
 
 
@@ -446,6 +587,7 @@ def run_precision(card: ModelCard, precision: str, backend: str, device: str) ->
 @dataclass(frozen=True)
 class Choice:
     """Which runner ``--backend auto`` (or the flag given) picked for a model, and why."""
+
     backend: str  # torch | onnx | tensorrt
     precision: str
     why: str
@@ -455,8 +597,9 @@ def gpu_onnxruntime() -> bool:
     """Whether this ONNX Runtime has a GPU provider (onnxruntime-gpu)."""
     import onnxruntime as ort
 
-    return bool({"TensorrtExecutionProvider", "CUDAExecutionProvider"}
-                & set(ort.get_available_providers()))
+    return bool(
+        {"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(ort.get_available_providers())
+    )
 
 
 def choose_runner(card: ModelCard, backend: str, precision: str, device: str) -> Choice:
@@ -475,21 +618,33 @@ def choose_runner(card: ModelCard, backend: str, precision: str, device: str) ->
 
         missing = tensorrt_unavailable(device)
         if missing is None:
-            return Choice("tensorrt", run_precision(card, precision, "tensorrt", device),
-                          "TensorRT is installed: an engine built and verified on this GPU")
+            return Choice(
+                "tensorrt",
+                run_precision(card, precision, "tensorrt", device),
+                "TensorRT is installed: an engine built and verified on this GPU",
+            )
         if gpu_onnxruntime():
-            return Choice("onnx", run_precision(card, precision, "onnx", device),
-                          f"{missing}; onnxruntime-gpu's TensorRT/CUDA providers, verified "
-                          "on this GPU")
+            return Choice(
+                "onnx",
+                run_precision(card, precision, "onnx", device),
+                f"{missing}; onnxruntime-gpu's TensorRT/CUDA providers, verified on this GPU",
+            )
         if precision not in ("auto", "fp32"):
-            raise I2EError(f"--precision {precision} on CUDA needs TensorRT or "
-                           "onnxruntime-gpu (pip install 'i2e-deploy[gpu]')")
-        return Choice("torch", "fp32", f"{missing}, no onnxruntime-gpu: PyTorch CUDA graphs, "
-                      "verified on this GPU")
+            raise I2EError(
+                f"--precision {precision} on CUDA needs TensorRT or "
+                "onnxruntime-gpu (pip install 'i2e-deploy[gpu]')"
+            )
+        return Choice(
+            "torch",
+            "fp32",
+            f"{missing}, no onnxruntime-gpu: PyTorch CUDA graphs, verified on this GPU",
+        )
     chosen = run_precision(card, precision, "onnx", device)
-    why = ("an INT8-exact checkpoint: its INT8 graph predicts what FP32 does, the fastest on "
-           "a CPU" if chosen == "int8" and precision == "auto" else
-           "ONNX Runtime runs the verified graph faster than eager PyTorch on a CPU")
+    why = (
+        "an INT8-exact checkpoint: its INT8 graph predicts what FP32 does, the fastest on a CPU"
+        if chosen == "int8" and precision == "auto"
+        else "ONNX Runtime runs the verified graph faster than eager PyTorch on a CPU"
+    )
     return Choice("onnx", chosen, why)
 
 
@@ -502,12 +657,22 @@ def _label(backend: str, precision: str, device: str) -> str:
     return f"{names[backend]} {precision} on {device}"
 
 
-def resolve_runner(model: str | os.PathLike, *, backend: str = "auto", precision: str = "auto",
-                   device: str = "cpu", threads: int | None = None,
-                   cache: str | os.PathLike | None = None, warmup: int = 1,
-                   verify: bool = True, data: str | os.PathLike | None = None,
-                   tolerances: dict[str, float] | None = None, spinning: bool = True,
-                   log: Callable[[str], None] | None = None, **overrides: Any):
+def resolve_runner(
+    model: str | os.PathLike,
+    *,
+    backend: str = "auto",
+    precision: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    cache: str | os.PathLike | None = None,
+    warmup: int = 1,
+    verify: bool = True,
+    data: str | os.PathLike | None = None,
+    tolerances: dict[str, float] | None = None,
+    spinning: bool = True,
+    log: Callable[[str], None] | None = None,
+    **overrides: Any,
+):
     """A loaded runner for a model file ('default' = the bundled model). A checkpoint runs
     where :func:`choose_runner` says (``backend`` 'auto': the fastest verified runner here),
     as the graph or engine of the precision asked for, built once into the export cache; an
@@ -529,34 +694,64 @@ def resolve_runner(model: str | os.PathLike, *, backend: str = "auto", precision
     kind = kind_of(path)
     own = {"checkpoint": "torch", "onnx": "onnx", "engine": "tensorrt"}[kind]
     if kind != "checkpoint" and backend not in ("auto", "own", own):
-        raise I2EError(f"{path.name} runs on its own backend ({own}); --backend {backend} "
-                       "needs the checkpoint")
+        raise I2EError(
+            f"{path.name} runs on its own backend ({own}); --backend {backend} needs the checkpoint"
+        )
     if kind != "checkpoint" and precision not in ("auto", read_precision(path)):
-        raise I2EError(f"{path.name} is a {read_precision(path)} file; --precision "
-                       f"{precision} needs the checkpoint")
+        raise I2EError(
+            f"{path.name} is a {read_precision(path)} file; --precision "
+            f"{precision} needs the checkpoint"
+        )
     on_gpu = parse_device(device)[0] == "cuda"
     if kind != "checkpoint" or backend == "own":
         if kind == "checkpoint" and precision not in ("auto", "fp32"):
-            raise I2EError(f"--precision {precision} runs a checkpoint's {precision} graph: "
-                           "add --backend onnx (CPU or GPU) or --backend tensorrt (GPU)")
-        say(f"runner: {_label(own, read_precision(path), device)} ({path.name}: the file's "
-            "own backend)")
-        runner = load_runner(path, device=device, threads=threads, warmup=warmup,
-                             cache=folder or _cache(), spinning=spinning, **overrides)
-        return _verified(runner, path, None, verify=verify and on_gpu, data=data,
-                         tolerances=tolerances, cache=folder, log=say)
+            raise I2EError(
+                f"--precision {precision} runs a checkpoint's {precision} graph: "
+                "add --backend onnx (CPU or GPU) or --backend tensorrt (GPU)"
+            )
+        say(
+            f"runner: {_label(own, read_precision(path), device)} ({path.name}: the file's "
+            "own backend)"
+        )
+        runner = load_runner(
+            path,
+            device=device,
+            threads=threads,
+            warmup=warmup,
+            cache=folder or _cache(),
+            spinning=spinning,
+            **overrides,
+        )
+        return _verified(
+            runner,
+            path,
+            None,
+            verify=verify and on_gpu,
+            data=data,
+            tolerances=tolerances,
+            cache=folder,
+            log=say,
+        )
     card = read_card(path, **overrides)
     choice = choose_runner(card, backend, precision, device)
     if choice.backend == "torch" and choice.precision != "fp32":
-        raise I2EError(f"--precision {choice.precision} runs a checkpoint's "
-                       f"{choice.precision} graph: add --backend onnx (CPU or GPU) or "
-                       "--backend tensorrt (GPU)")
+        raise I2EError(
+            f"--precision {choice.precision} runs a checkpoint's "
+            f"{choice.precision} graph: add --backend onnx (CPU or GPU) or "
+            "--backend tensorrt (GPU)"
+        )
     say(f"runner: {_label(choice.backend, choice.precision, device)} ({choice.why})")
     if choice.backend in ("onnx", "tensorrt"):
-        request = ExportRequest(str(path), format="onnx" if choice.backend == "onnx" else
-                                "engine", precision=choice.precision, device=device,
-                                data=data, tolerances=tolerances or {}, verify=verify,
-                                overrides=overrides)
+        request = ExportRequest(
+            str(path),
+            format="onnx" if choice.backend == "onnx" else "engine",
+            precision=choice.precision,
+            device=device,
+            data=data,
+            tolerances=tolerances or {},
+            verify=verify,
+            overrides=overrides,
+        )
         try:
             artifact = cached_artifact(request, log=say, cache=folder)
         except I2EError as exc:  # auto: PyTorch, the reference itself, is always right
@@ -564,15 +759,38 @@ def resolve_runner(model: str | os.PathLike, *, backend: str = "auto", precision
                 raise
             say(f"export failed ({str(exc).splitlines()[0]}); running on PyTorch instead")
         else:
-            runner = load_runner(artifact, device=device, threads=threads, warmup=warmup,
-                                 cache=folder or _cache(), spinning=spinning)
+            runner = load_runner(
+                artifact,
+                device=device,
+                threads=threads,
+                warmup=warmup,
+                cache=folder or _cache(),
+                spinning=spinning,
+            )
             reference = path if choice.precision == "fp32" else artifact
-            return _verified(runner, artifact, reference, verify=verify and on_gpu,
-                             data=data, tolerances=tolerances, cache=folder, log=say,
-                             overrides=overrides)
+            return _verified(
+                runner,
+                artifact,
+                reference,
+                verify=verify and on_gpu,
+                data=data,
+                tolerances=tolerances,
+                cache=folder,
+                log=say,
+                overrides=overrides,
+            )
     runner = load_runner(path, device=device, threads=threads, warmup=warmup, **overrides)
-    return _verified(runner, path, path, verify=verify and on_gpu, data=data,
-                     tolerances=tolerances, cache=folder, log=say, overrides=overrides)
+    return _verified(
+        runner,
+        path,
+        path,
+        verify=verify and on_gpu,
+        data=data,
+        tolerances=tolerances,
+        cache=folder,
+        log=say,
+        overrides=overrides,
+    )
 
 
 def _cache() -> Path:
@@ -581,10 +799,18 @@ def _cache() -> Path:
     return cache_dir()
 
 
-def _verified(runner, artifact: Path, reference: Path | None, *, verify: bool,
-              data: str | os.PathLike | None, tolerances: dict[str, float] | None,
-              cache: Path | None, log: Callable[[str], None],
-              overrides: dict[str, Any] | None = None):
+def _verified(
+    runner,
+    artifact: Path,
+    reference: Path | None,
+    *,
+    verify: bool,
+    data: str | os.PathLike | None,
+    tolerances: dict[str, float] | None,
+    cache: Path | None,
+    log: Callable[[str], None],
+    overrides: dict[str, Any] | None = None,
+):
     """``runner`` after :func:`verify_target` where it runs on a GPU: an ONNX Runtime GPU
     session or CUDA-graph PyTorch against ``reference`` (default: a graph on the CPU), keyed
     by the artifact's sha256, the runner, its providers and the GPU; an engine's verdict is
@@ -599,11 +825,15 @@ def _verified(runner, artifact: Path, reference: Path | None, *, verify: bool,
         if runner.name == "tensorrt":
             record = read_engine_sidecar(artifact).get("verification")
             if record:
-                log(f"verified when built on {read_engine_sidecar(artifact)['gpu_name']} "
-                    f"({record['when']}): {record['summary']}")
+                log(
+                    f"verified when built on {read_engine_sidecar(artifact)['gpu_name']} "
+                    f"({record['when']}): {record['summary']}"
+                )
             else:
-                log(f"warning: {artifact.name} carries no verification verdict; rebuild it "
-                    "with `i2e-deploy build` to verify it on this GPU")
+                log(
+                    f"warning: {artifact.name} carries no verification verdict; rebuild it "
+                    "with `i2e-deploy build` to verify it on this GPU"
+                )
             return runner
         if runner.name == "torch":  # the reference itself (eager)
             return runner
@@ -616,13 +846,24 @@ def _verified(runner, artifact: Path, reference: Path | None, *, verify: bool,
             import torch
 
             versions = {"torch": torch.__version__}
-        key = {"sha256": sha256_file(artifact), "runner": runner.name,
-               "device": runner.device, "gpu": gpu_name(runner.device), **versions,
-               **{f"load_{k}": v for k, v in sorted((overrides or {}).items())}}
-        verify_target(runner, reference or artifact, data=data, tolerances=tolerances,
-                      key=key, cache=cache, log=log,
-                      overrides=overrides if reference == artifact or reference is None
-                      else None)
+        key = {
+            "sha256": sha256_file(artifact),
+            "runner": runner.name,
+            "device": runner.device,
+            "gpu": gpu_name(runner.device),
+            **versions,
+            **{f"load_{k}": v for k, v in sorted((overrides or {}).items())},
+        }
+        verify_target(
+            runner,
+            reference or artifact,
+            data=data,
+            tolerances=tolerances,
+            key=key,
+            cache=cache,
+            log=log,
+            overrides=overrides if reference == artifact or reference is None else None,
+        )
     except BaseException:
         runner.close()
         raise

@@ -1,2 +1,3 @@
 """The package version, importable without loading the package's API."""
+
 __version__ = "0.1.0"

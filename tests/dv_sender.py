@@ -10,6 +10,7 @@ any model classifies them), prints ``sent BATCHES EVENTS``, stays connected LING
 seconds (default 1.5: the reader drops what it has not read when the connection goes), then
 ends abruptly, as a sender that crashes or loses the network does.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ SETTLE_S = 0.5  # a client connected this long is the reader, not the source's s
 
 def main(recording: str, port: int, first: int, last: int, linger_s: float) -> None:
     source = dv.io.MonoCameraRecording(recording)
-    stream = dv.io.Stream.EventStream(0, "events", source.getCameraName(),
-                                      source.getEventResolution())
+    stream = dv.io.Stream.EventStream(
+        0, "events", source.getCameraName(), source.getEventResolution()
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -64,5 +66,10 @@ def main(recording: str, port: int, first: int, last: int, linger_s: float) -> N
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
-         float(sys.argv[5]) if len(sys.argv) > 5 else 1.5)
+    main(
+        sys.argv[1],
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+        float(sys.argv[5]) if len(sys.argv) > 5 else 1.5,
+    )

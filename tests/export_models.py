@@ -1,25 +1,25 @@
 """Random MS-ResNets whose neurons fire, and inputs, for the export tests."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from i2e_deploy.export.onnx import export_onnx
-
 from i2e_deploy.card import ModelCard
+from i2e_deploy.export.onnx import export_onnx
+from i2e_deploy.images import synthetic_images
 from i2e_deploy.model.converter import convert
 from i2e_deploy.model.msresnet import build_model
-from i2e_deploy.images import synthetic_images
 
 
-def firing_model(arch: str = "msresnet18", events: bool = False, imgsz: int = 32,
-                 seed: int = 0) -> tuple[nn.Module, ModelCard]:
+def firing_model(
+    arch: str = "msresnet18", events: bool = False, imgsz: int = 32, seed: int = 0
+) -> tuple[nn.Module, ModelCard]:
     """A random model whose every LIF layer fires at roughly 1-50 %: BatchNorm statistics are
     measured on sample inputs (a fresh model's unit statistics leave it almost silent, which
     would make any comparison vacuous), then its affine parameters are randomised."""
-    card = ModelCard(arch=arch, input="events" if events else "images", imgsz=imgsz,
-                     resize=imgsz)
+    card = ModelCard(arch=arch, input="events" if events else "images", imgsz=imgsz, resize=imgsz)
     torch.manual_seed(seed)
     model = build_model(card)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -68,9 +68,21 @@ def _export_graphs(root) -> dict:
         "static": export_onnx(model, card, root / "static.onnx", batch=2, dynamic=False).path,
         "events": export_onnx(ev_model, ev_card, root / "events.onnx").path,
         "converter": export_onnx(model, card, root / "converter.onnx", converter_only=True).path,
-        "converter_float": export_onnx(model, card, root / "converter_float.onnx",
-                                       converter_only=True, input_format="float", batch=3,
-                                       dynamic=False).path,
+        "converter_float": export_onnx(
+            model,
+            card,
+            root / "converter_float.onnx",
+            converter_only=True,
+            input_format="float",
+            batch=3,
+            dynamic=False,
+        ).path,
     }
-    return {"paths": paths, "model": model, "card": card, "ev_model": ev_model,
-            "ev_card": ev_card, "root": root}
+    return {
+        "paths": paths,
+        "model": model,
+        "card": card,
+        "ev_model": ev_model,
+        "ev_card": ev_card,
+        "root": root,
+    }

@@ -1,10 +1,12 @@
-"""The paper's eager model, built independently of i2e_deploy: the reference for tests and benchmarks.
+"""The paper's eager model, built independently of i2e_deploy: the reference for tests and
+benchmarks.
 
 A SpikingJelly (activation_based, multi-step) build of the released MS-ResNet with a literal
 conv-based I2E converter (SPEC §1), including the released flat-image quirk (range 0 fires
 everywhere). Nothing here imports i2e_deploy. Module names give the released state_dict keys,
 so weights move between this model and ``i2e_deploy.MSResNet`` with ``load_state_dict``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +28,9 @@ def paper_kernels() -> torch.Tensor:
     return weight
 
 
-def paper_convert(images: torch.Tensor, ratio: float, weight: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def paper_convert(
+    images: torch.Tensor, ratio: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """float NCHW [0,1] images -> events [T, B, 2, H, W], the released semantics verbatim."""
     weight = paper_kernels() if weight is None else weight
     v = images.max(dim=1, keepdim=True).values
@@ -43,9 +46,15 @@ def paper_convert(images: torch.Tensor, ratio: float, weight: torch.Tensor | Non
 
 
 def lif() -> neuron.LIFNode:
-    return neuron.LIFNode(tau=2.0, decay_input=False, v_threshold=1.0, v_reset=0.0,
-                          surrogate_function=surrogate.ATan(alpha=2.0), detach_reset=True,
-                          step_mode="m")
+    return neuron.LIFNode(
+        tau=2.0,
+        decay_input=False,
+        v_threshold=1.0,
+        v_reset=0.0,
+        surrogate_function=surrogate.ATan(alpha=2.0),
+        detach_reset=True,
+        step_mode="m",
+    )
 
 
 class PaperBasicBlock(nn.Module):
@@ -60,8 +69,10 @@ class PaperBasicBlock(nn.Module):
         self.downsample = None
         if stride != 1 or in_planes != planes:
             self.downsample = nn.Sequential(
-                lif(), layer.Conv2d(in_planes, planes, 1, stride, bias=False, step_mode="m"),
-                layer.BatchNorm2d(planes, step_mode="m"))
+                lif(),
+                layer.Conv2d(in_planes, planes, 1, stride, bias=False, step_mode="m"),
+                layer.BatchNorm2d(planes, step_mode="m"),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, B, C, H, W] membrane input
         out = self.bn1(self.conv1(self.sn1(x)))

@@ -1,4 +1,5 @@
 """Small models and real images shared by the runner, parity and benchmark tests."""
+
 from __future__ import annotations
 
 import atexit
@@ -70,8 +71,12 @@ def randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> nn.Module:
 
 
 def save_active(path: Path, imgsz: int = 32, events: bool = False, seed: int = 0) -> Path:
-    card = ModelCard(imgsz=imgsz, resize=imgsz, input="events" if events else "images",
-                     class_names=list(CIFAR10_CLASSES))
+    card = ModelCard(
+        imgsz=imgsz,
+        resize=imgsz,
+        input="events" if events else "images",
+        class_names=list(CIFAR10_CLASSES),
+    )
     save_checkpoint(path, active_model(card, seed), card)
     return path
 
@@ -96,9 +101,12 @@ def shared_model(name: str) -> Path:
     # The variants skip the exporter's simplification pass (slow, and not what they test).
     if name == "events.onnx":
         return export(shared_model("events.ckpt"), root / "events.onnx", simplify=False)
-    options = {"onnx": {}, "float.onnx": {"input_format": "float", "simplify": False},
-               "static.onnx": {"batch": 2, "dynamic": False, "simplify": False},
-               "converter.onnx": {"converter_only": True, "simplify": False}}[name]
+    options = {
+        "onnx": {},
+        "float.onnx": {"input_format": "float", "simplify": False},
+        "static.onnx": {"batch": 2, "dynamic": False, "simplify": False},
+        "converter.onnx": {"converter_only": True, "simplify": False},
+    }[name]
     return export(shared_model("ckpt"), root / name.replace("onnx", "tiny.onnx"), **options)
 
 
@@ -110,8 +118,13 @@ def corrupt(source: Path, target: Path, op_type: str, index: int, scale: float) 
 
     model = onnx.load(str(source))
     constants = {init.name: init for init in model.graph.initializer}
-    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
-                      if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    constants.update(
+        {
+            n.output[0]: n.attribute[0].t
+            for n in model.graph.node
+            if n.op_type == "Constant" and n.attribute[0].name == "value"
+        }
+    )
     nodes = [n for n in model.graph.node if n.op_type == op_type and n.input[1] in constants]
     tensor = constants[nodes[index].input[1]]
     tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, tensor.name))
@@ -127,8 +140,14 @@ def released_checkpoint(path: Path, arch: str, num_classes: int, seed: int = 0) 
     imgsz, ratio, resize = default_resolution(num_classes)
     card = ModelCard(arch=arch, num_classes=num_classes, imgsz=imgsz, ratio=ratio, resize=resize)
     state = active_model(card, seed).state_dict()
-    torch.save({"epoch": 100, "state_dict": {f"module.{k}": v for k, v in state.items()},
-                "best_acc1": torch.tensor(50.0)}, path)
+    torch.save(
+        {
+            "epoch": 100,
+            "state_dict": {f"module.{k}": v for k, v in state.items()},
+            "best_acc1": torch.tensor(50.0),
+        },
+        path,
+    )
     return path
 
 

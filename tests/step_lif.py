@@ -1,6 +1,7 @@
 """The LIF of SPEC §2 written out step by step, autograd through every op: the independent
 reference for the fused neuron's tests, and the "before" path of benchmarks/train_speed.py
 (training ran this way before the fused neuron). Nothing here imports i2e_deploy."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Shared helpers for the stream tests: a small real model, videos, an MJPEG server."""
+
 from __future__ import annotations
 
 import http.server
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from runtime_models import save_active
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -29,8 +29,15 @@ def synthetic_frames(count: int, size=(96, 64), seed: int = 0) -> list[np.ndarra
     base = np.zeros((height, width, 3), np.uint8)
     base[..., 0] = np.linspace(30, 200, width, dtype=np.uint8)[None]
     base[..., 2] = np.linspace(200, 30, height, dtype=np.uint8)[:, None]
-    shapes = [(rng.integers(0, width), rng.integers(0, height), rng.integers(6, 16),
-               tuple(int(c) for c in rng.integers(0, 256, 3))) for _ in range(4)]
+    shapes = [
+        (
+            rng.integers(0, width),
+            rng.integers(0, height),
+            rng.integers(6, 16),
+            tuple(int(c) for c in rng.integers(0, 256, 3)),
+        )
+        for _ in range(4)
+    ]
     frames = []
     for i in range(count):
         image = base.copy()
@@ -101,8 +108,10 @@ class MjpegServer(_LocalServer):
                 self.end_headers()
                 for image in frames:
                     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\n"
-                                     b"Content-Length: %d\r\n\r\n" % len(jpeg))
+                    self.wfile.write(
+                        b"--frame\r\nContent-Type: image/jpeg\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(jpeg)
+                    )
                     self.wfile.write(jpeg.tobytes() + b"\r\n")
                     self.wfile.flush()
                     time.sleep(0.01)
@@ -136,7 +145,7 @@ class FileServer(_LocalServer):
                 self.send_header("Content-Length", str(end - start + 1))
                 self.end_headers()
                 try:
-                    self.wfile.write(data[start:end + 1])
+                    self.wfile.write(data[start : end + 1])
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # FFmpeg closes a connection when it seeks elsewhere
 

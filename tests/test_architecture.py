@@ -2,6 +2,7 @@
 imports only its own layer and the layers below, and no modules import each other (directly
 or round a longer loop); every import counts, also those inside functions. Importing
 ``i2e_deploy.errors`` or the CLI, and ``i2e-deploy --help``, load no PyTorch."""
+
 from __future__ import annotations
 
 import ast
@@ -44,13 +45,15 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
                 base += f".{node.module}" if node.module else ""
             else:
                 base = node.module or ""
             # `from . import x` names a module x, or an attribute of the package.
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                       for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -62,12 +65,13 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
 
 
 def layer_of(name: str) -> int:
-    relative = name[len("i2e_deploy."):] if name != "i2e_deploy" else ""
+    relative = name[len("i2e_deploy.") :] if name != "i2e_deploy" else ""
     best, level = -1, -1
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (relative == prefix or relative.startswith(prefix + ".") or prefix == "") \
-                    and len(prefix) > best:
+            if (relative == prefix or relative.startswith(prefix + ".") or prefix == "") and len(
+                prefix
+            ) > best:
                 best, level = len(prefix), index
     return level
 
@@ -78,10 +82,12 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_import_points_down_or_sideways():
-    upward = [f"{name} ({LAYERS[layer_of(name)][0]}) imports {dep} "
-              f"({LAYERS[layer_of(dep)][0]})"
-              for name, deps in graph().items() for dep in sorted(deps)
-              if layer_of(dep) > layer_of(name)]
+    upward = [
+        f"{name} ({LAYERS[layer_of(name)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
+        for name, deps in graph().items()
+        for dep in sorted(deps)
+        if layer_of(dep) > layer_of(name)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -96,7 +102,7 @@ def test_no_import_cycles():
         path.append(name)
         for dep in sorted(edges[name]):
             if state.get(dep) == 1:
-                cycles.append(path[path.index(dep):] + [dep])
+                cycles.append(path[path.index(dep) :] + [dep])
             elif dep not in state:
                 visit(dep)
         path.pop()
@@ -112,23 +118,33 @@ def test_the_check_sees_real_imports():
     edges = graph()
     assert "i2e_deploy.model.msresnet" in edges["i2e_deploy.model.checkpoint"]
     assert "i2e_deploy.errors" in edges["i2e_deploy.card"]
-    assert layer_of("i2e_deploy.apps.stream") > layer_of("i2e_deploy.targets") \
-        > layer_of("i2e_deploy.runtime.runners") \
-        > layer_of("i2e_deploy.export.onnx") > layer_of("i2e_deploy.compare") \
-        > layer_of("i2e_deploy.model.msresnet") > layer_of("i2e_deploy.errors")
+    assert (
+        layer_of("i2e_deploy.apps.stream")
+        > layer_of("i2e_deploy.targets")
+        > layer_of("i2e_deploy.runtime.runners")
+        > layer_of("i2e_deploy.export.onnx")
+        > layer_of("i2e_deploy.compare")
+        > layer_of("i2e_deploy.model.msresnet")
+        > layer_of("i2e_deploy.errors")
+    )
 
 
 def _loads_torch(code: str) -> bool:
-    result = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
-                             "print('torch' in sys.modules)"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys\nprint('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return result.stdout.strip().splitlines()[-1] == "True"
 
 
 def test_errors_cli_and_help_do_not_import_torch():
     assert not _loads_torch("import i2e_deploy.errors")
     assert not _loads_torch("import i2e_deploy.cli")
-    assert not _loads_torch("import sys\nfrom i2e_deploy.cli import app\nsys.argv = "
-                            "['i2e-deploy', '--help']\ntry:\n    app()\nexcept SystemExit:\n"
-                            "    pass")
+    assert not _loads_torch(
+        "import sys\nfrom i2e_deploy.cli import app\nsys.argv = "
+        "['i2e-deploy', '--help']\ntry:\n    app()\nexcept SystemExit:\n"
+        "    pass"
+    )
     assert _loads_torch("import i2e_deploy\ni2e_deploy.MSResNet")  # the API loads on use

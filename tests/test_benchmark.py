@@ -1,17 +1,21 @@
 """`i2e-deploy benchmark`: one row per backend x precision, absent backends say why."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from runtime_models import (
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    shared_cifar,
+    shared_model,
+)
 from typer.testing import CliRunner
 
 from i2e_deploy.apps.benchmark import plan_rows
 from i2e_deploy.cache import cache_key
 from i2e_deploy.cli import app
 from i2e_deploy.export.tensorrt import tensorrt_unavailable
-from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
-from runtime_models import shared_cifar, shared_model
 
 cli = CliRunner()
 
@@ -24,9 +28,28 @@ def ckpt():
 def test_benchmark_table_and_json(ckpt, tmp_path):
     data = shared_cifar()
     cache = tmp_path / "cache"
-    args = ["benchmark", str(ckpt), "--data", str(data), "--iters", "3", "--warmup", "1",
-            "--batch", "2", "--cache", str(cache), "--precision", "fp32", "--threads", "1",
-            "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")]
+    args = [
+        "benchmark",
+        str(ckpt),
+        "--data",
+        str(data),
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--batch",
+        "2",
+        "--cache",
+        str(cache),
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--json",
+        str(tmp_path / "b.json"),
+        "--markdown",
+        str(tmp_path / "b.md"),
+    ]
     result = cli.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "b.json").read_text())
@@ -39,8 +62,11 @@ def test_benchmark_table_and_json(ckpt, tmp_path):
     assert torch_row["parity"] == "reference" and torch_row["top1_agreement"] is None
     assert ort_row["parity"] == "pass" and ort_row["decisive_mismatches"] == 0
     assert report["settings"]["inputs"]["count"] == 20
-    assert sorted(rows) == [("ONNX Runtime", "fp32"), ("PyTorch (reference)", "fp32"),
-                            ("TensorRT", "fp32")]  # --precision fp32 keeps the reference
+    assert sorted(rows) == [
+        ("ONNX Runtime", "fp32"),
+        ("PyTorch (reference)", "fp32"),
+        ("TensorRT", "fp32"),
+    ]  # --precision fp32 keeps the reference
     trt = rows[("TensorRT", "fp32")]
     if tensorrt_unavailable():
         assert trt["reason"] == tensorrt_unavailable() and trt["latency_p50_ms"] is None
@@ -73,10 +99,12 @@ def test_onnx_model_rows_say_what_is_missing(tmp_path):
 
 
 def test_bad_input_exits_2(ckpt, tmp_path):
-    for args in (["benchmark", str(tmp_path / "missing.pt")],
-                 ["benchmark", str(ckpt), "--iters", "0"],
-                 ["benchmark", str(ckpt), "--precision", "fp8"],
-                 ["benchmark", str(ckpt), "--data", str(tmp_path / "nowhere")]):
+    for args in (
+        ["benchmark", str(tmp_path / "missing.pt")],
+        ["benchmark", str(ckpt), "--iters", "0"],
+        ["benchmark", str(ckpt), "--precision", "fp8"],
+        ["benchmark", str(ckpt), "--data", str(tmp_path / "nowhere")],
+    ):
         result = cli.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert result.output.startswith("error:")
@@ -91,12 +119,20 @@ def test_workers_take_turns_and_failures_become_row_notes(ckpt, tmp_path):
 
     inputs = tmp_path / "inputs.npy"
     np.save(inputs, synthetic_images(3, ModelCard(imgsz=32, resize=32)))
-    rows = [Row("ONNX Runtime", "fp32", model=str(shared_model("onnx"))),
-            Row("ONNX Runtime", "int8", model=str(tmp_path / "missing.onnx")),
-            Row("ONNX Runtime", "fp32", model=str(shared_model("onnx")))]
+    rows = [
+        Row("ONNX Runtime", "fp32", model=str(shared_model("onnx"))),
+        Row("ONNX Runtime", "int8", model=str(tmp_path / "missing.onnx")),
+        Row("ONNX Runtime", "fp32", model=str(shared_model("onnx"))),
+    ]
     messages = []
-    _measure(rows, tmp_path, inputs, None,
-             {"threads": 1, "warmup": 1, "batch": 2, "iters": 7}, messages.append)
+    _measure(
+        rows,
+        tmp_path,
+        inputs,
+        None,
+        {"threads": 1, "warmup": 1, "batch": 2, "iters": 7},
+        messages.append,
+    )
     assert "7 calls per row in 7 interleaved rounds" in " ".join(messages)
     for row in (rows[0], rows[2]):
         assert row.reason is None and 0 < row.latency_p50_ms <= row.latency_p99_ms
@@ -108,26 +144,54 @@ def test_bundled_model_accuracy_and_parity_on_heldout_images(tmp_path):
     """The bundled model on 200 of its held-out images: each row's accuracy is what `val`
     measures on them (independent code paths), and its INT8 graph, INT8-exact, changes no
     decisive prediction."""
-    from i2e_deploy.assets import DEFAULT_MODEL
-    from i2e_deploy.apps.validate import validate
     from runtime_models import heldout_cifar
+
+    from i2e_deploy.apps.validate import validate
+    from i2e_deploy.assets import DEFAULT_MODEL
 
     if not DEFAULT_MODEL.is_file():
         pytest.skip("bundled model not built yet")
     data = heldout_cifar(200)
-    args = ["benchmark", "default", "--data", str(data), "--limit", "200", "--iters", "2",
-            "--warmup", "0", "--batch", "8", "--cache", str(tmp_path / "cache"), "--precision",
-            "fp32", "--precision", "int8", "--threads", "1", "--json", str(tmp_path / "b.json")]
+    args = [
+        "benchmark",
+        "default",
+        "--data",
+        str(data),
+        "--limit",
+        "200",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--batch",
+        "8",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--precision",
+        "fp32",
+        "--precision",
+        "int8",
+        "--threads",
+        "1",
+        "--json",
+        str(tmp_path / "b.json"),
+    ]
     result = cli.invoke(app, args)
     assert result.exit_code == 0, result.output
-    rows = {(r["backend"], r["precision"]): r for r in
-            json.loads((tmp_path / "b.json").read_text())["rows"]}
+    rows = {
+        (r["backend"], r["precision"]): r
+        for r in json.loads((tmp_path / "b.json").read_text())["rows"]
+    }
     measured = validate("default", data, workers=0, val_split=0, log=lambda _: None)
     assert measured.images == 200
-    for key in (("PyTorch (reference)", "fp32"), ("ONNX Runtime", "fp32"),
-                ("ONNX Runtime", "int8")):
+    for key in (
+        ("PyTorch (reference)", "fp32"),
+        ("ONNX Runtime", "fp32"),
+        ("ONNX Runtime", "int8"),
+    ):
         assert rows[key]["accuracy"] == pytest.approx(measured.top1 / 100, abs=0.011), key
     assert rows[("PyTorch (reference)", "fp32")]["accuracy"] == pytest.approx(
-        measured.top1 / 100)  # the same model on the same pixels
+        measured.top1 / 100
+    )  # the same model on the same pixels
     for key in (("ONNX Runtime", "fp32"), ("ONNX Runtime", "int8")):
         assert rows[key]["parity"] == "pass" and rows[key]["decisive_mismatches"] == 0, rows[key]

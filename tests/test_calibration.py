@@ -1,5 +1,6 @@
 """SNN-aware INT8 and FP16 graphs: Q/DQ placement, the ONNX Runtime lowering, the exact LIF
 rewrite, parity with FP32, and the calibration data path."""
+
 from __future__ import annotations
 
 import functools
@@ -11,27 +12,41 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from runtime_models import _session_dir, shared_model
 from typer.testing import CliRunner
 
-from i2e_deploy.calibration.data import (CalibrationBatches, OrtCalibrationReader,
-                                         load_calibration_images, to_graph_input)
+from i2e_deploy.artifacts import metadata_of, onnx_card
+from i2e_deploy.calibration.data import (
+    CalibrationBatches,
+    OrtCalibrationReader,
+    load_calibration_images,
+    to_graph_input,
+)
 from i2e_deploy.calibration.flips import spike_agreement
 from i2e_deploy.calibration.graph import elem_types, producers
 from i2e_deploy.calibration.half import half_graph
 from i2e_deploy.calibration.lif import rewrite_lif
 from i2e_deploy.calibration.qat import fake_quantize, finetune_int8, grid_error, snap_to_int8_grid
-from i2e_deploy.calibration.quantize import (binary_activations, lower_for_onnxruntime,
-                                             quantize_qdq)
+from i2e_deploy.calibration.quantize import binary_activations, lower_for_onnxruntime, quantize_qdq
 from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
-from i2e_deploy.errors import I2EError
 from i2e_deploy.compare import judge, limits_for, logit_metrics
+from i2e_deploy.errors import I2EError
 from i2e_deploy.images import synthetic_images
-from i2e_deploy.artifacts import metadata_of, onnx_card
-from runtime_models import _session_dir, shared_model
 
-NEURON_OPS = ("GreaterOrEqual", "Where", "Add", "Mul", "Split", "Concat", "ThresholdedRelu",
-              "LessOrEqual", "MaxPool", "GlobalAveragePool", "ReduceMean")
+NEURON_OPS = (
+    "GreaterOrEqual",
+    "Where",
+    "Add",
+    "Mul",
+    "Split",
+    "Concat",
+    "ThresholdedRelu",
+    "LessOrEqual",
+    "MaxPool",
+    "GlobalAveragePool",
+    "ReduceMean",
+)
 
 
 @functools.cache
@@ -62,8 +77,9 @@ def run(path, batch: np.ndarray) -> np.ndarray:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: batch[i:i + 8]})[0]
-                           for i in range(0, len(batch), 8)])
+    return np.concatenate(
+        [session.run(None, {name: batch[i : i + 8]})[0] for i in range(0, len(batch), 8)]
+    )
 
 
 def constant(model, name) -> np.ndarray:
@@ -100,8 +116,11 @@ def test_qdq_activations_exact_weights_per_channel_neurons_float(kind, zero_type
         if n.op_type == "DequantizeLinear":
             assert {c.op_type for c in consumers[n.output[0]]} <= {"Conv", "Gemm"}
         if n.op_type in NEURON_OPS:
-            assert all(writers[i].op_type not in ("DequantizeLinear", "QuantizeLinear")
-                       for i in n.input if i in writers), n.name
+            assert all(
+                writers[i].op_type not in ("DequantizeLinear", "QuantizeLinear")
+                for i in n.input
+                if i in writers
+            ), n.name
         if n.op_type in ("Conv", "Gemm"):
             assert all(c.op_type != "QuantizeLinear" for c in consumers.get(n.output[0], []))
 
@@ -119,12 +138,17 @@ def test_binary_inputs_are_proven_not_assumed():
     events = ModelCard(imgsz=32, resize=32, input="events")
     assert binary_activations(model, events) == {"conv": "x"}
     # A comparison cast to float is 0/1 through any reshaping.
-    nodes = [helper.make_node("GreaterOrEqual", ["x", "one"], ["s"]),
-             helper.make_node("Cast", ["s"], ["f"], to=TensorProto.FLOAT),
-             helper.make_node("Reshape", ["f", "shape"], ["r"]),
-             helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
-    inits = [weight, numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-             numpy_helper.from_array(np.array([1, 2, 8, 8], np.int64), "shape")]
+    nodes = [
+        helper.make_node("GreaterOrEqual", ["x", "one"], ["s"]),
+        helper.make_node("Cast", ["s"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["f", "shape"], ["r"]),
+        helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    inits = [
+        weight,
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array([1, 2, 8, 8], np.int64), "shape"),
+    ]
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits))
     assert binary_activations(model, card) == {"conv": "r"}
 
@@ -149,8 +173,9 @@ def test_lowered_graph_reads_spikes_as_uint8_and_matches_the_qdq_graph():
 def test_int8_is_lossless_when_weights_are_on_the_grid(tmp_path):
     """Spikes and events are exact in INT8 and neurons stay FP32: with on-grid weights the
     INT8 graph predicts what the FP32 graph predicts."""
-    from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
     from runtime_models import active_model, export
+
+    from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
 
     card = ModelCard(imgsz=32, resize=32)
     model = active_model(card, seed=1)
@@ -160,8 +185,10 @@ def test_int8_is_lossless_when_weights_are_on_the_grid(tmp_path):
     assert grid_error(load_checkpoint(tmp_path / "grid.pt")[0]) < 1e-3
     fp32 = export(tmp_path / "grid.pt", tmp_path / "grid.onnx")
     quantize_qdq(fp32, tmp_path / "grid.u8.onnx", unsigned=True)
-    onnx.save(lower_for_onnxruntime(onnx.load(str(tmp_path / "grid.u8.onnx"))),
-              str(tmp_path / "grid.int8.onnx"))
+    onnx.save(
+        lower_for_onnxruntime(onnx.load(str(tmp_path / "grid.u8.onnx"))),
+        str(tmp_path / "grid.int8.onnx"),
+    )
     x = images()
     metrics = logit_metrics(run(fp32, x), run(tmp_path / "grid.int8.onnx", x), tie_margin=0.05)
     assert metrics["decisive_mismatches"] == 0, metrics
@@ -181,8 +208,11 @@ def test_lif_rewrite_is_bit_exact():
 
 def test_lif_rewrite_refuses_a_chain_that_is_not_the_reference_lif():
     model = onnx.load(str(graph("fp32")))
-    compare = next(n for n in model.graph.node
-                   if n.op_type == "GreaterOrEqual" and "layer2.1/sn2" in n.output[0])
+    compare = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "GreaterOrEqual" and "layer2.1/sn2" in n.output[0]
+    )
     compare.op_type = "Greater"  # fires only above the threshold: one layer is not SPEC's LIF
     assert rewrite_lif(model) == 16
 
@@ -198,6 +228,7 @@ def test_lif_rewrite_needs_a_power_of_two_decay():
 
 def _is_half(model, name) -> bool:
     from i2e_deploy.calibration.lif import _Graph
+
     return _Graph(model).scalar(name) == 0.5
 
 
@@ -210,11 +241,15 @@ def test_fp16_runs_convs_in_fp16_and_neurons_in_fp32():
             assert all(types[i] == TensorProto.FLOAT16 for i in node.input)
             assert types[node.output[0]] == TensorProto.FLOAT16
         elif node.op_type != "Cast":
-            assert all(types.get(t) != TensorProto.FLOAT16 for t in [*node.input, *node.output]
-                       if t), node.name
+            assert all(
+                types.get(t) != TensorProto.FLOAT16 for t in [*node.input, *node.output] if t
+            ), node.name
     # Conv inputs are the 0/1 spikes cast to FP16 (exact).
-    assert all(writers[n.input[0]].op_type == "Cast" for n in model.graph.node
-               if n.op_type in ("Conv", "Gemm"))
+    assert all(
+        writers[n.input[0]].op_type == "Cast"
+        for n in model.graph.node
+        if n.op_type in ("Conv", "Gemm")
+    )
     x = images()
     rows = spike_agreement(graph("fp32"), graph("fp16"), x)
     assert rows[0]["layer"] == "i2e" and rows[0]["agreement"] == 1.0  # converter stays FP32
@@ -278,32 +313,60 @@ def test_fake_quantize_rounds_forward_and_passes_gradients():
 
 
 def test_finetune_int8_writes_an_int8_exact_checkpoint(tmp_path):
-    from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
     from runtime_models import save_active
+
+    from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
 
     for label in ("cat", "dog"):  # two of the model's CIFAR-10 classes
         (tmp_path / "data" / label).mkdir(parents=True)
         for i in range(2):
-            cv2.imwrite(str(tmp_path / "data" / label / f"{i}.png"), images(4)[i + 2 * (label == "dog")])
+            cv2.imwrite(
+                str(tmp_path / "data" / label / f"{i}.png"), images(4)[i + 2 * (label == "dog")]
+            )
     source = save_active(tmp_path / "model.pt")
-    result = CliRunner().invoke(app, ["qat", str(source), str(tmp_path / "data"), "-o",
-                                      str(tmp_path / "exact.pt"), "--steps", "2", "--batch", "2",
-                                      "--workers", "0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "qat",
+            str(source),
+            str(tmp_path / "data"),
+            "-o",
+            str(tmp_path / "exact.pt"),
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     model, card = load_checkpoint(tmp_path / "exact.pt")
     assert grid_error(model) < 1e-3
     assert card.provenance["int8_exact"] and card.provenance["qat"]["steps"] == 2
     stored = torch.load(tmp_path / "exact.pt", weights_only=True)["int8_weights"]
     assert stored["layer4.1.conv2.weight"].dtype == torch.int8  # a quarter of FP32's size
-    refused = CliRunner().invoke(app, ["qat", str(source), str(tmp_path / "data"), "-o",
-                                       str(tmp_path / "y.pt"), "--steps", "0"])
+    refused = CliRunner().invoke(
+        app,
+        ["qat", str(source), str(tmp_path / "data"), "-o", str(tmp_path / "y.pt"), "--steps", "0"],
+    )
     assert refused.exit_code == 2 and "at least 1" in refused.output
     assert not (tmp_path / "y.pt").exists()
     model, card = load_checkpoint(source)
     card.provenance.update(val_split=4, seed=0)  # all 4 images would be held out
     save_checkpoint(tmp_path / "split.pt", model, card)
-    refused = CliRunner().invoke(app, ["qat", str(tmp_path / "split.pt"), str(tmp_path / "data"),
-                                       "-o", str(tmp_path / "y.pt"), "--workers", "0"])
+    refused = CliRunner().invoke(
+        app,
+        [
+            "qat",
+            str(tmp_path / "split.pt"),
+            str(tmp_path / "data"),
+            "-o",
+            str(tmp_path / "y.pt"),
+            "--workers",
+            "0",
+        ],
+    )
     assert refused.exit_code == 2 and "the folder it was trained on" in refused.output
     assert not (tmp_path / "y.pt").exists()
     (tmp_path / "data" / "zebra").mkdir()
@@ -338,15 +401,30 @@ def test_lowered_convs_compute_the_qdq_convs_in_gemm_rows():
     qdq, low = onnx.load(str(graph("u8s8"))), onnx.load(str(graph("ort")))
     ops = [n.op_type for n in low.graph.node]
     assert ops.count("Transpose") <= 2  # into rows after the max pool, back before avgpool
-    widths = {constant(low, n.input[1]).shape[0] for n in low.graph.node
-              if n.op_type == "MatMulIntegerToFloat"}
+    widths = {
+        constant(low, n.input[1]).shape[0]
+        for n in low.graph.node
+        if n.op_type == "MatMulIntegerToFloat"
+    }
     assert 2 * 2 * 64 in widths  # layer3 of the 32 px model: whole 2x2 images, 64 channels
     convs = [n.output[0] for n in qdq.graph.node if n.op_type == "Conv"][1:]  # not the stem
     x = images(8)
-    want = dict(zip(convs, ort.InferenceSession(
-        _with_outputs(qdq, convs).SerializeToString()).run(convs, {"images": x})))
-    got = dict(zip(convs, ort.InferenceSession(
-        _with_outputs(low, convs).SerializeToString()).run(convs, {"images": x})))
+    want = dict(
+        zip(
+            convs,
+            ort.InferenceSession(_with_outputs(qdq, convs).SerializeToString()).run(
+                convs, {"images": x}
+            ),
+        )
+    )
+    got = dict(
+        zip(
+            convs,
+            ort.InferenceSession(_with_outputs(low, convs).SerializeToString()).run(
+                convs, {"images": x}
+            ),
+        )
+    )
     for name in convs:
         assert got[name].ndim == 2 and got[name].shape[1] == want[name].shape[1], name
         nchw = as_layout_of(got[name], want[name])
@@ -363,9 +441,16 @@ def test_lif_rewrite_on_gemm_rows_is_exact_near_the_threshold(tmp_path):
     from i2e_deploy.model.neuron import LIF
 
     T, rows, channels = 8, 64, 16
-    torch.onnx.export(UnrolledLIF(LIF(T), T), (torch.zeros(T * rows, channels),),
-                      str(tmp_path / "lif.onnx"), input_names=["x"], output_names=["spikes"],
-                      opset_version=17, dynamic_axes={"x": {0: "rows"}}, dynamo=False)
+    torch.onnx.export(
+        UnrolledLIF(LIF(T), T),
+        (torch.zeros(T * rows, channels),),
+        str(tmp_path / "lif.onnx"),
+        input_names=["x"],
+        output_names=["spikes"],
+        opset_version=17,
+        dynamic_axes={"x": {0: "rows"}},
+        dynamo=False,
+    )
     model = onnx.load(str(tmp_path / "lif.onnx"))
     assert rewrite_lif(model) == 1
     assert [n.op_type for n in model.graph.node].count("ThresholdedRelu") == T - 1
@@ -373,8 +458,11 @@ def test_lif_rewrite_on_gemm_rows_is_exact_near_the_threshold(tmp_path):
     x = (rng.integers(-6, 10, (T, rows, channels)) / 8).astype(np.float32)  # exact sums
     x[0, 0, :3] = [1.0, np.nextafter(np.float32(1), 0), np.nextafter(np.float32(1), 2)]
     x[:, 1] = rng.normal(0.5, 0.6, (T, channels))  # ordinary rounding too
-    got = ort.InferenceSession(model.SerializeToString()).run(
-        None, {"x": x.reshape(T * rows, channels)})[0].reshape(T, rows, channels)
+    got = (
+        ort.InferenceSession(model.SerializeToString())
+        .run(None, {"x": x.reshape(T * rows, channels)})[0]
+        .reshape(T, rows, channels)
+    )
     v, want, on_threshold = torch.zeros(rows, channels), [], 0
     for t in range(T):
         on_threshold += int((v * 0.5 + torch.from_numpy(x[t]) == 1.0).sum())
@@ -389,12 +477,13 @@ def test_bundled_int8_graph_predicts_what_its_fp32_graph_predicts(tmp_path):
     graph (GEMM rows, dense small maps, rewritten neurons) predicts what its FP32 graph
     predicts. Integer GEMMs and float convs round their sums differently, so a membrane within
     rounding of the threshold may flip, rarely."""
+    from runtime_models import heldout_cifar
+
     from i2e_deploy.assets import DEFAULT_MODEL
     from i2e_deploy.calibration.quantize import to_int8
     from i2e_deploy.export.onnx import export_onnx
     from i2e_deploy.images import load_images
     from i2e_deploy.model.checkpoint import load_checkpoint
-    from runtime_models import heldout_cifar
 
     folder = heldout_cifar(200)
     card = load_checkpoint(DEFAULT_MODEL)[1]

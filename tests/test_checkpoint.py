@@ -1,4 +1,6 @@
-"""Checkpoint loading: released / bare / own formats, inference of the card, clean errors, safety."""
+"""Checkpoint loading: released / bare / own formats, inference of the card, clean errors,
+safety."""
+
 from __future__ import annotations
 
 import copy
@@ -30,13 +32,20 @@ def files(reference, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     state = reference.state_dict()
     released = root / "cifar10_baseline.pth.tar"
-    torch.save({"epoch": 199, "state_dict": {f"module.{k}": v for k, v in state.items()},
-                "best_acc1": torch.tensor(85.07)}, released)
+    torch.save(
+        {
+            "epoch": 199,
+            "state_dict": {f"module.{k}": v for k, v in state.items()},
+            "best_acc1": torch.tensor(85.07),
+        },
+        released,
+    )
     bare = root / "bare.pt"
     torch.save({k: v for k, v in state.items() if k != "i2e.weight"}, bare)
     ours = root / "ours.pt"
-    card = ModelCard(num_classes=10, ratio=0.09, imgsz=64, resize=64,
-                     class_names=[f"c{i}" for i in range(10)])
+    card = ModelCard(
+        num_classes=10, ratio=0.09, imgsz=64, resize=64, class_names=[f"c{i}" for i in range(10)]
+    )
     save_checkpoint(ours, reference, card)
     return {"released": released, "bare": bare, "ours": ours, "root": root}
 
@@ -88,8 +97,9 @@ def test_own_format_round_trip(reference, files):
     save_checkpoint(again, model, card)
     model2, card2 = load_checkpoint(again)
     assert same_weights(model2, model)
-    assert {k: v for k, v in card2.to_dict().items() if k != "provenance"} == \
-        {k: v for k, v in card.to_dict().items() if k != "provenance"}
+    assert {k: v for k, v in card2.to_dict().items() if k != "provenance"} == {
+        k: v for k, v in card.to_dict().items() if k != "provenance"
+    }
 
 
 def test_own_format_half(reference, files):
@@ -138,8 +148,7 @@ def test_own_format_int8_with_mismatched_scales_is_a_clean_error(reference, file
     from i2e_deploy.calibration.qat import snap_to_int8_grid
 
     path = files["root"] / "broken_int8.pt"
-    save_checkpoint(path, snap_to_int8_grid(copy.deepcopy(reference)), ModelCard(),
-                    weights="int8")
+    save_checkpoint(path, snap_to_int8_grid(copy.deepcopy(reference)), ModelCard(), weights="int8")
     payload = torch.load(path, weights_only=True)
     payload["weight_scales"]["fc.weight"] = payload["weight_scales"]["fc.weight"][:3]
     torch.save(payload, path)
@@ -164,8 +173,9 @@ def test_events_flag_and_dvs_name(reference, files):
 
 
 def test_overrides(files):
-    _, card = load_checkpoint(files["released"], arch="msresnet18", num_classes=10,
-                              ratio=0.1, imgsz=64)
+    _, card = load_checkpoint(
+        files["released"], arch="msresnet18", num_classes=10, ratio=0.1, imgsz=64
+    )
     assert (card.ratio, card.imgsz) == (0.1, 64)
     assert not any("ratio" in n or "image size" in n for n in card.inferred)
     with pytest.raises(I2EError, match="msresnet34"):
@@ -182,11 +192,18 @@ def test_infers_depth_and_imagenet_defaults(tmp_path):
     torch.manual_seed(0)
     state = msresnet34(1000, 0.12).state_dict()
     path = tmp_path / "imagenet_augmentation_34.pth.tar"
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in state.items()},
-                "best_acc1": 60.5}, path)
+    torch.save(
+        {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in state.items()}, "best_acc1": 60.5},
+        path,
+    )
     model, card = load_checkpoint(path)
-    assert (card.arch, card.num_classes, card.imgsz, card.ratio, card.resize) == \
-        ("msresnet34", 1000, 224, 0.12, 256)
+    assert (card.arch, card.num_classes, card.imgsz, card.ratio, card.resize) == (
+        "msresnet34",
+        1000,
+        224,
+        0.12,
+        256,
+    )
     assert model.fc.out_features == 1000 and len(model.layer3) == 6
     assert card.provenance["best_acc1"] == 60.5
 
@@ -212,8 +229,9 @@ def test_missing_unexpected_and_misshapen_keys(files, tmp_path):
     assert "layer2.1.bn1.running_var" in one_line_error(path)
     path = modified(files, tmp_path, lambda s: s.update({"head.extra": torch.zeros(3)}))
     assert "head.extra" in one_line_error(path)
-    path = modified(files, tmp_path,
-                    lambda s: s.update({"layer1.0.conv1.weight": torch.zeros(64, 64, 5, 5)}))
+    path = modified(
+        files, tmp_path, lambda s: s.update({"layer1.0.conv1.weight": torch.zeros(64, 64, 5, 5)})
+    )
     message = one_line_error(path)
     assert "layer1.0.conv1.weight" in message and "[64, 64, 3, 3]" in message
     path = modified(files, tmp_path, lambda s: s.pop("fc.weight"))
@@ -226,8 +244,10 @@ def test_unrelated_state_dict(tmp_path):
     assert "layer1" in one_line_error(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"hello, this is a text file\n", b'{"a": 1}',
-                                     b"PK\x03\x04junk", b"\x80\x02}q\x00."])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"hello, this is a text file\n", b'{"a": 1}', b"PK\x03\x04junk", b"\x80\x02}q\x00."],
+)
 def test_garbage_files(tmp_path, content):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
@@ -244,8 +264,9 @@ def test_truncated_file(files, tmp_path):
     assert "truncated" in one_line_error(path)
 
 
-@pytest.mark.parametrize("obj", [[torch.zeros(2)], torch.zeros(3), {}, {"state_dict": 5},
-                                 {"epoch": 3, "note": "x"}])
+@pytest.mark.parametrize(
+    "obj", [[torch.zeros(2)], torch.zeros(3), {}, {"state_dict": 5}, {"epoch": 3, "note": "x"}]
+)
 def test_non_checkpoint_objects(tmp_path, obj):
     path = tmp_path / "obj.pt"
     torch.save(obj, path)
@@ -296,7 +317,15 @@ def test_stale_converter_kernels_in_file_are_ignored(reference, tmp_path):
 def test_card_validation_and_json():
     card = ModelCard(num_classes=3, class_names=["a", "b", "c"], ratio=0.1)
     assert ModelCard.from_json(card.to_json()) == card
-    for bad in ('{"arch": "vgg"}', '{"input": "audio"}', '{"num_classes": 0}', '{"imgsz": 8}',
-                '{"num_classes": 2, "class_names": ["a"]}', '{"colour": 1}', "[1]", "{oops"):
+    for bad in (
+        '{"arch": "vgg"}',
+        '{"input": "audio"}',
+        '{"num_classes": 0}',
+        '{"imgsz": 8}',
+        '{"num_classes": 2, "class_names": ["a"]}',
+        '{"colour": 1}',
+        "[1]",
+        "{oops",
+    ):
         with pytest.raises(I2EError):
             ModelCard.from_json(bad)

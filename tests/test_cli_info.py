@@ -1,4 +1,5 @@
 """`i2e-deploy info` on the three checkpoint forms, and clean failures on bad input."""
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,19 @@ def checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     model = msresnet18(10, 0.07)
     state = model.state_dict()
-    paths = {"released": root / "cifar10_transfer.pth.tar", "bare": root / "bare.pt",
-             "ours": root / "ours.pt"}
-    torch.save({"epoch": 5, "state_dict": {f"module.{k}": v for k, v in state.items()},
-                "best_acc1": torch.tensor(90.86)}, paths["released"])
+    paths = {
+        "released": root / "cifar10_transfer.pth.tar",
+        "bare": root / "bare.pt",
+        "ours": root / "ours.pt",
+    }
+    torch.save(
+        {
+            "epoch": 5,
+            "state_dict": {f"module.{k}": v for k, v in state.items()},
+            "best_acc1": torch.tensor(90.86),
+        },
+        paths["released"],
+    )
     torch.save(state, paths["bare"])
     save_checkpoint(paths["ours"], model, ModelCard(ratio=0.08, imgsz=64, resize=64))
     paths["params"] = sum(p.numel() for p in model.parameters())
@@ -45,8 +55,9 @@ def info(*args: str):
 
 
 # Only the released form runs at the default 128 px: info runs one forward pass to count MACs.
-@pytest.mark.parametrize("form, extra", [("released", ()), ("bare", ("--imgsz", "32")),
-                                         ("ours", ())])
+@pytest.mark.parametrize(
+    "form, extra", [("released", ()), ("bare", ("--imgsz", "32")), ("ours", ())]
+)
 def test_info_json(checkpoints, form, extra):
     result = info(checkpoints[form], "--json", *extra)
     assert result.exit_code == 0, result.stderr
@@ -59,16 +70,24 @@ def test_info_json(checkpoints, form, extra):
     assert bool(card["inferred"]) == (form != "ours")
     if form == "released":
         assert data["gmacs_per_image"] == pytest.approx(MSRESNET18_128_GMACS, rel=1e-9)
-    assert card["provenance"]["format"] == {"released": "released", "bare": "state_dict",
-                                            "ours": "i2e-deploy"}[form]
+    assert (
+        card["provenance"]["format"]
+        == {"released": "released", "bare": "state_dict", "ours": "i2e-deploy"}[form]
+    )
 
 
 def test_info_table_shows_card_and_inferred(checkpoints):
     result = info(checkpoints["released"], "--imgsz", "32")
     assert result.exit_code == 0, result.stderr
     out = result.stdout
-    for text in ("msresnet18", "parameters", f"{checkpoints['params']:,}", "GMACs",
-                 "inferred:", "90.86"):
+    for text in (
+        "msresnet18",
+        "parameters",
+        f"{checkpoints['params']:,}",
+        "GMACs",
+        "inferred:",
+        "90.86",
+    ):
         assert text in out, text
     assert "inferred:" not in info(checkpoints["ours"], "--imgsz", "32").stdout
 
@@ -77,8 +96,11 @@ def test_info_overrides(checkpoints):
     result = info(checkpoints["released"], "--json", "--events", "--imgsz", "32", "--ratio", "0.1")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert (data["card"]["input"], data["card"]["imgsz"], data["card"]["ratio"]) == \
-        ("events", 32, 0.1)
+    assert (data["card"]["input"], data["card"]["imgsz"], data["card"]["ratio"]) == (
+        "events",
+        32,
+        0.1,
+    )
     # Same network at a quarter of the side: 1/16 of the MACs (but the tiny fc layer's).
     assert data["gmacs_per_image"] == pytest.approx(MSRESNET18_128_GMACS / 16, rel=1e-3)
 
@@ -119,8 +141,9 @@ def test_console_script_fails_cleanly(tmp_path):
     # One real process (imports cost seconds): exit code and stderr as a user sees them.
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
-    failed = subprocess.run([console_script(), "info", bad], capture_output=True, text=True,
-                            timeout=120)
+    failed = subprocess.run(
+        [console_script(), "info", bad], capture_output=True, text=True, timeout=120
+    )
     assert failed.returncode == 2
     assert failed.stderr.startswith("error:") and len(failed.stderr.strip().splitlines()) == 1
     assert "Traceback" not in failed.stderr + failed.stdout
@@ -134,21 +157,26 @@ def test_messages_print_literally(tmp_path, monkeypatch):
     recording = tmp_path / "rec.aedat4"
     recording.write_bytes(b"#!AER-DAT4.0\r\n")
     monkeypatch.setitem(sys.modules, "dv_processing", None)  # no [events] extra
-    result = runner.invoke(app, ["stream", str(model), "--source", str(recording),
-                                 "--output", "none"])
+    result = runner.invoke(
+        app, ["stream", str(model), "--source", str(recording), "--output", "none"]
+    )
     assert result.exit_code == 2
-    assert result.stderr.strip() == ("error: AEDAT4 files, iniVation cameras and DV network "
-                                     "streams need dv-processing: pip install "
-                                     "'i2e-deploy[events]'")
+    assert result.stderr.strip() == (
+        "error: AEDAT4 files, iniVation cameras and DV network "
+        "streams need dv-processing: pip install "
+        "'i2e-deploy[events]'"
+    )
     result = runner.invoke(app, ["info", str(tmp_path / "[red]x[/red].pt")])
     assert result.exit_code == 2 and "[red]x[/red].pt" in result.stderr
 
 
 # --- every model file: ONNX graphs, engines, Triton folders ----------------------------------
 
+
 def test_info_reads_an_onnx_graphs_card_precision_and_flavour(tmp_path):
-    from i2e_deploy.calibration.quantize import to_int8
     from runtime_models import shared_model
+
+    from i2e_deploy.calibration.quantize import to_int8
 
     graph = shared_model("onnx")
     result = info(graph, "--json")
@@ -166,21 +194,34 @@ def test_info_reads_an_onnx_graphs_card_precision_and_flavour(tmp_path):
 def test_info_reads_an_engine_sidecar_with_its_verdict_and_a_triton_folder(tmp_path):
     """The engine's bytes are TensorRT's (not readable here): info reads its sidecar only.
     The sidecar is the one `build` writes, verdict included."""
+    from runtime_models import shared_model
+
     from i2e_deploy.artifacts import engine_sidecar_path
     from i2e_deploy.export.triton import write_repository
-    from runtime_models import shared_model
 
     engine = tmp_path / "tiny.fp16.engine"
     engine.write_bytes(b"engine")
     card = ModelCard(imgsz=32, resize=32)
-    verdict = {"passed": True, "what": "TensorRT fp16 engine", "when": "2026-12-04T05:00:00+00:00",
-               "summary": "decisive top-1 changes 0 of 32", "images": "32 frames"}
-    sidecar = {"card": card.to_dict(), "tensorrt_version": "10.3.0", "gpu_name": "Orin",
-               "compute_capability": "8.7", "precision": "fp16",
-               "io": {"inputs": [{"name": "images", "dtype": "uint8", "shape": [-1, 32, 32, 3]}],
-                      "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}]},
-               "profile": {"min": [1, 32, 32, 3], "opt": [1, 32, 32, 3], "max": [8, 32, 32, 3]},
-               "verification": verdict}
+    verdict = {
+        "passed": True,
+        "what": "TensorRT fp16 engine",
+        "when": "2026-12-04T05:00:00+00:00",
+        "summary": "decisive top-1 changes 0 of 32",
+        "images": "32 frames",
+    }
+    sidecar = {
+        "card": card.to_dict(),
+        "tensorrt_version": "10.3.0",
+        "gpu_name": "Orin",
+        "compute_capability": "8.7",
+        "precision": "fp16",
+        "io": {
+            "inputs": [{"name": "images", "dtype": "uint8", "shape": [-1, 32, 32, 3]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}],
+        },
+        "profile": {"min": [1, 32, 32, 3], "opt": [1, 32, 32, 3], "max": [8, 32, 32, 3]},
+        "verification": verdict,
+    }
     engine_sidecar_path(engine).write_text(json.dumps(sidecar))
     data = json.loads(info(engine, "--json").stdout)
     assert (data["kind"], data["precision"], data["gpu_name"]) == ("engine", "fp16", "Orin")

@@ -1,5 +1,6 @@
 """`convert`: image folder -> I2E event dataset, equal to the paper's converter; the uint8
 fast path behind it; resuming; one-line errors."""
+
 from __future__ import annotations
 
 import os
@@ -7,17 +8,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from paper_model import paper_convert
+from training_data import cifar_folder
 from typer.testing import CliRunner
 
 from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
-from i2e_deploy.model.converter import EVAL_PAIRS, TRAIN_GROUPS, convert, convert_uint8
 from i2e_deploy.images import load_image_folder, preprocess, read_image
+from i2e_deploy.model.converter import EVAL_PAIRS, TRAIN_GROUPS, convert, convert_uint8
 from i2e_deploy.training.convert import convert_folder
 from i2e_deploy.training.eventsets import META_FILE, EventFolder
-from paper_model import paper_convert
-from training_data import cifar_folder
 
 
 def paper_events(images_uint8: np.ndarray, ratio: float) -> np.ndarray:
@@ -49,8 +50,8 @@ def test_uint8_fast_path_equals_paper(images_128, ratio):
 
 def test_uint8_fast_path_edge_cases(images_128):
     batch = images_128[:4].copy()
-    batch[1] = 90                      # flat: no events (documented deviation from the paper)
-    batch[2] = batch[2] // 64 + 100    # tiny range, four levels
+    batch[1] = 90  # flat: no events (documented deviation from the paper)
+    batch[2] = batch[2] // 64 + 100  # tiny range, four levels
     events = convert_uint8(batch, 0.07, time_major=False)
     assert not events[1].any()
     keep = [0, 2, 3]
@@ -61,8 +62,9 @@ def test_uint8_fast_path_edge_cases(images_128):
     # Training-time directions go through the same path.
     pairs = tuple(group[-1] for group in TRAIN_GROUPS)
     tensor = torch.from_numpy(batch[keep])
-    assert torch.equal(convert(tensor, 0.07, pairs),
-                       convert(tensor.permute(0, 3, 1, 2).float() / 255, 0.07, pairs))
+    assert torch.equal(
+        convert(tensor, 0.07, pairs), convert(tensor.permute(0, 3, 1, 2).float() / 255, 0.07, pairs)
+    )
     assert pairs != EVAL_PAIRS
 
 
@@ -88,7 +90,8 @@ def test_convert_folder_equals_reference_and_resumes(tmp_path, fmt):
     got = np.stack([dataset[i][0].numpy() for i in range(len(dataset))])
     assert np.array_equal(got, expected)
     assert [dataset[i][1] for i in range(len(dataset))] == [
-        dataset.classes.index(p.parent.name) for p in sources]
+        dataset.classes.index(p.parent.name) for p in sources
+    ]
 
     # Resume: only the missing sample is written; stale temp files of a killed run go.
     missing = dataset.samples[5][0]
@@ -114,8 +117,22 @@ def test_convert_refuses_mixing_settings(tmp_path):
 def test_convert_cli(tmp_path):
     src = cifar_folder(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["convert", str(src), str(tmp_path / "ev"), "--format",
-                                 "packed", "--imgsz", "32", "--ratio", "0.2", "--workers", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "convert",
+            str(src),
+            str(tmp_path / "ev"),
+            "--format",
+            "packed",
+            "--imgsz",
+            "32",
+            "--ratio",
+            "0.2",
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 24 samples (0 already there)" in result.output
     assert len(list((tmp_path / "ev").rglob("*.npy"))) == 24
@@ -124,13 +141,24 @@ def test_convert_cli(tmp_path):
     assert "Traceback" not in bad.output
 
 
-
 def test_convert_leaves_out_unreadable_images(tmp_path):
     src = cifar_folder(tmp_path)
     broken = sorted(src.iterdir())[1] / "zz_broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "ev"), "--imgsz",
-                                      "32", "--ratio", "0.2", "--workers", "2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            str(src),
+            str(tmp_path / "ev"),
+            "--imgsz",
+            "32",
+            "--ratio",
+            "0.2",
+            "--workers",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 24 samples (0 already there, 1 unreadable left out)" in result.stdout
     assert result.stderr.count("warning:") == 1 and "zz_broken.png" in result.stderr

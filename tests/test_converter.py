@@ -1,19 +1,20 @@
 """The I2E converter against SPEC §1: the paper's literal conv converter, hand-computed cases."""
+
 from __future__ import annotations
 
 import io
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from paper_model import paper_convert
 from PIL import Image
 
 from i2e_deploy.model.converter import EVAL_PAIRS, I2E, TIME_ORDER, TRAIN_GROUPS, convert
-from paper_model import paper_convert
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_TAR = SHARED / "data" / "cifar10-train.tar.gz"
@@ -64,8 +65,9 @@ def test_real_images_match_paper(cifar_images, ratio):
 
 @pytest.mark.parametrize("ratio", [0.07, 0.12])
 def test_resized_real_images_match_paper(cifar_images, ratio):
-    big = F.interpolate(cifar_images[:16], size=(128, 128), mode="bilinear",
-                        antialias=True, align_corners=False).clamp(0, 1)
+    big = F.interpolate(
+        cifar_images[:16], size=(128, 128), mode="bilinear", antialias=True, align_corners=False
+    ).clamp(0, 1)
     assert torch.equal(convert(big, ratio), paper_convert(big, ratio))
 
 
@@ -121,7 +123,7 @@ def test_threshold_is_greater_or_equal():
     on = convert(image, 0.5)[4, 0, 0]
     assert torch.equal(on, torch.tensor([[1.0, 1.0, 0, 0]]).expand(4, 4))
     # Just below the threshold at column 0 no longer fires; column 1 (now 0.5 + eps) does.
-    image[..., 1] = 0.5 - 2 ** -10
+    image[..., 1] = 0.5 - 2**-10
     on = convert(image, 0.5)[4, 0, 0]
     assert torch.equal(on, torch.tensor([[0.0, 1.0, 0, 0]]).expand(4, 4))
     assert torch.equal(convert(image, 0.5), paper_convert(image, 0.5))
@@ -184,8 +186,9 @@ def test_ratio_zero_is_refused_where_a_model_is_built(tmp_path):
             DeployI2E(ratio)
     (tmp_path / "images" / "cat").mkdir(parents=True)
     cv2.imwrite(str(tmp_path / "images" / "cat" / "0.png"), np.full((8, 8, 3), 9, np.uint8))
-    result = CliRunner().invoke(app, ["convert", str(tmp_path / "images"), str(tmp_path / "out"),
-                                      "--ratio", "0"])
+    result = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "images"), str(tmp_path / "out"), "--ratio", "0"]
+    )
     assert result.exit_code == 2 and "ratio must be positive" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -215,7 +218,7 @@ def decode_pairs(events: torch.Tensor, size: int) -> list[tuple[int, int]]:
     for t in range(events.shape[0]):
         cells = []
         for polarity in (1, 0):  # OFF marks cell a, ON marks cell b
-            (row, col), = torch.nonzero(events[t, 0, polarity]).tolist()
+            ((row, col),) = torch.nonzero(events[t, 0, polarity]).tolist()
             cells.append((centre - row + 1) * 3 + (centre - col + 1) + 1)
         pairs.append(tuple(cells))
     return pairs

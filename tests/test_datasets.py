@@ -1,5 +1,6 @@
 """I2E event datasets: both published layouts round-trip bit-exactly and read as the paper's
 own loaders read them; event folders feed held-out splits like image folders."""
+
 from __future__ import annotations
 
 import io
@@ -8,13 +9,19 @@ import os
 import numpy as np
 import pytest
 import torch
+from training_data import cifar_folder
 
 from i2e_deploy.errors import I2EError
 from i2e_deploy.model.converter import convert_uint8
 from i2e_deploy.training import data as D
-from i2e_deploy.training.eventsets import (EventFolder, is_event_folder, pack, read_sample,
-                                           unpack, write_sample)
-from training_data import cifar_folder
+from i2e_deploy.training.eventsets import (
+    EventFolder,
+    is_event_folder,
+    pack,
+    read_sample,
+    unpack,
+    write_sample,
+)
 
 
 def real_events(tmp_path, size: int = 32) -> np.ndarray:
@@ -30,7 +37,7 @@ def real_events(tmp_path, size: int = 32) -> np.ndarray:
 def paper_unpack(raw: np.ndarray) -> np.ndarray:
     """The decoder published with the paper's datasets (header view, unpackbits, trim)."""
     shape = tuple(raw[:8].view(np.uint16))
-    bits = np.unpackbits(raw[8:])[:np.prod(shape)]
+    bits = np.unpackbits(raw[8:])[: np.prod(shape)]
     return bits.reshape(shape).astype(bool)
 
 
@@ -82,8 +89,11 @@ def test_event_folder_numeric_classes_and_split(tmp_path):
         (root / str(label)).mkdir(parents=True)
         for i in range(5):
             fmt = "npz" if i % 2 else "packed"
-            write_sample(root / str(label) / f"{i}.{'npz' if fmt == 'npz' else 'npy'}",
-                         rng.random((8, 2, 6, 6)) < 0.2, fmt)
+            write_sample(
+                root / str(label) / f"{i}.{'npz' if fmt == 'npz' else 'npy'}",
+                rng.random((8, 2, 6, 6)) < 0.2,
+                fmt,
+            )
     assert is_event_folder(root)
     folder = EventFolder(root)
     assert folder.classes == ["0", "1", "2", "10"]

@@ -3,6 +3,7 @@
 recording) classified by ``stream`` window by window exactly as the recording read as a file;
 a sender lost mid-stream and replaced; Ctrl-C; the camera path with no camera; the extra
 missing."""
+
 from __future__ import annotations
 
 import _thread
@@ -17,18 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stream_fixtures import DVS, make_checkpoint
 from typer.testing import CliRunner
 
 from i2e_deploy.card import ModelCard
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
+from i2e_deploy.runtime.classify import Classifier
 from i2e_deploy.runtime.event_sources import event_windows, events_to_frames
+from i2e_deploy.runtime.loop import Stream
 from i2e_deploy.runtime.sinks import JsonlSink
 from i2e_deploy.runtime.sources import open_source
-from i2e_deploy.runtime.classify import Classifier
-from i2e_deploy.runtime.loop import Stream
-
-from stream_fixtures import DVS, make_checkpoint
 
 RECORDING = DVS / "sample.aedat4"
 SENDER = Path(__file__).with_name("dv_sender.py")
@@ -37,7 +37,8 @@ WINDOW_US = WINDOW_MS * 1000
 
 needs_stream = pytest.mark.skipif(
     not RECORDING.is_file() or importlib.util.find_spec("dv_processing") is None,
-    reason="needs dv-processing and ../shared/data/dvs/sample.aedat4")
+    reason="needs dv-processing and ../shared/data/dvs/sample.aedat4",
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +64,25 @@ class Sender:
 
     def __init__(self, port: int, first: int, last: int, linger_s: float = 1.5):
         self.process = subprocess.Popen(
-            [sys.executable, str(SENDER), str(RECORDING), str(port), str(first), str(last),
-             str(linger_s)], stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                str(SENDER),
+                str(RECORDING),
+                str(port),
+                str(first),
+                str(last),
+                str(linger_s),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def line(self, timeout_s: float = 60.0) -> str:
         ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
         assert ready, "the sender said nothing"
         return self.process.stdout.readline().strip()
 
-    def listening(self) -> "Sender":
+    def listening(self) -> Sender:
         assert self.line() == "listening"
         return self
 
@@ -80,7 +91,7 @@ class Sender:
         assert words[0] == "sent", words
         return int(words[1]), int(words[2])
 
-    def __enter__(self) -> "Sender":
+    def __enter__(self) -> Sender:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -110,13 +121,15 @@ class Recording:
 
     def prediction(self, model: Classifier, start: int, end: int):
         events = self.file.getEventsTimeRange(start, end).numpy()
-        frames = events_to_frames(events["x"], events["y"], events["polarity"], self.sensor,
-                                  model.card)
+        frames = events_to_frames(
+            events["x"], events["y"], events["polarity"], self.sensor, model.card
+        )
         return model.classify([frames])[0]
 
 
-def check_windows(records: list[dict], recording: Recording, model: Classifier,
-                  connections: list[tuple[int, int]]) -> None:
+def check_windows(
+    records: list[dict], recording: Recording, model: Classifier, connections: list[tuple[int, int]]
+) -> None:
     """Every classified window lies on the event-time grid of its connection (anchored at its
     first event; frame numbers count the dropped windows too) and has the prediction of the
     same time window of the recording."""
@@ -132,8 +145,9 @@ def check_windows(records: list[dict], recording: Recording, model: Classifier,
             assert end == min(start + WINDOW_US, end_of_data + 1)
             expected = recording.prediction(model, start, end)
             assert [top["class"] for top in record["top"]] == expected.indices.tolist()
-            np.testing.assert_allclose([top["prob"] for top in record["top"]],
-                                       expected.probs, atol=2e-6)
+            np.testing.assert_allclose(
+                [top["prob"] for top in record["top"]], expected.probs, atol=2e-6
+            )
         first_frame += recording.windows(first, last)
         checked += len(mine)
     assert checked == len(records)
@@ -142,11 +156,17 @@ def check_windows(records: list[dict], recording: Recording, model: Classifier,
 def test_windows_follow_event_time_whatever_the_batches():
     t = np.array([100, 150, 1099, 1100, 1200, 4300, 4301])  # no events in 2100..4099
     columns = (t, np.arange(7), np.arange(7) * 2, np.arange(7) % 2)
-    expected = [(100, 1100, [100, 150, 1099]), (1100, 2100, [1100, 1200]), (2100, 3100, []),
-                (3100, 4100, []), (4100, 4302, [4300, 4301])]  # the last ends after its event
+    expected = [
+        (100, 1100, [100, 150, 1099]),
+        (1100, 2100, [1100, 1200]),
+        (2100, 3100, []),
+        (3100, 4100, []),
+        (4100, 4302, [4300, 4301]),
+    ]  # the last ends after its event
     for cuts in ([], [1], [2, 3], [1, 2, 3, 4, 5, 6]):  # one batch, ..., one event per batch
-        batches = [tuple(np.split(column, cuts)[k] for column in columns)
-                   for k in range(len(cuts) + 1)]
+        batches = [
+            tuple(np.split(column, cuts)[k] for column in columns) for k in range(len(cuts) + 1)
+        ]
         windows = list(event_windows(batches, 1000))
         assert [(w.start_us, w.end_us, w.t.tolist()) for w in windows] == expected
         assert [w.x.tolist() for w in windows] == [[0, 1, 2], [3, 4], [], [], [5, 6]]
@@ -161,10 +181,27 @@ def test_stream_classifies_a_dv_stream_as_the_recording_it_plays(checkpoint, mod
     port = free_port()
     preds, stats_json = tmp_path / "preds.jsonl", tmp_path / "stats.json"
     with Sender(port, 0, everything).listening() as sender:
-        result = CliRunner().invoke(app, [
-            "stream", str(checkpoint), "--source", f"dv://127.0.0.1:{port}",
-            "--output", str(preds), "--json", str(stats_json), "--window-ms", str(WINDOW_MS),
-            "--reconnects", "0", "--threads", "1", "--backend", "torch"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "stream",
+                str(checkpoint),
+                "--source",
+                f"dv://127.0.0.1:{port}",
+                "--output",
+                str(preds),
+                "--json",
+                str(stats_json),
+                "--window-ms",
+                str(WINDOW_MS),
+                "--reconnects",
+                "0",
+                "--threads",
+                "1",
+                "--backend",
+                "torch",
+            ],
+        )
         assert sender.sent() == (everything, recording.events(0, everything))
     assert result.exit_code == 0, result.output
     first, last = result.stdout.strip().splitlines()
@@ -191,12 +228,16 @@ def test_a_sender_lost_mid_stream_is_reconnected(model, tmp_path):
     # The second sender takes the port as soon as the first one, cut after half the
     # recording, lets it go.
     with Sender(port, 0, half).listening() as first, Sender(port, half, everything) as second:
-        source = open_source(f"dv://127.0.0.1:{port}", card=model.card, window_ms=WINDOW_MS,
-                             reconnect_attempts=3, backoff_s=0.25)
+        source = open_source(
+            f"dv://127.0.0.1:{port}",
+            card=model.card,
+            window_ms=WINDOW_MS,
+            reconnect_attempts=3,
+            backoff_s=0.25,
+        )
         stats = Stream(model, [source], JsonlSink(preds)).run()
         assert first.sent() == (half, recording.events(0, half))
-        assert second.listening().sent() == (everything - half,
-                                              recording.events(half, everything))
+        assert second.listening().sent() == (everything - half, recording.events(half, everything))
     assert stats.error is None and not stats.interrupted
     assert stats.reconnects == 1
     windows = recording.windows(0, half) + recording.windows(half, everything)
@@ -238,10 +279,12 @@ def test_unreachable_or_foreign_servers_fail_in_one_line(model):
         open_source(f"dv://127.0.0.1:{port}", card=model.card)
     # A server that does not speak DV's protocol: NetworkReader alone would wait forever.
     with socket.create_server(("127.0.0.1", 0)) as server:
+
         def answer_like_a_web_server():
             connection, _ = server.accept()
             with connection:
                 connection.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello")
+
         threading.Thread(target=answer_like_a_web_server, daemon=True).start()
         uri = f"dv://127.0.0.1:{server.getsockname()[1]}"
         with pytest.raises(I2EError, match="not a DV event stream"):
@@ -262,22 +305,27 @@ def test_camera_path_without_a_camera_fails_in_one_line(checkpoint):
     if dv.io.camera.discover():
         pytest.skip("an iniVation camera is connected")
     for uri in ("dvs:", "dvs:DXA00093"):
-        result = CliRunner().invoke(app, ["stream", str(checkpoint), "--source", uri,
-                                          "--output", "none"])
+        result = CliRunner().invoke(
+            app, ["stream", str(checkpoint), "--source", uri, "--output", "none"]
+        )
         assert result.exit_code == 2
         assert result.stderr.startswith("error: no iniVation camera connected")
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("source", ["dv://127.0.0.1:7777", "dvs:", "recording.aedat4"])
-def test_without_dv_processing_the_error_names_the_extra_literally(source, checkpoint, tmp_path,
-                                                                   monkeypatch):
+def test_without_dv_processing_the_error_names_the_extra_literally(
+    source, checkpoint, tmp_path, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "dv_processing", None)  # import fails, as when absent
     monkeypatch.chdir(tmp_path)
     Path("recording.aedat4").write_bytes(b"#!AER-DAT4.0\r\n")
-    result = CliRunner().invoke(app, ["stream", str(checkpoint), "--source", source,
-                                      "--output", "none"])
+    result = CliRunner().invoke(
+        app, ["stream", str(checkpoint), "--source", source, "--output", "none"]
+    )
     assert result.exit_code == 2
     # One line, brackets and quotes intact (rich markup would have eaten "[events]").
-    assert result.stderr == ("error: AEDAT4 files, iniVation cameras and DV network streams "
-                             "need dv-processing: pip install 'i2e-deploy[events]'\n")
+    assert result.stderr == (
+        "error: AEDAT4 files, iniVation cameras and DV network streams "
+        "need dv-processing: pip install 'i2e-deploy[events]'\n"
+    )

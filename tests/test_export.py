@@ -6,6 +6,7 @@ within rounding of the threshold may flip a spike. The measures, as the issue se
 spike agreement per LIF layer (reported), the same top-1 wherever the reference's top-2
 margin is not a near-tie, median |Δlogit| <= 1e-5, max |Δlogit| reported.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,18 +19,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from export_models import firing_model, graphs, sample_images, sample_inputs  # noqa: F401
 from typer.testing import CliRunner
 
-from export_models import firing_model, graphs, sample_images, sample_inputs  # noqa: F401
-from i2e_deploy.cli import app
-from i2e_deploy.errors import I2EError
-from i2e_deploy.export.deploy import (DeployMSResNet, UnrolledLIF, converter, deploy,
-                                      run_with_spikes)
 from i2e_deploy.artifacts import read_card, read_metadata
-from i2e_deploy.targets import verify_graph
+from i2e_deploy.cli import app
+from i2e_deploy.compare import LIMITS
+from i2e_deploy.errors import I2EError
+from i2e_deploy.export.deploy import DeployMSResNet, UnrolledLIF, converter, deploy, run_with_spikes
 from i2e_deploy.model.checkpoint import save_checkpoint
 from i2e_deploy.model.neuron import LIF
-from i2e_deploy.compare import LIMITS
+from i2e_deploy.targets import verify_graph
 
 NEAR_TIE = LIMITS["fp32"].tie_margin
 MEDIAN_LIMIT = 1e-5
@@ -40,8 +40,10 @@ def assert_faithful(reference: np.ndarray, other: np.ndarray, what: str) -> None
     ranked = np.sort(reference, axis=1)
     decisive = ranked[:, -1] - ranked[:, -2] > NEAR_TIE
     flipped = reference.argmax(1) != other.argmax(1)
-    print(f"{what}: max |Δlogit| {diff.max():.3g}, median {np.median(diff):.3g}, "
-          f"top-1 agreement {1 - flipped.mean():.2%}, {int((~decisive).sum())} near-ties")
+    print(
+        f"{what}: max |Δlogit| {diff.max():.3g}, median {np.median(diff):.3g}, "
+        f"top-1 agreement {1 - flipped.mean():.2%}, {int((~decisive).sum())} near-ties"
+    )
     assert not (flipped & decisive).any(), f"{what}: top-1 differs on a decisive input"
     assert np.median(diff) <= MEDIAN_LIMIT, f"{what}: median |Δlogit| {np.median(diff):.3g}"
 
@@ -58,16 +60,23 @@ def graph_input(card, input_format: str, count: int, seed: int = 0) -> torch.Ten
 
 # --- deploy module vs reference ---------------------------------------------------------------
 
-@pytest.mark.parametrize("arch, events, input_format, batch", [
-    ("msresnet18", False, "uint8", 1), ("msresnet18", True, "events", 2),
-    ("msresnet34", False, "float", 2), ("msresnet34", True, "events", 1)])
+
+@pytest.mark.parametrize(
+    "arch, events, input_format, batch",
+    [
+        ("msresnet18", False, "uint8", 1),
+        ("msresnet18", True, "events", 2),
+        ("msresnet34", False, "float", 2),
+        ("msresnet34", True, "events", 1),
+    ],
+)
 def test_deploy_matches_reference(arch, events, input_format, batch):
     model, card = firing_model(arch, events, imgsz=32, seed=1)
     deployed = deploy(model, input_format)
     x = graph_input(card, input_format, 4, seed=2)
     ref_logits, dep_logits, flips, sizes, rates = [], [], {}, {}, {}
     for start in range(0, len(x), batch):
-        xb = x[start:start + batch]
+        xb = x[start : start + batch]
         ref_out, ref_maps = run_with_spikes(model, xb)
         dep_out, dep_maps = run_with_spikes(deployed, xb)
         ref_logits.append(ref_out.numpy())
@@ -79,25 +88,36 @@ def test_deploy_matches_reference(arch, events, input_format, batch):
             sizes[name] = sizes.get(name, 0) + spikes.numel()
             rates[name] = rates.get(name, 0) + float(spikes.sum())
     agreement = {name: 1 - flips[name] / sizes[name] for name in flips}
-    print(f"{arch} {input_format}: spike flips per layer "
-          f"{ {n: f for n, f in flips.items() if f} or 'none'}, lowest agreement "
-          f"{min(agreement.values()):.6f}")
+    print(
+        f"{arch} {input_format}: spike flips per layer "
+        f"{ {n: f for n, f in flips.items() if f} or 'none' }, lowest agreement "
+        f"{min(agreement.values()):.6f}"
+    )
     for name in rates:  # the comparison means something only if every layer fires
         assert 0.01 <= rates[name] / sizes[name] <= 0.5, (name, rates[name] / sizes[name])
     assert min(agreement.values()) >= 0.999
-    assert_faithful(np.concatenate(ref_logits), np.concatenate(dep_logits),
-                    f"deploy {arch} {input_format} batch {batch}")
+    assert_faithful(
+        np.concatenate(ref_logits),
+        np.concatenate(dep_logits),
+        f"deploy {arch} {input_format} batch {batch}",
+    )
 
 
 def test_unrolled_lif_is_bit_exact():
     lif = LIF(8)
     gen = torch.Generator().manual_seed(0)
     below_one = float(np.nextafter(np.float32(1), np.float32(0)))
-    x = torch.cat([torch.randn(8 * 2, 3000, generator=gen) * 0.8 + 0.4,
-                   torch.randint(-256, 256, (8 * 2, 1000), generator=gen) / 64.0,  # exact sums
-                   torch.full((8 * 2, 3), 1.0), torch.full((8 * 2, 3), below_one),
-                   # 0.5, then 0.5*0.5 + 0.75: membranes exactly on the threshold
-                   torch.tensor([0.5, 0.75] * 4).repeat_interleave(2).view(16, 1)], dim=1)
+    x = torch.cat(
+        [
+            torch.randn(8 * 2, 3000, generator=gen) * 0.8 + 0.4,
+            torch.randint(-256, 256, (8 * 2, 1000), generator=gen) / 64.0,  # exact sums
+            torch.full((8 * 2, 3), 1.0),
+            torch.full((8 * 2, 3), below_one),
+            # 0.5, then 0.5*0.5 + 0.75: membranes exactly on the threshold
+            torch.tensor([0.5, 0.75] * 4).repeat_interleave(2).view(16, 1),
+        ],
+        dim=1,
+    )
     expected = lif(x)
     assert torch.equal(UnrolledLIF(lif, 8)(x), expected)
     assert 0.05 < expected.mean() < 0.5
@@ -136,6 +156,7 @@ def test_converter_module_is_bit_exact():
 
 # --- ONNX graphs ------------------------------------------------------------------------------
 
+
 @functools.cache
 def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -147,8 +168,9 @@ def run(path: Path, x) -> np.ndarray:
     return session_.run(None, {session_.get_inputs()[0].name: x})[0]
 
 
-@pytest.mark.parametrize("graph, input_format", [("uint8", "uint8"), ("float", "float"),
-                                                 ("events", "events")])
+@pytest.mark.parametrize(
+    "graph, input_format", [("uint8", "uint8"), ("float", "float"), ("events", "events")]
+)
 def test_onnx_matches_deploy_module(graphs, graph, input_format):
     model = graphs["ev_model" if graph == "events" else "model"]
     card = graphs["ev_card" if graph == "events" else "card"]
@@ -158,8 +180,9 @@ def test_onnx_matches_deploy_module(graphs, graph, input_format):
         expected = deployed(x).numpy()
         reference = model(x).numpy()
     for batch in (1, 2):  # one dynamic graph, two batch sizes
-        got = np.concatenate([run(graphs["paths"][graph], x[i:i + batch])
-                              for i in range(0, len(x), batch)])
+        got = np.concatenate(
+            [run(graphs["paths"][graph], x[i : i + batch]) for i in range(0, len(x), batch)]
+        )
         assert got.shape == expected.shape and got.dtype == np.float32
         assert_faithful(expected, got, f"ORT {graph} batch {batch} vs deploy module")
         assert_faithful(reference, got, f"ORT {graph} batch {batch} vs reference")
@@ -197,8 +220,7 @@ def test_uint8_and_float_graphs_agree(graphs):
 
 def test_metadata_round_trip(graphs):
     card = graphs["card"]
-    for key, graph_kind in (("uint8", "images"), ("events", "events"),
-                            ("converter", "converter")):
+    for key, graph_kind in (("uint8", "images"), ("events", "events"), ("converter", "converter")):
         path = graphs["paths"][key]
         metadata = read_metadata(path)
         expected_card = graphs["ev_card"] if key == "events" else card
@@ -258,28 +280,40 @@ def test_cli_export_verifies_and_writes_next_to_checkpoint(checkpoint):
     assert "max |Δlogit|" in result.stdout and "top-1 agreement" in result.stdout
     output = checkpoint.with_name("tiny.onnx")
     assert read_card(output).imgsz == 32
-    assert read_metadata(output)["i2e_deploy.checkpoint_sha256"] == \
-        hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    result = cli.invoke(app, ["export", str(checkpoint), "--converter-only", "--no-verify",
-                              "--static", "--batch", "2"])
+    assert (
+        read_metadata(output)["i2e_deploy.checkpoint_sha256"]
+        == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    )
+    result = cli.invoke(
+        app,
+        ["export", str(checkpoint), "--converter-only", "--no-verify", "--static", "--batch", "2"],
+    )
     assert result.exit_code == 0, result.stderr
     converter_graph = onnx.load(str(checkpoint.with_name("tiny_converter.onnx")))
-    assert [d.dim_value for d in converter_graph.graph.output[0].type.tensor_type.shape.dim] \
-        == [2, 8, 2, 32, 32]
+    assert [d.dim_value for d in converter_graph.graph.output[0].type.tensor_type.shape.dim] == [
+        2,
+        8,
+        2,
+        32,
+        32,
+    ]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--input-format", "rgb"], "unknown input format"),
-    (["--classes", "100"], "--classes 100"),
-    (["--arch", "msresnet34"], "--arch msresnet34"),
-    (["--arch", "resnet50"], "unknown arch"),
-    (["--opset", "11"], "--opset 11"),
-    (["--events", "--converter-only"], "--converter-only"),
-    (["--output", "{tmp}/missing/model.onnx"], "does not exist"),
-    (["--output", "{tmp}/file.txt/model.onnx"], "does not exist"),
-    (["--output", "{tmp}"], "is a directory"),
-    (["--data", "{tmp}/nowhere"], "--data"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input-format", "rgb"], "unknown input format"),
+        (["--classes", "100"], "--classes 100"),
+        (["--arch", "msresnet34"], "--arch msresnet34"),
+        (["--arch", "resnet50"], "unknown arch"),
+        (["--opset", "11"], "--opset 11"),
+        (["--events", "--converter-only"], "--converter-only"),
+        (["--output", "{tmp}/missing/model.onnx"], "does not exist"),
+        (["--output", "{tmp}/file.txt/model.onnx"], "does not exist"),
+        (["--output", "{tmp}"], "is a directory"),
+        (["--data", "{tmp}/nowhere"], "--data"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_writes_nothing(checkpoint, tmp_path, args, message):
     (tmp_path / "file.txt").write_text("not a folder")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

@@ -7,24 +7,29 @@ The models are random but active (BatchNorm statistics randomized so that every 
 neither silent nor saturated) and saved as the paper's release saves its files; the images are
 real CIFAR-10 photos, upscaled by the card's preprocessing.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from paper_model import paper_msresnet18, paper_msresnet34
+from runtime_models import (
+    corrupt,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    released_checkpoint,
+    shared_cifar,
+)
 from typer.testing import CliRunner
 
+from i2e_deploy.artifacts import read_card
 from i2e_deploy.cli import app
 from i2e_deploy.compare import judge, limits_for
 from i2e_deploy.errors import I2EError
-from i2e_deploy.artifacts import read_card
-from i2e_deploy.targets import verify_graph
-from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.images import load_image_folder
+from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.runtime.runners import load_runner
-from paper_model import paper_msresnet18, paper_msresnet34
-from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
-from runtime_models import corrupt, released_checkpoint, shared_cifar
+from i2e_deploy.targets import verify_graph
 
 cli = CliRunner()
 PAPER = {"msresnet18": paper_msresnet18, "msresnet34": paper_msresnet34}
@@ -32,8 +37,10 @@ REAL_IMAGES = 8
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, classes", [("msresnet18", 10), ("msresnet34", 10),
-                                           ("msresnet18", 1000), ("msresnet34", 1000)])
+@pytest.mark.parametrize(
+    "arch, classes",
+    [("msresnet18", 10), ("msresnet34", 10), ("msresnet18", 1000), ("msresnet34", 1000)],
+)
 def test_faithful_export_passes_and_a_wrong_conv_fails(arch, classes, tmp_path):
     data = shared_cifar()
     checkpoint = released_checkpoint(tmp_path / f"{arch}_{classes}.pth.tar", arch, classes)
@@ -43,8 +50,10 @@ def test_faithful_export_passes_and_a_wrong_conv_fails(arch, classes, tmp_path):
     card = read_card(graph)
     assert (card.imgsz, card.num_classes) == ((224, 1000) if classes == 1000 else (128, 10))
 
-    code = cli.invoke(app, ["parity", str(checkpoint), str(graph), "--data", str(data),
-                            "--limit", str(REAL_IMAGES)])
+    code = cli.invoke(
+        app,
+        ["parity", str(checkpoint), str(graph), "--data", str(data), "--limit", str(REAL_IMAGES)],
+    )
     assert code.exit_code == 0, code.output
 
     # The independent reference: SpikingJelly's build of the paper's model, same weights.
@@ -61,8 +70,10 @@ def test_faithful_export_passes_and_a_wrong_conv_fails(arch, classes, tmp_path):
     assert np.abs(want - want.mean(0)).mean() > 0.01 * want.std(1).mean()
 
     broken = corrupt(graph, tmp_path / "broken.onnx", "Conv", 10, 1.5)
-    code = cli.invoke(app, ["parity", str(checkpoint), str(broken), "--data", str(data),
-                            "--limit", str(REAL_IMAGES)])
+    code = cli.invoke(
+        app,
+        ["parity", str(checkpoint), str(broken), "--data", str(data), "--limit", str(REAL_IMAGES)],
+    )
     assert code.exit_code == 1, code.output
     with pytest.raises(I2EError, match="export verification failed"):
         verify_graph(broken, model, card, count=REAL_IMAGES)

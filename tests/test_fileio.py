@@ -1,4 +1,5 @@
 """Atomic outputs: renamed into place only on success, with the mode a plain open() gives."""
+
 from __future__ import annotations
 
 import os

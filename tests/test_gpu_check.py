@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh's step runner on the CPU (--cpu): every step is recorded as one JSON
 line the moment it ends, within the time budget; steps past the budget are recorded skipped."""
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,21 @@ def test_script_is_executable_and_parses():
 
 @pytest.mark.slow
 def test_cpu_dry_run_records_each_step_within_the_budget(tmp_path):
-    env = dict(os.environ, GPU_CHECK_BUDGET="10", GPU_CHECK_RESULTS=str(tmp_path),
-               PYTHON=sys.executable, I2E_CACHE=str(tmp_path / "cache"))
-    done = subprocess.run(["bash", str(SCRIPT), "--cpu"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    env = dict(
+        os.environ,
+        GPU_CHECK_BUDGET="10",
+        GPU_CHECK_RESULTS=str(tmp_path),
+        PYTHON=sys.executable,
+        I2E_CACHE=str(tmp_path / "cache"),
+    )
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--cpu"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = [json.loads(line) for line in
-            (tmp_path / "gpu_check_steps_cpu.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "gpu_check_steps_cpu.jsonl").read_text().splitlines()
+    ]
     names = [row["step"] for row in rows]
     assert names[0] == "environment" and names[-1] == "stream: --backend auto on cpu"
     assert "parity: corrupted graph refused on cpu" in names

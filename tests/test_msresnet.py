@@ -1,16 +1,20 @@
 """MS-ResNet-18/34 against an independent SpikingJelly build of the released architecture."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from paper_model import paper_msresnet18, paper_msresnet34
+from runtime_models import randomize_batchnorm
 from torch import nn
 
 from i2e_deploy.model.msresnet import msresnet18, msresnet34
 from i2e_deploy.model.neuron import LIF
-from paper_model import paper_msresnet18, paper_msresnet34
-from runtime_models import randomize_batchnorm
 
-BUILDERS = {"msresnet18": (msresnet18, paper_msresnet18), "msresnet34": (msresnet34, paper_msresnet34)}
+BUILDERS = {
+    "msresnet18": (msresnet18, paper_msresnet18),
+    "msresnet34": (msresnet34, paper_msresnet34),
+}
 
 
 def randomized(model: nn.Module, seed: int) -> nn.Module:
@@ -26,8 +30,11 @@ def randomized(model: nn.Module, seed: int) -> nn.Module:
 
 def firing_rates(model: nn.Module) -> list[float]:
     rates = []
-    hooks = [m.register_forward_hook(lambda mod, i, out: rates.append(out.mean().item()))
-             for m in model.modules() if isinstance(m, LIF)]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, out: rates.append(out.mean().item()))
+        for m in model.modules()
+        if isinstance(m, LIF)
+    ]
     return rates, hooks
 
 
@@ -47,10 +54,15 @@ def sample_input(events: bool, size: int, seed: int = 1) -> torch.Tensor:
     return torch.rand(2, 3, size, size, generator=gen)
 
 
-@pytest.mark.parametrize("arch, events, size", [
-    ("msresnet18", False, 32), ("msresnet18", True, 32),
-    ("msresnet34", False, 32), ("msresnet34", True, 32),
-])
+@pytest.mark.parametrize(
+    "arch, events, size",
+    [
+        ("msresnet18", False, 32),
+        ("msresnet18", True, 32),
+        ("msresnet34", False, 32),
+        ("msresnet34", True, 32),
+    ],
+)
 def test_eval_matches_paper_model(arch, events, size):
     ours, paper = pair(arch, events)
     ours.eval(), paper.eval()
@@ -76,9 +88,17 @@ def test_state_dict_keys_are_released_layout():
     ours, paper = pair("msresnet34", events=False)
     keys = set(ours.state_dict())
     assert keys == set(paper.state_dict())
-    for key in ("i2e.weight", "conv1.weight", "bn1.num_batches_tracked", "layer1.2.conv2.weight",
-                "layer3.5.bn2.running_var", "layer2.0.downsample.1.weight",
-                "layer4.0.downsample.2.running_mean", "fc.weight", "fc.bias"):
+    for key in (
+        "i2e.weight",
+        "conv1.weight",
+        "bn1.num_batches_tracked",
+        "layer1.2.conv2.weight",
+        "layer3.5.bn2.running_var",
+        "layer2.0.downsample.1.weight",
+        "layer4.0.downsample.2.running_mean",
+        "fc.weight",
+        "fc.bias",
+    ):
         assert key in keys
     assert not any(k.startswith(("layer1.0.downsample", "layer2.1.downsample")) for k in keys)
     ours.load_state_dict(paper.state_dict(), strict=True)
@@ -134,7 +154,14 @@ def test_training_conv_skips_padding_only_taps_exactly(size, stride):
     (w_grad,) = torch.autograd.grad(out, conv.weight, grad_out, retain_graph=True)
     (w_ref,) = torch.autograd.grad(ref, conv.weight, grad_out, retain_graph=True)
     torch.testing.assert_close(w_grad, w_ref, rtol=0, atol=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(out, x, grad_out)[0],
-                               torch.autograd.grad(ref, x_ref, grad_out)[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, x, grad_out)[0],
+        torch.autograd.grad(ref, x_ref, grad_out)[0],
+        rtol=0,
+        atol=1e-12,
+    )
     if size == 1:  # only the centre tap is live: its neighbours get exactly zero gradient
-        assert w_grad[:, :, 1, 1].abs().sum() > 0 and w_grad.abs().sum() == w_grad[:, :, 1, 1].abs().sum()
+        assert (
+            w_grad[:, :, 1, 1].abs().sum() > 0
+            and w_grad.abs().sum() == w_grad[:, :, 1, 1].abs().sum()
+        )

@@ -1,15 +1,16 @@
 """The LIF neuron against SPEC §2: hand-computed sequences, surrogate gradient, SpikingJelly."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
-from i2e_deploy.model.neuron import LIF
 from paper_model import lif as spikingjelly_lif
 from spikingjelly.activation_based import functional
 from step_lif import lif_step, step_by_step
+
+from i2e_deploy.model.neuron import LIF
 
 
 def run(inputs: list[float]) -> list[int]:
@@ -17,15 +18,18 @@ def run(inputs: list[float]) -> list[int]:
     return LIF()(x).view(-1).int().tolist()
 
 
-@pytest.mark.parametrize("inputs, spikes", [
-    # h = v/2 + x; fire at h >= 1, then v = 0.
-    ([0.75] * 8, [0, 1, 0, 1, 0, 1, 0, 1]),          # 0.75, 1.125 | 0.75, 1.125 ...
-    ([0.6] * 8, [0, 0, 1, 0, 0, 1, 0, 0]),           # 0.6, 0.9, 1.05 | ...
-    ([0.5] * 8, [0] * 8),                            # 0.5, 0.75, 0.875 ... -> 1 from below
-    ([1.0] * 8, [1] * 8),                            # exactly the threshold fires
-    ([0.5, 0.5, -0.25, 1.0], [0, 0, 0, 1]),          # 0.5, 0.75, 0.125, 1.0625
-    ([3.0, 0.5, 0.5, 0.75], [1, 0, 0, 1]),           # reset to 0 after a spike, no carry-over
-])
+@pytest.mark.parametrize(
+    "inputs, spikes",
+    [
+        # h = v/2 + x; fire at h >= 1, then v = 0.
+        ([0.75] * 8, [0, 1, 0, 1, 0, 1, 0, 1]),  # 0.75, 1.125 | 0.75, 1.125 ...
+        ([0.6] * 8, [0, 0, 1, 0, 0, 1, 0, 0]),  # 0.6, 0.9, 1.05 | ...
+        ([0.5] * 8, [0] * 8),  # 0.5, 0.75, 0.875 ... -> 1 from below
+        ([1.0] * 8, [1] * 8),  # exactly the threshold fires
+        ([0.5, 0.5, -0.25, 1.0], [0, 0, 0, 1]),  # 0.5, 0.75, 0.125, 1.0625
+        ([3.0, 0.5, 0.5, 0.75], [1, 0, 0, 1]),  # reset to 0 after a spike, no carry-over
+    ],
+)
 def test_hand_computed_sequences(inputs, spikes):
     assert run(inputs) == spikes
 
@@ -67,7 +71,7 @@ def test_surrogate_gradient_is_atan(h):
 
 def test_matches_spikingjelly_forward_and_backward():
     torch.manual_seed(1)
-    x = (torch.randn(8, 4, 3, 6) * 0.8 + 0.5)
+    x = torch.randn(8, 4, 3, 6) * 0.8 + 0.5
     x_ours = x.clone().requires_grad_()
     x_sj = x.clone().requires_grad_()
     weights = torch.randn(8, 4, 3, 6)

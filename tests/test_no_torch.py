@@ -3,6 +3,7 @@ torch). The CLI runs in a fresh process where ``import torch`` / ``import torchv
 as on an install without the ``torch`` extra (a ``sys.meta_path`` finder, installed by a
 ``sitecustomize`` on PYTHONPATH): ``stream``, ``parity`` and ``benchmark`` on an ONNX file
 work, and a command that needs PyTorch says so in one line, naming the extra (exit 2)."""
+
 from __future__ import annotations
 
 import os
@@ -11,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from runtime_models import shared_model
 
-BLOCKER = '''
+BLOCKER = """
 import sys
 
 class NoTorch:
@@ -24,7 +24,7 @@ class NoTorch:
         return None
 
 sys.meta_path.insert(0, NoTorch())
-'''
+"""
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,29 +32,53 @@ REPO = Path(__file__).resolve().parents[1]
 def env(tmp_path_factory):
     site = tmp_path_factory.mktemp("no-torch")
     (site / "sitecustomize.py").write_text(BLOCKER)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]),
-            "I2E_CACHE": str(site / "cache")}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]),
+        "I2E_CACHE": str(site / "cache"),
+    }
 
 
 @pytest.fixture(scope="module")
 def without_torch(env):
     def cli(*args) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "i2e_deploy.cli", *map(str, args)],
-                              capture_output=True, text=True, env=env, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "i2e_deploy.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+
     return cli
 
 
 def test_the_blocker_blocks(env):
-    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True,
-                           text=True, env=env, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torchvision"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert probe.returncode == 1 and "ModuleNotFoundError" in probe.stderr
 
 
 @pytest.mark.slow
 def test_stream_parity_benchmark_run_an_onnx_file_without_torch(without_torch):
     graph = shared_model("onnx")
-    streamed = without_torch("stream", graph, "--source", "demo", "--output", "none",
-                             "--max-frames", "3", "--threads", "1")
+    streamed = without_torch(
+        "stream",
+        graph,
+        "--source",
+        "demo",
+        "--output",
+        "none",
+        "--max-frames",
+        "3",
+        "--threads",
+        "1",
+    )
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout.startswith("runner: ONNX Runtime fp32 on cpu")
     assert "3 frames" in streamed.stdout
@@ -63,11 +87,9 @@ def test_stream_parity_benchmark_run_an_onnx_file_without_torch(without_torch):
     assert compared.returncode == 0, compared.stderr
     assert "PASS" in compared.stdout
 
-    measured = without_torch("benchmark", graph, "--iters", "2", "--warmup", "0",
-                             "--threads", "1")
+    measured = without_torch("benchmark", graph, "--iters", "2", "--warmup", "0", "--threads", "1")
     assert measured.returncode == 0, measured.stderr
-    row = next(line for line in measured.stdout.splitlines()
-               if line.startswith("| ONNX Runtime"))
+    row = next(line for line in measured.stdout.splitlines() if line.startswith("| ONNX Runtime"))
     assert "| cpu |" in row  # the row ran (a row that could not run has no device)
 
 

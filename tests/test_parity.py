@@ -1,19 +1,31 @@
 """`i2e-deploy parity`: passes a faithful export, fails a corrupted one, exit 2 on bad input."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from runtime_models import (
+    corrupt,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    shared_cifar,
+    shared_model,
+)
 from typer.testing import CliRunner
 
-from i2e_deploy.cli import app
-from i2e_deploy.compare import (LIMITS, compare, judge, limits_for, logit_metrics, lower_precision,
-                                parse_tolerances)
-from i2e_deploy.errors import I2EError
 from i2e_deploy.apps.parity import run_parity
-from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
-from runtime_models import corrupt, shared_cifar, shared_model
+from i2e_deploy.cli import app
+from i2e_deploy.compare import (
+    LIMITS,
+    compare,
+    judge,
+    limits_for,
+    logit_metrics,
+    lower_precision,
+    parse_tolerances,
+)
+from i2e_deploy.errors import I2EError
 
 cli = CliRunner()
 
@@ -34,19 +46,29 @@ def run(*args):
 
 
 def test_faithful_export_passes_on_real_images(models, data, tmp_path):
-    code, output = run(models["ckpt"], models["onnx"], "--data", data, "--json",
-                       tmp_path / "r.json", "--layers")
+    code, output = run(
+        models["ckpt"], models["onnx"], "--data", data, "--json", tmp_path / "r.json", "--layers"
+    )
     assert code == 0, output
     assert "PASS" in output and "first diverging layer" in output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is True and report["precision"] == "fp32"
     assert report["inputs"]["count"] == 20
     assert report["metrics"]["decisive_mismatches"] == 0
-    assert report["limits"] == {"tie_margin": 1.0, "decisive": 0.0, "median_rel": 0.02,
-                                "spike_agreement": 0.95, "event_agreement": 1.0}
+    assert report["limits"] == {
+        "tie_margin": 1.0,
+        "decisive": 0.0,
+        "median_rel": 0.02,
+        "spike_agreement": 0.95,
+        "event_agreement": 1.0,
+    }
     checks = {c["name"].split(" (")[0]: c for c in report["checks"]}
-    assert set(checks) == {"decisive top-1 changes", "median |Δlogit| / logit spread",
-                           "lowest spike agreement", "event agreement"}
+    assert set(checks) == {
+        "decisive top-1 changes",
+        "median |Δlogit| / logit spread",
+        "lowest spike agreement",
+        "event agreement",
+    }
     assert checks["event agreement"]["value"] == 1.0  # the converter is exact
     assert [m["backend"] for m in report["models"]] == ["torch", "onnxruntime"]
     names = [row["layer"] for row in report["layers"]]
@@ -54,11 +76,14 @@ def test_faithful_export_passes_on_real_images(models, data, tmp_path):
     assert all(0 < row["rate"] < 1 for row in report["layers"])
 
 
-@pytest.mark.parametrize("op_type, index, scale", [
-    ("Conv", 0, 1.5),  # the stem conv's weight scaled by 1.5
-    ("Conv", 10, 1.5),  # a conv in the middle of the network
-    ("GreaterOrEqual", -1, 0.9),  # the last neuron's firing threshold lowered
-])
+@pytest.mark.parametrize(
+    "op_type, index, scale",
+    [
+        ("Conv", 0, 1.5),  # the stem conv's weight scaled by 1.5
+        ("Conv", 10, 1.5),  # a conv in the middle of the network
+        ("GreaterOrEqual", -1, 0.9),  # the last neuron's firing threshold lowered
+    ],
+)
 def test_corrupted_graph_fails_with_exit_1(models, tmp_path, op_type, index, scale):
     bad = corrupt(models["onnx"], tmp_path / "bad.onnx", op_type, index, scale)
     code, output = run(models["ckpt"], bad, "--random", 8, "--json", tmp_path / "r.json")
@@ -71,8 +96,18 @@ def test_corrupted_graph_fails_with_exit_1(models, tmp_path, op_type, index, sca
     if op_type == "Conv":  # the spikes after a wrong conv disagree widely
         assert any(name.startswith("lowest spike agreement") for name in failed), failed
     # Loosened far enough, every limit lets it through: the tolerances decide.
-    code, output = run(models["ckpt"], bad, "--random", 8, "--tolerance", "decisive=1",
-                       "--tolerance", "median_rel=100", "--tolerance", "spike_agreement=0")
+    code, output = run(
+        models["ckpt"],
+        bad,
+        "--random",
+        8,
+        "--tolerance",
+        "decisive=1",
+        "--tolerance",
+        "median_rel=100",
+        "--tolerance",
+        "spike_agreement=0",
+    )
     assert code == 0, output
 
 
@@ -142,8 +177,10 @@ def test_limits_per_precision_and_tolerances():
     assert strict.decisive == 0 and strict.event_agreement == 1.0
     assert LIMITS["int8"].spike_agreement < strict.spike_agreement
     assert limits_for("fp16", {"median_rel": 0.5}).median_rel == 0.5
-    assert parse_tolerances(["median_rel=0.5", "decisive = 0.1"]) == {"median_rel": 0.5,
-                                                                       "decisive": 0.1}
+    assert parse_tolerances(["median_rel=0.5", "decisive = 0.1"]) == {
+        "median_rel": 0.5,
+        "decisive": 0.1,
+    }
     for bad in (["median_rel"], ["median_rel=x"]):
         with pytest.raises(I2EError, match="NAME=VALUE"):
             parse_tolerances(bad)
@@ -163,9 +200,12 @@ def test_int8_graph_spikes_are_compared_in_every_layer(tmp_path):
     from i2e_deploy.images import synthetic_images
     from i2e_deploy.targets import ExportRequest, build_artifact, resolve_runner
 
-    int8, fp32 = (build_artifact(ExportRequest(str(DEFAULT_MODEL), precision=precision,
-                                               output=str(tmp_path / name)))
-                  for precision, name in (("int8", "m.int8.onnx"), ("fp32", "m.onnx")))
+    int8, fp32 = (
+        build_artifact(
+            ExportRequest(str(DEFAULT_MODEL), precision=precision, output=str(tmp_path / name))
+        )
+        for precision, name in (("int8", "m.int8.onnx"), ("fp32", "m.onnx"))
+    )
     reference = resolve_runner(DEFAULT_MODEL, backend="torch")
     candidate = resolve_runner(int8, backend="onnx")
     images = synthetic_images(6, read_card(DEFAULT_MODEL), seed=3)

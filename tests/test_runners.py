@@ -1,4 +1,5 @@
 """Runners: every backend takes the same input and agrees; loading errors are one clear line."""
+
 from __future__ import annotations
 
 import json
@@ -7,19 +8,28 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from runtime_models import (
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    shared_cifar,
+    shared_model,
+)
 
+from i2e_deploy.artifacts import engine_sidecar_path, read_engine_sidecar
 from i2e_deploy.card import ModelCard
 from i2e_deploy.compare import compare, limits_for
-from i2e_deploy.errors import I2EError
-from i2e_deploy.images import (load_image_folder, load_labelled_folder, preprocess,
-                                           synthetic_images)
-from i2e_deploy.artifacts import engine_sidecar_path, read_engine_sidecar
 from i2e_deploy.device import parse_device
-from i2e_deploy.runtime.runners import (GRAPH_BUCKETS, OrtRunner, TorchRunner, bucket_for,
-                                        check_engine_compatible, load_runner, ort_providers,
-                                        pad_batch)
-from runtime_models import one_torch_thread  # noqa: F401  (autouse fixture)
-from runtime_models import shared_cifar, shared_model
+from i2e_deploy.errors import I2EError
+from i2e_deploy.images import load_image_folder, load_labelled_folder, preprocess, synthetic_images
+from i2e_deploy.runtime.runners import (
+    GRAPH_BUCKETS,
+    OrtRunner,
+    TorchRunner,
+    bucket_for,
+    check_engine_compatible,
+    load_runner,
+    ort_providers,
+    pad_batch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +73,10 @@ def test_onnx_runner_agrees_with_torch(models, images):
 
 
 def test_float_graph_takes_the_same_uint8_batch(models, images):
-    with load_runner(shared_model("float.onnx"), threads=1, optimization="basic") as runner, \
-            load_runner(models["onnx"]) as uint8:
+    with (
+        load_runner(shared_model("float.onnx"), threads=1, optimization="basic") as runner,
+        load_runner(models["onnx"]) as uint8,
+    ):
         assert runner.input_format == "float"
         from_uint8 = runner.infer(images)
         from_float = runner.infer(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
@@ -76,8 +88,9 @@ def test_static_batch_graph_takes_any_batch(models, images):
     with load_runner(shared_model("static.onnx")) as static, load_runner(models["onnx"]) as ort:
         assert static.batch_limit == static.min_batch == 2
         for count in (1, 2, 5):  # padded, exact, chunked and padded
-            np.testing.assert_allclose(static.infer(images[:count]), ort.infer(images[:count]),
-                                       atol=1e-4)
+            np.testing.assert_allclose(
+                static.infer(images[:count]), ort.infer(images[:count]), atol=1e-4
+            )
 
 
 class _CountingRunner(OrtRunner):
@@ -114,8 +127,10 @@ def test_converter_only_graph_outputs_reference_events(models, images):
 
 def test_event_model_runners_agree():
     events = (np.random.default_rng(0).random((2, 8, 2, 32, 32)) < 0.1).astype(np.float32)
-    with load_runner(shared_model("events.ckpt")) as ref, \
-            load_runner(shared_model("events.onnx")) as ort:
+    with (
+        load_runner(shared_model("events.ckpt")) as ref,
+        load_runner(shared_model("events.onnx")) as ort,
+    ):
         assert ref.input_format == ort.input_format == "events"
         np.testing.assert_allclose(ref.infer(events), ort.infer(events), atol=1e-4)
         with pytest.raises(I2EError, match="event batch"):
@@ -153,6 +168,7 @@ def test_load_errors(tmp_path, models):
 def test_engine_without_tensorrt_says_so(tmp_path):
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
@@ -181,9 +197,16 @@ def test_devices_and_providers():
 
 
 def write_sidecar(engine, **changes):
-    record = {"card": ModelCard(imgsz=32, resize=32).to_dict(), "tensorrt_version": "10.3.0",
-              "gpu_name": "NVIDIA A100", "compute_capability": "8.0", "precision": "fp16",
-              "io": {}, "profile": {}, **changes}
+    record = {
+        "card": ModelCard(imgsz=32, resize=32).to_dict(),
+        "tensorrt_version": "10.3.0",
+        "gpu_name": "NVIDIA A100",
+        "compute_capability": "8.0",
+        "precision": "fp16",
+        "io": {},
+        "profile": {},
+        **changes,
+    }
     engine_sidecar_path(engine).write_text(json.dumps(record))
     return record
 
@@ -207,8 +230,9 @@ def test_engine_sidecar_read_and_compatibility(tmp_path):
         check_engine_compatible(record, **{**here, "tensorrt_version": "10.4.0"})
     with pytest.raises(I2EError, match="built for NVIDIA A100 .sm 8.0., this GPU is Orin"):
         check_engine_compatible(record, **{**here, "gpu_name": "Orin", "compute_capability": "8.7"})
-    check_engine_compatible({**record, "version_compatible": True},
-                            **{**here, "tensorrt_version": "10.4.0"})
+    check_engine_compatible(
+        {**record, "version_compatible": True}, **{**here, "tensorrt_version": "10.4.0"}
+    )
     portable = {**record, "hardware_compatibility": True}
     check_engine_compatible(portable, **{**here, "gpu_name": "H100", "compute_capability": "9.0"})
     with pytest.raises(I2EError, match=">= 8.0"):
@@ -250,15 +274,16 @@ def test_image_folders_from_real_images(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_torch_runner_on_cuda_matches_cpu(models, images):
-    with load_runner(models["ckpt"]) as cpu, \
-            load_runner(models["ckpt"], device="cuda", graphs=False) as eager, \
-            load_runner(models["ckpt"], device="cuda") as graphs:
+    with (
+        load_runner(models["ckpt"]) as cpu,
+        load_runner(models["ckpt"], device="cuda", graphs=False) as eager,
+        load_runner(models["ckpt"], device="cuda") as graphs,
+    ):
         assert graphs.name == "torch-cudagraph" and eager.name == "torch"
         expected = cpu.infer(images)
         np.testing.assert_allclose(eager.infer(images), expected, atol=1e-3)
         for count in (1, 3, 6):  # bucket 1, padded into 4, padded into 8
-            np.testing.assert_allclose(graphs.infer(images[:count]), expected[:count],
-                                       atol=1e-3)
+            np.testing.assert_allclose(graphs.infer(images[:count]), expected[:count], atol=1e-3)
         assert not torch.backends.cudnn.allow_tf32
 
 
@@ -323,15 +348,22 @@ def test_gpu_provider_options(monkeypatch, tmp_path):
     chosen = ort_providers("cuda:1", precision="fp16", cache=tmp_path, cuda_graph=True)
     (trt, trt_options), (cuda, cuda_options), cpu = chosen
     assert (trt, cuda, cpu) == tuple(both)
-    assert trt_options == {"device_id": 1, "trt_fp16_enable": True, "trt_int8_enable": False,
-                           "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
-                           "trt_engine_cache_path": str(tmp_path / "ort-tensorrt"),
-                           "trt_timing_cache_path": str(tmp_path / "ort-tensorrt")}
+    assert trt_options == {
+        "device_id": 1,
+        "trt_fp16_enable": True,
+        "trt_int8_enable": False,
+        "trt_engine_cache_enable": True,
+        "trt_timing_cache_enable": True,
+        "trt_engine_cache_path": str(tmp_path / "ort-tensorrt"),
+        "trt_timing_cache_path": str(tmp_path / "ort-tensorrt"),
+    }
     assert cuda_options == {"device_id": 1}  # TensorRT takes the graph: no CUDA graph here
     assert ort_providers("cuda", precision="int8")[0][1]["trt_int8_enable"] is True
     monkeypatch.setattr(ort, "get_available_providers", lambda: both[1:])
     assert ort_providers("cuda", cuda_graph=True)[0] == (
-        "CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": True})
+        "CUDAExecutionProvider",
+        {"device_id": 0, "enable_cuda_graph": True},
+    )
     assert ort_providers("cuda")[0] == ("CUDAExecutionProvider", {"device_id": 0})
 
 
@@ -350,8 +382,7 @@ def test_preprocessing_without_torch_follows_torchvision():
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (32, 32, 3), np.uint8)
     frame = cv2_blur(rng.integers(0, 256, (272, 640, 3), np.uint8))
-    for image, size, exact in ((small, 64, True), (frame, 128, False), (frame[:, :200], 64,
-                                                                         False)):
+    for image, size, exact in ((small, 64, True), (frame, 128, False), (frame[:, :200], 64, False)):
         card = ModelCard(imgsz=size, resize=size)
         want, got = preprocess(image, card), _preprocess_without_torch(image, card)
         assert got.shape == want.shape == (size, size, 3) and got.dtype == np.uint8

@@ -1,5 +1,6 @@
 """The streaming loop end to end, headless: video in, predictions JSONL + annotated video +
 stats out, checked against the runner run directly on the same frames."""
+
 from __future__ import annotations
 
 import json
@@ -7,21 +8,20 @@ import time
 
 import numpy as np
 import pytest
+from stream_fixtures import BIKES, make_checkpoint, read_video, synthetic_frames, write_video
 from typer.testing import CliRunner
 
+from i2e_deploy.apps.stream import run_demo, run_stream
 from i2e_deploy.card import CIFAR10_CLASSES
-from i2e_deploy.compare import compare, limits_for
 from i2e_deploy.cli import app
+from i2e_deploy.compare import compare, limits_for
 from i2e_deploy.errors import I2EError
 from i2e_deploy.images import preprocess
+from i2e_deploy.runtime.classify import Classifier
+from i2e_deploy.runtime.loop import Ring, Stream
 from i2e_deploy.runtime.runners import load_runner
 from i2e_deploy.runtime.sinks import NullSink, open_sink
 from i2e_deploy.runtime.sources import open_source
-from i2e_deploy.runtime.classify import Classifier
-from i2e_deploy.runtime.loop import Ring, Stream
-from i2e_deploy.apps.stream import run_demo, run_stream
-
-from stream_fixtures import BIKES, make_checkpoint, read_video, synthetic_frames, write_video
 
 N_FRAMES = 12
 # One thread: on a shared 2-core box, OpenMP spinning on 2 threads is many times slower.
@@ -57,8 +57,9 @@ def read_jsonl(path):
 
 def test_stream_video_to_jsonl_video_and_stats(checkpoint, video, tmp_path):
     out, preds, stats_path = tmp_path / "out.mp4", tmp_path / "preds.jsonl", tmp_path / "s.json"
-    stats = stream(checkpoint, [str(video)], [str(out), str(preds)], topk=3,
-                       stats_json=str(stats_path))
+    stats = stream(
+        checkpoint, [str(video)], [str(out), str(preds)], topk=3, stats_json=str(stats_path)
+    )
     assert stats.error is None and stats.frames == N_FRAMES
 
     # Predictions: one per frame, equal to the runner applied directly to the decoded frames.
@@ -94,8 +95,7 @@ def test_stream_video_to_jsonl_video_and_stats(checkpoint, video, tmp_path):
 @pytest.mark.skipif(not BIKES.is_file(), reason="../shared/data/video/bikes.mp4 not present")
 def test_stream_real_street_video(checkpoint, tmp_path):
     out, preds = tmp_path / "bikes.mp4", tmp_path / "bikes.jsonl"
-    stats = stream(checkpoint, [str(BIKES)], [str(out), str(preds)], stride=10,
-                       max_frames=8)
+    stats = stream(checkpoint, [str(BIKES)], [str(out), str(preds)], stride=10, max_frames=8)
     assert stats.frames == 8
     assert [r["frame"] for r in read_jsonl(preds)] == list(range(0, 80, 10))
     annotated = read_video(out)
@@ -137,8 +137,7 @@ def test_slow_model_drops_stale_frames_of_a_live_source(checkpoint, video):
 
 def test_python_api_reads_like_jetson_inference(checkpoint, video, tmp_path):
     model = Classifier(str(checkpoint), topk=2, threads=THREADS)
-    with open_source(str(video), stride=4) as source, \
-            open_sink(str(tmp_path / "p.jsonl")) as sink:
+    with open_source(str(video), stride=4) as source, open_sink(str(tmp_path / "p.jsonl")) as sink:
         for frame in source:
             sink.render(frame, model(frame))
     records = read_jsonl(tmp_path / "p.jsonl")
@@ -148,8 +147,11 @@ def test_python_api_reads_like_jetson_inference(checkpoint, video, tmp_path):
 
 def test_two_sources_are_micro_batched(checkpoint, video, tmp_path):
     single = stream(checkpoint, [str(video)], [str(tmp_path / "one.jsonl")])
-    both = stream(checkpoint, [str(video), str(video)],
-                      [str(tmp_path / "two.jsonl"), str(tmp_path / "two.mp4")])
+    both = stream(
+        checkpoint,
+        [str(video), str(video)],
+        [str(tmp_path / "two.jsonl"), str(tmp_path / "two.mp4")],
+    )
     assert single.frames == N_FRAMES and both.frames == 2 * N_FRAMES
     records = read_jsonl(tmp_path / "two.jsonl")
     one = read_jsonl(tmp_path / "one.jsonl")
@@ -179,8 +181,7 @@ def test_image_folder_skips_and_counts_unreadable_files(checkpoint, tmp_path):
 
 
 def test_max_frames_and_loop(checkpoint, video):
-    stats = stream(checkpoint, [str(video)], ["none"], loop=True,
-                       max_frames=N_FRAMES + 3)
+    stats = stream(checkpoint, [str(video)], ["none"], loop=True, max_frames=N_FRAMES + 3)
     assert stats.frames == N_FRAMES + 3 and stats.error is None
 
 
@@ -201,27 +202,45 @@ def test_cli_stream_and_demo(checkpoint, video, onnx_cache, tmp_path, monkeypatc
     runner = CliRunner()
     monkeypatch.setenv("I2E_CACHE", str(onnx_cache))
     stats_path = tmp_path / "stats.json"
-    result = runner.invoke(app, ["stream", str(checkpoint), "--source", str(video), "--output",
-                                 "none", "--max-frames", "3", "--json", str(stats_path),
-                                 "--threads", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "stream",
+            str(checkpoint),
+            "--source",
+            str(video),
+            "--output",
+            "none",
+            "--max-frames",
+            "3",
+            "--json",
+            str(stats_path),
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     # --backend auto on a CPU: the checkpoint's verified graph on ONNX Runtime, said first.
-    assert result.stdout.startswith("runner: ONNX Runtime fp32 on cpu (ONNX Runtime runs the "
-                                    "verified graph faster than eager PyTorch on a CPU)")
+    assert result.stdout.startswith(
+        "runner: ONNX Runtime fp32 on cpu (ONNX Runtime runs the "
+        "verified graph faster than eager PyTorch on a CPU)"
+    )
     assert "3 frames" in result.output and "FPS" in result.output
     stats = json.loads(stats_path.read_text())
     assert stats["frames"] == 3 and stats["backend"] == "onnxruntime"
 
-    result = runner.invoke(app, ["stream", str(checkpoint), "--source", str(tmp_path / "x.mp4"),
-                                 "--output", "none"])
+    result = runner.invoke(
+        app, ["stream", str(checkpoint), "--source", str(tmp_path / "x.mp4"), "--output", "none"]
+    )
     assert result.exit_code == 2
     assert "source not found" in result.output and "Traceback" not in result.output
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    result = runner.invoke(app, ["demo", "--model", str(checkpoint), "--max-frames", "4",
-                                 "--threads", "1"])
+    result = runner.invoke(
+        app, ["demo", "--model", str(checkpoint), "--max-frames", "4", "--threads", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert "(onnxruntime)" in result.output  # a checkpoint runs on ONNX Runtime by default
     assert len(read_jsonl(tmp_path / "demo.jsonl")) == 4
@@ -233,8 +252,9 @@ def test_demo_falls_back_to_pytorch_when_export_fails(checkpoint, tmp_path, monk
     blocker.write_text("")
     monkeypatch.setenv("I2E_CACHE", str(blocker))  # the cache cannot be created
     notes = []
-    stats, outputs = run_demo(model=str(checkpoint), output=["none"], max_frames=2, threads=1,
-                              log=notes.append)
+    stats, outputs = run_demo(
+        model=str(checkpoint), output=["none"], max_frames=2, threads=1, log=notes.append
+    )
     assert stats.backend == "torch" and stats.frames == 2 and outputs == ["none"]
     assert notes[0].startswith("runner: ONNX Runtime") and "running on PyTorch" in notes[-1]
 
@@ -270,8 +290,9 @@ def test_open_errors_are_one_clear_line(checkpoint, tmp_path, monkeypatch):
         run_stream(str(tmp_path / "none.pt"), ["demo"], ["none"])
 
 
-def test_backend_onnx_exports_once_into_the_cache(checkpoint, video, onnx_cache, tmp_path,
-                                                  monkeypatch):
+def test_backend_onnx_exports_once_into_the_cache(
+    checkpoint, video, onnx_cache, tmp_path, monkeypatch
+):
     monkeypatch.setenv("I2E_CACHE", str(onnx_cache))
     torch_run = stream(checkpoint, [str(video)], [str(tmp_path / "t.jsonl")])
     ort_run = stream(checkpoint, [str(video)], [str(tmp_path / "o.jsonl")], backend="onnx")
@@ -285,16 +306,19 @@ def test_backend_onnx_exports_once_into_the_cache(checkpoint, video, onnx_cache,
     assert len(ort_top) == N_FRAMES
     # The stream predicts what its graph predicts on the decoded frames, and that graph is
     # faithful to the checkpoint on them (no decisive change: i2e_deploy.compare).
-    with load_runner(exported[0], threads=THREADS) as graph, \
-            load_runner(checkpoint, threads=THREADS) as reference:
+    with (
+        load_runner(exported[0], threads=THREADS) as graph,
+        load_runner(checkpoint, threads=THREADS) as reference,
+    ):
         frames = np.stack([preprocess(f, graph.card) for f in read_video(video)])
         assert graph.infer(frames).argmax(1).tolist() == ort_top
         found = compare(reference, graph, frames, limits_for("fp32"))
     assert found.passed, found.summary()
 
 
-def test_int8_exact_checkpoints_stream_through_int8(checkpoint, video, onnx_cache, tmp_path,
-                                                   monkeypatch):
+def test_int8_exact_checkpoints_stream_through_int8(
+    checkpoint, video, onnx_cache, tmp_path, monkeypatch
+):
     from i2e_deploy.artifacts import read_card
     from i2e_deploy.assets import DEFAULT_MODEL
     from i2e_deploy.targets import run_precision
@@ -308,19 +332,37 @@ def test_int8_exact_checkpoints_stream_through_int8(checkpoint, video, onnx_cach
     with pytest.raises(I2EError, match="unknown precision"):
         run_precision(exact, "int4", "onnx", "cpu")
 
-    runs = {p: stream(DEFAULT_MODEL, [str(video)], [str(tmp_path / f"{p}.jsonl")],
-                      backend="onnx", precision=p) for p in ("auto", "fp32")}
+    runs = {
+        p: stream(
+            DEFAULT_MODEL, [str(video)], [str(tmp_path / f"{p}.jsonl")], backend="onnx", precision=p
+        )
+        for p in ("auto", "fp32")
+    }
     assert runs["auto"].backend == "onnxruntime int8" and runs["fp32"].backend == "onnxruntime"
     tops = {p: [r["top"][0]["class"] for r in read_jsonl(tmp_path / f"{p}.jsonl")] for p in runs}
     assert len(tops["auto"]) == N_FRAMES and tops["auto"] == tops["fp32"]  # INT8-exact
 
-    result = CliRunner().invoke(app, ["stream", str(checkpoint), "--source", str(video),
-                                      "--output", "none", "--precision", "int8", "--backend",
-                                      "torch"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "stream",
+            str(checkpoint),
+            "--source",
+            str(video),
+            "--output",
+            "none",
+            "--precision",
+            "int8",
+            "--backend",
+            "torch",
+        ],
+    )
     assert result.exit_code == 2 and "--backend onnx" in result.output
     graph = next(onnx_cache.glob("*.onnx"))
-    result = CliRunner().invoke(app, ["stream", str(graph), "--source", str(video),
-                                      "--output", "none", "--backend", "torch"])
+    result = CliRunner().invoke(
+        app,
+        ["stream", str(graph), "--source", str(video), "--output", "none", "--backend", "torch"],
+    )
     assert result.exit_code == 2 and "needs the checkpoint" in result.output
 
 
@@ -331,9 +373,24 @@ def test_ctrl_c_ends_cleanly_with_summary_and_outputs(checkpoint, video, tmp_pat
 
     preds = tmp_path / "p.jsonl"
     process = subprocess.Popen(
-        [sys.executable, "-m", "i2e_deploy.cli", "stream", str(checkpoint), "-s", str(video),
-         "--loop", "-o", str(preds), "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "i2e_deploy.cli",
+            "stream",
+            str(checkpoint),
+            "-s",
+            str(video),
+            "--loop",
+            "-o",
+            str(preds),
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:  # wait until frames flow
         partial = list(tmp_path.glob(".p.*.tmp.jsonl"))

@@ -1,23 +1,29 @@
 """Sources: the bundled demo clip, event recordings (real DVS files from ../shared), the
 count-based slicing into T frames, and a network camera that is lost mid-stream."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from stream_fixtures import (
+    DVS,
+    FileServer,
+    MjpegServer,
+    make_checkpoint,
+    synthetic_frames,
+    write_video,
+)
 
+from i2e_deploy.apps.stream import run_stream
 from i2e_deploy.card import ModelCard
 from i2e_deploy.errors import I2EError
+from i2e_deploy.runtime.classify import Classifier
 from i2e_deploy.runtime.event_sources import events_to_frames
+from i2e_deploy.runtime.loop import Stream
 from i2e_deploy.runtime.sinks import NullSink
 from i2e_deploy.runtime.sources import DemoSource, open_source
-from i2e_deploy.runtime.classify import Classifier
-from i2e_deploy.runtime.loop import Stream
-from i2e_deploy.apps.stream import run_stream
-
-from stream_fixtures import (DVS, FileServer, MjpegServer, make_checkpoint, synthetic_frames,
-                             write_video)
 
 
 def test_demo_clip_is_real_moving_and_deterministic():
@@ -79,10 +85,13 @@ def test_nmnist_reader_on_a_real_recording():
     assert len(raw) == 4325 and raw[:, 0].max() < 34 and raw[:, 1].max() < 34
 
 
-@pytest.mark.parametrize("name, package, window_ms", [("sample.aedat4", "dv_processing", 100),
-                                                      ("evt3_sample.raw", "expelliarmus", 20)])
-def test_event_recordings_stream_through_an_event_model(name, package, window_ms,
-                                                        event_checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "name, package, window_ms",
+    [("sample.aedat4", "dv_processing", 100), ("evt3_sample.raw", "expelliarmus", 20)],
+)
+def test_event_recordings_stream_through_an_event_model(
+    name, package, window_ms, event_checkpoint, tmp_path
+):
     pytest.importorskip(package)
     path = DVS / name
     if not path.is_file():
@@ -93,8 +102,13 @@ def test_event_recordings_stream_through_an_event_model(name, package, window_ms
         assert window.events.shape == (8, 2, 32, 32)
         assert window.events.max() == 1 and window.image.ndim == 3
     preds = tmp_path / "p.jsonl"
-    stats = run_stream(str(event_checkpoint), [str(path)], [str(preds), str(tmp_path / "v.mp4")],
-                       window_ms=window_ms, threads=1)
+    stats = run_stream(
+        str(event_checkpoint),
+        [str(path)],
+        [str(preds), str(tmp_path / "v.mp4")],
+        window_ms=window_ms,
+        threads=1,
+    )
     assert stats.error is None and stats.frames == len(windows)
     assert len(preds.read_text().splitlines()) == len(windows)
 

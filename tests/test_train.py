@@ -1,5 +1,6 @@
 """`train` on tiny real data: it learns, its checkpoints export and validate, resume continues
 exactly, and image-trained weights start event-input models (sim-to-real)."""
+
 from __future__ import annotations
 
 import csv
@@ -8,25 +9,35 @@ import sys
 import pytest
 import torch
 from torch import nn
+from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 from typer.testing import CliRunner
 
+from i2e_deploy.apps.validate import validate
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
+from i2e_deploy.images import load_labelled_folder
 from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
 from i2e_deploy.model.msresnet import build_model
-from i2e_deploy.images import load_labelled_folder
 from i2e_deploy.training.convert import convert_folder
 from i2e_deploy.training.train import TrainConfig, build_card, run_training, train
-from i2e_deploy.apps.validate import validate
-from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 
 SIZE, RATIO = 32, 0.2
 
 
-
 def config(data, output, **overrides) -> TrainConfig:
-    base = dict(data=str(data), output=str(output), imgsz=SIZE, ratio=RATIO, epochs=2, batch=6,
-                lr=0.05, val_split=6, workers=0, augment="none", seed=0)
+    base = dict(
+        data=str(data),
+        output=str(output),
+        imgsz=SIZE,
+        ratio=RATIO,
+        epochs=2,
+        batch=6,
+        lr=0.05,
+        val_split=6,
+        workers=0,
+        augment="none",
+        seed=0,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -49,8 +60,12 @@ def test_training_lowers_loss_and_checkpoint_exports_and_validates(tmp_path):
     torch.manual_seed(1)
     save_checkpoint(tmp_path / "init.pt", build_model(card), card)
 
-    best = train(config(data, tmp_path / "run", epochs=4, val_split=0,
-                        from_checkpoint=str(tmp_path / "init.pt")), log=lambda _: None)
+    best = train(
+        config(
+            data, tmp_path / "run", epochs=4, val_split=0, from_checkpoint=str(tmp_path / "init.pt")
+        ),
+        log=lambda _: None,
+    )
     assert mean_loss(best, data) < mean_loss(tmp_path / "init.pt", data)
     with open(tmp_path / "run" / "log.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -94,10 +109,18 @@ def test_image_checkpoint_starts_event_model_on_event_data(tmp_path):
     image_model = build_model(image_card)
     save_checkpoint(tmp_path / "images.pt", image_model, image_card)
 
-    result = run_training(config(events, tmp_path / "run", events=True, mixup=True,
-                                 tensorboard=True, max_steps=2,
-                                 from_checkpoint=str(tmp_path / "images.pt")),
-                          log=lambda _: None)
+    result = run_training(
+        config(
+            events,
+            tmp_path / "run",
+            events=True,
+            mixup=True,
+            tensorboard=True,
+            max_steps=2,
+            from_checkpoint=str(tmp_path / "images.pt"),
+        ),
+        log=lambda _: None,
+    )
     model, card = load_checkpoint(result.last)
     assert card.input == "events" and card.num_classes == 3 and card.class_names == classes
     assert card.ratio == RATIO  # recorded by `convert`
@@ -118,9 +141,29 @@ def test_image_checkpoint_starts_event_model_on_event_data(tmp_path):
 def test_train_cli_and_errors(tmp_path):
     data = cifar_folder(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["train", str(data), "-o", str(tmp_path / "run"), "--imgsz", "32",
-                                 "--ratio", "0.2", "--epochs", "1", "--batch", "6",
-                                 "--val-split", "6", "--workers", "0", "--max-steps", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(data),
+            "-o",
+            str(tmp_path / "run"),
+            "--imgsz",
+            "32",
+            "--ratio",
+            "0.2",
+            "--epochs",
+            "1",
+            "--batch",
+            "6",
+            "--val-split",
+            "6",
+            "--workers",
+            "0",
+            "--max-steps",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "best checkpoint" in result.output and (tmp_path / "run" / "best.pt").is_file()
     bad = runner.invoke(app, ["train", str(data), "--recipe", "transfer"])
@@ -144,9 +187,25 @@ def test_no_heldout_split_and_an_unreadable_image(tmp_path):
     corrupt image is left out with one warning line, not a worker traceback."""
     data = cifar_folder(tmp_path)
     (sorted(data.iterdir())[0] / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    result = CliRunner().invoke(app, ["train", str(data), "-o", str(tmp_path / "run"),
-                                      "--imgsz", "32", "--ratio", "0.2", "--epochs", "2",
-                                      "--batch", "5", "--workers", "2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(data),
+            "-o",
+            str(tmp_path / "run"),
+            "--imgsz",
+            "32",
+            "--ratio",
+            "0.2",
+            "--epochs",
+            "2",
+            "--batch",
+            "5",
+            "--workers",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "nan" not in result.output and "Traceback" not in result.output
     epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]

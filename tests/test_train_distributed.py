@@ -1,5 +1,6 @@
 """Distributed training: two CPU processes with gloo (as torchrun would start them) end with
 identical weights, and only rank 0 writes."""
+
 from __future__ import annotations
 
 import csv
@@ -8,10 +9,10 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
+from training_data import cifar_folder
 
 from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.training.train import TrainConfig, run_training
-from training_data import cifar_folder
 
 WORLD = 2
 
@@ -23,8 +24,15 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, cfg: TrainConfig, port: int, results: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     result = run_training(cfg, log=lambda _: None)
     torch.save(result.model.state_dict(), os.path.join(results, f"rank{rank}.pt"))
@@ -32,8 +40,18 @@ def _worker(rank: int, cfg: TrainConfig, port: int, results: str) -> None:
 
 def test_two_gloo_processes_end_identical(tmp_path):
     data = cifar_folder(tmp_path)
-    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), imgsz=32, ratio=0.2,
-                      epochs=2, batch=6, lr=0.05, val_split=6, workers=0, seed=0)
+    cfg = TrainConfig(
+        data=str(data),
+        output=str(tmp_path / "run"),
+        imgsz=32,
+        ratio=0.2,
+        epochs=2,
+        batch=6,
+        lr=0.05,
+        val_split=6,
+        workers=0,
+        seed=0,
+    )
     mp.spawn(_worker, args=(cfg, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]

@@ -1,4 +1,5 @@
 """Training precision (bf16 convolutions, float32 neurons and BatchNorm) and the --time budget."""
+
 from __future__ import annotations
 
 import csv
@@ -6,14 +7,14 @@ import math
 
 import pytest
 import torch
+from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 
+from i2e_deploy.device import cpu_has_native_bf16
 from i2e_deploy.errors import I2EError
 from i2e_deploy.model.checkpoint import load_checkpoint
 from i2e_deploy.model.msresnet import msresnet18
-from i2e_deploy.device import cpu_has_native_bf16
 from i2e_deploy.training.precision import Precision, resolve_precision
 from i2e_deploy.training.train import Budget, CosineSchedule, TrainConfig, run_training
-from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 
 CPU = torch.device("cpu")
 
@@ -36,9 +37,13 @@ def test_bf16_runs_convolutions_in_bf16_and_keeps_neurons_and_batchnorm_float32(
     model = msresnet18(10, 0.2).train().to(memory_format=torch.channels_last)
     seen: dict[str, torch.dtype] = {}
     model.layer1[0].conv1.register_forward_hook(lambda m, i, o: seen.update(conv=o.dtype))
-    model.layer1[0].sn2.register_forward_hook(lambda m, i, o: seen.update(
-        spikes=o.dtype, values=torch.unique(o.float()).tolist(),
-        layout=o.is_contiguous(memory_format=torch.channels_last)))
+    model.layer1[0].sn2.register_forward_hook(
+        lambda m, i, o: seen.update(
+            spikes=o.dtype,
+            values=torch.unique(o.float()).tolist(),
+            layout=o.is_contiguous(memory_format=torch.channels_last),
+        )
+    )
     images = torch.rand(4, 3, 32, 32)
     with Precision("bf16", "cpu").autocast():
         logits = model(images)
@@ -67,15 +72,27 @@ def test_time_budget_fits_epochs_to_the_measured_pace():
 
 
 def config(data, output, **overrides) -> TrainConfig:
-    base = dict(data=str(data), output=str(output), imgsz=32, ratio=0.2, epochs=2, batch=6,
-                lr=0.05, val_split=0, workers=0, augment="none", seed=0)
+    base = dict(
+        data=str(data),
+        output=str(output),
+        imgsz=32,
+        ratio=0.2,
+        epochs=2,
+        batch=6,
+        lr=0.05,
+        val_split=0,
+        workers=0,
+        augment="none",
+        seed=0,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
 def test_time_budget_ends_training_and_is_recorded(tmp_path):
     data = cifar_folder(tmp_path)
-    result = run_training(config(data, tmp_path / "run", epochs=50, time_budget=1e-4),
-                          log=lambda _: None)
+    result = run_training(
+        config(data, tmp_path / "run", epochs=50, time_budget=1e-4), log=lambda _: None
+    )
     with open(tmp_path / "run" / "log.csv") as fh:
         assert [r["epoch"] for r in csv.DictReader(fh)] == ["1"]
     card = load_checkpoint(result.last)[1]
@@ -90,8 +107,9 @@ def test_bf16_training_tracks_fp32(tmp_path):
     data = cifar_folder(tmp_path, per_class=12)
     losses = {}
     for precision in ("fp32", "bf16"):
-        run_training(config(data, tmp_path / precision, epochs=4, precision=precision),
-                     log=lambda _: None)
+        run_training(
+            config(data, tmp_path / precision, epochs=4, precision=precision), log=lambda _: None
+        )
         with open(tmp_path / precision / "log.csv") as fh:
             losses[precision] = [float(r["train_loss"]) for r in csv.DictReader(fh)]
     for curve in losses.values():

@@ -1,5 +1,6 @@
 """`val`: top-1/top-5, per-class accuracy and confusion matrix, checked against the runner's own
 predictions; held-out splits from the card; JSON and PNG outputs; one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -8,19 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from runtime_models import save_active
+from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
 from typer.testing import CliRunner
 
+from i2e_deploy.apps.validate import validate
 from i2e_deploy.assets import DEFAULT_MODEL
 from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError
-from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
 from i2e_deploy.images import load_labelled_folder
+from i2e_deploy.model.checkpoint import load_checkpoint, save_checkpoint
 from i2e_deploy.runtime.runners import load_runner
 from i2e_deploy.training import data as D
-from i2e_deploy.apps.validate import validate
-from runtime_models import save_active
-from training_data import cifar_folder, one_thread  # noqa: F401 (autouse fixture)
-
 
 
 @pytest.fixture
@@ -34,8 +34,9 @@ def checkpoint(tmp_path):
 
 
 def test_report_matches_runner_predictions(folder, checkpoint):
-    report = validate(str(checkpoint), folder, workers=0, batch=7, backend="torch",
-                      log=lambda _: None)
+    report = validate(
+        str(checkpoint), folder, workers=0, batch=7, backend="torch", log=lambda _: None
+    )
     with load_runner(checkpoint) as runner:
         loaded, labels, names = load_labelled_folder(folder, runner.card)
         images = loaded.images
@@ -56,8 +57,20 @@ def test_report_matches_runner_predictions(folder, checkpoint):
 
 def test_cli_json_and_plot(folder, checkpoint, tmp_path):
     out, png = tmp_path / "report.json", tmp_path / "confusion.png"
-    result = CliRunner().invoke(app, ["val", str(checkpoint), str(folder), "--workers", "0",
-                                      "--json", str(out), "--plot", str(png)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "val",
+            str(checkpoint),
+            str(folder),
+            "--workers",
+            "0",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("runner: ONNX Runtime fp32 on cpu")  # --backend auto
     assert "top-1" in result.output and "per-class accuracy" in result.output
@@ -71,8 +84,13 @@ def test_cli_json_and_plot(folder, checkpoint, tmp_path):
 
 def test_heldout_split_from_card_and_flags(folder, tmp_path):
     model, card = load_checkpoint(save_active(tmp_path / "a.pt", imgsz=32))
-    card.provenance = {"data": folder.name, "val_split": 6, "seed": 3, "train_images": 18,
-                       "heldout_images": 6}
+    card.provenance = {
+        "data": folder.name,
+        "val_split": 6,
+        "seed": 3,
+        "train_images": 18,
+        "heldout_images": 6,
+    }
     save_checkpoint(tmp_path / "trained.pt", model, card)
     messages = []
     report = validate(str(tmp_path / "trained.pt"), folder, workers=0, log=messages.append)
@@ -107,12 +125,15 @@ def test_errors_are_one_line(folder, tmp_path):
     assert missing.exit_code == 2 and "Traceback" not in missing.output
 
 
-MEASURED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / \
-    "val_default_heldout.json"
+MEASURED = (
+    Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "val_default_heldout.json"
+)
 
 
-@pytest.mark.skipif(not (DEFAULT_MODEL.is_file() and MEASURED.is_file()),
-                    reason="bundled model or its measured held-out accuracy not there")
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL.is_file() and MEASURED.is_file()),
+    reason="bundled model or its measured held-out accuracy not there",
+)
 def test_bundled_model_reproduces_its_measured_heldout_accuracy():
     """On 200 of the images its card holds out, the bundled model scores what `val` measured
     on all 5,000 of them (the README's number), within three binomial standard deviations."""
@@ -120,8 +141,7 @@ def test_bundled_model_reproduces_its_measured_heldout_accuracy():
 
     measured = json.loads(MEASURED.read_text())
     assert measured["images"] == 5000 and measured["model"] == "default"
-    report = validate("default", heldout_cifar(200), workers=0, val_split=0,
-                      log=lambda _: None)
+    report = validate("default", heldout_cifar(200), workers=0, val_split=0, log=lambda _: None)
     assert report.images == 200
     rate = measured["top1"] / 100
     sigma = (rate * (1 - rate) / report.images) ** 0.5
@@ -134,8 +154,9 @@ def test_unreadable_images_are_skipped_with_one_warning(folder, checkpoint, tmp_
     (first / "zz_truncated.jpg").write_bytes(next(first.glob("*.jpg")).read_bytes()[:200])
     (second / "zz_text.jpg").write_text("not an image")
     out = tmp_path / "report.json"
-    result = CliRunner().invoke(app, ["val", str(checkpoint), str(folder), "--workers", "2",
-                                      "--json", str(out)])
+    result = CliRunner().invoke(
+        app, ["val", str(checkpoint), str(folder), "--workers", "2", "--json", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
@@ -147,8 +168,11 @@ def test_unreadable_images_are_skipped_with_one_warning(folder, checkpoint, tmp_
     nothing = tmp_path / "nothing" / "cat"
     nothing.mkdir(parents=True)
     (nothing / "a.jpg").write_text("not an image")
-    result = CliRunner().invoke(app, ["val", str(checkpoint), str(nothing.parent),
-                                      "--workers", "0"])
+    result = CliRunner().invoke(
+        app, ["val", str(checkpoint), str(nothing.parent), "--workers", "0"]
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.stderr.startswith("error: none of the 1 file(s)") and \
-        len(result.stderr.strip().splitlines()) == 1
+    assert (
+        result.stderr.startswith("error: none of the 1 file(s)")
+        and len(result.stderr.strip().splitlines()) == 1
+    )

@@ -3,11 +3,13 @@ for a device from something other than the reference goes through (TensorRT engi
 Runtime GPU sessions, PyTorch CUDA graphs, and export itself). On this CPU the same function
 runs with real candidates: a faithful ONNX Runtime graph passes and a graph with a corrupted
 weight is refused; no runner is mocked. Also: which runner ``--backend auto`` picks here."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from runtime_models import corrupt, one_torch_thread, shared_model  # noqa: F401
 from typer.testing import CliRunner
 
 from i2e_deploy.artifacts import read_card
@@ -17,7 +19,6 @@ from i2e_deploy.cli import app
 from i2e_deploy.errors import I2EError, VerificationError
 from i2e_deploy.runtime.runners import OrtRunner
 from i2e_deploy.targets import choose_runner, verify_target
-from runtime_models import corrupt, one_torch_thread, shared_model  # noqa: F401
 
 KEY = {"runner": "onnxruntime", "device": "cpu", "gpu": "test"}
 
@@ -35,16 +36,18 @@ def test_a_faithful_graph_passes_and_is_verified_once(graphs, tmp_path):
     notes: list[str] = []
     key = {**KEY, "sha256": "faithful"}
     with OrtRunner(graphs["good"]) as candidate:
-        record = verify_target(candidate, graphs["ckpt"], key=key, cache=tmp_path,
-                               count=8, log=notes.append)
+        record = verify_target(
+            candidate, graphs["ckpt"], key=key, cache=tmp_path, count=8, log=notes.append
+        )
         assert record["passed"] and record["count"] == 8
         assert record["decisive_changes"] == 0 and record["spike_agreement"] > 0.95
         assert record["images"] == "8 frames of the bundled sample photos"
         assert "PyTorch reference" in record["reference"]
         kept = json.loads(verdict_path(key, tmp_path).read_text())
         assert kept["summary"] == record["summary"] and kept["key"] == key
-        again = verify_target(candidate, graphs["ckpt"], key=key, cache=tmp_path, count=8,
-                              log=notes.append)
+        again = verify_target(
+            candidate, graphs["ckpt"], key=key, cache=tmp_path, count=8, log=notes.append
+        )
     assert again["when"] == record["when"]  # the verdict kept, not a second comparison
     assert notes[0].startswith("verify: onnxruntime on cpu vs the PyTorch reference")
     assert notes[1].startswith("verified here before")
@@ -52,14 +55,15 @@ def test_a_faithful_graph_passes_and_is_verified_once(graphs, tmp_path):
 
 def test_a_corrupted_graph_is_refused_and_nothing_is_kept(graphs, tmp_path):
     key = {**KEY, "sha256": "corrupted"}
-    with OrtRunner(graphs["bad"]) as candidate, \
-            pytest.raises(VerificationError, match="verification on the target failed") as refused:
+    with (
+        OrtRunner(graphs["bad"]) as candidate,
+        pytest.raises(VerificationError, match="verification on the target failed") as refused,
+    ):
         verify_target(candidate, graphs["ckpt"], key=key, cache=tmp_path, count=8)
     message = str(refused.value)
     assert "median |Δlogit| / logit spread" in message  # the failing check, by name
     assert "not used, nothing cached" in message
-    assert all(way in message for way in ("--data DIR", "--tolerance NAME=VALUE",
-                                          "--no-verify"))
+    assert all(way in message for way in ("--data DIR", "--tolerance NAME=VALUE", "--no-verify"))
     assert not verdict_path(key, tmp_path).exists()
 
 
@@ -78,8 +82,9 @@ def test_a_refused_export_exits_1_and_writes_nothing(graphs, tmp_path):
     """Refusals leave the CLI with exit 1 (as a failing parity check); usage errors exit 2.
     A zero median tolerance cannot be met by BN-folded float arithmetic."""
     output = tmp_path / "strict.onnx"
-    result = CliRunner().invoke(app, ["export", str(graphs["ckpt"]), "-o", str(output),
-                                      "--tolerance", "median_rel=0"])
+    result = CliRunner().invoke(
+        app, ["export", str(graphs["ckpt"]), "-o", str(output), "--tolerance", "median_rel=0"]
+    )
     assert result.exit_code == 1, result.output
     assert "export verification failed" in result.stderr and not output.exists()
     result = CliRunner().invoke(app, ["export", str(graphs["ckpt"]), "--tolerance", "x=1"])
@@ -90,9 +95,11 @@ def test_auto_picks_the_fastest_runner_verified_here(graphs):
     exact, plain = read_card(DEFAULT_MODEL), read_card(graphs["ckpt"])
     cpu = choose_runner(exact, "auto", "auto", "cpu")
     assert (cpu.backend, cpu.precision) == ("onnx", "int8") and "INT8-exact" in cpu.why
-    for card, backend, precision, expected in ((plain, "auto", "auto", ("onnx", "fp32")),
-                                               (exact, "auto", "fp32", ("onnx", "fp32")),
-                                               (exact, "torch", "auto", ("torch", "fp32"))):
+    for card, backend, precision, expected in (
+        (plain, "auto", "auto", ("onnx", "fp32")),
+        (exact, "auto", "fp32", ("onnx", "fp32")),
+        (exact, "torch", "auto", ("torch", "fp32")),
+    ):
         choice = choose_runner(card, backend, precision, "cpu")
         assert (choice.backend, choice.precision) == expected
     forced = choose_runner(plain, "onnx", "int8", "cpu")
@@ -127,8 +134,7 @@ def _gpu_torch() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_torch(), reason="needs a CUDA GPU")
-def test_on_a_gpu_the_runner_is_verified_once_and_info_shows_it(graphs, tmp_path,
-                                                                 monkeypatch):
+def test_on_a_gpu_the_runner_is_verified_once_and_info_shows_it(graphs, tmp_path, monkeypatch):
     """Whatever ``--backend auto`` picks on this GPU is verified before it runs; the verdict
     is kept (the second open reuses it) and ``info`` lists it."""
     from i2e_deploy.apps.info import describe_file

@@ -1,5 +1,6 @@
 """Tiny real image folders for the training, dataset, convert and val tests: a few dozen
 CIFAR-10 JPEGs from ../shared (tests skip without it)."""
+
 from __future__ import annotations
 
 import atexit

@@ -21,6 +21,7 @@ spells fall on every row alike and ratios between rows hold. What is measured:
 A row that cannot run here says why (``TensorRT not installed``) instead of vanishing.
 Exports go to a cache folder keyed by the checkpoint's sha256 and the export options.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -86,8 +88,10 @@ class BenchmarkReport:
 def _check_precisions(precisions: tuple[str, ...]) -> None:
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
-        raise I2EError(f"unknown precision {', '.join(unknown) or '(none)'}; choose from "
-                       f"{', '.join(PRECISIONS)}")
+        raise I2EError(
+            f"unknown precision {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(PRECISIONS)}"
+        )
 
 
 # The exported rows of a checkpoint: ONNX Runtime runs FP32 and SNN-aware INT8 fast on a CPU
@@ -95,8 +99,9 @@ def _check_precisions(precisions: tuple[str, ...]) -> None:
 ORT_PRECISIONS = ("fp32", "int8")
 
 
-def plan_rows(model: Path, cache: Path, device: str,
-              precisions: tuple[str, ...] = PRECISIONS) -> list[Row]:
+def plan_rows(
+    model: Path, cache: Path, device: str, precisions: tuple[str, ...] = PRECISIONS
+) -> list[Row]:
     """The rows for a model file: what runs, what must be exported first (through
     :func:`i2e_deploy.targets.cached_artifact`), what cannot run. ``precisions`` filters the
     exported rows; the PyTorch reference always runs."""
@@ -108,28 +113,35 @@ def plan_rows(model: Path, cache: Path, device: str,
         return [Row("TensorRT", read_precision(model), str(model), device="cuda")]
     if kind == "onnx":
         why = "give the checkpoint to benchmark the reference and build engines"
-        return [Row("PyTorch (reference)", "fp32", reason=why),
-                Row("ONNX Runtime", read_precision(model), str(model), device=device),
-                *(Row("TensorRT", precision, reason=why) for precision in precisions)]
+        return [
+            Row("PyTorch (reference)", "fp32", reason=why),
+            Row("ONNX Runtime", read_precision(model), str(model), device=device),
+            *(Row("TensorRT", precision, reason=why) for precision in precisions),
+        ]
     rows = [Row("PyTorch (reference)", "fp32", str(model), device=device)]
     for precision in (p for p in ORT_PRECISIONS if p in precisions):
         rows.append(_exported_row("ONNX Runtime", "onnx", model, precision, device, cache))
     unavailable = tensorrt_unavailable()
     for precision in precisions:
-        rows.append(Row("TensorRT", precision, reason=unavailable) if unavailable else
-                    _exported_row("TensorRT", "engine", model, precision, "cuda", cache))
+        rows.append(
+            Row("TensorRT", precision, reason=unavailable)
+            if unavailable
+            else _exported_row("TensorRT", "engine", model, precision, "cuda", cache)
+        )
     return rows
 
 
-def _exported_row(backend: str, fmt: str, checkpoint: Path, precision: str, device: str,
-                  cache: Path) -> Row:
+def _exported_row(
+    backend: str, fmt: str, checkpoint: Path, precision: str, device: str, cache: Path
+) -> Row:
     """Export (or reuse) the artifact of a row, unverified (the benchmark measures parity
     itself), or say why it failed: one backend failing must not take the table down."""
     from ..targets import ExportRequest, cached_artifact
 
     try:
-        request = ExportRequest(str(checkpoint), format=fmt, precision=precision,
-                                device=device, verify=False)
+        request = ExportRequest(
+            str(checkpoint), format=fmt, precision=precision, device=device, verify=False
+        )
         path = cached_artifact(request, cache=cache)
     except Exception as exc:
         verb = "build" if fmt == "engine" else "export"
@@ -143,13 +155,16 @@ def _describe(exc: Exception) -> str:
     return text if isinstance(exc, I2EError) else f"{type(exc).__name__}: {text}"
 
 
-def _load_inputs(card: ModelCard, data: str | None, limit: int
-                 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+def _load_inputs(
+    card: ModelCard, data: str | None, limit: int
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """(inputs, labels or None, description)."""
     if card.input == "events":
         if data is not None:
-            raise I2EError("event-input models take events; accuracy on an image folder does "
-                           "not apply (drop --data)")
+            raise I2EError(
+                "event-input models take events; accuracy on an image folder does "
+                "not apply (drop --data)"
+            )
         rng = np.random.default_rng(0)
         shape = (SYNTHETIC_COUNT, card.T, 2, card.imgsz, card.imgsz)
         return (rng.random(shape) < 0.1).astype(np.float32), None, {"source": "random events"}
@@ -157,24 +172,43 @@ def _load_inputs(card: ModelCard, data: str | None, limit: int
         from ..images import load_labelled_folder
 
         loaded, labels, _ = load_labelled_folder(data, card, limit)
-        return loaded.images, labels, {"source": str(data), "count": len(labels),
-                                       "skipped": len(loaded.skipped)}
+        return (
+            loaded.images,
+            labels,
+            {"source": str(data), "count": len(labels), "skipped": len(loaded.skipped)},
+        )
     from ..images import synthetic_images
 
-    return (synthetic_images(SYNTHETIC_COUNT, card), None,
-            {"source": "structured random images", "count": SYNTHETIC_COUNT})
+    return (
+        synthetic_images(SYNTHETIC_COUNT, card),
+        None,
+        {"source": "structured random images", "count": SYNTHETIC_COUNT},
+    )
 
 
-def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iters: int = 50,
-                  warmup: int = 5, batch: int = 8, device: str = "cpu",
-                  threads: int | None = None, cache: str | None = None,
-                  precisions: tuple[str, ...] = PRECISIONS,
-                  log: Callable[[str], None] = lambda msg: None) -> BenchmarkReport:
+def run_benchmark(
+    model: str,
+    *,
+    data: str | None = None,
+    limit: int = 500,
+    iters: int = 50,
+    warmup: int = 5,
+    batch: int = 8,
+    device: str = "cpu",
+    threads: int | None = None,
+    cache: str | None = None,
+    precisions: tuple[str, ...] = PRECISIONS,
+    log: Callable[[str], None] = lambda msg: None,
+) -> BenchmarkReport:
     """Benchmark every backend x precision available for ``model`` (see the module doc)."""
     from ..assets import resolve_model
 
-    for name, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0),
-                               ("--batch", batch, 1), ("--limit", limit, 1)):
+    for name, value, least in (
+        ("--iters", iters, 1),
+        ("--warmup", warmup, 0),
+        ("--batch", batch, 1),
+        ("--limit", limit, 1),
+    ):
         if value < least:
             raise I2EError(f"{name} must be at least {least}, got {value}")
     _check_precisions(tuple(precisions))
@@ -187,15 +221,33 @@ def run_benchmark(model: str, *, data: str | None = None, limit: int = 500, iter
     folder = Path(cache).expanduser() if cache else cache_dir()
     log(f"exporting into {folder} (cached by checkpoint sha256 + options)")
     rows = plan_rows(path, folder, device, tuple(precisions))
-    settings = {"iters": iters, "rounds": min(iters, ROUNDS), "warmup": warmup, "batch": batch,
-                "device": device, "threads": threads, "inputs": input_info}
+    settings = {
+        "iters": iters,
+        "rounds": min(iters, ROUNDS),
+        "warmup": warmup,
+        "batch": batch,
+        "device": device,
+        "threads": threads,
+        "inputs": input_info,
+    }
     with tempfile.TemporaryDirectory(prefix="i2e-bench-") as tmp:
         inputs_file = Path(tmp) / "inputs.npy"
         np.save(inputs_file, inputs)
-        _measure([row for row in rows if row.model is not None], Path(tmp), inputs_file, labels,
-                 {"threads": threads, "warmup": warmup, "batch": batch, "iters": iters}, log)
-    return BenchmarkReport(model=str(path), card=card.to_dict(), settings=settings,
-                           environment=environment(), rows=rows)
+        _measure(
+            [row for row in rows if row.model is not None],
+            Path(tmp),
+            inputs_file,
+            labels,
+            {"threads": threads, "warmup": warmup, "batch": batch, "iters": iters},
+            log,
+        )
+    return BenchmarkReport(
+        model=str(path),
+        card=card.to_dict(),
+        settings=settings,
+        environment=environment(),
+        rows=rows,
+    )
 
 
 def auto_line(path: Path, card: ModelCard, device: str) -> str:
@@ -205,18 +257,35 @@ def auto_line(path: Path, card: ModelCard, device: str) -> str:
     if kind_of(path) != "checkpoint":
         return f"auto runner: {path.name} on its own backend; every row below"
     choice = choose_runner(card, "auto", "auto", device)
-    return (f"auto runner (stream, demo, val): {choice.backend} {choice.precision} "
-            f"({choice.why}); every row below")
+    return (
+        f"auto runner (stream, demo, val): {choice.backend} {choice.precision} "
+        f"({choice.why}); every row below"
+    )
 
 
-def _measure(rows: list[Row], tmp: Path, inputs_file: Path, labels: np.ndarray | None,
-             options: dict[str, Any], log: Callable[[str], None]) -> None:
+def _measure(
+    rows: list[Row],
+    tmp: Path,
+    inputs_file: Path,
+    labels: np.ndarray | None,
+    options: dict[str, Any],
+    log: Callable[[str], None],
+) -> None:
     workers: list[_Worker] = []
     try:
         for row in rows:
             log(f"loading {row.backend} {row.precision} ...")
-            workers.append(_Worker({"model": row.model, "device": row.device,
-                                    "inputs": str(inputs_file), **options}, tmp))
+            workers.append(
+                _Worker(
+                    {
+                        "model": row.model,
+                        "device": row.device,
+                        "inputs": str(inputs_file),
+                        **options,
+                    },
+                    tmp,
+                )
+            )
         iters = options["iters"]
         rounds = min(iters, ROUNDS)
         log(f"timing batch 1: {iters} calls per row in {rounds} interleaved rounds ...")
@@ -260,9 +329,13 @@ class _Worker:
 
     def __init__(self, spec: dict[str, Any], tmp: Path):
         self._stderr = tempfile.TemporaryFile(mode="w+", dir=tmp)  # a pipe could fill and block
-        self._proc = subprocess.Popen([sys.executable, "-m", "i2e_deploy.apps.benchmark"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr, text=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "i2e_deploy.apps.benchmark"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
         requests, answers = self._proc.stdin, self._proc.stdout
         assert requests is not None and answers is not None  # both opened as pipes above
         self._requests, self._answers = requests, answers
@@ -284,8 +357,9 @@ class _Worker:
             pass
         self._proc.wait()
         self._stderr.seek(0)
-        tail = (self._stderr.read().strip().splitlines()
-                or [f"exit code {self._proc.returncode}"])[-1]
+        tail = (self._stderr.read().strip().splitlines() or [f"exit code {self._proc.returncode}"])[
+            -1
+        ]
         self.error = f"worker failed: {tail}"
         return {"error": self.error}
 
@@ -314,8 +388,9 @@ class _Session:
         self.inputs = np.load(spec["inputs"])
         self.batch, self.iters = spec["batch"], spec["iters"]
         self.baseline = psutil.Process().memory_info().rss
-        self.runner = load_runner(spec["model"], device=spec["device"],
-                                  threads=spec["threads"], warmup=0)
+        self.runner = load_runner(
+            spec["model"], device=spec["device"], threads=spec["threads"], warmup=0
+        )
         for _ in range(spec["warmup"]):
             self.runner.infer(self.inputs[:1])
 
@@ -336,13 +411,20 @@ class _Session:
         for _ in range(runs):
             self.runner.infer(full)
         throughput = runs * batch / (time.perf_counter() - start)
-        outputs = np.concatenate([self.runner.infer(self.inputs[i:i + batch])
-                                  for i in range(0, len(self.inputs), batch)])
+        outputs = np.concatenate(
+            [
+                self.runner.infer(self.inputs[i : i + batch])
+                for i in range(0, len(self.inputs), batch)
+            ]
+        )
         self.runner.close()
         np.save(outputs_file, outputs)
         peak = _peak_rss()
-        return {"throughput_ips": float(throughput), "peak_rss_mb": peak / 2**20,
-                "model_rss_mb": (peak - self.baseline) / 2**20}
+        return {
+            "throughput_ips": float(throughput),
+            "peak_rss_mb": peak / 2**20,
+            "model_rss_mb": (peak - self.baseline) / 2**20,
+        }
 
 
 def _serve() -> None:
@@ -385,9 +467,14 @@ def _peak_rss() -> int:
 def environment() -> dict[str, Any]:
     import onnxruntime
 
-    info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-            "onnxruntime": onnxruntime.__version__, "i2e_deploy": __version__}
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "onnxruntime": onnxruntime.__version__,
+        "i2e_deploy": __version__,
+    }
     try:
         import torch
 
@@ -406,20 +493,40 @@ def _cell(value: float | None, fmt: str) -> str:
 def markdown(report: BenchmarkReport) -> str:
     """The report as a Markdown table (one row per backend x precision)."""
     batch = report.settings["batch"]
-    head = ["backend", "precision", "device", "p50 ms (b=1)", "p99 ms (b=1)",
-            f"img/s (b={batch})", "peak RSS MB (model)", "top-1 acc", "parity vs ref",
-            "decisive changes", "agree vs ref", "max Δlogit", "note"]
+    head = [
+        "backend",
+        "precision",
+        "device",
+        "p50 ms (b=1)",
+        "p99 ms (b=1)",
+        f"img/s (b={batch})",
+        "peak RSS MB (model)",
+        "top-1 acc",
+        "parity vs ref",
+        "decisive changes",
+        "agree vs ref",
+        "max Δlogit",
+        "note",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report.rows:
         ran = row.latency_p50_ms is not None
-        memory = (f"{row.peak_rss_mb:.0f} ({row.model_rss_mb:.0f})" if ran else "")
-        cells = [row.backend, row.precision, row.device if ran else "",
-                 _cell(row.latency_p50_ms, ".1f"), _cell(row.latency_p99_ms, ".1f"),
-                 _cell(row.throughput_ips, ".1f"), memory,
-                 _cell(None if row.accuracy is None else 100 * row.accuracy, ".1f"),
-                 row.parity or "", _cell(row.decisive_mismatches, "d"),
-                 _cell(None if row.top1_agreement is None else 100 * row.top1_agreement, ".1f"),
-                 _cell(row.max_abs_logit, ".2g"), row.reason or ""]
+        memory = f"{row.peak_rss_mb:.0f} ({row.model_rss_mb:.0f})" if ran else ""
+        cells = [
+            row.backend,
+            row.precision,
+            row.device if ran else "",
+            _cell(row.latency_p50_ms, ".1f"),
+            _cell(row.latency_p99_ms, ".1f"),
+            _cell(row.throughput_ips, ".1f"),
+            memory,
+            _cell(None if row.accuracy is None else 100 * row.accuracy, ".1f"),
+            row.parity or "",
+            _cell(row.decisive_mismatches, "d"),
+            _cell(None if row.top1_agreement is None else 100 * row.top1_agreement, ".1f"),
+            _cell(row.max_abs_logit, ".2g"),
+            row.reason or "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

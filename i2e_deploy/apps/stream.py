@@ -1,31 +1,49 @@
 """``i2e-deploy stream`` and ``demo``: open a model, sources and sinks by name and run the
 loop (:mod:`.loop`) over them, with statistics written as JSON."""
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import I2EError
 from ..fileio import atomic_output
-from ..targets import resolve_runner
 from ..runtime.classify import Classifier
 from ..runtime.frames import Source
 from ..runtime.loop import Stream, StreamStats
 from ..runtime.runners import Runner
 from ..runtime.sinks import open_sinks
 from ..runtime.sources import open_source
+from ..targets import resolve_runner
 
 
-def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: list[str], *,
-               max_frames: int | None = None, topk: int = 3, backend: str = "auto",
-               precision: str = "auto", device: str = "cpu", threads: int | None = None,
-               resolution: str | None = None, fps: float | None = None, loop: bool = False,
-               stride: int = 1, window_ms: float = 100.0, queue_size: int = 1,
-               reconnects: int = 5, stats_json: str | os.PathLike | None = None,
-               activity: bool | None = None, show_activity: bool = False,
-               verify: bool = True, data: str | os.PathLike | None = None,
-               log: Callable[[str], None] | None = None, **overrides) -> StreamStats:
+def run_stream(
+    model: str | os.PathLike | Runner,
+    sources: list[str],
+    outputs: list[str],
+    *,
+    max_frames: int | None = None,
+    topk: int = 3,
+    backend: str = "auto",
+    precision: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    resolution: str | None = None,
+    fps: float | None = None,
+    loop: bool = False,
+    stride: int = 1,
+    window_ms: float = 100.0,
+    queue_size: int = 1,
+    reconnects: int = 5,
+    stats_json: str | os.PathLike | None = None,
+    activity: bool | None = None,
+    show_activity: bool = False,
+    verify: bool = True,
+    data: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+    **overrides,
+) -> StreamStats:
     """Open everything by name (``model`` through :func:`i2e_deploy.targets.resolve_runner`,
     or an already loaded runner), run the stream, write ``stats_json``. Open failures
     (missing file, dead URL, no camera) raise I2EError before anything runs; a failure
@@ -44,9 +62,22 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
         raise I2EError(f"--topk must be >= 1, got {topk}")
     # The source's reader thread preprocesses beside inference: ONNX Runtime's spinning
     # idle threads would take its core on a small machine.
-    runner = model if isinstance(model, Runner) else resolve_runner(
-        model, backend=backend, precision=precision, device=device, threads=threads,
-        verify=verify, data=data, spinning=False, log=log, **overrides)
+    runner = (
+        model
+        if isinstance(model, Runner)
+        else resolve_runner(
+            model,
+            backend=backend,
+            precision=precision,
+            device=device,
+            threads=threads,
+            verify=verify,
+            data=data,
+            spinning=False,
+            log=log,
+            **overrides,
+        )
+    )
     if activity is None:
         activity = (stats_json is not None or show_activity) and runner.exposes_spikes
     try:
@@ -57,9 +88,18 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
     opened: list[Source] = []
     try:
         for uri in sources:
-            opened.append(open_source(uri, card=classifier.card, resolution=resolution, fps=fps,
-                                      loop=loop, stride=stride, window_ms=window_ms,
-                                      reconnect_attempts=reconnects))
+            opened.append(
+                open_source(
+                    uri,
+                    card=classifier.card,
+                    resolution=resolution,
+                    fps=fps,
+                    loop=loop,
+                    stride=stride,
+                    window_ms=window_ms,
+                    reconnect_attempts=reconnects,
+                )
+            )
         sink = open_sinks(outputs or ["display"], fps=opened[0].fps if opened else 25.0)
     except BaseException:
         for source in opened:
@@ -67,8 +107,14 @@ def run_stream(model: str | os.PathLike | Runner, sources: list[str], outputs: l
         classifier.close()
         raise
     try:
-        stats = Stream(classifier, opened, sink, max_frames=max_frames,
-                       queue_size=queue_size, show_activity=show_activity).run()
+        stats = Stream(
+            classifier,
+            opened,
+            sink,
+            max_frames=max_frames,
+            queue_size=queue_size,
+            show_activity=show_activity,
+        ).run()
     finally:
         classifier.close()
     if stats_json:
@@ -82,11 +128,19 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
         fh.write("\n")
 
 
-def run_demo(*, model: str = "default", output: list[str] | None = None,
-             backend: str = "auto", precision: str = "auto", device: str = "cpu",
-             threads: int | None = None, max_frames: int | None = None,
-             stats_json: str | os.PathLike | None = None, verify: bool = True,
-             log: Callable[[str], None] = print) -> tuple[StreamStats, list[str]]:
+def run_demo(
+    *,
+    model: str = "default",
+    output: list[str] | None = None,
+    backend: str = "auto",
+    precision: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    max_frames: int | None = None,
+    stats_json: str | os.PathLike | None = None,
+    verify: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[StreamStats, list[str]]:
     """The zero-argument demo: the bundled model on the bundled 'demo' clip; a window when
     a screen and a GUI OpenCV are there, else demo.mp4 + demo.jsonl in the current folder.
     Returns the stats and the outputs used.
@@ -105,8 +159,18 @@ def run_demo(*, model: str = "default", output: list[str] | None = None,
             except I2EError:
                 pass  # a screen but a headless OpenCV: fall back to files
     paced = "display" in output  # on screen, play at the clip's own speed
-    stats = run_stream(model, ["demo"], output, max_frames=max_frames,
-                       backend=backend, precision=precision, device=device, threads=threads,
-                       fps=DemoSource.nominal_fps if paced else None, stats_json=stats_json,
-                       verify=verify, log=log)
+    stats = run_stream(
+        model,
+        ["demo"],
+        output,
+        max_frames=max_frames,
+        backend=backend,
+        precision=precision,
+        device=device,
+        threads=threads,
+        fps=DemoSource.nominal_fps if paced else None,
+        stats_json=stats_json,
+        verify=verify,
+        log=log,
+    )
     return stats, output

@@ -1,5 +1,6 @@
 """Accuracy of any runnable model (checkpoint, ONNX, TensorRT engine) on a labelled folder:
 top-1/top-5, per-class accuracy and the confusion matrix."""
+
 from __future__ import annotations
 
 import json
@@ -44,16 +45,25 @@ class Report:
     def per_class(self) -> dict[str, float | None]:
         """Accuracy in percent per class (None for a class without images)."""
         support = self.confusion.sum(axis=1).tolist()
-        return {name: 100.0 * int(self.confusion[i, i]) / support[i] if support[i] else None
-                for i, name in enumerate(self.classes)}
+        return {
+            name: 100.0 * int(self.confusion[i, i]) / support[i] if support[i] else None
+            for i, name in enumerate(self.classes)
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"top1": self.top1, "top5": self.top5, "images": self.images,
-                "per_class": self.per_class(),
-                "support": dict(zip(self.classes, self.confusion.sum(axis=1).tolist())),
-                "classes": self.classes, "confusion": self.confusion.tolist(),
-                "model": self.model, "data": self.data, "skipped": len(self.skipped),
-                **self.heldout}
+        return {
+            "top1": self.top1,
+            "top5": self.top5,
+            "images": self.images,
+            "per_class": self.per_class(),
+            "support": dict(zip(self.classes, self.confusion.sum(axis=1).tolist())),
+            "classes": self.classes,
+            "confusion": self.confusion.tolist(),
+            "model": self.model,
+            "data": self.data,
+            "skipped": len(self.skipped),
+            **self.heldout,
+        }
 
 
 def _label_map(folder_classes: list[str], card: ModelCard) -> tuple[list[int], list[str]]:
@@ -68,10 +78,13 @@ def _label_map(folder_classes: list[str], card: ModelCard) -> tuple[list[int], l
     if not names and len(folder_classes) <= card.num_classes:
         # An unnamed model: folders in sorted order are its labels, as at training time.
         return list(range(len(folder_classes))), (
-            folder_classes + [str(i) for i in range(len(folder_classes), card.num_classes)])
+            folder_classes + [str(i) for i in range(len(folder_classes), card.num_classes)]
+        )
     unknown = [c for c in folder_classes if not names or c not in names]
-    raise I2EError(f"class folder(s) {', '.join(unknown[:3])} are not classes of the model "
-                   f"({', '.join((names or [])[:5])}{', ...' if names and len(names) > 5 else ''})")
+    raise I2EError(
+        f"class folder(s) {', '.join(unknown[:3])} are not classes of the model "
+        f"({', '.join((names or [])[:5])}{', ...' if names and len(names) > 5 else ''})"
+    )
 
 
 def heldout_defaults(card: ModelCard, data: Path, count: int) -> tuple[float, int] | None:
@@ -86,10 +99,21 @@ def heldout_defaults(card: ModelCard, data: Path, count: int) -> tuple[float, in
     return float(split), int(prov.get("seed", 0))
 
 
-def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch: int = 64,
-             workers: int = 2, val_split: float | None = None, seed: int | None = None,
-             backend: str = "auto", precision: str = "auto", verify: bool = True,
-             progress=None, log=print) -> Report:
+def validate(
+    model: str,
+    data: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    batch: int = 64,
+    workers: int = 2,
+    val_split: float | None = None,
+    seed: int | None = None,
+    backend: str = "auto",
+    precision: str = "auto",
+    verify: bool = True,
+    progress=None,
+    log=print,
+) -> Report:
     """Run ``model`` over the labelled folder ``data`` (an image folder, or an I2E event
     dataset for event-input models). With ``val_split`` only the part ``train --val-split N
     --seed S`` held out is used; by default the card's own split when ``data`` is the folder
@@ -97,17 +121,21 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
     from ..targets import resolve_runner
 
     data = Path(data)
-    with resolve_runner(model, backend=backend, precision=precision, device=device,
-                        verify=verify, log=log) as runner:
+    with resolve_runner(
+        model, backend=backend, precision=precision, device=device, verify=verify, log=log
+    ) as runner:
         card = runner.card
         if runner.output != "logits":
-            raise I2EError(f"{model} outputs {runner.output}, not class scores; validate a "
-                           "classifier")
+            raise I2EError(
+                f"{model} outputs {runner.output}, not class scores; validate a classifier"
+            )
         events = is_event_folder(data)
         if events != (card.input == "events"):
-            raise I2EError(f"{model} takes {card.input} but {data} holds "
-                           f"{'event samples' if events else 'images'}; use an "
-                           f"{'image folder' if events else 'I2E event dataset'}")
+            raise I2EError(
+                f"{model} takes {card.input} but {data} holds "
+                f"{'event samples' if events else 'images'}; use an "
+                f"{'image folder' if events else 'I2E event dataset'}"
+            )
         if events:
             folder = EventFolder(data)
             classes, samples = folder.classes, folder.samples
@@ -121,9 +149,11 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
             if found:
                 val_split, default_seed = found
                 seed = default_seed if seed is None else seed
-                log(f"evaluating the images held out in training (val_split {val_split:g}, "
+                log(
+                    f"evaluating the images held out in training (val_split {val_split:g}, "
                     f"seed {seed}, from the model card); pass --val-split 0 for the whole "
-                    "folder")
+                    "folder"
+                )
         if val_split:
             seed = 0 if seed is None else seed
             _, indices = D.split_indices([t for _, t in samples], val_split, seed)
@@ -131,9 +161,12 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
             heldout = {"val_split": val_split, "seed": seed}
         samples = [(path, label_of[target]) for path, target in samples]
         dataset = _EventSamples(samples) if events else D.HeldOut(samples, card)
-        loader = Readable(torch.utils.data.DataLoader(dataset, batch_size=batch,
-                                                      num_workers=workers,
-                                                      collate_fn=skip_unreadable), data)
+        loader = Readable(
+            torch.utils.data.DataLoader(
+                dataset, batch_size=batch, num_workers=workers, collate_fn=skip_unreadable
+            ),
+            data,
+        )
         confusion = np.zeros((card.num_classes, card.num_classes), np.int64)
         top5 = done = 0
         for inputs, targets in loader:
@@ -146,8 +179,15 @@ def validate(model: str, data: str | os.PathLike, *, device: str = "cpu", batch:
             if progress:
                 progress(done + len(loader.skipped), len(dataset))
         loader.report()
-    return Report(names, confusion, top5, model=str(model), data=str(data), heldout=heldout,
-                  skipped=[u.path for u in loader.skipped])
+    return Report(
+        names,
+        confusion,
+        top5,
+        model=str(model),
+        data=str(data),
+        heldout=heldout,
+        skipped=[u.path for u in loader.skipped],
+    )
 
 
 class _EventSamples(torch.utils.data.Dataset):
@@ -187,14 +227,14 @@ def report_tables(report: Report, max_matrix: int = 20) -> list:
 
 
 def write_json(report: Report, path: str | os.PathLike) -> None:
-    _atomic_write(Path(path), lambda fh: fh.write(json.dumps(report.to_dict(), indent=2)
-                                                  .encode()))
+    _atomic_write(Path(path), lambda fh: fh.write(json.dumps(report.to_dict(), indent=2).encode()))
 
 
 def plot_confusion(report: Report, path: str | os.PathLike) -> None:
     """Row-normalised confusion matrix as a PNG (matplotlib, imported only here)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -212,8 +252,15 @@ def plot_confusion(report: Report, path: str | os.PathLike) -> None:
         for i in range(count):
             for j in range(count):
                 if report.confusion[i, j]:
-                    ax.text(j, i, str(report.confusion[i, j]), ha="center", va="center",
-                            fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(report.confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%  ({report.images} images)")

@@ -1,4 +1,5 @@
 """Files shipped with the package: the bundled default model and its training log."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ One plain batching class (:class:`CalibrationBatches`) feeds both ONNX Runtime's
 tools (:class:`OrtCalibrationReader`, a ``CalibrationDataReader``) and the TensorRT INT8
 calibrator (``export.tensorrt``), so both see exactly the same data.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ from ..images import spread_images, synthetic_images
 DEFAULT_CALIB_SIZE = 512
 
 
-def load_calibration_images(data: str | os.PathLike | None, card: ModelCard,
-                            size: int = DEFAULT_CALIB_SIZE, seed: int = 0) -> np.ndarray:
+def load_calibration_images(
+    data: str | os.PathLike | None, card: ModelCard, size: int = DEFAULT_CALIB_SIZE, seed: int = 0
+) -> np.ndarray:
     """Up to ``size`` images of a folder (recursive) as a uint8 NHWC batch at the card's size.
 
     A folder with more images is sampled evenly over its sorted file list, so every class
@@ -27,8 +29,10 @@ def load_calibration_images(data: str | os.PathLike | None, card: ModelCard,
     images (enough for the SNN-aware INT8 graph, whose activation ranges are known).
     """
     if card.input != "images":
-        raise I2EError("calibration images apply to image-input models; event-input models "
-                       "need no calibration data for INT8 (events and spikes are exactly 0/1)")
+        raise I2EError(
+            "calibration images apply to image-input models; event-input models "
+            "need no calibration data for INT8 (events and spikes are exactly 0/1)"
+        )
     if size < 1:
         raise I2EError(f"--calib-size must be at least 1, got {size}")
     if data is None:
@@ -57,8 +61,10 @@ class CalibrationBatches:
         if batch_size < 1:
             raise I2EError(f"calibration batch size must be at least 1, got {batch_size}")
         if len(samples) < batch_size:
-            raise I2EError(f"{len(samples)} calibration images are fewer than one batch of "
-                           f"{batch_size}; give more images or a smaller batch")
+            raise I2EError(
+                f"{len(samples)} calibration images are fewer than one batch of "
+                f"{batch_size}; give more images or a smaller batch"
+            )
         self.samples = samples
         self.batch_size = batch_size
         self._next = 0
@@ -75,7 +81,7 @@ class CalibrationBatches:
             return None
         start = self._next * self.batch_size
         self._next += 1
-        return np.ascontiguousarray(self.samples[start:start + self.batch_size])
+        return np.ascontiguousarray(self.samples[start : start + self.batch_size])
 
     def reset(self) -> None:
         self._next = 0

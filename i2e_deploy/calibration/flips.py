@@ -4,6 +4,7 @@ Both graphs come from the same FP32 export, so their boolean spike tensors (each
 concatenated comparisons, per-step casts merged first) keep the same names; they are exposed
 as extra outputs and compared bit for bit on the same inputs (in the reference's layout).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,10 +21,17 @@ def spike_tensors(model: onnx.ModelProto) -> list[str]:
     Concat nodes joining boolean comparisons, and the row-layout reshapes that keep those
     names in the ONNX Runtime INT8 graph (its rewritten neurons fire all steps at once)."""
     types = elem_types(model)
-    return [node.output[0] for node in model.graph.node
-            if types.get(node.output[0]) == TensorProto.BOOL and (
-                node.op_type == "Concat" or (node.op_type == "Reshape" and node.output[0]
-                                             .rsplit("/", 1)[-1].startswith("Concat")))]
+    return [
+        node.output[0]
+        for node in model.graph.node
+        if types.get(node.output[0]) == TensorProto.BOOL
+        and (
+            node.op_type == "Concat"
+            or (
+                node.op_type == "Reshape" and node.output[0].rsplit("/", 1)[-1].startswith("Concat")
+            )
+        )
+    ]
 
 
 def layer_name(tensor: str) -> str:
@@ -52,16 +60,19 @@ def _session(model: onnx.ModelProto, outputs: list[str]):
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.BOOL, None)
-                              for t in outputs if t not in known)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(t, TensorProto.BOOL, None) for t in outputs if t not in known
+    )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(probe.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
-def spike_agreement(reference: str | os.PathLike, other: str | os.PathLike,
-                    inputs: np.ndarray, batch: int = 8) -> list[dict]:
+def spike_agreement(
+    reference: str | os.PathLike, other: str | os.PathLike, inputs: np.ndarray, batch: int = 8
+) -> list[dict]:
     """Per spike tensor: agreement (fraction of equal bits), flips and spike rate of
     ``other`` against ``reference`` on ``inputs`` (fed to both graphs as they are)."""
     ref_model, other_model = onnx.load(str(reference)), onnx.load(str(other))
@@ -74,13 +85,25 @@ def spike_agreement(reference: str | os.PathLike, other: str | os.PathLike,
     spikes = dict.fromkeys(tensors, 0)
     sizes = dict.fromkeys(tensors, 0)
     for start in range(0, len(inputs), batch):
-        chunk = inputs[start:start + batch]
-        results = [dict(zip([o.name for o in s.get_outputs()],
-                            s.run(None, {s.get_inputs()[0].name: chunk}))) for s in sessions]
+        chunk = inputs[start : start + batch]
+        results = [
+            dict(
+                zip([o.name for o in s.get_outputs()], s.run(None, {s.get_inputs()[0].name: chunk}))
+            )
+            for s in sessions
+        ]
         for t in tensors:
             a, b = results[0][t], as_layout_of(results[1][t], results[0][t])
             flips[t] += int((a != b).sum())
             spikes[t] += int(a.sum())
             sizes[t] += a.size
-    return [{"layer": layer_name(t), "tensor": t, "agreement": 1 - flips[t] / sizes[t],
-             "flips": flips[t], "rate": spikes[t] / sizes[t]} for t in tensors]
+    return [
+        {
+            "layer": layer_name(t),
+            "tensor": t,
+            "agreement": 1 - flips[t] / sizes[t],
+            "flips": flips[t],
+            "rate": spikes[t] / sizes[t],
+        }
+        for t in tensors
+    ]

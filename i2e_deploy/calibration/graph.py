@@ -1,4 +1,5 @@
 """Small ONNX graph helpers shared by the precision passes."""
+
 from __future__ import annotations
 
 import onnx
@@ -8,8 +9,7 @@ def attribute(node, name: str, default=None):
     """A node attribute's value, or ``default``."""
     from onnx import helper
 
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name),
-                default)
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def producers(graph) -> dict[str, onnx.NodeProto]:
@@ -20,8 +20,9 @@ def producers(graph) -> dict[str, onnx.NodeProto]:
 def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Tensor name -> ONNX element type (initializers, and the rest by shape inference)."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    values = list(inferred.graph.value_info) + list(inferred.graph.input) + \
-        list(inferred.graph.output)
+    values = (
+        list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    )
     types = {v.name: v.type.tensor_type.elem_type for v in values}
     types.update((init.name, init.data_type) for init in model.graph.initializer)
     return types
@@ -61,14 +62,26 @@ def merge_spike_casts(model: onnx.ModelProto) -> int:
     nodes, merged = [], 0
     for node in model.graph.node:
         casts = [writers[i] for i in node.input if i in writers]
-        if node.op_type == "Concat" and casts and len(casts) == len(node.input) and all(
-                c.op_type == "Cast" and types.get(c.input[0]) == TensorProto.BOOL
-                for c in casts) and len({attribute(c, "to") for c in casts}) == 1:
+        if (
+            node.op_type == "Concat"
+            and casts
+            and len(casts) == len(node.input)
+            and all(
+                c.op_type == "Cast" and types.get(c.input[0]) == TensorProto.BOOL for c in casts
+            )
+            and len({attribute(c, "to") for c in casts}) == 1
+        ):
             joined = node.output[0] + "__bool"
-            nodes += [helper.make_node("Concat", [c.input[0] for c in casts], [joined],
-                                       name=node.name, axis=attribute(node, "axis")),
-                      helper.make_node("Cast", [joined], [node.output[0]],
-                                       to=attribute(casts[0], "to"))]
+            nodes += [
+                helper.make_node(
+                    "Concat",
+                    [c.input[0] for c in casts],
+                    [joined],
+                    name=node.name,
+                    axis=attribute(node, "axis"),
+                ),
+                helper.make_node("Cast", [joined], [node.output[0]], to=attribute(casts[0], "to")),
+            ]
             merged += 1
         else:
             nodes.append(node)

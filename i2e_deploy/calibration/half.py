@@ -5,6 +5,7 @@ spikes; weights and biases are stored in FP16; each output is cast back to FP32 
 BN-folded sum reaches a membrane, so neuron state, thresholds, residual sums, the converter
 and the mean over T never see FP16 rounding beyond the conv output itself.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,13 +38,17 @@ def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         source = node.input[0]
         cast = writers.get(source)
-        if cast is not None and cast.op_type == "Cast" and \
-                types.get(cast.input[0]) == TensorProto.BOOL:
+        if (
+            cast is not None
+            and cast.op_type == "Cast"
+            and types.get(cast.input[0]) == TensorProto.BOOL
+        ):
             source = cast.input[0]
         if source not in half_inputs:
             half_inputs[source] = f"{source}__fp16"
-            nodes.append(helper.make_node("Cast", [source], [half_inputs[source]],
-                                          to=TensorProto.FLOAT16))
+            nodes.append(
+                helper.make_node("Cast", [source], [half_inputs[source]], to=TensorProto.FLOAT16)
+            )
         params = []
         for name in node.input[1:]:
             if name not in initializers:
@@ -52,8 +57,9 @@ def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
             graph.initializer.append(numpy_helper.from_array(value, f"{name}__fp16"))
             params.append(f"{name}__fp16")
         out16 = f"{node.output[0]}__fp16"
-        half = helper.make_node(node.op_type, [half_inputs[source], *params], [out16],
-                                name=node.name)
+        half = helper.make_node(
+            node.op_type, [half_inputs[source], *params], [out16], name=node.name
+        )
         half.attribute.extend(node.attribute)
         nodes += [half, helper.make_node("Cast", [out16], [node.output[0]], to=TensorProto.FLOAT)]
     del graph.node[:]

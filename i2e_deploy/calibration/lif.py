@@ -15,6 +15,7 @@ exact in floating point, so every spike equals the exported chain's. The chain w
 channels]`` of the INT8 lowering) as long as the rows are T-major; the spikes come back in the
 input's shape.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,13 @@ def _region(g: _Graph, concat, limit: int = 16):
             return None
         region.append(node)
         stack.extend(i for i in node.input if i)
-    if split is None or len(split.output) != steps or len(split.input) > 1 or \
-            attribute(split, "axis", 0) != 0 or attribute(split, "num_outputs", steps) != steps:
+    if (
+        split is None
+        or len(split.output) != steps
+        or len(split.input) > 1
+        or attribute(split, "axis", 0) != 0
+        or attribute(split, "num_outputs", steps) != steps
+    ):
         return None
     order = {id(n): i for i, n in enumerate(g.graph.node)}
     return split, sorted(region, key=lambda n: order[id(n)])
@@ -108,15 +114,18 @@ def _identify(g: _Graph, split, region, concat) -> tuple[float, float, np.dtype]
     steps = len(split.output)
     used = {i for n in region for i in n.input}
     scalars = sorted({value for value in map(g.scalar, used) if value is not None})
-    inputs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [None]) for o in split.output]
+    inputs = [
+        helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [None]) for o in split.output
+    ]
     output = helper.make_empty_tensor_value_info(concat.output[0])
     inits = [g.initializers[i] for i in used if i in g.initializers]
     consts = [g.producers[i] for i in used if i not in g.initializers and i in g.constants]
     probe_graph = helper.make_graph(consts + region + [concat], "lif", inputs, [output], inits)
     model = helper.make_model(probe_graph, opset_imports=[helper.make_opsetid("", 17)])
     try:
-        session = ort.InferenceSession(model.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
     except Exception:  # not a self-contained elementwise region
         return None
     for theta in scalars:
@@ -129,8 +138,11 @@ def _identify(g: _Graph, split, region, concat) -> tuple[float, float, np.dtype]
             except Exception:
                 return None
             want = reference_lif(x, theta, decay)
-            if got.shape == (steps * x.shape[1],) and np.isin(got, (0, 1)).all() and \
-                    np.array_equal(got.reshape(steps, -1) != 0, want):
+            if (
+                got.shape == (steps * x.shape[1],)
+                and np.isin(got, (0, 1)).all()
+                and np.array_equal(got.reshape(steps, -1) != 0, want)
+            ):
                 return theta, decay, got.dtype
     return None
 
@@ -147,8 +159,14 @@ def _match_chain(g: _Graph, concat) -> dict | None:
     theta, decay, dtype = identified
     if not math.log2(decay).is_integer():
         return None  # the rescaling is exact only for power-of-two decays
-    return {"input": split.input[0], "steps": len(split.output), "theta": theta, "decay": decay,
-            "output": concat.output[0], "dtype": dtype}
+    return {
+        "input": split.input[0],
+        "steps": len(split.output),
+        "theta": theta,
+        "decay": decay,
+        "output": concat.output[0],
+        "dtype": dtype,
+    }
 
 
 def rewrite_lif(model: onnx.ModelProto) -> int:
@@ -161,16 +179,21 @@ def rewrite_lif(model: onnx.ModelProto) -> int:
     if not chains:
         return 0
     first = chains[0]
-    if any((c["steps"], c["theta"], c["decay"]) != (first["steps"], first["theta"], first["decay"])
-           for c in chains):
+    if any(
+        (c["steps"], c["theta"], c["decay"]) != (first["steps"], first["theta"], first["decay"])
+        for c in chains
+    ):
         return 0
     steps, theta, decay = first["steps"], first["theta"], first["decay"]
     prefix = "lif_fast"
     # Step t's input scale (-1/decay^t) and firing level (-theta/decay^t), one row per step of
     # the [T, rest] view every chain takes of its input (any layout: rows stay T-major).
-    growth = np.array([decay ** -t for t in range(steps)], np.float32).reshape(steps, 1)
-    consts = {f"{prefix}_scale": -growth, f"{prefix}_fire": -theta * growth,
-              f"{prefix}_steps": np.array([steps, -1], np.int64)}
+    growth = np.array([decay**-t for t in range(steps)], np.float32).reshape(steps, 1)
+    consts = {
+        f"{prefix}_scale": -growth,
+        f"{prefix}_fire": -theta * growth,
+        f"{prefix}_steps": np.array([steps, -1], np.int64),
+    }
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -193,24 +216,37 @@ def _fast_chain(chain: dict, prefix: str, opset: int) -> list:
     steps_view, scaled = f"{base}_x", f"{base}_y"
     parts = [f"{base}_y{t}" for t in range(steps)]
     equal_parts = {"num_outputs": steps} if opset >= 18 else {}
-    nodes = [helper.make_node("Reshape", [chain["input"], f"{prefix}_steps"], [steps_view]),
-             helper.make_node("Mul", [steps_view, f"{prefix}_scale"], [scaled]),
-             helper.make_node("Split", [scaled], parts, axis=0, **equal_parts)]
+    nodes = [
+        helper.make_node("Reshape", [chain["input"], f"{prefix}_steps"], [steps_view]),
+        helper.make_node("Mul", [steps_view, f"{prefix}_scale"], [scaled]),
+        helper.make_node("Split", [scaled], parts, axis=0, **equal_parts),
+    ]
     membranes = [parts[0]]
     for t in range(1, steps):
         kept, membrane = f"{base}_keep{t}", f"{base}_g{t}"
-        nodes += [helper.make_node("ThresholdedRelu", [membranes[-1]], [kept],
-                                   alpha=-theta * decay ** -(t - 1)),
-                  helper.make_node("Add", [parts[t], kept], [membrane])]
+        nodes += [
+            helper.make_node(
+                "ThresholdedRelu", [membranes[-1]], [kept], alpha=-theta * decay ** -(t - 1)
+            ),
+            helper.make_node("Add", [parts[t], kept], [membrane]),
+        ]
         membranes.append(membrane)
     fired = f"{base}_fired"
-    nodes += [helper.make_node("Concat", membranes, [f"{base}_all"], axis=0),
-              helper.make_node("LessOrEqual", [f"{base}_all", f"{prefix}_fire"], [fired]),
-              helper.make_node("Shape", [chain["input"]], [f"{base}_shape"])]
+    nodes += [
+        helper.make_node("Concat", membranes, [f"{base}_all"], axis=0),
+        helper.make_node("LessOrEqual", [f"{base}_all", f"{prefix}_fire"], [fired]),
+        helper.make_node("Shape", [chain["input"]], [f"{base}_shape"]),
+    ]
     if chain["dtype"] == np.bool_:
         nodes.append(helper.make_node("Reshape", [fired, f"{base}_shape"], [out]))
     else:
-        nodes += [helper.make_node("Reshape", [fired, f"{base}_shape"], [f"{base}_bool"]),
-                  helper.make_node("Cast", [f"{base}_bool"], [out], to=helper.np_dtype_to_tensor_dtype(
-                      np.dtype(chain["dtype"])))]
+        nodes += [
+            helper.make_node("Reshape", [fired, f"{base}_shape"], [f"{base}_bool"]),
+            helper.make_node(
+                "Cast",
+                [f"{base}_bool"],
+                [out],
+                to=helper.np_dtype_to_tensor_dtype(np.dtype(chain["dtype"])),
+            ),
+        ]
     return nodes

@@ -11,12 +11,13 @@ from the original FP32 model, and :func:`snap_to_int8_grid` puts the result exac
 grid. Such checkpoints are stored as INT8 weights with per-channel scales, which is lossless
 for them (FP16 storage would move the weights off the grid again).
 """
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -26,7 +27,6 @@ from ..device import torch_device
 from ..errors import I2EError
 from ..model.checkpoint import QMAX, load_checkpoint, save_checkpoint
 from ..model.msresnet import MSResNet
-
 
 
 def conv_bn_pairs(model: MSResNet) -> Iterator[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -86,8 +86,11 @@ def snap_to_int8_grid(model: MSResNet) -> MSResNet:
         folded = layer.weight.double() * fold
         step = folded.abs().flatten(1).amax(1).clamp_min(1e-300) / QMAX
         step = step.view_as(fold)
-        layer.weight.copy_((torch.clamp(torch.round(folded / step), -QMAX, QMAX) * step
-                            / fold).to(layer.weight.dtype))
+        layer.weight.copy_(
+            (torch.clamp(torch.round(folded / step), -QMAX, QMAX) * step / fold).to(
+                layer.weight.dtype
+            )
+        )
     return model
 
 
@@ -104,20 +107,31 @@ def grid_error(model: MSResNet) -> float:
     return worst
 
 
-def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
-                  output: str | os.PathLike, *, steps: int = 500, batch: int = 32,
-                  lr: float = 1e-3, temperature: float = 2.0, label_weight: float = 0.5,
-                  workers: int = 2, seed: int = 0, device: str = "cpu", log=print) -> Path:
+def finetune_int8(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    steps: int = 500,
+    batch: int = 32,
+    lr: float = 1e-3,
+    temperature: float = 2.0,
+    label_weight: float = 0.5,
+    workers: int = 2,
+    seed: int = 0,
+    device: str = "cpu",
+    log=print,
+) -> Path:
     """Quantization-aware fine-tuning of ``checkpoint`` on the training images of ``data``
     (an ImageFolder; the held-out split named by the card's provenance is excluded), then
     :func:`snap_to_int8_grid`; writes a checkpoint (INT8 weight storage) whose INT8 graph
-    equals its FP32 graph (float32 throughout: the rounding is what is learnt). The loss distils the original model's logits (temperature-scaled KL) plus
+    equals its FP32 graph (float32 throughout: the rounding is what is learnt). The loss distils
+    the original model's logits (temperature-scaled KL) plus
     ``label_weight`` x cross-entropy on the labels."""
     from torch.utils.data import DataLoader
 
     from ..images import Readable, skip_unreadable
-    from ..training.data import Subset, image_folder, source_size, split_indices, \
-        train_transform
+    from ..training.data import Subset, image_folder, source_size, split_indices, train_transform
 
     if steps < 1 or batch < 1:
         raise I2EError("--steps and --batch must be at least 1")
@@ -131,21 +145,34 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
     names = card.class_names or [str(i) for i in range(card.num_classes)]
     unknown = [c for c in folder.classes if c not in names]
     if unknown:
-        raise I2EError(f"{data}: class folder(s) {', '.join(unknown[:3])} are not classes of "
-                       f"the model ({', '.join(names[:5])}, ...)")
+        raise I2EError(
+            f"{data}: class folder(s) {', '.join(unknown[:3])} are not classes of "
+            f"the model ({', '.join(names[:5])}, ...)"
+        )
     to_model_label = torch.tensor([names.index(c) for c in folder.classes], device=run_on)
     train_idx = list(range(len(folder)))
     held = card.provenance.get("val_split")
     if held:
         if (held if held >= 1 else held * len(folder)) >= len(folder):
-            raise I2EError(f"{data} has {len(folder)} images and the model's card holds out "
-                           f"{held:g} of its training folder: give the folder it was trained on")
+            raise I2EError(
+                f"{data} has {len(folder)} images and the model's card holds out "
+                f"{held:g} of its training folder: give the folder it was trained on"
+            )
         train_idx, _ = split_indices(folder.targets, held, card.provenance.get("seed", 0))
     style = card.provenance.get("augment", "cifar")
     dataset = Subset(folder, train_idx, train_transform(card, style, source_size(folder)))
-    loader = Readable(DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
-                                 num_workers=workers, pin_memory=run_on.type == "cuda",
-                                 collate_fn=skip_unreadable), data)
+    loader = Readable(
+        DataLoader(
+            dataset,
+            batch_size=batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=run_on.type == "cuda",
+            collate_fn=skip_unreadable,
+        ),
+        data,
+    )
     for layer, bn in _layers(student):
         parametrize.register_parametrization(layer, "weight", _FoldedInt8(bn))
     # Eval mode throughout: BatchNorm frozen as the deploy graph folds it, the converter's
@@ -161,10 +188,15 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
             with torch.no_grad():
                 target = torch.softmax(teacher(images) / temperature, dim=1)
             logits = student(images)
-            distill = nn.functional.kl_div(torch.log_softmax(logits / temperature, dim=1),
-                                           target, reduction="batchmean") * temperature ** 2
+            distill = (
+                nn.functional.kl_div(
+                    torch.log_softmax(logits / temperature, dim=1), target, reduction="batchmean"
+                )
+                * temperature**2
+            )
             loss = distill + label_weight * nn.functional.cross_entropy(
-                logits, to_model_label[labels])
+                logits, to_model_label[labels]
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -172,8 +204,10 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
             step += 1
             if step % 25 == 0 or step == steps:
                 agree = (logits.argmax(1) == target.argmax(1)).float().mean().item()
-                log(f"qat step {step}/{steps}: loss {loss.item():.4f}, batch agreement with "
-                    f"the original {agree:.2%} ({(time.time() - began) / step:.2f} s/step)")
+                log(
+                    f"qat step {step}/{steps}: loss {loss.item():.4f}, batch agreement with "
+                    f"the original {agree:.2%} ({(time.time() - began) / step:.2f} s/step)"
+                )
             if step >= steps:
                 break
         loader.report()
@@ -181,10 +215,19 @@ def finetune_int8(checkpoint: str | os.PathLike, data: str | os.PathLike,
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
     student.cpu()
     snap_to_int8_grid(student)
-    card.provenance = {**card.provenance, "int8_exact": True,
-                       "qat": {"from": Path(checkpoint).name, "steps": steps, "batch": batch,
-                               "lr": lr, "temperature": temperature,
-                               "label_weight": label_weight, "seed": seed}}
+    card.provenance = {
+        **card.provenance,
+        "int8_exact": True,
+        "qat": {
+            "from": Path(checkpoint).name,
+            "steps": steps,
+            "batch": batch,
+            "lr": lr,
+            "temperature": temperature,
+            "label_weight": label_weight,
+            "seed": seed,
+        },
+    }
     for key in ("sha256", "source", "heldout_top1", "heldout_top5", "heldout_top1_float32"):
         card.provenance.pop(key, None)  # describe the original model, not this one
     card.provenance["weights_dtype"] = "int8 per-channel (INT8-exact), BatchNorm float32"

@@ -31,6 +31,7 @@ Two flavours:
   function. Once the convs are INT8 the neuron chains dominate, so they are rewritten into
   an exact, cheaper form too (:mod:`.lif`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,16 +53,45 @@ from .graph import attribute, elem_types, merge_spike_casts, producers, remove_d
 QUANTIZED_OPS = ("Conv", "Gemm")
 MIN_GATHER_CHANNELS = 16
 # Ops that compute each element from the same element of their inputs (and scalars).
-_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Neg", "ThresholdedRelu", "Relu", "GreaterOrEqual",
-                "LessOrEqual", "Greater", "Less", "Equal", "Not", "And", "Or", "Where", "Cast",
-                "Identity", "QuantizeLinear", "DequantizeLinear")
+_ELEMENTWISE = (
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "ThresholdedRelu",
+    "Relu",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "Greater",
+    "Less",
+    "Equal",
+    "Not",
+    "And",
+    "Or",
+    "Where",
+    "Cast",
+    "Identity",
+    "QuantizeLinear",
+    "DequantizeLinear",
+)
 # Ops that move or select values without changing them: 0/1 in, 0/1 out.
-_VALUE_PRESERVING = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-                     "Slice", "Split", "Concat", "MaxPool", "Expand", "Tile", "Gather", "Pad")
-
-
-
-
+_VALUE_PRESERVING = (
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Slice",
+    "Split",
+    "Concat",
+    "MaxPool",
+    "Expand",
+    "Tile",
+    "Gather",
+    "Pad",
+)
 
 
 def is_binary(tensor: str, writers, types: dict[str, int], binary_inputs: set[str]) -> bool:
@@ -110,15 +140,15 @@ def binary_activations(model: onnx.ModelProto, card: ModelCard) -> dict[str, str
         if node.op_type not in QUANTIZED_OPS:
             continue
         if not is_binary(node.input[0], writers, types, binary_inputs):
-            raise I2EError(f"{node.name or node.op_type}: its input is not provably 0/1 spikes, "
-                           "so INT8 with exact activations does not apply; export the graph "
-                           "with `i2e-deploy export`")
+            raise I2EError(
+                f"{node.name or node.op_type}: its input is not provably 0/1 spikes, "
+                "so INT8 with exact activations does not apply; export the graph "
+                "with `i2e-deploy export`"
+            )
         found[node.name] = node.input[0]
     if not found:
         raise I2EError("the graph has no Conv/Gemm layers to quantize")
     return found
-
-
 
 
 class _OneBatchReader(CalibrationDataReader):
@@ -131,16 +161,19 @@ class _OneBatchReader(CalibrationDataReader):
         return self._feeds.pop() if self._feeds else None
 
 
-def quantize_qdq(fp32: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike,
-                 *, unsigned: bool = False) -> Path:
+def quantize_qdq(
+    fp32: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, *, unsigned: bool = False
+) -> Path:
     """The Q/DQ graph: binary Conv/Gemm inputs at scale 1 / zero point 0 (int8, or uint8 with
     ``unsigned``), weights per-channel symmetric int8, outputs and biases FP32."""
     model = fp32 if isinstance(fp32, onnx.ModelProto) else onnx.load(str(fp32))
     card = onnx_card(metadata_of(model))
     activations = binary_activations(model, card)
     zero = np.array(0, np.uint8 if unsigned else np.int8)
-    overrides = {tensor: [{"scale": np.array(1.0, np.float32), "zero_point": zero}]
-                 for tensor in set(activations.values())}
+    overrides = {
+        tensor: [{"scale": np.array(1.0, np.float32), "zero_point": zero}]
+        for tensor in set(activations.values())
+    }
     reader = _OneBatchReader({model.graph.input[0].name: _zero_input(model)})
     output = Path(output)
     root = logging.getLogger()
@@ -151,14 +184,22 @@ def quantize_qdq(fp32: str | os.PathLike | onnx.ModelProto, output: str | os.Pat
         root.setLevel(logging.ERROR)  # quantize_static advises pre-processing we do not need
         try:
             quantize_static(
-                str(source), str(output), reader, quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=list(activations),
+                str(source),
+                str(output),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                nodes_to_quantize=list(activations),
                 per_channel=True,
                 activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
-                extra_options={"WeightSymmetric": True, "QuantizeBias": False,
-                               "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
-                               "TensorQuantOverrides": overrides})
+                extra_options={
+                    "WeightSymmetric": True,
+                    "QuantizeBias": False,
+                    "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                    "TensorQuantOverrides": overrides,
+                },
+            )
         finally:
             root.setLevel(level)
     quantized = onnx.load(str(output))
@@ -186,12 +227,14 @@ def _probe_shapes(model: onnx.ModelProto, tensors: list[str]) -> dict[str, tuple
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors
-                              if t not in known)
+    probe.graph.output.extend(
+        helper.make_empty_tensor_value_info(t) for t in tensors if t not in known
+    )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in session.get_outputs()]
     results = session.run(None, {model.graph.input[0].name: _zero_input(model)})
     return {name: value.shape for name, value in zip(names, results) if name in tensors}
@@ -245,13 +288,17 @@ class _Lowering:
         quantize = self.producers[dq_input]
         source = quantize.input[0]
         cast = self.producers.get(source)
-        if cast is not None and cast.op_type == "Cast" and \
-                self.types.get(cast.input[0]) == TensorProto.BOOL:
+        if (
+            cast is not None
+            and cast.op_type == "Cast"
+            and self.types.get(cast.input[0]) == TensorProto.BOOL
+        ):
             spikes = cast.input[0]
             if spikes not in self.uint8:
                 self.uint8[spikes] = self.fresh(source + "_u8")
-                nodes.append(helper.make_node("Cast", [spikes], [self.uint8[spikes]],
-                                              to=TensorProto.UINT8))
+                nodes.append(
+                    helper.make_node("Cast", [spikes], [self.uint8[spikes]], to=TensorProto.UINT8)
+                )
                 if spikes in self.rows:
                     self.rows[self.uint8[spikes]] = self.rows[spikes]
             return self.uint8[spikes]
@@ -263,8 +310,10 @@ class _Lowering:
             raise I2EError(f"{node.name}: input is not dequantized; not a Q/DQ graph")
         q_tensor, scale, zero_point, _ = found
         if float(scale) != 1.0 or int(zero_point) != 0:
-            raise I2EError(f"{node.name}: activation scale {scale}/zero point {zero_point} is not "
-                           "the exact 0/1 encoding")
+            raise I2EError(
+                f"{node.name}: activation scale {scale}/zero point {zero_point} is not "
+                "the exact 0/1 encoding"
+            )
         return self.uint8_source(q_tensor, nodes)
 
     def weights(self, node, transpose_gemm: bool = False):
@@ -275,27 +324,42 @@ class _Lowering:
         weight = self.array(w_name)
         if weight.dtype != np.int8 or np.any(zero_point != 0):
             raise I2EError(f"{node.name}: weights must be symmetric int8")
-        bias = self.array(node.input[2]).astype(np.float32) if len(node.input) > 2 and \
-            node.input[2] else np.zeros(weight.shape[0], np.float32)
+        bias = (
+            self.array(node.input[2]).astype(np.float32)
+            if len(node.input) > 2 and node.input[2]
+            else np.zeros(weight.shape[0], np.float32)
+        )
         scale = np.broadcast_to(scale.astype(np.float32), (weight.shape[0],)).copy()
         return weight, scale, bias
 
     def matmul(self, col: str, weight_kn: np.ndarray, scale, bias, out: str, nodes, hint):
-        nodes.append(helper.make_node(
-            "MatMulIntegerToFloat",
-            [col, self.const(np.ascontiguousarray(weight_kn), hint + "_w"),
-             self.const(np.array(1.0, np.float32), hint + "_as"), self.const(scale, hint + "_ws"),
-             self.const(np.array(0, np.uint8), hint + "_azp"),
-             self.const(np.array(0, np.int8), hint + "_wzp"),
-             self.const(bias, hint + "_b")],
-            [out], domain="com.microsoft", name=hint + "_matmul"))
+        nodes.append(
+            helper.make_node(
+                "MatMulIntegerToFloat",
+                [
+                    col,
+                    self.const(np.ascontiguousarray(weight_kn), hint + "_w"),
+                    self.const(np.array(1.0, np.float32), hint + "_as"),
+                    self.const(scale, hint + "_ws"),
+                    self.const(np.array(0, np.uint8), hint + "_azp"),
+                    self.const(np.array(0, np.int8), hint + "_wzp"),
+                    self.const(bias, hint + "_b"),
+                ],
+                [out],
+                domain="com.microsoft",
+                name=hint + "_matmul",
+            )
+        )
 
     def conv(self, node, in_shape, nodes: list) -> None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         weight, scale, bias = self.weights(node)
         out_ch, in_ch, kh, kw = weight.shape
-        if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])) \
-                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if (
+            attrs.get("group", 1) != 1
+            or any(d != 1 for d in attrs.get("dilations", [1, 1]))
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        ):
             raise I2EError(f"{node.name}: only plain convolutions are lowered")
         hint = node.name.strip("/").replace("/", "_") or "conv"
         if in_ch < MIN_GATHER_CHANNELS:
@@ -303,9 +367,16 @@ class _Lowering:
             # conv (the 2-channel stem): run the dequantized weights on the exact 0/1 input.
             float_input = self.producers[self.producers[node.input[0]].input[0]].input[0]
             dequantized = weight.astype(np.float32) * scale.reshape(-1, 1, 1, 1)
-            conv = helper.make_node("Conv", [float_input, self.const(dequantized, hint + "_wdq"),
-                                             self.const(bias, hint + "_b")], list(node.output),
-                                    name=node.name)
+            conv = helper.make_node(
+                "Conv",
+                [
+                    float_input,
+                    self.const(dequantized, hint + "_wdq"),
+                    self.const(bias, hint + "_b"),
+                ],
+                list(node.output),
+                name=node.name,
+            )
             conv.attribute.extend(node.attribute)
             nodes.append(conv)
             return
@@ -316,10 +387,12 @@ class _Lowering:
         ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
         # Taps that read padding for every output pixel (a 3x3 conv on a 1x1 map keeps only
         # its centre) add nothing: leave them out of the GEMM.
-        rows_used = [k for k in range(kh) if any(top <= y * sh + k < top + height
-                                                 for y in range(ho))]
-        cols_used = [k for k in range(kw) if any(left <= x * sw + k < left + width
-                                                 for x in range(wo))]
+        rows_used = [
+            k for k in range(kh) if any(top <= y * sh + k < top + height for y in range(ho))
+        ]
+        cols_used = [
+            k for k in range(kw) if any(left <= x * sw + k < left + width for x in range(wo))
+        ]
         taps = [(ky, kx) for ky in rows_used for kx in cols_used]
         source = self.activation(node, nodes)
         self.rows[node.output[0]] = (out_ch, ho, wo)  # the GEMM's rows are the output
@@ -337,30 +410,70 @@ class _Lowering:
                             if 0 <= iy < height and 0 <= ix < width:
                                 dense[iy, ix, :, y, x, :] = weight[:, :, ky, kx].T
             images, out_images = self.fresh(hint + "_img"), self.fresh(hint + "_mm")
-            nodes.append(helper.make_node("Reshape", [self.nhwc_of(source, nodes), self.const(
-                np.array([-1, height * width * channels], np.int64), hint + "_ri")], [images]))
-            self.matmul(images, dense.reshape(height * width * channels, -1), np.tile(scale, ho * wo),
-                        np.tile(bias, ho * wo), out_images, nodes, hint)
-            nodes.append(helper.make_node("Reshape", [out_images, self.const(
-                np.array([-1, out_ch], np.int64), hint + "_ro")], list(node.output)))
+            nodes.append(
+                helper.make_node(
+                    "Reshape",
+                    [
+                        self.nhwc_of(source, nodes),
+                        self.const(
+                            np.array([-1, height * width * channels], np.int64), hint + "_ri"
+                        ),
+                    ],
+                    [images],
+                )
+            )
+            self.matmul(
+                images,
+                dense.reshape(height * width * channels, -1),
+                np.tile(scale, ho * wo),
+                np.tile(bias, ho * wo),
+                out_images,
+                nodes,
+                hint,
+            )
+            nodes.append(
+                helper.make_node(
+                    "Reshape",
+                    [out_images, self.const(np.array([-1, out_ch], np.int64), hint + "_ro")],
+                    list(node.output),
+                )
+            )
             return
         nhwc = self.nhwc_of(source, nodes)
         if top or left or bottom or right:
             padded = self.fresh(hint + "_pad")
-            nodes.append(helper.make_node(
-                "Pad", [nhwc, self.const(np.array([0, top, left, 0, 0, bottom, right, 0],
-                                                  np.int64), hint + "_pads")], [padded]))
+            nodes.append(
+                helper.make_node(
+                    "Pad",
+                    [
+                        nhwc,
+                        self.const(
+                            np.array([0, top, left, 0, 0, bottom, right, 0], np.int64),
+                            hint + "_pads",
+                        ),
+                    ],
+                    [padded],
+                )
+            )
         else:
             padded = nhwc
         if taps == [(0, 0)] and kh == kw == 1:
             patches = padded
             if sh != 1 or sw != 1:
                 patches = self.fresh(hint + "_strided")
-                nodes.append(helper.make_node(
-                    "Slice", [padded, self.const(np.array([0, 0], np.int64), hint + "_s0"),
-                              self.const(np.array([hp, wp], np.int64), hint + "_s1"),
-                              self.const(np.array([1, 2], np.int64), hint + "_ax"),
-                              self.const(np.array([sh, sw], np.int64), hint + "_st")], [patches]))
+                nodes.append(
+                    helper.make_node(
+                        "Slice",
+                        [
+                            padded,
+                            self.const(np.array([0, 0], np.int64), hint + "_s0"),
+                            self.const(np.array([hp, wp], np.int64), hint + "_s1"),
+                            self.const(np.array([1, 2], np.int64), hint + "_ax"),
+                            self.const(np.array([sh, sw], np.int64), hint + "_st"),
+                        ],
+                        [patches],
+                    )
+                )
         else:
             # im2col as one Gather: row (y, x) of the patch matrix lists the input pixels of
             # output pixel (y, x) under each kept tap (ky, kx order); channels stay innermost.
@@ -370,17 +483,26 @@ class _Lowering:
             index = (starts + offsets.reshape(1, -1)).reshape(-1)
             flat, patches = self.fresh(hint + "_flat"), self.fresh(hint + "_gather")
             nodes += [
-                helper.make_node("Reshape", [padded, self.const(np.array([0, hp * wp, channels],
-                                                                         np.int64), hint + "_r1")],
-                                 [flat]),
-                helper.make_node("Gather", [flat, self.const(index, hint + "_idx")], [patches],
-                                 axis=1)]
+                helper.make_node(
+                    "Reshape",
+                    [padded, self.const(np.array([0, hp * wp, channels], np.int64), hint + "_r1")],
+                    [flat],
+                ),
+                helper.make_node(
+                    "Gather", [flat, self.const(index, hint + "_idx")], [patches], axis=1
+                ),
+            ]
         # One 2-D GEMM over all (time, image, pixel) rows: batch dimensions would split it
         # into many small ones. Its [rows, channels] output is what the neurons and residual
         # sums read next (see run()).
         patch_rows = self.fresh(hint + "_rows")
-        nodes.append(helper.make_node("Reshape", [patches, self.const(
-            np.array([-1, len(taps) * channels], np.int64), hint + "_r2")], [patch_rows]))
+        nodes.append(
+            helper.make_node(
+                "Reshape",
+                [patches, self.const(np.array([-1, len(taps) * channels], np.int64), hint + "_r2")],
+                [patch_rows],
+            )
+        )
         weight_kn = np.concatenate([weight[:, :, ky, kx].T for ky, kx in taps])
         self.matmul(patch_rows, weight_kn, scale, bias, node.output[0], nodes, hint)
 
@@ -391,8 +513,16 @@ class _Lowering:
             nhwc = self.fresh(source + "_nhwc")
             if source in self.rows:
                 channels, height, width = self.rows[source]
-                nodes.append(helper.make_node("Reshape", [source, self.const(
-                    np.array([-1, height, width, channels], np.int64), "nhwc")], [nhwc]))
+                nodes.append(
+                    helper.make_node(
+                        "Reshape",
+                        [
+                            source,
+                            self.const(np.array([-1, height, width, channels], np.int64), "nhwc"),
+                        ],
+                        [nhwc],
+                    )
+                )
             else:
                 nodes.append(helper.make_node("Transpose", [source], [nhwc], perm=[0, 2, 3, 1]))
             self.uint8_nhwc[source] = nhwc
@@ -405,9 +535,14 @@ class _Lowering:
         if tensor not in self.as_rows:
             _, channels, height, width = self.shapes[tensor]
             nhwc, rows = self.fresh(tensor + "_nhwc"), self.fresh(tensor + "_rows")
-            nodes += [helper.make_node("Transpose", [tensor], [nhwc], perm=[0, 2, 3, 1]),
-                      helper.make_node("Reshape", [nhwc, self.const(
-                          np.array([-1, channels], np.int64), "rows")], [rows])]
+            nodes += [
+                helper.make_node("Transpose", [tensor], [nhwc], perm=[0, 2, 3, 1]),
+                helper.make_node(
+                    "Reshape",
+                    [nhwc, self.const(np.array([-1, channels], np.int64), "rows")],
+                    [rows],
+                ),
+            ]
             self.as_rows[tensor] = rows
             self.rows[rows] = (channels, height, width)
         return self.as_rows[tensor]
@@ -417,9 +552,14 @@ class _Lowering:
         if tensor not in self.as_nchw:
             channels, height, width = self.rows[tensor]
             nhwc, nchw = self.fresh(tensor + "_nhwc"), self.fresh(tensor + "_nchw")
-            nodes += [helper.make_node("Reshape", [tensor, self.const(
-                          np.array([-1, height, width, channels], np.int64), "nhwc")], [nhwc]),
-                      helper.make_node("Transpose", [nhwc], [nchw], perm=[0, 3, 1, 2])]
+            nodes += [
+                helper.make_node(
+                    "Reshape",
+                    [tensor, self.const(np.array([-1, height, width, channels], np.int64), "nhwc")],
+                    [nhwc],
+                ),
+                helper.make_node("Transpose", [nhwc], [nchw], perm=[0, 3, 1, 2]),
+            ]
             self.as_nchw[tensor] = nchw
         return self.as_nchw[tensor]
 
@@ -428,10 +568,14 @@ class _Lowering:
         with scalar constants, and the neurons' per-step Split / Concat on axis 0 (rows are
         T-major, so each step is a contiguous block of rows). Anything else reads NCHW."""
         data = [i for i in node.input if i and i not in self.sizes]
-        keeps = node.op_type in _ELEMENTWISE and all(self.sizes[i] == 1 for i in node.input
-                                                     if i in self.sizes)
-        if node.op_type in ("Split", "Concat") and attribute(node, "axis", 0) == 0 and \
-                (node.op_type == "Concat" or len(node.input) == 1):
+        keeps = node.op_type in _ELEMENTWISE and all(
+            self.sizes[i] == 1 for i in node.input if i in self.sizes
+        )
+        if (
+            node.op_type in ("Split", "Concat")
+            and attribute(node, "axis", 0) == 0
+            and (node.op_type == "Concat" or len(node.input) == 1)
+        ):
             keeps = True
             if node.op_type == "Split" and data[0] not in self.rows:
                 # A neuron reading NCHW (after the max pool): its spikes go to a GEMM, so
@@ -451,27 +595,42 @@ class _Lowering:
 
     def gemm(self, node, nodes: list) -> None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        if (
+            attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
             raise I2EError(f"{node.name}: only Gemm(x, W^T) + b is lowered")
         weight, scale, bias = self.weights(node)
         weight_kn = weight.T if attrs.get("transB", 0) else weight
         if not attrs.get("transB", 0):
             raise I2EError(f"{node.name}: expected a Gemm with transB=1 (PyTorch Linear)")
         hint = node.name.strip("/").replace("/", "_") or "gemm"
-        self.matmul(self.activation(node, nodes), weight_kn, scale, bias, node.output[0], nodes,
-                    hint)
+        self.matmul(
+            self.activation(node, nodes), weight_kn, scale, bias, node.output[0], nodes, hint
+        )
 
     def run(self) -> onnx.ModelProto:
         targets = [n for n in self.graph.node if n.op_type in QUANTIZED_OPS]
-        self.shapes = _probe_shapes(self.model, [n.input[0] for n in targets if n.op_type == "Conv"]
-                                    + [n.input[0] for n in self.graph.node if n.op_type == "Split"]
-                                    + [i for n in self.graph.node if n.op_type in _ELEMENTWISE
-                                       for i in n.input if i and i not in self.initializers])
+        self.shapes = _probe_shapes(
+            self.model,
+            [n.input[0] for n in targets if n.op_type == "Conv"]
+            + [n.input[0] for n in self.graph.node if n.op_type == "Split"]
+            + [
+                i
+                for n in self.graph.node
+                if n.op_type in _ELEMENTWISE
+                for i in n.input
+                if i and i not in self.initializers
+            ],
+        )
         # Element counts of the constants (initializers and Constant nodes).
         self.sizes = {i.name: int(np.prod(i.dims)) for i in self.graph.initializer}
-        self.sizes.update((n.output[0], int(np.prod(n.attribute[0].t.dims)))
-                          for n in self.graph.node
-                          if n.op_type == "Constant" and n.attribute[0].name == "value")
+        self.sizes.update(
+            (n.output[0], int(np.prod(n.attribute[0].t.dims)))
+            for n in self.graph.node
+            if n.op_type == "Constant" and n.attribute[0].name == "value"
+        )
         nodes: list = []
         for node in self.graph.node:
             if node.op_type == "Conv":
@@ -490,8 +649,6 @@ class _Lowering:
         return self.model
 
 
-
-
 def lower_for_onnxruntime(qdq: onnx.ModelProto) -> onnx.ModelProto:
     """The U8S8 ONNX Runtime CPU graph of a Q/DQ graph (see the module docstring), with the
     LIF chains in their cheaper exact form (:mod:`.lif`)."""
@@ -504,15 +661,17 @@ def lower_for_onnxruntime(qdq: onnx.ModelProto) -> onnx.ModelProto:
     return lowered
 
 
-def to_int8(fp32: str | os.PathLike, output: str | os.PathLike, *,
-            flavour: str = "onnxruntime") -> Path:
+def to_int8(
+    fp32: str | os.PathLike, output: str | os.PathLike, *, flavour: str = "onnxruntime"
+) -> Path:
     """An exported FP32 graph -> its SNN-aware INT8 graph in ``flavour`` (see
     ``artifacts.INT8_FLAVOURS``). Writes ``output`` atomically."""
     if flavour not in INT8_FLAVOURS:
         raise I2EError(f"unknown INT8 flavour {flavour!r}; choose {' or '.join(INT8_FLAVOURS)}")
     with tempfile.TemporaryDirectory() as scratch:
-        quantized = quantize_qdq(fp32, Path(scratch) / "int8.onnx",
-                                 unsigned=flavour == "onnxruntime")
+        quantized = quantize_qdq(
+            fp32, Path(scratch) / "int8.onnx", unsigned=flavour == "onnxruntime"
+        )
         if flavour == "onnxruntime":
             onnx.save(lower_for_onnxruntime(onnx.load(str(quantized))), str(quantized))
         return copy_into_place(quantized, Path(output))

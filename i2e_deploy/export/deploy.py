@@ -31,6 +31,7 @@ deploy module the shared shortcut LIF is reported under its reference name too, 
 dictionaries have the same keys and ``(a[k] == b[k]).float().mean()`` is the spike agreement
 of layer ``k``. :func:`run_with_spikes` returns the model output with them (one pass).
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,9 +72,14 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         raise ValueError("a BatchNorm without running statistics cannot be folded")
     fused = copy.deepcopy(conv).requires_grad_(False)
     weight, bias = fuse_conv_bn_weights(
-        conv.weight.double(), None if conv.bias is None else conv.bias.double(),
-        bn.running_mean.double(), bn.running_var.double(), bn.eps, bn.weight.double(),
-        bn.bias.double())
+        conv.weight.double(),
+        None if conv.bias is None else conv.bias.double(),
+        bn.running_mean.double(),
+        bn.running_var.double(),
+        bn.eps,
+        bn.weight.double(),
+        bn.bias.double(),
+    )
     fused.weight = nn.Parameter(weight.detach().to(conv.weight.dtype), requires_grad=False)
     fused.bias = nn.Parameter(bias.detach().to(conv.weight.dtype), requires_grad=False)
     return fused
@@ -118,8 +124,11 @@ class DeployBlock(nn.Module):
         self.downsample = None
         if block.downsample is not None:
             lif, conv, bn = block.downsample
-            if not (isinstance(lif, LIF) and isinstance(conv, nn.Conv2d)
-                    and isinstance(bn, nn.BatchNorm2d)):
+            if not (
+                isinstance(lif, LIF)
+                and isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+            ):
                 raise ValueError("shortcut is not LIF -> Conv2d -> BatchNorm2d")
             if (lif.tau, lif.v_threshold) != (block.sn1.tau, block.sn1.v_threshold):
                 raise ValueError("shortcut LIF differs from the block's first LIF; cannot share")
@@ -142,7 +151,7 @@ def _cell(padded: torch.Tensor, cell: tuple[int, int]) -> torch.Tensor:
     """The unpadded-size window of ``padded`` shifted to ``(row, col)`` of the 3x3
     neighbourhood; negative ends keep the slice bounds constant for any image size."""
     row, col = cell
-    return padded[:, :, row:row - 2 or None, col:col - 2 or None]
+    return padded[:, :, row : row - 2 or None, col : col - 2 or None]
 
 
 class DeployI2E(nn.Module):
@@ -154,8 +163,10 @@ class DeployI2E(nn.Module):
         check_ratio(ratio)  # at ratio <= 0 the comparisons below would not be the reference's
         self.ratio = float(ratio)
         # (b, a) cell offsets per output timestep: diff = cell(b) - cell(a).
-        self.cells = [tuple(divmod(c - 1, 3) for c in (EVAL_PAIRS[k][1], EVAL_PAIRS[k][0]))
-                      for k in TIME_ORDER]
+        self.cells = [
+            tuple(divmod(c - 1, 3) for c in (EVAL_PAIRS[k][1], EVAL_PAIRS[k][0]))
+            for k in TIME_ORDER
+        ]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:  # NHWC; max before /255 is exact (monotone)
@@ -166,11 +177,13 @@ class DeployI2E(nn.Module):
         # A flat image (range 0) has all differences 0: threshold 1 keeps it silent.
         threshold = value_range * self.ratio + (value_range <= 0).to(v.dtype)
         padded = _replicate_pad(v)
-        diffs = torch.cat([_cell(padded, b) - _cell(padded, a)
-                           for b, a in self.cells])  # [T*N, 1, H, W]
+        diffs = torch.cat(
+            [_cell(padded, b) - _cell(padded, a) for b, a in self.cells]
+        )  # [T*N, 1, H, W]
         threshold = torch.cat([threshold] * len(self.cells))
-        return torch.cat(((diffs >= threshold).to(v.dtype), (diffs <= -threshold).to(v.dtype)),
-                         dim=1)
+        return torch.cat(
+            ((diffs >= threshold).to(v.dtype), (diffs <= -threshold).to(v.dtype)), dim=1
+        )
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, T={len(self.cells)}"
@@ -188,8 +201,10 @@ class DeployMSResNet(nn.Module):
         super().__init__()
         expected = ("events",) if model.input == "events" else ("uint8", "float")
         if input_format not in expected:
-            raise ValueError(f"input format {input_format!r} does not fit a model with "
-                             f"{model.input} input; use {' or '.join(expected)}")
+            raise ValueError(
+                f"input format {input_format!r} does not fit a model with "
+                f"{model.input} input; use {' or '.join(expected)}"
+            )
         self.input_format = input_format
         self.T = model.T
         self.i2e = DeployI2E(model.i2e.ratio) if model.input == "images" else None
@@ -245,8 +260,9 @@ def converter(model: MSResNet, input_format: str = "uint8") -> DeployConverter:
 
 
 @torch.no_grad()
-def run_with_spikes(module: nn.Module, x: torch.Tensor
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def run_with_spikes(
+    module: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(module(x), spike_maps)`` from one forward pass; see :func:`spike_maps`."""
     T = module.T
     maps: dict[str, torch.Tensor] = {}
@@ -255,9 +271,13 @@ def run_with_spikes(module: nn.Module, x: torch.Tensor
     for name, sub in module.named_modules():
         if isinstance(sub, (LIF, UnrolledLIF)):
             order.append(name)
-            handles.append(sub.register_forward_hook(
-                lambda _m, _i, out, name=name: maps.__setitem__(
-                    name, out.reshape(T, -1, *out.shape[1:]).bool())))
+            handles.append(
+                sub.register_forward_hook(
+                    lambda _m, _i, out, name=name: maps.__setitem__(
+                        name, out.reshape(T, -1, *out.shape[1:]).bool()
+                    )
+                )
+            )
         elif isinstance(sub, nn.Conv2d) and name.endswith(".downsample"):
             order.append(f"{name}.0")  # the shared shortcut LIF, reference position
     try:
@@ -265,8 +285,10 @@ def run_with_spikes(module: nn.Module, x: torch.Tensor
     finally:
         for handle in handles:
             handle.remove()
-    return output, {name: maps[name] if name in maps else maps[name.rsplit(".", 2)[0] + ".sn1"]
-                    for name in order}
+    return output, {
+        name: maps[name] if name in maps else maps[name.rsplit(".", 2)[0] + ".sn1"]
+        for name in order
+    }
 
 
 def spike_maps(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -26,25 +26,26 @@ checked against TensorRT's documented ONNX support (:mod:`.tensorrt_ops`).
 This writes the graph; :func:`i2e_deploy.targets.build_artifact` is what verifies it against
 the reference model and derives the other precisions and formats from it.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ..version import __version__
 from ..artifacts import CARD_KEY, META_PREFIX, PRECISION_KEY, default_output
 from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import atomic_path
 from ..model.msresnet import MSResNet
+from ..version import __version__
 from .deploy import DeployConverter, DeployMSResNet
 from .tensorrt_ops import tensorrt_violations
 
@@ -64,11 +65,20 @@ class ExportResult:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.PathLike | None = None,
-                output: str | os.PathLike | None = None, *, input_format: str | None = None,
-                converter_only: bool = False, batch: int = 1, dynamic: bool = True,
-                opset: int = DEFAULT_OPSET, simplify: bool = False,
-                log: Callable[[str], None] | None = None, **overrides) -> ExportResult:
+def export_onnx(
+    model: MSResNet | str | os.PathLike,
+    card: ModelCard | str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    input_format: str | None = None,
+    converter_only: bool = False,
+    batch: int = 1,
+    dynamic: bool = True,
+    opset: int = DEFAULT_OPSET,
+    simplify: bool = False,
+    log: Callable[[str], None] | None = None,
+    **overrides,
+) -> ExportResult:
     """Export ``model`` (with its ``card``) to ``output``; or, given a checkpoint path,
     ``export_onnx(checkpoint, output=None, **overrides)`` loads it first (overrides as in
     :func:`~i2e_deploy.model.checkpoint.load_checkpoint`) and writes next to it by default.
@@ -92,8 +102,11 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
     graph, input_format = check_options(card, input_format, converter_only, batch, opset)
     check_writable(output)
 
-    module = (DeployConverter(card.ratio, input_format) if graph == "converter"
-              else DeployMSResNet(model.eval(), input_format))
+    module = (
+        DeployConverter(card.ratio, input_format)
+        if graph == "converter"
+        else DeployMSResNet(model.eval(), input_format)
+    )
     proto = trace(module, card, graph, input_format, batch, dynamic, opset)
     if simplify:
         proto = _simplify(proto)
@@ -105,47 +118,61 @@ def export_onnx(model: MSResNet | str | os.PathLike, card: ModelCard | str | os.
     _check(proto)
     with atomic_path(output) as tmp:
         _save(proto, tmp)
-    log(f"wrote {output} ({len(proto.graph.node)} nodes, opset {opset}, "
-        f"{'dynamic' if dynamic else f'static {batch}'} batch)")
+    log(
+        f"wrote {output} ({len(proto.graph.node)} nodes, opset {opset}, "
+        f"{'dynamic' if dynamic else f'static {batch}'} batch)"
+    )
     return ExportResult(output, graph, input_format, len(proto.graph.node), metadata)
 
 
-def check_options(card: ModelCard, input_format: str | None, converter_only: bool, batch: int,
-                  opset: int) -> tuple[str, str]:
+def check_options(
+    card: ModelCard, input_format: str | None, converter_only: bool, batch: int, opset: int
+) -> tuple[str, str]:
     """(graph kind, input format) for these options, or I2EError saying what does not fit."""
     if batch < 1:
         raise I2EError(f"--batch must be at least 1, got {batch}")
     if opset not in OPSETS:
-        raise I2EError(f"--opset {opset} is not supported; choose {OPSETS.start}.."
-                       f"{OPSETS.stop - 1} (TensorRT 8.5 / JetPack 5 reads up to 17)")
+        raise I2EError(
+            f"--opset {opset} is not supported; choose {OPSETS.start}.."
+            f"{OPSETS.stop - 1} (TensorRT 8.5 / JetPack 5 reads up to 17)"
+        )
     if card.input == "events":
         if converter_only:
-            raise I2EError("--converter-only needs an image-input model (an event-input model "
-                           "has no converter); drop --events or --converter-only")
+            raise I2EError(
+                "--converter-only needs an image-input model (an event-input model "
+                "has no converter); drop --events or --converter-only"
+            )
         if input_format not in (None, "float"):
-            raise I2EError(f"event-input graphs take float32 events; --input-format "
-                           f"{input_format} applies to image models only")
+            raise I2EError(
+                f"event-input graphs take float32 events; --input-format "
+                f"{input_format} applies to image models only"
+            )
         return "events", "events"
     input_format = input_format or "uint8"
     if input_format not in IMAGE_FORMATS:
-        raise I2EError(f"unknown input format {input_format!r}; choose uint8 (NHWC, what a "
-                       "camera gives) or float (NCHW in [0, 1])")
+        raise I2EError(
+            f"unknown input format {input_format!r}; choose uint8 (NHWC, what a "
+            "camera gives) or float (NCHW in [0, 1])"
+        )
     return ("converter" if converter_only else "images"), input_format
 
 
 def check_writable(output: Path) -> None:
     if output.is_dir():
-        raise I2EError(f"output {output} is a directory; give a file name such as "
-                       f"{output / 'model.onnx'}")
+        raise I2EError(
+            f"output {output} is a directory; give a file name such as {output / 'model.onnx'}"
+        )
     parent = output.parent
     if not parent.is_dir():
-        raise I2EError(f"output folder {parent} does not exist; create it or choose another "
-                       "--output")
+        raise I2EError(
+            f"output folder {parent} does not exist; create it or choose another --output"
+        )
     try:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as exc:
-        raise I2EError(f"cannot write to {parent} ({exc.strerror}); choose another "
-                       "--output") from None
+        raise I2EError(
+            f"cannot write to {parent} ({exc.strerror}); choose another --output"
+        ) from None
 
 
 def example_input(card: ModelCard, input_format: str, batch: int) -> torch.Tensor:
@@ -157,8 +184,15 @@ def example_input(card: ModelCard, input_format: str, batch: int) -> torch.Tenso
     return torch.zeros(batch, 3, size, size)
 
 
-def trace(module: nn.Module, card: ModelCard, graph: str, input_format: str, batch: int,
-          dynamic: bool, opset: int):
+def trace(
+    module: nn.Module,
+    card: ModelCard,
+    graph: str,
+    input_format: str,
+    batch: int,
+    dynamic: bool,
+    opset: int,
+):
     """The deploy module as an ``onnx.ModelProto`` (TorchScript exporter)."""
     import onnx
 
@@ -169,10 +203,17 @@ def trace(module: nn.Module, card: ModelCard, graph: str, input_format: str, bat
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and folding notes
         traced = Path(scratch) / "traced.onnx"
-        torch.onnx.export(module.eval(), (example_input(card, input_format, batch),), traced,
-                          dynamo=False, opset_version=opset, input_names=[input_name],
-                          output_names=[output_name], dynamic_axes=axes,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            module.eval(),
+            (example_input(card, input_format, batch),),
+            traced,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
         return onnx.load(str(traced))
 
 
@@ -186,8 +227,9 @@ def onnx_shape_inference(proto):
     import onnx
 
     try:
-        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
-                                                 data_prop=True)
+        return onnx.shape_inference.infer_shapes(
+            proto, check_type=True, strict_mode=True, data_prop=True
+        )
     except onnx.shape_inference.InferenceError as exc:
         raise RuntimeError(f"exported graph fails ONNX shape inference: {exc}") from None
 
@@ -203,25 +245,51 @@ def _save(proto, path: Path) -> None:
         fh.write(proto.SerializeToString())
 
 
-def _metadata(card: ModelCard, graph: str, input_format: str, batch: int, dynamic: bool,
-              opset: int) -> dict[str, str]:
+def _metadata(
+    card: ModelCard, graph: str, input_format: str, batch: int, dynamic: bool, opset: int
+) -> dict[str, str]:
     n = "N" if dynamic else batch
     size = card.imgsz
     if input_format == "events":
-        inp = {"name": "events", "dtype": "float32", "shape": [n, card.T, 2, size, size],
-               "layout": "N,T,polarity(ON,OFF),H,W"}
+        inp = {
+            "name": "events",
+            "dtype": "float32",
+            "shape": [n, card.T, 2, size, size],
+            "layout": "N,T,polarity(ON,OFF),H,W",
+        }
     elif input_format == "uint8":
-        inp = {"name": "images", "dtype": "uint8", "shape": [n, size, size, 3],
-               "layout": "NHWC", "color": "RGB", "range": [0, 255]}
+        inp = {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": [n, size, size, 3],
+            "layout": "NHWC",
+            "color": "RGB",
+            "range": [0, 255],
+        }
     else:
-        inp = {"name": "images", "dtype": "float32", "shape": [n, 3, size, size],
-               "layout": "NCHW", "color": "RGB", "range": [0, 1]}
+        inp = {
+            "name": "images",
+            "dtype": "float32",
+            "shape": [n, 3, size, size],
+            "layout": "NCHW",
+            "color": "RGB",
+            "range": [0, 1],
+        }
     if graph == "converter":
-        out = {"name": "events", "dtype": "uint8", "shape": [n, card.T, 2, size, size],
-               "layout": "N,T,polarity(ON,OFF),H,W", "values": [0, 1]}
+        out = {
+            "name": "events",
+            "dtype": "uint8",
+            "shape": [n, card.T, 2, size, size],
+            "layout": "N,T,polarity(ON,OFF),H,W",
+            "values": [0, 1],
+        }
     else:
-        out = {"name": "logits", "dtype": "float32", "shape": [n, card.num_classes],
-               "meaning": "mean over T of the linear head (no softmax)"}
+        out = {
+            "name": "logits",
+            "dtype": "float32",
+            "shape": [n, card.num_classes],
+            "meaning": "mean over T of the linear head (no softmax)",
+        }
     return {
         CARD_KEY: card.to_json(),
         f"{META_PREFIX}version": __version__,

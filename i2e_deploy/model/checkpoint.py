@@ -6,6 +6,7 @@ Ours may store conv / linear weights as INT8 with per-output-channel scales (``"
 and ``"weight_scales"``, outside ``"state_dict"`` so that code unaware of them fails on the
 missing keys instead of loading integers as weights), a lossless format for INT8-exact models.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,14 +37,18 @@ def _read(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         # The weights-only unpickler names the blocked GLOBAL when a file references code.
         if "GLOBAL" in str(exc):
-            raise I2EError(f"{path}: refused to load: the file holds Python objects other than "
-                           "tensors (unpickling them could run code); re-save it as a plain "
-                           "state_dict") from None
+            raise I2EError(
+                f"{path}: refused to load: the file holds Python objects other than "
+                "tensors (unpickling them could run code); re-save it as a plain "
+                "state_dict"
+            ) from None
         raise I2EError(f"{path}: not a PyTorch checkpoint (unreadable pickle data)") from None
     except Exception as exc:  # torch.load raises many types on garbage input
         detail = str(exc).strip().split(". ")[0] if isinstance(exc, RuntimeError) else ""
-        raise I2EError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or "
-                       f"another file type){': ' + detail if detail else ''}") from None
+        raise I2EError(
+            f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or "
+            f"another file type){': ' + detail if detail else ''}"
+        ) from None
 
 
 def _strip(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -53,7 +58,7 @@ def _strip(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
             raise I2EError(f"state_dict entry {key!r} is not a named tensor")
         for prefix in _PREFIXES:
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -61,12 +66,19 @@ def _strip(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
 def _split(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """(format, state_dict, extras)."""
     if not isinstance(obj, dict) or not obj:
-        raise I2EError("file is not a checkpoint: expected a dict of tensors or a dict with "
-                       "a 'state_dict' entry")
+        raise I2EError(
+            "file is not a checkpoint: expected a dict of tensors or a dict with "
+            "a 'state_dict' entry"
+        )
     if obj.get("format") == FORMAT:
-        return "i2e-deploy", {**_strip(obj["state_dict"]),
-                              **_dequantize(obj.get("int8_weights") or {},
-                                            obj.get("weight_scales") or {})}, obj
+        return (
+            "i2e-deploy",
+            {
+                **_strip(obj["state_dict"]),
+                **_dequantize(obj.get("int8_weights") or {}, obj.get("weight_scales") or {}),
+            },
+            obj,
+        )
     for key in ("state_dict", "model"):
         if isinstance(obj.get(key), dict):
             return "released", _strip(obj[key]), obj
@@ -78,17 +90,22 @@ def _split(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
 def infer_arch(state_dict: dict[str, torch.Tensor]) -> str:
     counts = []
     for stage in range(1, 5):
-        blocks = {int(m.group(1)) for k in state_dict
-                  if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        blocks = {
+            int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{stage}\.(\d+)\.", k))
+        }
         counts.append(max(blocks) + 1 if blocks else 0)
     for arch, layout in ARCHS.items():
         if tuple(counts) == layout:
             return arch
     if not any(counts):
-        raise I2EError("checkpoint has no MS-ResNet blocks (no 'layer1.0.*' keys); "
-                       "is this an I2E MS-ResNet checkpoint?")
-    raise I2EError(f"block layout {counts} matches no supported arch "
-                   f"({', '.join(f'{a}={list(l)}' for a, l in ARCHS.items())})")
+        raise I2EError(
+            "checkpoint has no MS-ResNet blocks (no 'layer1.0.*' keys); "
+            "is this an I2E MS-ResNet checkpoint?"
+        )
+    raise I2EError(
+        f"block layout {counts} matches no supported arch "
+        f"({', '.join(f'{a}={list(blocks)}' for a, blocks in ARCHS.items())})"
+    )
 
 
 def _check_keys(model: MSResNet, state_dict: dict[str, torch.Tensor]) -> None:
@@ -96,21 +113,30 @@ def _check_keys(model: MSResNet, state_dict: dict[str, torch.Tensor]) -> None:
     missing = [k for k in expected if k not in state_dict and k != "i2e.weight"]
     unexpected = [k for k in state_dict if k not in expected]
     if missing:
-        raise I2EError(f"checkpoint lacks {len(missing)} keys the model needs, e.g. "
-                       f"{missing[0]!r}")
+        raise I2EError(f"checkpoint lacks {len(missing)} keys the model needs, e.g. {missing[0]!r}")
     if unexpected:
-        raise I2EError(f"checkpoint has {len(unexpected)} keys this model does not know, e.g. "
-                       f"{unexpected[0]!r}")
+        raise I2EError(
+            f"checkpoint has {len(unexpected)} keys this model does not know, e.g. "
+            f"{unexpected[0]!r}"
+        )
     for key, value in state_dict.items():
         if value.shape != expected[key].shape:
-            raise I2EError(f"checkpoint key {key!r} has shape {list(value.shape)}, the model "
-                           f"expects {list(expected[key].shape)}")
+            raise I2EError(
+                f"checkpoint key {key!r} has shape {list(value.shape)}, the model "
+                f"expects {list(expected[key].shape)}"
+            )
 
 
-def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None,
-                    num_classes: int | None = None, ratio: float | None = None,
-                    imgsz: int | None = None, events: bool | None = None,
-                    class_names: list[str] | None = None) -> tuple[MSResNet, ModelCard]:
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    ratio: float | None = None,
+    imgsz: int | None = None,
+    events: bool | None = None,
+    class_names: list[str] | None = None,
+) -> tuple[MSResNet, ModelCard]:
     """Load any supported checkpoint as ``(model in eval mode, card)``.
 
     Values the file does not record are inferred and listed in ``card.inferred``; the keyword
@@ -142,33 +168,44 @@ def _card_from_weights(path: Path, state_dict, events: bool | None) -> ModelCard
         raise I2EError("checkpoint has no 'fc.weight'; cannot tell the number of classes")
     num_classes = int(state_dict["fc.weight"].shape[0])
     imgsz, ratio, resize = default_resolution(num_classes)
-    notes = [f"arch {arch} from the block layout",
-             f"{num_classes} classes from fc.weight",
-             f"image size {imgsz}, ratio {ratio} are the paper's defaults for {num_classes} "
-             "classes (the file does not record them; override with --imgsz/--ratio)"]
+    notes = [
+        f"arch {arch} from the block layout",
+        f"{num_classes} classes from fc.weight",
+        f"image size {imgsz}, ratio {ratio} are the paper's defaults for {num_classes} "
+        "classes (the file does not record them; override with --imgsz/--ratio)",
+    ]
     input_kind = "images"
     if events is None and "dvs" in path.name.lower():
         input_kind = "events"
         notes.append("event input guessed from 'dvs' in the file name (override with --images)")
-    return ModelCard(arch=arch, input=input_kind, num_classes=num_classes, ratio=ratio,
-                     imgsz=imgsz, resize=resize, inferred=notes)
+    return ModelCard(
+        arch=arch,
+        input=input_kind,
+        num_classes=num_classes,
+        ratio=ratio,
+        imgsz=imgsz,
+        resize=resize,
+        inferred=notes,
+    )
 
 
-def _apply_overrides(card: ModelCard, state_dict, arch, num_classes, ratio, imgsz, events,
-                     class_names) -> None:
+def _apply_overrides(
+    card: ModelCard, state_dict, arch, num_classes, ratio, imgsz, events, class_names
+) -> None:
     if arch is not None:
         if arch not in ARCHS:
             raise I2EError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         found = infer_arch(state_dict)
         if arch != found:
-            raise I2EError(f"--arch {arch} does not match the checkpoint, whose blocks are "
-                           f"{found}")
+            raise I2EError(f"--arch {arch} does not match the checkpoint, whose blocks are {found}")
         card.arch = arch
     if num_classes is not None:
         classes = int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else None
         if classes is not None and num_classes != classes:
-            raise I2EError(f"--classes {num_classes} does not match the checkpoint's fc layer "
-                           f"({classes} classes)")
+            raise I2EError(
+                f"--classes {num_classes} does not match the checkpoint's fc layer "
+                f"({classes} classes)"
+            )
     if ratio is not None:
         if not ratio > 0:
             raise I2EError(f"--ratio must be positive, got {ratio}")
@@ -185,8 +222,7 @@ def _apply_overrides(card: ModelCard, state_dict, arch, num_classes, ratio, imgs
         card.inferred = [n for n in card.inferred if "event input" not in n]
     if class_names is not None:
         if len(class_names) != card.num_classes:
-            raise I2EError(f"{len(class_names)} class names given for {card.num_classes} "
-                           "classes")
+            raise I2EError(f"{len(class_names)} class names given for {card.num_classes} classes")
         card.class_names = list(class_names)
     ModelCard.from_dict(card.to_dict())  # re-validate
 
@@ -219,36 +255,56 @@ def _quantize_weights(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]
         steps = value.float() / _broadcast(scale, value)
         off_grid = float((steps - steps.round()).abs().max())
         if off_grid > GRID_TOLERANCE:
-            raise I2EError(f"{key} is not on a per-channel INT8 grid (off by up to "
-                           f"{off_grid:.2f} steps): INT8 storage is lossless only for "
-                           "INT8-exact models; fine-tune with `i2e-deploy qat` first, or "
-                           "store float16/float32 weights")
+            raise I2EError(
+                f"{key} is not on a per-channel INT8 grid (off by up to "
+                f"{off_grid:.2f} steps): INT8 storage is lossless only for "
+                "INT8-exact models; fine-tune with `i2e-deploy qat` first, or "
+                "store float16/float32 weights"
+            )
         quantized[key] = steps.round().clamp(-QMAX, QMAX).to(torch.int8)
         scales[key] = scale
         del rest[key]
     return rest, quantized, scales
 
 
-def _dequantize(quantized: dict[str, torch.Tensor],
-                scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not isinstance(quantized, dict) or not isinstance(scales, dict) or \
-            set(quantized) != set(scales):
-        raise I2EError("checkpoint's 'int8_weights' and 'weight_scales' do not match (one "
-                       "scale vector per INT8 weight); the file is corrupt")
+def _dequantize(
+    quantized: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    if (
+        not isinstance(quantized, dict)
+        or not isinstance(scales, dict)
+        or set(quantized) != set(scales)
+    ):
+        raise I2EError(
+            "checkpoint's 'int8_weights' and 'weight_scales' do not match (one "
+            "scale vector per INT8 weight); the file is corrupt"
+        )
     out = {}
     for key, scale in scales.items():
         value = quantized[key]
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.int8 or \
-                not isinstance(scale, torch.Tensor) \
-                or scale.dim() != 1 or scale.numel() != value.shape[0]:
-            raise I2EError(f"checkpoint's INT8 weight {key!r} does not match its scales "
-                           "(one scale per output channel); the file is corrupt")
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.dtype != torch.int8
+            or not isinstance(scale, torch.Tensor)
+            or scale.dim() != 1
+            or scale.numel() != value.shape[0]
+        ):
+            raise I2EError(
+                f"checkpoint's INT8 weight {key!r} does not match its scales "
+                "(one scale per output channel); the file is corrupt"
+            )
         out[key] = value.float() * _broadcast(scale.float(), value)
     return out
 
 
-def save_checkpoint(path: str | os.PathLike, model: MSResNet, card: ModelCard, *,
-                    weights: str = "float32", extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: MSResNet,
+    card: ModelCard,
+    *,
+    weights: str = "float32",
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write our format atomically; loadable with ``weights_only=True``.
 
     ``weights``: ``float32``; ``float16`` (conv/linear/BN weights and biases, half the size);
@@ -261,14 +317,20 @@ def save_checkpoint(path: str | os.PathLike, model: MSResNet, card: ModelCard, *
     quantized: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     if weights == "float16":
-        state = {k: v.half() if v.is_floating_point() and k.endswith(("weight", "bias")) else v
-                 for k, v in state.items()}
+        state = {
+            k: v.half() if v.is_floating_point() and k.endswith(("weight", "bias")) else v
+            for k, v in state.items()
+        }
     elif weights == "int8":
         state, quantized, scales = _quantize_weights(state)
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, "card": card.to_dict(),
-               "state_dict": state,
-               **({"int8_weights": quantized, "weight_scales": scales} if scales else {}),
-               **(extra or {})}
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "card": card.to_dict(),
+        "state_dict": state,
+        **({"int8_weights": quantized, "weight_scales": scales} if scales else {}),
+        **(extra or {}),
+    }
     atomic_save(payload, path)
 
 

@@ -7,6 +7,7 @@ conv (the seven zero products add exactly) and several times cheaper.
 uint8 images on the CPU take an integer path (``convert_uint8``) that reproduces the float
 comparisons exactly through per-threshold lookup tables, and is much faster again.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,8 +62,7 @@ def intensity(images: torch.Tensor) -> torch.Tensor:
     return images.amax(dim=1, keepdim=True).float()
 
 
-def convert(images: torch.Tensor, ratio: float, pairs=EVAL_PAIRS,
-            order=TIME_ORDER) -> torch.Tensor:
+def convert(images: torch.Tensor, ratio: float, pairs=EVAL_PAIRS, order=TIME_ORDER) -> torch.Tensor:
     """Events [T, B, 2, H, W] as float 0/1 (channel 0 = ON, 1 = OFF).
 
     Deviation from the released code: a perfectly flat image (max == min) emits no events,
@@ -80,7 +80,7 @@ def convert(images: torch.Tensor, ratio: float, pairs=EVAL_PAIRS,
 
     def cell(c: int) -> torch.Tensor:
         r, q = (c - 1) // 3, (c - 1) % 3
-        return padded[:, 0, r:r + height, q:q + width]
+        return padded[:, 0, r : r + height, q : q + width]
 
     diffs = torch.stack([cell(b) - cell(a) for a, b in (pairs[k] for k in order)])  # [T,B,H,W]
     # max(D, 0) >= threshold as released: with ratio 0 every position fires both polarities.
@@ -137,8 +137,7 @@ def _column_shifts(rows: np.ndarray) -> np.ndarray:
     return shifts
 
 
-def _convert_uint8_chunk(images: np.ndarray, ratio: float, pairs, order,
-                         out: np.ndarray) -> None:
+def _convert_uint8_chunk(images: np.ndarray, ratio: float, pairs, order, out: np.ndarray) -> None:
     """Fill ``out`` [T, b, 2, H, W] (bool) with the events of ``images`` [b, H, W, 3]."""
     count, height, width, _ = images.shape
     rows = np.empty((count, height + 2, width), np.uint8)  # max over colours, rows padded
@@ -147,8 +146,10 @@ def _convert_uint8_chunk(images: np.ndarray, ratio: float, pairs, order,
     np.maximum(v, images[..., 2], out=v)
     rows[:, 0], rows[:, -1] = v[:, 0], v[:, -1]
     flat = v.reshape(count, -1)
-    value_range = (_LEVELS[torch.from_numpy(flat.max(axis=1)).long()]
-                   - _LEVELS[torch.from_numpy(flat.min(axis=1)).long()])
+    value_range = (
+        _LEVELS[torch.from_numpy(flat.max(axis=1)).long()]
+        - _LEVELS[torch.from_numpy(flat.min(axis=1)).long()]
+    )
     thresholds = _threshold(value_range, ratio).tolist()
     on_rows, off_rows = np.empty_like(rows), np.empty_like(rows)
     fire_all = []
@@ -161,15 +162,21 @@ def _convert_uint8_chunk(images: np.ndarray, ratio: float, pairs, order,
     levels, on_at, off_at = map(_column_shifts, (rows, on_rows, off_rows))
     for t, k in enumerate(order):
         (ra, ca), (rb, cb) = (divmod(c - 1, 3) for c in pairs[k])
-        level_b = levels[cb, :, rb:rb + height]
-        np.greater(level_b, on_at[ca, :, ra:ra + height], out=out[t, :, 0])
-        np.less(level_b, off_at[ca, :, ra:ra + height], out=out[t, :, 1])
+        level_b = levels[cb, :, rb : rb + height]
+        np.greater(level_b, on_at[ca, :, ra : ra + height], out=out[t, :, 0])
+        np.less(level_b, off_at[ca, :, ra : ra + height], out=out[t, :, 1])
     out[:, fire_all] = True
 
 
-def convert_uint8(images: np.ndarray, ratio: float, pairs=EVAL_PAIRS, order=TIME_ORDER,
-                  time_major: bool = True, threads: int | None = None,
-                  out: np.ndarray | None = None) -> np.ndarray:
+def convert_uint8(
+    images: np.ndarray,
+    ratio: float,
+    pairs=EVAL_PAIRS,
+    order=TIME_ORDER,
+    time_major: bool = True,
+    threads: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """uint8 NHWC RGB images -> bool events, bit-identical to ``convert``.
 
     ``[T, B, 2, H, W]``, or ``[B, T, 2, H, W]`` with ``time_major=False`` (one event
@@ -179,8 +186,9 @@ def convert_uint8(images: np.ndarray, ratio: float, pairs=EVAL_PAIRS, order=TIME
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 NHWC RGB images, got {images.dtype} "
-                         f"{tuple(images.shape)}")
+        raise ValueError(
+            f"expected uint8 NHWC RGB images, got {images.dtype} {tuple(images.shape)}"
+        )
     count, height, width, _ = images.shape
     steps = len(order)
     shape = (steps, count, 2, height, width) if time_major else (count, steps, 2, height, width)
@@ -190,7 +198,7 @@ def convert_uint8(images: np.ndarray, ratio: float, pairs=EVAL_PAIRS, order=TIME
         raise ValueError(f"out must be bool {shape}, got {out.dtype} {tuple(out.shape)}")
     view = out if time_major else out.transpose(1, 0, 2, 3, 4)
     starts = range(0, count, _CHUNK)
-    work = [(images[s:s + _CHUNK], ratio, pairs, order, view[:, s:s + _CHUNK]) for s in starts]
+    work = [(images[s : s + _CHUNK], ratio, pairs, order, view[:, s : s + _CHUNK]) for s in starts]
     threads = min(threads or torch.get_num_threads(), len(work))
     if threads <= 1:
         for item in work:

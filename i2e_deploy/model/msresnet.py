@@ -3,6 +3,7 @@
 Tensors flow with time folded into the batch, ``[T*B, C, H, W]`` (T-major); only the LIF
 neurons unfold it. Module names equal the released checkpoints' keys.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..card import ARCHS, ModelCard
-from .converter import I2E, T as DEFAULT_T
+from .converter import I2E
+from .converter import T as DEFAULT_T
 from .neuron import LIF
 
 
@@ -21,21 +23,28 @@ class Conv2d(nn.Conv2d):
     Inference and export keep the whole kernel: INT8 grids are per whole kernel.
     """
 
-    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         cropped = _live_taps(input.shape[-2:], self) if self.training else None
         if cropped is None:
             return super()._conv_forward(input, weight, bias)
         (r0, r1, rpad), (c0, c1, cpad) = cropped
-        return F.conv2d(input, weight[:, :, r0:r1, c0:c1], bias, self.stride, (rpad, cpad),
-                        self.dilation, self.groups)
+        return F.conv2d(
+            input,
+            weight[:, :, r0:r1, c0:c1],
+            bias,
+            self.stride,
+            (rpad, cpad),
+            self.dilation,
+            self.groups,
+        )
 
 
 def _live_taps(size, conv: nn.Conv2d):
     """Per spatial axis ``(first tap, end tap, new padding)`` when some taps only ever read
     padding (and cropping keeps the output size), else None."""
-    if (conv.padding_mode != "zeros" or isinstance(conv.padding, str)
-            or conv.dilation != (1, 1)):
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.dilation != (1, 1):
         return None
     axes = []
     for n, k, s, p in zip(size, conv.kernel_size, conv.stride, conv.padding):
@@ -70,8 +79,10 @@ class BasicBlock(nn.Module):
         self.downsample = None
         if stride != 1 or in_planes != planes:
             self.downsample = nn.Sequential(
-                LIF(T), nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes))
+                LIF(T),
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn1(self.conv1(self.sn1(x)))
@@ -90,8 +101,14 @@ class MSResNet(nn.Module):
     layer3: nn.Sequential
     layer4: nn.Sequential
 
-    def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, ratio: float = 0.07,
-                 input: str = "images", T: int = DEFAULT_T):
+    def __init__(
+        self,
+        blocks=(2, 2, 2, 2),
+        num_classes: int = 10,
+        ratio: float = 0.07,
+        input: str = "images",
+        T: int = DEFAULT_T,
+    ):
         super().__init__()
         self.input = input
         self.T = T
@@ -103,8 +120,10 @@ class MSResNet(nn.Module):
         in_planes = 64
         for stage, (planes, count) in enumerate(zip(widths, blocks), start=1):
             stride = 1 if stage == 1 else 2
-            layers = [BasicBlock(in_planes if i == 0 else planes, planes,
-                                 stride if i == 0 else 1, T) for i in range(count)]
+            layers = [
+                BasicBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1, T)
+                for i in range(count)
+            ]
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
             in_planes = planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -119,8 +138,7 @@ class MSResNet(nn.Module):
         if self.input == "images":
             return self.i2e(x)
         if x.dim() != 5 or x.shape[1] != self.T or x.shape[2] != 2:
-            raise ValueError(f"event input must be [B, {self.T}, 2, H, W], "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"event input must be [B, {self.T}, 2, H, W], got {tuple(x.shape)}")
         return x.transpose(0, 1).float()
 
     def forward_events(self, events: torch.Tensor) -> torch.Tensor:

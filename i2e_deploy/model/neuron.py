@@ -6,6 +6,7 @@ membrane before the spike, in float32; its backward runs the time recursion once
 The membrane is float32 whatever the input dtype, and spikes come out in the input dtype
 (0 and 1 are exact in bfloat16 and float16).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,9 @@ V_THRESHOLD = 1.0
 SURROGATE_ALPHA = 2.0
 
 
-def surrogate_gradient(membrane_minus_threshold: torch.Tensor,
-                       alpha: float = SURROGATE_ALPHA) -> torch.Tensor:
+def surrogate_gradient(
+    membrane_minus_threshold: torch.Tensor, alpha: float = SURROGATE_ALPHA
+) -> torch.Tensor:
     """d spike / d h of the arctan surrogate: ``(alpha/2) / (1 + (pi/2 * alpha * x)^2)``."""
     scaled = membrane_minus_threshold * (math.pi / 2 * alpha)
     return scaled.square_().add_(1.0).reciprocal_().mul_(alpha / 2)
@@ -30,8 +32,13 @@ def _as_steps(x: torch.Tensor, T: int | None) -> torch.Tensor:
     return x if T is None else x.unflatten(0, (T, -1))
 
 
-def lif_forward(x: torch.Tensor, T: int | None, decay: float, v_threshold: float,
-                membrane: torch.Tensor | None = None) -> torch.Tensor:
+def lif_forward(
+    x: torch.Tensor,
+    T: int | None,
+    decay: float,
+    v_threshold: float,
+    membrane: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Spikes of ``x`` (layout as :func:`_as_steps`), in ``x``'s dtype and memory format.
 
     ``membrane``, when given (float32, ``x``'s shape), receives ``h`` of every step: the
@@ -45,8 +52,7 @@ def lif_forward(x: torch.Tensor, T: int | None, decay: float, v_threshold: float
     for t in range(steps.shape[0]):
         h_out = None if h_steps is None else h_steps[t]
         if v is None:
-            h = (steps[t].to(torch.float32, copy=True) if h_out is None
-                 else h_out.copy_(steps[t]))
+            h = steps[t].to(torch.float32, copy=True) if h_out is None else h_out.copy_(steps[t])
         else:
             # decay = 1/2 for tau = 2: x + decay*v is exact, as v*decay + x in the SPEC.
             h = torch.add(steps[t], v, alpha=decay, out=h_out)
@@ -66,8 +72,9 @@ class MultiStepLIF(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, T: int | None, decay: float,
-                v_threshold: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, T: int | None, decay: float, v_threshold: float
+    ) -> torch.Tensor:
         membrane = torch.empty_like(x, dtype=torch.float32)
         spikes = lif_forward(x, T, decay, v_threshold, membrane)
         ctx.save_for_backward(membrane)

@@ -1,4 +1,5 @@
 """Parameter and MAC counts of a model at its card's input size, per layer and in total."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Layer:
     'lif', 'conv', 'linear' or 'residual' (a block's membrane sum). ``macs``: dense
     multiply-accumulates per image over all T steps (conv / linear). ``source``: the spiking
     layer whose output a conv / linear reads (every one reads binary spikes)."""
+
     name: str
     kind: str
     macs: int = 0
@@ -65,17 +67,22 @@ def layer_table(card: ModelCard) -> list[Layer]:
             rows.append(Layer(name, kind, shape=shape))
             last_spikes[0] = name
         elif isinstance(module, nn.Conv2d):
-            taps = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            taps = (
+                module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            )
             rows.append(Layer(name, "conv", output.numel() * taps, last_spikes[0], per_step))
         elif isinstance(module, nn.Linear):
-            rows.append(Layer(name, "linear", output.numel() * module.in_features,
-                              last_spikes[0], per_step))
+            rows.append(
+                Layer(name, "linear", output.numel() * module.in_features, last_spikes[0], per_step)
+            )
         elif isinstance(module, BasicBlock):
             rows.append(Layer(name, "residual", shape=per_step))
 
-    handles = [m.register_forward_hook(lambda m, _i, out, name=name: hook(name, m, out))
-               for name, m in model.named_modules()
-               if isinstance(m, (I2E, LIF, nn.Conv2d, nn.Linear, BasicBlock))]
+    handles = [
+        m.register_forward_hook(lambda m, _i, out, name=name: hook(name, m, out))
+        for name, m in model.named_modules()
+        if isinstance(m, (I2E, LIF, nn.Conv2d, nn.Linear, BasicBlock))
+    ]
     try:
         model(sample)
     finally:

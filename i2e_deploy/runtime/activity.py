@@ -7,6 +7,7 @@ estimates use 45 nm figures (Horowitz, ISSCC 2014): 0.9 pJ per accumulate for th
 SOPs against 4.6 pJ per multiply-accumulate for the same network computed densely as an
 ANN; both depend on the chip, hence the parameters.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ class SpikeReader:
 
     The runner's ``infer_spikes`` names what it finds; added here: the input events of an
     event-input model (under the table's name for them, as the converter's events of an
-    image model are under 'i2e'); a downsampling block's shortcut LIF, which exported graphs run once as
+    image model are under 'i2e'); a downsampling block's shortcut LIF, which exported graphs run
+    once as
     the block's first LIF (same input, same parameters); and, for an ONNX graph whose neuron
     form the runner does not recognise (rewritten INT8 neurons), the remaining LIFs' spikes
     found by structure (:func:`.layer_times.graph_spike_tensors`): from then on one session
@@ -45,13 +47,16 @@ class SpikeReader:
             out, maps = self._run_probe(batch)
         else:
             out, maps = runner.infer_spikes(batch)
-            missing = [name for name in self.wanted if name not in maps
-                       and not name.endswith(".downsample.0")]
+            missing = [
+                name
+                for name in self.wanted
+                if name not in maps and not name.endswith(".downsample.0")
+            ]
             if missing and runner.name == "onnxruntime":
                 self._probe = _graph_probe(runner, self.table)
                 out, maps = self._run_probe(batch)
         for name in list(maps):
-            block = name[:-len(".sn1")]
+            block = name[: -len(".sn1")]
             if name.endswith(".sn1") and f"{block}.downsample.0" in self.wanted:
                 maps.setdefault(f"{block}.downsample.0", maps[name])
         if runner.card.input == "events":
@@ -67,9 +72,13 @@ class SpikeReader:
         T = self.runner.card.T
         feed = {session.get_inputs()[0].name: batch}
         first, *found = session.run([session.get_outputs()[0].name, *tensors], feed)
-        return (first.astype(np.float32, copy=False),
-                {layer: value.reshape(T, -1, *value.shape[1:])
-                 for layer, value in zip(tensors.values(), found)})
+        return (
+            first.astype(np.float32, copy=False),
+            {
+                layer: value.reshape(T, -1, *value.shape[1:])
+                for layer, value in zip(tensors.values(), found)
+            },
+        )
 
 
 def _graph_probe(runner, table: list[Layer]):
@@ -89,18 +98,23 @@ def _graph_probe(runner, table: list[Layer]):
     names = {layer.name for layer in table}
     tensors = {t: layer_name(t) for t in spike_tensors(model) if layer_name(t) in names}
     found = set(tensors.values())
-    tensors.update((t, layer) for t, layer in graph_spike_tensors(model.graph, table).items()
-                   if layer not in found)
+    tensors.update(
+        (t, layer)
+        for t, layer in graph_spike_tensors(model.graph, table).items()
+        if layer not in found
+    )
     known = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.BOOL, None)
-                              for t in tensors if t not in known)
+    model.graph.output.extend(
+        helper.make_tensor_value_info(t, TensorProto.BOOL, None) for t in tensors if t not in known
+    )
     options = ort.SessionOptions()
     options.log_severity_level = 3
     threads = runner.session.get_session_options().intra_op_num_threads
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=runner.session.get_providers())
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=runner.session.get_providers()
+    )
     return session, tensors
 
 
@@ -124,7 +138,8 @@ class ActivityCounter:
             value = maps.get(layer.name)
             if value is not None:
                 found[layer.name] = value.reshape(self.T, value.shape[1], -1).sum(
-                    -1, dtype=np.int64)
+                    -1, dtype=np.int64
+                )
         return found
 
     def add(self, maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -141,22 +156,29 @@ class ActivityCounter:
         lif = [layer.name for layer in self.spiking if layer.kind == "lif" and layer.name in counts]
         spikes = sum(counts[name].sum(0) for name in lif)
         neurons = sum(self.sizes[name] for name in lif) * self.T
-        sops = sum(layer.macs / self.T * (counts[layer.source] / self.sizes[layer.source]).sum(0)
-                   for layer in self.computing if layer.source in counts)
+        sops = sum(
+            layer.macs / self.T * (counts[layer.source] / self.sizes[layer.source]).sum(0)
+            for layer in self.computing
+            if layer.source in counts
+        )
         return np.asarray(spikes / max(neurons, 1), float), np.asarray(sops, float)
 
     def rates(self) -> dict[str, np.ndarray]:
         """Firing rate per time step ``[T]`` of every spiking layer counted."""
         if not self.images:
             return {}
-        return {name: count / (self.sizes[name] * self.images)
-                for name, count in self.spikes.items()}
+        return {
+            name: count / (self.sizes[name] * self.images) for name, count in self.spikes.items()
+        }
 
     def sops(self) -> dict[str, float]:
         """SOPs per image of every conv / linear whose input layer was counted."""
         rates = self.rates()
-        return {layer.name: float((rates[layer.source] * layer.macs / self.T).sum())
-                for layer in self.computing if layer.source in rates}
+        return {
+            layer.name: float((rates[layer.source] * layer.macs / self.T).sum())
+            for layer in self.computing
+            if layer.source in rates
+        }
 
 
 @dataclass
@@ -168,8 +190,14 @@ class Totals:
     energy_ann_pj: float
 
 
-def totals(table: list[Layer], rates: dict[str, np.ndarray], sops: dict[str, float], *,
-           energy_ac: float = ENERGY_AC_PJ, energy_mac: float = ENERGY_MAC_PJ) -> Totals:
+def totals(
+    table: list[Layer],
+    rates: dict[str, np.ndarray],
+    sops: dict[str, float],
+    *,
+    energy_ac: float = ENERGY_AC_PJ,
+    energy_mac: float = ENERGY_MAC_PJ,
+) -> Totals:
     """Totals per image: MACs, SOPs, the firing rate over all LIF neurons, and the energy of
     the SOPs as accumulates against the MACs as multiply-accumulates."""
     macs = float(sum(layer.macs for layer in table))
@@ -177,5 +205,10 @@ def totals(table: list[Layer], rates: dict[str, np.ndarray], sops: dict[str, flo
     neurons = sum(int(np.prod(layer.shape)) for layer in lif)
     fired = sum(float(rates[layer.name].mean()) * int(np.prod(layer.shape)) for layer in lif)
     total_sops = float(sum(sops.values()))
-    return Totals(macs=macs, sops=total_sops, firing_rate=fired / neurons if neurons else 0.0,
-                  energy_snn_pj=total_sops * energy_ac, energy_ann_pj=macs * energy_mac)
+    return Totals(
+        macs=macs,
+        sops=total_sops,
+        firing_rate=fired / neurons if neurons else 0.0,
+        energy_snn_pj=total_sops * energy_ac,
+        energy_ann_pj=macs * energy_mac,
+    )

@@ -12,6 +12,7 @@ Python API, in the style of jetson-inference's examples::
         for frame in source:
             sink.render(frame, model(frame))
 """
+
 from __future__ import annotations
 
 import os
@@ -37,15 +38,25 @@ class Classifier:
     a model file (run on the backend its kind names; ``i2e_deploy.targets.resolve_runner``
     picks others), or an already loaded runner (anything with ``card`` and ``infer``)."""
 
-    def __init__(self, model: str | os.PathLike | Runner, *, topk: int = 3,
-                 device: str = "cpu", threads: int | None = None, activity: bool = False,
-                 **overrides):
+    def __init__(
+        self,
+        model: str | os.PathLike | Runner,
+        *,
+        topk: int = 3,
+        device: str = "cpu",
+        threads: int | None = None,
+        activity: bool = False,
+        **overrides,
+    ):
         """``activity``: count each prediction's firing rate and synaptic operations from
         the spikes the backend computes (off by default: it costs time per frame)."""
         if topk < 1:
             raise I2EError(f"topk must be >= 1, got {topk}")
-        self.runner = load_runner(model, device=device, threads=threads, **overrides) \
-            if isinstance(model, (str, os.PathLike)) else model
+        self.runner = (
+            load_runner(model, device=device, threads=threads, **overrides)
+            if isinstance(model, (str, os.PathLike))
+            else model
+        )
         if not self.runner.name.startswith("torch"):
             try:
                 import torch
@@ -60,8 +71,10 @@ class Classifier:
         self.activity: tuple[SpikeReader, ActivityCounter] | None = None
         if activity:
             if not self.runner.exposes_spikes:
-                raise I2EError(f"the {self.runner.name} backend does not expose spike maps: "
-                               "no firing rates or SOPs; use the ONNX or PyTorch backend")
+                raise I2EError(
+                    f"the {self.runner.name} backend does not expose spike maps: "
+                    "no firing rates or SOPs; use the ONNX or PyTorch backend"
+                )
             from ..model.profile import layer_table
 
             table = layer_table(self.card)
@@ -96,10 +109,20 @@ class Classifier:
             rate, ops = counter.per_image(counter.counts(maps))
             rates, sops = rate.tolist(), ops.tolist()
         probs = softmax(logits.astype(np.float64))
-        top = np.argsort(-probs, axis=1)[:, :self.topk]
-        return [Prediction(top[i], [self.card.label(int(k)) for k in top[i]], probs[i, top[i]],
-                           logits[i], inputs[i], self.card, rates[i], sops[i])
-                for i in range(len(inputs))]
+        top = np.argsort(-probs, axis=1)[:, : self.topk]
+        return [
+            Prediction(
+                top[i],
+                [self.card.label(int(k)) for k in top[i]],
+                probs[i, top[i]],
+                logits[i],
+                inputs[i],
+                self.card,
+                rates[i],
+                sops[i],
+            )
+            for i in range(len(inputs))
+        ]
 
     def __call__(self, frame: Frame) -> Prediction:
         return self.classify([self.prepare(frame)])[0]
@@ -107,7 +130,7 @@ class Classifier:
     def close(self) -> None:
         self.runner.close()
 
-    def __enter__(self) -> "Classifier":
+    def __enter__(self) -> Classifier:
         return self
 
     def __exit__(self, *exc) -> None:

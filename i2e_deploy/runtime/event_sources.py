@@ -7,6 +7,7 @@ All of them go through one path: ``event_windows`` cuts the events into consecut
 ``window_ms`` windows of *event time* (the sensor's timestamps, not arrival time), and
 ``events_to_frames`` bins each window into the ``[T, 2, imgsz, imgsz]`` frames the model takes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -14,10 +15,11 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -38,8 +40,10 @@ def import_dv() -> ModuleType:
     try:
         import dv_processing
     except ImportError:
-        raise I2EError("AEDAT4 files, iniVation cameras and DV network streams need "
-                       "dv-processing: pip install 'i2e-deploy[events]'") from None
+        raise I2EError(
+            "AEDAT4 files, iniVation cameras and DV network streams need "
+            "dv-processing: pip install 'i2e-deploy[events]'"
+        ) from None
     return dv_processing
 
 
@@ -60,6 +64,7 @@ def _columns(batch: Any) -> Columns:
 
 # --- recordings -------------------------------------------------------------------------------
 
+
 def _read_aedat4(path: str) -> tuple[Iterator[Columns], tuple[int, int]]:
     """Event batches and the sensor size of an AEDAT4 file (dv-processing)."""
     dv = import_dv()
@@ -74,6 +79,7 @@ def _read_aedat4(path: str) -> tuple[Iterator[Columns], tuple[int, int]]:
     def batches() -> Iterator[Columns]:
         while (batch := recording.getNextEventBatch()) is not None:
             yield _columns(batch)
+
     return batches(), (int(size[0]), int(size[1]))
 
 
@@ -84,8 +90,10 @@ def _read_evt3(path: str) -> tuple[Iterator[Columns], tuple[int, int]]:
     try:
         from expelliarmus import Wizard
     except ImportError:
-        raise I2EError("reading Prophesee .raw needs the 'expelliarmus' package: "
-                       "pip install 'i2e-deploy[events]'") from None
+        raise I2EError(
+            "reading Prophesee .raw needs the 'expelliarmus' package: "
+            "pip install 'i2e-deploy[events]'"
+        ) from None
     wizard = Wizard(encoding="evt3", fpath=path, chunk_size=1 << 18)
     chunks = wizard.read_chunk()
     try:
@@ -99,6 +107,7 @@ def _read_evt3(path: str) -> tuple[Iterator[Columns], tuple[int, int]]:
     def columns() -> Iterator[Columns]:
         for events in itertools.chain([first], chunks):
             yield events["t"].astype(np.int64), events["x"], events["y"], events["p"]
+
     return columns(), size
 
 
@@ -108,8 +117,9 @@ def _evt3_header_size(path: str) -> tuple[int, int] | None:
             if not line.startswith(b"%"):
                 return None
             text = line.decode("ascii", "replace")
-            match = (re.search(r"geometry\s+(\d+)x(\d+)", text)
-                     or re.search(r"width=(\d+);height=(\d+)", text))
+            match = re.search(r"geometry\s+(\d+)x(\d+)", text) or re.search(
+                r"width=(\d+);height=(\d+)", text
+            )
             if match:
                 return int(match.group(1)), int(match.group(2))
     return None
@@ -127,15 +137,21 @@ def _read_nmnist(path: str) -> tuple[Iterator[Columns], tuple[int, int]]:
     return iter([(t, x, y, p)]), (34, 34)
 
 
-EVENT_READERS: dict[str, Reader] = {".aedat4": _read_aedat4, ".raw": _read_evt3,
-                                    ".evt3": _read_evt3, ".bin": _read_nmnist}
+EVENT_READERS: dict[str, Reader] = {
+    ".aedat4": _read_aedat4,
+    ".raw": _read_evt3,
+    ".evt3": _read_evt3,
+    ".bin": _read_nmnist,
+}
 
 
 # --- windows and event frames -----------------------------------------------------------------
 
+
 @dataclass
 class EventWindow:
     """The events with ``start_us <= t < end_us``."""
+
     start_us: int
     end_us: int
     t: np.ndarray
@@ -225,12 +241,16 @@ def render_events(x, y, p, sensor: tuple[int, int]) -> np.ndarray:
     return image
 
 
-def window_frame(window: EventWindow, index: int, sensor: tuple[int, int],
-                 card: ModelCard) -> Frame:
+def window_frame(
+    window: EventWindow, index: int, sensor: tuple[int, int], card: ModelCard
+) -> Frame:
     """One window as a frame: its picture, its model input, its span of event time."""
-    return Frame(render_events(window.x, window.y, window.p, sensor), index,
-                 events=events_to_frames(window.x, window.y, window.p, sensor, card),
-                 span_us=(window.start_us, window.end_us))
+    return Frame(
+        render_events(window.x, window.y, window.p, sensor),
+        index,
+        events=events_to_frames(window.x, window.y, window.p, sensor, card),
+        span_us=(window.start_us, window.end_us),
+    )
 
 
 def _check_window(window_ms: float) -> int:
@@ -260,6 +280,7 @@ class EventRecordingSource(Source):
 
 # --- live: iniVation cameras and DV network streams -------------------------------------------
 
+
 class LiveEventSource(Source):
     """Events arriving live, cut into windows of event time as recordings are. A capture
     thread polls the device; when it goes away it is reopened with doubling backoff
@@ -269,9 +290,17 @@ class LiveEventSource(Source):
     live = True
     poll_s = 0.002  # getNextEventBatch does not wait: it returns None until a batch is in
 
-    def __init__(self, uri: str, card: ModelCard, *, window_ms: float = 100.0,
-                 reconnect_attempts: int = 5, backoff_s: float = 0.5, timeout_s: float = 5.0,
-                 **options):
+    def __init__(
+        self,
+        uri: str,
+        card: ModelCard,
+        *,
+        window_ms: float = 100.0,
+        reconnect_attempts: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 5.0,
+        **options,
+    ):
         super().__init__(uri, **options)
         self.card = card
         self.window_us = _check_window(window_ms)
@@ -295,8 +324,10 @@ class LiveEventSource(Source):
         source = self._open()
         size = source.getEventResolution() if source.isEventStreamAvailable() else None
         if size is None:
-            raise I2EError(f"{self.uri} sends no events (frames or IMU only?); an event-input "
-                           "model needs the event stream")
+            raise I2EError(
+                f"{self.uri} sends no events (frames or IMU only?); an event-input "
+                "model needs the event stream"
+            )
         return source, (int(size[0]), int(size[1]))
 
     @property
@@ -367,8 +398,9 @@ class DvStreamSource(LiveEventSource):
         except ValueError:
             port = None
         if not address.hostname or port is None:
-            raise I2EError(f"{uri}: a DV network stream is dv://HOST:PORT, e.g. "
-                           "dv://127.0.0.1:7777")
+            raise I2EError(
+                f"{uri}: a DV network stream is dv://HOST:PORT, e.g. dv://127.0.0.1:7777"
+            )
         self.host, self.port = address.hostname, port
         super().__init__(uri, card, **options)
 
@@ -386,9 +418,11 @@ class DvStreamSource(LiveEventSource):
         try:
             conn = socket.create_connection((self.host, self.port), self.timeout_s)
         except OSError as exc:
-            raise I2EError(f"cannot connect to {self.uri}: {exc.strerror or exc}; is the sender "
-                           "(DV's network output, dv.io.NetworkWriter) running on that "
-                           "port?") from None
+            raise I2EError(
+                f"cannot connect to {self.uri}: {exc.strerror or exc}; is the sender "
+                "(DV's network output, dv.io.NetworkWriter) running on that "
+                "port?"
+            ) from None
         head = b""
         with conn:
             try:
@@ -397,8 +431,10 @@ class DvStreamSource(LiveEventSource):
             except OSError:
                 pass  # judged by what arrived
         if head[8:12] != b"IOHE":
-            raise I2EError(f"{self.uri} is not a DV event stream (no DV stream header within "
-                           f"{self.timeout_s:g} s); check the port of DV's network output")
+            raise I2EError(
+                f"{self.uri} is not a DV event stream (no DV stream header within "
+                f"{self.timeout_s:g} s); check the port of DV's network output"
+            )
 
 
 class DvCameraSource(LiveEventSource):
@@ -412,32 +448,39 @@ class DvCameraSource(LiveEventSource):
     def _open(self) -> Any:
         serials = [device.serialNumber for device in self.dv.io.camera.discover()]
         if not serials:
-            raise I2EError("no iniVation camera connected (is it plugged in, and may this "
-                           "user access it? iniVation's udev rules); for DV's network output "
-                           "use dv://HOST:PORT")
+            raise I2EError(
+                "no iniVation camera connected (is it plugged in, and may this "
+                "user access it? iniVation's udev rules); for DV's network output "
+                "use dv://HOST:PORT"
+            )
         if self.serial and self.serial not in serials:
-            raise I2EError(f"iniVation camera {self.serial} not connected; connected: "
-                           f"{', '.join(serials)}")
+            raise I2EError(
+                f"iniVation camera {self.serial} not connected; connected: {', '.join(serials)}"
+            )
         try:
             return self.dv.io.camera.open(self.serial or serials[0])
         except RuntimeError as exc:
-            raise I2EError(f"cannot open camera {self.serial or serials[0]}: "
-                           f"{_cause(exc)}") from None
+            raise I2EError(
+                f"cannot open camera {self.serial or serials[0]}: {_cause(exc)}"
+            ) from None
 
     def _lost(self) -> I2EError | None:
-        return I2EError(f"camera {self.uri} was lost and did not come back after "
-                        f"{self.reconnect_attempts} reconnect attempts")
+        return I2EError(
+            f"camera {self.uri} was lost and did not come back after "
+            f"{self.reconnect_attempts} reconnect attempts"
+        )
 
 
-def open_event_source(text: str, card: ModelCard | None, *, window_ms: float,
-                      **options) -> Source:
+def open_event_source(text: str, card: ModelCard | None, *, window_ms: float, **options) -> Source:
     """The source for a ``dv://`` or ``dvs:`` URI, or an event recording's path; ``options``
     are ``Source``'s, and for live sources ``LiveEventSource``'s reconnection options."""
     live = text.lower().startswith(LIVE_EVENT_SCHEMES)
     if card is None or card.input != "events":
         what = "a live event camera" if live else "an event-camera recording"
-        raise I2EError(f"{text} is {what}; it needs an event-input model (e.g. a CIFAR10-DVS "
-                       "checkpoint, or --events)")
+        raise I2EError(
+            f"{text} is {what}; it needs an event-input model (e.g. a CIFAR10-DVS "
+            "checkpoint, or --events)"
+        )
     if text.lower().startswith("dv://"):
         return DvStreamSource(text, card, window_ms=window_ms, **options)
     if live:

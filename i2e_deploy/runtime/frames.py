@@ -1,12 +1,13 @@
 """What flows through the stream, shared by sources, overlay, sinks and the loop: a
 ``Frame``, the ``Source`` base class that yields frames, and the ``Prediction`` made for one."""
+
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -20,6 +21,7 @@ class Frame:
     """One captured frame. ``image`` is RGB uint8 ``[H, W, 3]``; event sources also carry
     ``events``, the model input ``[T, 2, imgsz, imgsz]`` (0/1), rendered into ``image``, and
     ``span_us``, the window's event time ``[start, end)`` in sensor microseconds."""
+
     image: np.ndarray
     index: int
     timestamp: float = 0.0  # time.perf_counter() when the frame became available
@@ -51,8 +53,15 @@ class Source:
     live = False  # frames arrive in real time: the stream drops stale ones instead of waiting
     nominal_fps = 25.0
 
-    def __init__(self, uri: str, *, resolution=None, fps: float | None = None,
-                 loop: bool = False, stride: int = 1):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        resolution=None,
+        fps: float | None = None,
+        loop: bool = False,
+        stride: int = 1,
+    ):
         if stride < 1:
             raise I2EError(f"stride must be >= 1, got {stride}")
         if fps is not None and not fps > 0:
@@ -115,7 +124,7 @@ class Source:
     def close(self) -> None:
         """Release the device or file."""
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Source:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,6 +137,7 @@ class Source:
 @dataclass
 class Prediction:
     """Top-k classes of one frame, and what the network saw (for the event view)."""
+
     indices: np.ndarray
     labels: list[str]
     probs: np.ndarray

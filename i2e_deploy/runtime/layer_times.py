@@ -10,6 +10,7 @@ operation that feeds a convolution to the spiking layer the convolution reads (t
 is part of), a layout operation (im2col, reorders) to that convolution; what reaches no
 layer (pooling, the mean over T) is 'other'. Nodes the backend adds itself are 'other' too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,20 +32,63 @@ OTHER = "other"
 
 # Operator kinds, for the shares of ONNX Runtime kernel time by what the kernels do.
 OP_GROUPS = {
-    "conv / GEMM": {"Conv", "FusedConv", "MatMulIntegerToFloat", "Gemm", "MatMul", "FusedGemm",
-                    "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul"},
-    "neurons + residual sums": {"Add", "Sub", "Mul", "Neg", "ThresholdedRelu", "Where",
-                                "GreaterOrEqual", "LessOrEqual", "Greater", "Less", "Split",
-                                "Concat", "Expand", "Relu", "Sum"},
-    "im2col / layout": {"Gather", "Pad", "Reshape", "Transpose", "Slice", "Cast", "Squeeze",
-                        "Unsqueeze", "ReorderInput", "ReorderOutput", "Flatten", "Shape",
-                        "Identity", "QuantizeLinear", "DequantizeLinear"},
+    "conv / GEMM": {
+        "Conv",
+        "FusedConv",
+        "MatMulIntegerToFloat",
+        "Gemm",
+        "MatMul",
+        "FusedGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "QLinearConv",
+        "QLinearMatMul",
+    },
+    "neurons + residual sums": {
+        "Add",
+        "Sub",
+        "Mul",
+        "Neg",
+        "ThresholdedRelu",
+        "Where",
+        "GreaterOrEqual",
+        "LessOrEqual",
+        "Greater",
+        "Less",
+        "Split",
+        "Concat",
+        "Expand",
+        "Relu",
+        "Sum",
+    },
+    "im2col / layout": {
+        "Gather",
+        "Pad",
+        "Reshape",
+        "Transpose",
+        "Slice",
+        "Cast",
+        "Squeeze",
+        "Unsqueeze",
+        "ReorderInput",
+        "ReorderOutput",
+        "Flatten",
+        "Shape",
+        "Identity",
+        "QuantizeLinear",
+        "DequantizeLinear",
+    },
 }
 LAYOUT_OPS = OP_GROUPS["im2col / layout"] - {"Cast"}
 
 # What each layer kind's time is shown as.
-SHARE_OF_KIND = {"events": "converter", "conv": "conv / linear", "linear": "conv / linear",
-                 "lif": "neurons", "residual": "residual sums"}
+SHARE_OF_KIND = {
+    "events": "converter",
+    "conv": "conv / linear",
+    "linear": "conv / linear",
+    "lif": "neurons",
+    "residual": "residual sums",
+}
 SHARES = ("converter", "conv / linear", "neurons", "residual sums", OTHER)
 
 
@@ -57,6 +101,7 @@ class LayerTimes:
     """Milliseconds per inference call (per node or module the median over the profiled
     calls, summed): per layer (the table's names, plus 'other'), per
     share (:data:`SHARES`), per operator group (ONNX Runtime), and the profiled total."""
+
     backend: str
     batch: int
     runs: int
@@ -70,9 +115,15 @@ class LayerTimes:
         return sum(self.per_layer.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "batch": self.batch, "runs": self.runs,
-                "total_ms": self.total_ms, "shares_ms": self.shares,
-                "op_groups_ms": self.op_groups, "note": self.note}
+        return {
+            "backend": self.backend,
+            "batch": self.batch,
+            "runs": self.runs,
+            "total_ms": self.total_ms,
+            "shares_ms": self.shares,
+            "op_groups_ms": self.op_groups,
+            "note": self.note,
+        }
 
 
 def _medians(values: dict[str, list[float]]) -> dict[str, float]:
@@ -90,6 +141,7 @@ def _shares(table: list[Layer], per_layer: dict[str, float]) -> dict[str, float]
 
 
 # --- name matching ----------------------------------------------------------------------------
+
 
 class LayerNames:
     """Finds the table layer a node or engine-layer name carries (longest match wins, on
@@ -154,8 +206,9 @@ def attribute_nodes(graph, table: list[Layer]) -> list[str]:
         if node.op_type in LAYOUT_OPS:
             layer = below if below_kind in ("conv", "linear") else above
         elif op_group(node.op_type) == "neurons + residual sums" or node.op_type == "Cast":
-            layer = names.sources.get(below) if below_kind in ("conv", "linear") and below \
-                else below
+            layer = (
+                names.sources.get(below) if below_kind in ("conv", "linear") and below else below
+            )
         else:
             layer = None
         found.append(layer or OTHER)
@@ -178,19 +231,20 @@ def graph_spike_tensors(graph, table: list[Layer]) -> dict[str, str]:
             consumers.setdefault(tensor, []).append(node)
 
     def joined(tensor: str, depth: int = 0) -> bool:
-        return any(c.op_type == "Concat" or (c.op_type == "Cast" and depth == 0
-                                             and joined(c.output[0], 1))
-                   for c in consumers.get(tensor, []))
+        return any(
+            c.op_type == "Concat" or (c.op_type == "Cast" and depth == 0 and joined(c.output[0], 1))
+            for c in consumers.get(tensor, [])
+        )
 
     found: dict[str, list[str]] = {}
     for node, layer in zip(graph.node, layers):
-        if node.op_type in COMPARISONS and kinds.get(layer) == "lif" \
-                and not joined(node.output[0]):
+        if node.op_type in COMPARISONS and kinds.get(layer) == "lif" and not joined(node.output[0]):
             found.setdefault(layer, []).append(node.output[0])
     return {tensors[0]: layer for layer, tensors in found.items() if len(tensors) == 1}
 
 
 # --- ONNX Runtime -----------------------------------------------------------------------------
+
 
 def tagged_graph(path: str | Path, table: list[Layer]):
     """The graph at ``path`` with every node and intermediate tensor renamed
@@ -217,9 +271,15 @@ def tagged_graph(path: str | Path, table: list[Layer]):
     return model
 
 
-def profile_events(model_bytes: bytes, feed: dict[str, np.ndarray], runs: int, *,
-                   threads: int | None = None, providers: list | None = None,
-                   optimization: Any = None) -> list[dict]:
+def profile_events(
+    model_bytes: bytes,
+    feed: dict[str, np.ndarray],
+    runs: int,
+    *,
+    threads: int | None = None,
+    providers: list | None = None,
+    optimization: Any = None,
+) -> list[dict]:
     """ONNX Runtime's profiler events of the kernels of ``runs`` calls (after one untimed
     call): ``{'node', 'op', 'ms', 'run'}`` each."""
     import onnxruntime as ort
@@ -233,29 +293,42 @@ def profile_events(model_bytes: bytes, feed: dict[str, np.ndarray], runs: int, *
         options.graph_optimization_level = optimization
     with tempfile.TemporaryDirectory() as scratch:
         options.profile_file_prefix = str(Path(scratch) / "profile")
-        session = ort.InferenceSession(model_bytes, options,
-                                       providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model_bytes, options, providers=providers or ["CPUExecutionProvider"]
+        )
         for _ in range(runs + 1):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
-    kernels = sorted((e for e in events
-                      if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
-                     key=lambda e: e["ts"])
+    kernels = sorted(
+        (e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
+        key=lambda e: e["ts"],
+    )
     # The first call allocates and plans: drop its share (every call runs the same kernels).
     per_run = len(kernels) // (runs + 1)
-    return [{"node": e["name"][:-len("_kernel_time")], "op": e["args"].get("op_name", ""),
-             "ms": e["dur"] / 1e3, "run": i // per_run - 1}
-            for i, e in enumerate(kernels) if i >= per_run]
+    return [
+        {
+            "node": e["name"][: -len("_kernel_time")],
+            "op": e["args"].get("op_name", ""),
+            "ms": e["dur"] / 1e3,
+            "run": i // per_run - 1,
+        }
+        for i, e in enumerate(kernels)
+        if i >= per_run
+    ]
 
 
 def _ort_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> LayerTimes:
     model = tagged_graph(runner.path, table)
     options = runner.session.get_session_options()
     feed = {runner.session.get_inputs()[0].name: runner._adapt(batch)}
-    events = profile_events(model.SerializeToString(), feed, runs,
-                            threads=options.intra_op_num_threads,
-                            providers=runner.session.get_providers(),
-                            optimization=options.graph_optimization_level)
+    events = profile_events(
+        model.SerializeToString(),
+        feed,
+        runs,
+        threads=options.intra_op_num_threads,
+        providers=runner.session.get_providers(),
+        optimization=options.graph_optimization_level,
+    )
     known = {layer.name for layer in table}
     per_node: dict[str, list[float]] = {}
     op_of: dict[str, str] = {}
@@ -271,13 +344,21 @@ def _ort_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> Laye
         layer = layer if layer in known else OTHER
         per_layer[layer] = per_layer.get(layer, 0.0) + ms
         groups[op_group(op_of[node])] = groups.get(op_group(op_of[node]), 0.0) + ms
-    return LayerTimes("onnxruntime", len(batch), runs, per_layer, _shares(table, per_layer),
-                      groups, note="ONNX Runtime session profiling: kernel time per node; "
-                      "it adds a fixed cost per node, so small ops weigh more than in plain "
-                      "timings")
+    return LayerTimes(
+        "onnxruntime",
+        len(batch),
+        runs,
+        per_layer,
+        _shares(table, per_layer),
+        groups,
+        note="ONNX Runtime session profiling: kernel time per node; "
+        "it adds a fixed cost per node, so small ops weigh more than in plain "
+        "timings",
+    )
 
 
 # --- PyTorch ----------------------------------------------------------------------------------
+
 
 def _torch_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> LayerTimes:
     """torch.profiler over ``record_function`` ranges opened per module: a BatchNorm's time
@@ -334,7 +415,7 @@ def _torch_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> La
     for event in prof.events():
         if event.name.startswith(tag):
             us = event.device_time_total if cuda else event.cpu_time_total
-            times.setdefault(event.name[len(tag):], []).append(us / 1e3)
+            times.setdefault(event.name[len(tag) :], []).append(us / 1e3)
     spent = _medians(times)
     per_layer: dict[str, float] = {}
     for label, ms in spent.items():
@@ -344,14 +425,24 @@ def _torch_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> La
         per_layer[name] = per_layer.get(name, 0.0) + ms
     for name, kind in kinds.items():  # a block's own time: its ranges minus its modules'
         if kind == "residual" and name in per_layer:
-            inner = sum(ms for other, ms in per_layer.items()
-                        if other.startswith(name + ".") and kinds.get(other) != "residual")
+            inner = sum(
+                ms
+                for other, ms in per_layer.items()
+                if other.startswith(name + ".") and kinds.get(other) != "residual"
+            )
             per_layer[name] -= inner
     per_layer[OTHER] = max(spent.get("#total", 0.0) - sum(per_layer.values()), 0.0)
-    return LayerTimes("torch", len(batch), runs, per_layer, _shares(table, per_layer),
-                      note="PyTorch profiler: " + ("CUDA kernel" if cuda else "CPU") +
-                      " time per module; BatchNorm counted with its conv, a block's own time "
-                      "(its membrane sum and the Python around its modules) as its residual")
+    return LayerTimes(
+        "torch",
+        len(batch),
+        runs,
+        per_layer,
+        _shares(table, per_layer),
+        note="PyTorch profiler: "
+        + ("CUDA kernel" if cuda else "CPU")
+        + " time per module; BatchNorm counted with its conv, a block's own time "
+        "(its membrane sum and the Python around its modules) as its residual",
+    )
 
 
 @contextlib.contextmanager
@@ -373,6 +464,7 @@ def _native_stderr_muted():
 
 
 # --- TensorRT ---------------------------------------------------------------------------------
+
 
 def _tensorrt_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> LayerTimes:
     """TensorRT's ``IProfiler`` on the engine's execution context: one time per engine layer
@@ -400,9 +492,15 @@ def _tensorrt_times(runner, batch: np.ndarray, table: list[Layer], runs: int) ->
     finally:
         context.profiler = None
     medians = _medians(per_layer)
-    return LayerTimes("tensorrt", len(batch), runs, medians, _shares(table, medians),
-                      note="TensorRT IProfiler: time per engine layer, fused layers under "
-                      "the first layer name they carry")
+    return LayerTimes(
+        "tensorrt",
+        len(batch),
+        runs,
+        medians,
+        _shares(table, medians),
+        note="TensorRT IProfiler: time per engine layer, fused layers under "
+        "the first layer name they carry",
+    )
 
 
 def layer_times(runner, batch: np.ndarray, table: list[Layer], runs: int = 10) -> LayerTimes:
@@ -410,9 +508,14 @@ def layer_times(runner, batch: np.ndarray, table: list[Layer], runs: int = 10) -
     backend's own profiler (per layer the median of ``runs`` calls after an untimed one)."""
     if runs < 1:
         raise I2EError(f"--runs must be at least 1, got {runs}")
-    timing = {"onnxruntime": _ort_times, "torch": _torch_times,
-              "tensorrt": _tensorrt_times}.get(runner.name)
+    timing = {"onnxruntime": _ort_times, "torch": _torch_times, "tensorrt": _tensorrt_times}.get(
+        runner.name
+    )
     if timing is None:
-        return LayerTimes(runner.name, len(batch), runs,
-                          note=f"the {runner.name} backend has no per-layer profiler here")
+        return LayerTimes(
+            runner.name,
+            len(batch),
+            runs,
+            note=f"the {runner.name} backend has no per-layer profiler here",
+        )
     return timing(runner, batch, table, runs)

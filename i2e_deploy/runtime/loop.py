@@ -5,6 +5,7 @@ policy (stale frames are dropped and counted), several sources micro-batched int
 inference, FPS / latency percentiles / per-stage times in bounded memory, reconnection, and a
 clean end on Ctrl-C or end of input.
 """
+
 from __future__ import annotations
 
 import queue
@@ -69,35 +70,56 @@ class StreamStats:
     def to_dict(self) -> dict:
         infer_s = self.stages["infer"].total / 1e3
         return {
-            "sources": self.sources, "backend": self.backend,
-            "frames": self.frames, "seconds": round(self.seconds, 4), "fps": round(self.fps, 3),
-            "latency_ms": {"p50": round(self.latency.percentile(50), 3),
-                           "p90": round(self.latency.percentile(90), 3),
-                           "p99": round(self.latency.percentile(99), 3),
-                           "mean": round(self.latency.mean, 3)},
+            "sources": self.sources,
+            "backend": self.backend,
+            "frames": self.frames,
+            "seconds": round(self.seconds, 4),
+            "fps": round(self.fps, 3),
+            "latency_ms": {
+                "p50": round(self.latency.percentile(50), 3),
+                "p90": round(self.latency.percentile(90), 3),
+                "p99": round(self.latency.percentile(99), 3),
+                "mean": round(self.latency.mean, 3),
+            },
             "stages_ms": {name: round(ring.mean, 3) for name, ring in self.stages.items()},
             # Share of wall time not spent inside the network: the pipeline's own cost.
             "pipeline_overhead_pct": round(100 * (1 - infer_s / self.seconds), 2)
-            if self.seconds > 0 else 0.0,
-            "dropped": self.dropped, "unreadable": self.unreadable,
-            "reconnects": self.reconnects, "interrupted": self.interrupted, "error": self.error,
-            **({"activity": {"firing_rate": self.firing_rate.mean,
-                             "sops_per_prediction": self.sops.mean}}
-               if self.firing_rate is not None and self.sops is not None else {}),
+            if self.seconds > 0
+            else 0.0,
+            "dropped": self.dropped,
+            "unreadable": self.unreadable,
+            "reconnects": self.reconnects,
+            "interrupted": self.interrupted,
+            "error": self.error,
+            **(
+                {
+                    "activity": {
+                        "firing_rate": self.firing_rate.mean,
+                        "sops_per_prediction": self.sops.mean,
+                    }
+                }
+                if self.firing_rate is not None and self.sops is not None
+                else {}
+            ),
         }
 
     def summary(self) -> str:
         d = self.to_dict()
         lat, st = d["latency_ms"], d["stages_ms"]
         end = "interrupted" if self.interrupted else ("stopped by error" if self.error else "done")
-        return (f"{end}: {self.frames} frames in {self.seconds:.1f} s = {self.fps:.1f} FPS "
-                f"({self.backend}) | latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms | "
-                f"per frame: capture {st['capture']:.1f}, preprocess {st['preprocess']:.1f}, "
-                f"infer {st['infer']:.1f}, overlay {st['overlay']:.1f}, sink {st['sink']:.1f} ms "
-                f"| dropped {self.dropped}, unreadable {self.unreadable}"
-                + (f" | LIF rate {self.firing_rate.mean:.4f}, {self.sops.mean / 1e6:.1f} M SOPs "
-                   "per prediction" if self.firing_rate is not None and self.sops is not None
-                   and self.firing_rate.count else ""))
+        return (
+            f"{end}: {self.frames} frames in {self.seconds:.1f} s = {self.fps:.1f} FPS "
+            f"({self.backend}) | latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms | "
+            f"per frame: capture {st['capture']:.1f}, preprocess {st['preprocess']:.1f}, "
+            f"infer {st['infer']:.1f}, overlay {st['overlay']:.1f}, sink {st['sink']:.1f} ms "
+            f"| dropped {self.dropped}, unreadable {self.unreadable}"
+            + (
+                f" | LIF rate {self.firing_rate.mean:.4f}, {self.sops.mean / 1e6:.1f} M SOPs "
+                "per prediction"
+                if self.firing_rate is not None and self.sops is not None and self.firing_rate.count
+                else ""
+            )
+        )
 
 
 def _activity(prediction) -> str:
@@ -183,18 +205,27 @@ class Stream:
     ``latest`` (default: for live sources) selects the latest-frame policy; ``queue_size``
     bounds each source's queue (1-2 keeps latency low)."""
 
-    def __init__(self, classifier: Classifier, sources: list[Source], sink: Sink, *,
-                 max_frames: int | None = None, queue_size: int = 1, latest: bool | None = None,
-                 show_activity: bool = False):
+    def __init__(
+        self,
+        classifier: Classifier,
+        sources: list[Source],
+        sink: Sink,
+        *,
+        max_frames: int | None = None,
+        queue_size: int = 1,
+        latest: bool | None = None,
+        show_activity: bool = False,
+    ):
         if not sources:
             raise I2EError("no source given")
         if queue_size < 1:
             raise I2EError(f"queue size must be >= 1, got {queue_size}")
         self.classifier, self.sources, self.sink = classifier, sources, sink
         self.max_frames = max_frames
-        self.captures = [_Capture(s, i, classifier.prepare, queue_size,
-                                  s.live if latest is None else latest)
-                         for i, s in enumerate(sources)]
+        self.captures = [
+            _Capture(s, i, classifier.prepare, queue_size, s.live if latest is None else latest)
+            for i, s in enumerate(sources)
+        ]
         self.stats = StreamStats([s.uri for s in sources], classifier.name)
         if classifier.activity is not None:
             self.stats.firing_rate, self.stats.sops = Ring(), Ring()
@@ -217,7 +248,7 @@ class Stream:
                     else:
                         items.append(item)
                 if self.max_frames is not None:
-                    items = items[:self.max_frames - stats.frames]
+                    items = items[: self.max_frames - stats.frames]
                 if not items:
                     continue
                 frames, inputs, prepared_ms = zip(*items)
@@ -226,10 +257,14 @@ class Stream:
                 inferred = time.perf_counter()
                 canvases: list[np.ndarray | None] = [None] * len(frames)
                 if self.sink.needs_canvas:
-                    status = f"{rate:.1f} FPS | {stats.latency.percentile(50):.0f} ms | " \
-                             f"{self.classifier.name}"
-                    canvases = [annotate(f, p, status + _activity(p) if self.show_activity
-                                         else status) for f, p in zip(frames, predictions)]
+                    status = (
+                        f"{rate:.1f} FPS | {stats.latency.percentile(50):.0f} ms | "
+                        f"{self.classifier.name}"
+                    )
+                    canvases = [
+                        annotate(f, p, status + _activity(p) if self.show_activity else status)
+                        for f, p in zip(frames, predictions)
+                    ]
                 drawn = time.perf_counter()
                 for frame, prediction, canvas in zip(frames, predictions, canvases):
                     self.sink.write(frame, prediction, canvas)
@@ -239,9 +274,11 @@ class Stream:
                     stats.latency.add((written - frame.timestamp) * 1e3)
                     stats.stages["capture"].add(frame.capture_ms)
                     stats.stages["preprocess"].add(prep_ms)
-                    for name, seconds in (("infer", inferred - prepared),
-                                          ("overlay", drawn - inferred),
-                                          ("sink", written - drawn)):
+                    for name, seconds in (
+                        ("infer", inferred - prepared),
+                        ("overlay", drawn - inferred),
+                        ("sink", written - drawn),
+                    ):
                         stats.stages[name].add(seconds * 1e3 / n)
                 stats.frames += n
                 if stats.firing_rate is not None and stats.sops is not None:

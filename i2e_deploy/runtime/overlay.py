@@ -1,5 +1,6 @@
 """Annotated view of one prediction: the frame with its top-k labels, and beside it the T
 event frames the spiking network sees (ON red, OFF blue), tiled two rows high."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -27,16 +28,27 @@ def event_tiles(events: np.ndarray, tile: int, rows: int = 2) -> np.ndarray:
     codes[:T] = events[:, 0] + 2 * events[:, 1]  # 0 none, 1 ON, 2 OFF, 3 both
     coloured = np.take(_PALETTE, codes, axis=0)  # [rows*cols, H, W, 3]; take: 5x fancy indexing
     grid = coloured.reshape(rows, cols, height, width, 3).transpose(0, 2, 1, 3, 4)
-    mosaic = cv2.resize(grid.reshape(rows * height, cols * width, 3), (cols * tile, rows * tile),
-                        interpolation=cv2.INTER_NEAREST)
+    mosaic = cv2.resize(
+        grid.reshape(rows * height, cols * width, 3),
+        (cols * tile, rows * tile),
+        interpolation=cv2.INTER_NEAREST,
+    )
     for r in range(1, rows):
         mosaic[r * tile] = BACKGROUND
     for c in range(cols + 1):
         mosaic[:, min(c * tile, cols * tile - 1)] = BACKGROUND
     for t in range(T):
         r, c = divmod(t, cols)
-        cv2.putText(mosaic, f"t{t}", (c * tile + 5, r * tile + 16), FONT, 0.4, (200, 200, 200), 1,
-                    cv2.LINE_AA)
+        cv2.putText(
+            mosaic,
+            f"t{t}",
+            (c * tile + 5, r * tile + 16),
+            FONT,
+            0.4,
+            (200, 200, 200),
+            1,
+            cv2.LINE_AA,
+        )
     return mosaic
 
 
@@ -46,13 +58,16 @@ def _panel(image_rgb: np.ndarray) -> np.ndarray:
     bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     if target != height:
         width = round(image_rgb.shape[1] * target / height)
-        bgr = cv2.resize(bgr, (width, target), interpolation=cv2.INTER_AREA if target < height
-                         else cv2.INTER_NEAREST)
+        bgr = cv2.resize(
+            bgr,
+            (width, target),
+            interpolation=cv2.INTER_AREA if target < height else cv2.INTER_NEAREST,
+        )
     return bgr
 
 
 def _shade(canvas: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
-    roi = canvas[max(y0, 0):y1, max(x0, 0):x1]
+    roi = canvas[max(y0, 0) : y1, max(x0, 0) : x1]
     roi[:] = (roi.astype(np.uint16) * 2 // 5).astype(np.uint8)
 
 
@@ -64,7 +79,7 @@ def crop_box(shape: tuple[int, int], resize: int, imgsz: int) -> tuple[int, int,
     return round(x0), round(y0), round(x0 + side), round(y0 + side)
 
 
-def annotate(frame: "Frame", prediction: "Prediction", status: str | None = None) -> np.ndarray:
+def annotate(frame: Frame, prediction: Prediction, status: str | None = None) -> np.ndarray:
     """BGR canvas: the frame (top-k labels, model's crop outlined, ``status`` at the bottom)
     and the event mosaic beside it, same height."""
     panel = _panel(frame.image)
@@ -76,8 +91,13 @@ def annotate(frame: "Frame", prediction: "Prediction", status: str | None = None
     if frame.events is None:  # image input: outline what the model actually sees
         card = prediction.card
         x0, y0, x1, y1 = crop_box(frame.image.shape[:2], card.resize, card.imgsz)
-        cv2.rectangle(panel, (round(x0 * scale), round(y0 * scale)),
-                      (round(x1 * scale) - 1, round(y1 * scale) - 1), (0, 220, 255), 1)
+        cv2.rectangle(
+            panel,
+            (round(x0 * scale), round(y0 * scale)),
+            (round(x1 * scale) - 1, round(y1 * scale) - 1),
+            (0, 220, 255),
+            1,
+        )
     lines = [f"{label} {prob:.0%}" for label, prob in zip(prediction.labels, prediction.probs)]
     text_width = max(cv2.getTextSize(t, FONT, font, thick)[0][0] for t in lines) + 16
     _shade(panel, 0, 0, text_width, line * len(lines) + 10)
@@ -87,10 +107,11 @@ def annotate(frame: "Frame", prediction: "Prediction", status: str | None = None
     if status:
         size = cv2.getTextSize(status, FONT, font * 0.8, 1)[0]
         _shade(panel, 0, height - size[1] - 14, size[0] + 16, height)
-        cv2.putText(panel, status, (8, height - 8), FONT, font * 0.8, (255, 255, 255), 1,
-                    cv2.LINE_AA)
+        cv2.putText(
+            panel, status, (8, height - 8), FONT, font * 0.8, (255, 255, 255), 1, cv2.LINE_AA
+        )
     mosaic = event_tiles(prediction.events, height // 2)
     canvas = np.full((height, width + mosaic.shape[1], 3), BACKGROUND, np.uint8)
     canvas[:, :width] = panel
-    canvas[:mosaic.shape[0], width:] = mosaic
+    canvas[: mosaic.shape[0], width:] = mosaic
     return canvas

@@ -5,6 +5,7 @@ size (what ``images.preprocess`` yields and a camera gives); a runner whose grap
 NCHW converts it. Event models take ``[N, T, 2, H, W]``. Outputs are float32 logits
 ``[N, classes]``, or the events for converter-only graphs (``runner.output == "events"``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,19 +13,16 @@ import math
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..artifacts import (PRECISION_KEY, kind_of, onnx_card, read_engine_sidecar,
-                         read_metadata)
+from ..artifacts import PRECISION_KEY, kind_of, onnx_card, read_engine_sidecar, read_metadata
 from ..card import ModelCard
 from ..device import parse_device
 from ..errors import I2EError, warn
 
 if TYPE_CHECKING:
-    import torch
-
     from ..model.msresnet import MSResNet
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -77,16 +75,21 @@ class Runner(ABC):
             return run(batch)
         results = []
         for start in range(0, len(batch), size):
-            chunk = batch[start:start + size]
+            chunk = batch[start : start + size]
             count = len(chunk)
             if count < self.min_batch:  # repeat the last input; its outputs are dropped
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.min_batch - count,
-                                                         axis=0)])
+                chunk = np.concatenate(
+                    [chunk, np.repeat(chunk[-1:], self.min_batch - count, axis=0)]
+                )
             results.append(_first(run(chunk), count))
         if isinstance(results[0], tuple):
-            return (np.concatenate([out for out, _ in results]),
-                    {name: np.concatenate([maps[name] for _, maps in results], axis=1)
-                     for name in results[0][1]})
+            return (
+                np.concatenate([out for out, _ in results]),
+                {
+                    name: np.concatenate([maps[name] for _, maps in results], axis=1)
+                    for name in results[0][1]
+                },
+            )
         return np.concatenate(results)
 
     def example_input(self, batch: int = 1) -> np.ndarray:
@@ -101,18 +104,20 @@ class Runner(ABC):
         for _ in range(iterations):
             self.infer(sample)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a no-op unless the backend holds resources)
         """Release backend resources; the runner is unusable afterwards."""
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.path.name!r}, device={self.device!r}, "
-                f"input={self.input_format}, precision={self.precision})")
+        return (
+            f"{type(self).__name__}({self.path.name!r}, device={self.device!r}, "
+            f"input={self.input_format}, precision={self.precision})"
+        )
 
     def _adapt(self, batch: np.ndarray) -> np.ndarray:
         """Check the batch against the card and convert it to the graph's input format."""
@@ -120,18 +125,26 @@ class Runner(ABC):
         if self.card.input == "events":
             expected = (self.card.T, 2, size, size)
             if batch.ndim != 5 or batch.shape[1:] != expected:
-                raise I2EError(f"event batch must be [N, {', '.join(map(str, expected))}], "
-                               f"got {list(batch.shape)}")
+                raise I2EError(
+                    f"event batch must be [N, {', '.join(map(str, expected))}], "
+                    f"got {list(batch.shape)}"
+                )
             return batch.astype(np.float32, copy=False)
         if batch.dtype == np.uint8 and batch.ndim == 4 and batch.shape[1:] == (size, size, 3):
             if self.input_format == "float":
                 return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), np.float32) / 255.0
             return np.ascontiguousarray(batch)
-        if (self.input_format == "float" and batch.dtype == np.float32 and batch.ndim == 4
-                and batch.shape[1:] == (3, size, size)):
+        if (
+            self.input_format == "float"
+            and batch.dtype == np.float32
+            and batch.ndim == 4
+            and batch.shape[1:] == (3, size, size)
+        ):
             return batch
-        raise I2EError(f"image batch must be uint8 NHWC [N, {size}, {size}, 3] (RGB), got "
-                       f"{batch.dtype} {list(batch.shape)}")
+        raise I2EError(
+            f"image batch must be uint8 NHWC [N, {size}, {size}, 3] (RGB), got "
+            f"{batch.dtype} {list(batch.shape)}"
+        )
 
 
 def _first(result, count: int):
@@ -174,8 +187,11 @@ class _CudaGraphs:
 
         self._torch, self._model, self._device = torch, model, device
         size = card.imgsz
-        self._sample = (((card.T, 2, size, size), torch.float32) if card.input == "events"
-                        else ((size, size, 3), torch.uint8))
+        self._sample = (
+            ((card.T, 2, size, size), torch.float32)
+            if card.input == "events"
+            else ((size, size, 3), torch.uint8)
+        )
         self.buckets = buckets
         self._graphs: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
 
@@ -224,9 +240,16 @@ class TorchRunner(Runner):
 
     name = "torch"
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None,
-                 graphs: bool | None = None, loaded: tuple[MSResNet, ModelCard] | None = None,
-                 buckets: tuple[int, ...] = GRAPH_BUCKETS, **overrides):
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        graphs: bool | None = None,
+        loaded: tuple[MSResNet, ModelCard] | None = None,
+        buckets: tuple[int, ...] = GRAPH_BUCKETS,
+        **overrides,
+    ):
         """``loaded``: an already loaded ``(model, card)`` pair instead of ``path``'s."""
         import torch
 
@@ -235,7 +258,9 @@ class TorchRunner(Runner):
         super().__init__(path, device)
         kind, index = parse_device(device)
         if kind == "cuda" and not torch.cuda.is_available():
-            raise I2EError(f"device {device} requested but PyTorch sees no CUDA GPU; use --device cpu")
+            raise I2EError(
+                f"device {device} requested but PyTorch sees no CUDA GPU; use --device cpu"
+            )
         if graphs and kind != "cuda":
             raise I2EError("CUDA graphs need --device cuda")
         if threads:
@@ -335,9 +360,14 @@ def gpu_name(device: str) -> str:
     return f"{kind}:{index}"
 
 
-def ort_providers(device: str, providers: list[str] | None = None, *,
-                  precision: str = "fp32", cache: Path | None = None,
-                  cuda_graph: bool = False) -> list:
+def ort_providers(
+    device: str,
+    providers: list[str] | None = None,
+    *,
+    precision: str = "fp32",
+    cache: Path | None = None,
+    cuda_graph: bool = False,
+) -> list:
     """Execution providers for a device, best first (TensorRT > CUDA > CPU), with options:
     the TensorRT provider's engine and timing caches in ``cache`` (a build takes minutes;
     ONNX Runtime names its cached engines by graph and GPU), its FP16/INT8 flags from the
@@ -351,25 +381,36 @@ def ort_providers(device: str, providers: list[str] | None = None, *,
     if providers:
         missing = [p for p in providers if p not in available]
         if missing:
-            raise I2EError(f"ONNX Runtime here lacks provider(s) {', '.join(missing)}; "
-                           f"available: {', '.join(available)}")
+            raise I2EError(
+                f"ONNX Runtime here lacks provider(s) {', '.join(missing)}; "
+                f"available: {', '.join(available)}"
+            )
         return list(providers)
     kind, index = parse_device(device)
     if kind == "cpu":
         return ["CPUExecutionProvider"]
     gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
     if not gpu:
-        raise I2EError(f"device {device} requested but this onnxruntime has no GPU provider; "
-                       "install onnxruntime-gpu (pip install 'i2e-deploy[gpu]') or use "
-                       "--device cpu")
+        raise I2EError(
+            f"device {device} requested but this onnxruntime has no GPU provider; "
+            "install onnxruntime-gpu (pip install 'i2e-deploy[gpu]') or use "
+            "--device cpu"
+        )
     chosen: list = []
     if "TensorrtExecutionProvider" in gpu:
-        trt: dict[str, Any] = {"device_id": index, "trt_fp16_enable": precision == "fp16",
-                               "trt_int8_enable": precision == "int8"}
+        trt: dict[str, Any] = {
+            "device_id": index,
+            "trt_fp16_enable": precision == "fp16",
+            "trt_int8_enable": precision == "int8",
+        }
         if cache is not None:
             folder = str(cache / "ort-tensorrt")
-            trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=folder,
-                       trt_timing_cache_enable=True, trt_timing_cache_path=folder)
+            trt.update(
+                trt_engine_cache_enable=True,
+                trt_engine_cache_path=folder,
+                trt_timing_cache_enable=True,
+                trt_timing_cache_path=folder,
+            )
         chosen.append(("TensorrtExecutionProvider", trt))
     if "CUDAExecutionProvider" in gpu:
         options: dict[str, Any] = {"device_id": index}
@@ -384,9 +425,16 @@ class OrtRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None,
-                 providers: list[str] | None = None, optimization: str = "all",
-                 cache: Path | None = None, spinning: bool = True):
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        optimization: str = "all",
+        cache: Path | None = None,
+        spinning: bool = True,
+    ):
         """``cache``: the folder for the TensorRT provider's engine and timing caches.
         ``spinning``: whether idle intra-op threads spin (ONNX Runtime's default)."""
         import onnxruntime as ort
@@ -400,20 +448,26 @@ class OrtRunner(Runner):
         self.card = onnx_card(props, path)
         self.precision = props.get(PRECISION_KEY, "fp32")
         if optimization not in OPTIMIZATION_LEVELS:
-            raise I2EError(f"unknown optimization level {optimization!r}; choose one of "
-                           f"{', '.join(OPTIMIZATION_LEVELS)}")
+            raise I2EError(
+                f"unknown optimization level {optimization!r}; choose one of "
+                f"{', '.join(OPTIMIZATION_LEVELS)}"
+            )
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel,
-            "ORT_DISABLE_ALL" if optimization == "disable" else f"ORT_ENABLE_{optimization.upper()}")
+            "ORT_DISABLE_ALL"
+            if optimization == "disable"
+            else f"ORT_ENABLE_{optimization.upper()}",
+        )
         if threads:
             options.intra_op_num_threads = threads
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         on_gpu = parse_device(device)[0] == "cuda" and not providers
         static = on_gpu and _static_input(path)
-        chosen = ort_providers(device, providers, precision=self.precision, cache=cache,
-                               cuda_graph=static)
+        chosen = ort_providers(
+            device, providers, precision=self.precision, cache=cache, cuda_graph=static
+        )
         try:
             try:
                 self.session = ort.InferenceSession(str(path), options, providers=chosen)
@@ -422,8 +476,7 @@ class OrtRunner(Runner):
                     raise
                 # ONNX Runtime refuses a CUDA graph unless every node runs on the CUDA
                 # provider: the same providers without it.
-                chosen = ort_providers(device, providers, precision=self.precision,
-                                       cache=cache)
+                chosen = ort_providers(device, providers, precision=self.precision, cache=cache)
                 self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except I2EError:
             raise
@@ -444,9 +497,11 @@ class OrtRunner(Runner):
         same GPU addresses: bind them once to fixed buffers and copy into them."""
         graph_input, graph_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self._gpu_in = ort.OrtValue.ortvalue_from_numpy(
-            np.zeros(graph_input.shape, ONNX_DTYPES[graph_input.type]), "cuda", index)
+            np.zeros(graph_input.shape, ONNX_DTYPES[graph_input.type]), "cuda", index
+        )
         self._gpu_out = ort.OrtValue.ortvalue_from_shape_and_type(
-            graph_output.shape, ONNX_DTYPES[graph_output.type], "cuda", index)
+            graph_output.shape, ONNX_DTYPES[graph_output.type], "cuda", index
+        )
         self._binding = self.session.io_binding()
         self._binding.bind_ortvalue_input(graph_input.name, self._gpu_in)
         self._binding.bind_ortvalue_output(graph_output.name, self._gpu_out)
@@ -466,8 +521,10 @@ class OrtRunner(Runner):
         found = dict(zip(names, results))
         out = found[names[0]]
         out = out if self.output == "events" else out.astype(np.float32, copy=False)
-        return out, {layer: _time_major(found[tensor], self.card.T, len(batch))
-                     for tensor, layer in self._spike_layers.items()}
+        return out, {
+            layer: _time_major(found[tensor], self.card.T, len(batch))
+            for tensor, layer in self._spike_layers.items()
+        }
 
     def _open_spike_session(self):
         """A second session of the same graph that also outputs every LIF layer's boolean
@@ -482,15 +539,18 @@ class OrtRunner(Runner):
         merge_spike_casts(model)  # the same function, with each LIF's spikes in one tensor
         tensors = spike_tensors(model)
         known = {o.name for o in model.graph.output}
-        model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.BOOL,
-                                                                     None)
-                                  for t in tensors if t not in known)
+        model.graph.output.extend(
+            onnx.helper.make_tensor_value_info(t, onnx.TensorProto.BOOL, None)
+            for t in tensors
+            if t not in known
+        )
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if self._threads:
             options.intra_op_num_threads = self._threads
-        session = ort.InferenceSession(model.SerializeToString(), options,
-                                       providers=self.session.get_providers())
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=self.session.get_providers()
+        )
         return session, {t: layer_name(t) for t in tensors}
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -506,8 +566,11 @@ class OrtRunner(Runner):
         self.session = self._spike_session = self._binding = None
 
 
-ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-               "tensor(uint8)": np.uint8}
+ONNX_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(uint8)": np.uint8,
+}
 
 
 def _static_input(path: Path) -> bool:
@@ -540,23 +603,31 @@ def _graph_input_format(onnx_type: str, rank: int) -> str:
 
 # --- TensorRT -------------------------------------------------------------------------------
 
-def check_engine_compatible(sidecar: dict, *, tensorrt_version: str, gpu_name: str,
-                            compute_capability: str) -> None:
+
+def check_engine_compatible(
+    sidecar: dict, *, tensorrt_version: str, gpu_name: str, compute_capability: str
+) -> None:
     """Refuse an engine built for another TensorRT version or GPU (engines are not portable
     unless built version- or hardware-compatible)."""
     hint = "rebuild it here from the ONNX file with `i2e-deploy build model.onnx`"
     if not sidecar.get("version_compatible") and sidecar["tensorrt_version"] != tensorrt_version:
-        raise I2EError(f"engine was built with TensorRT {sidecar['tensorrt_version']}, this is "
-                       f"TensorRT {tensorrt_version}; {hint}")
+        raise I2EError(
+            f"engine was built with TensorRT {sidecar['tensorrt_version']}, this is "
+            f"TensorRT {tensorrt_version}; {hint}"
+        )
     built_cc = str(sidecar["compute_capability"])
     if sidecar.get("hardware_compatibility"):
         if _cc_tuple(compute_capability) < (8, 0):
-            raise I2EError(f"hardware-compatible engines need compute capability >= 8.0, this "
-                           f"GPU is {compute_capability}; {hint}")
+            raise I2EError(
+                f"hardware-compatible engines need compute capability >= 8.0, this "
+                f"GPU is {compute_capability}; {hint}"
+            )
         return
     if built_cc != compute_capability or sidecar["gpu_name"] != gpu_name:
-        raise I2EError(f"engine was built for {sidecar['gpu_name']} (sm {built_cc}), this GPU is "
-                       f"{gpu_name} (sm {compute_capability}); {hint}")
+        raise I2EError(
+            f"engine was built for {sidecar['gpu_name']} (sm {built_cc}), this GPU is "
+            f"{gpu_name} (sm {compute_capability}); {hint}"
+        )
 
 
 def _cc_tuple(cc: str) -> tuple[int, ...]:
@@ -571,21 +642,31 @@ class TensorRTRunner(Runner):
     name = "tensorrt"
 
     def __init__(self, path: Path, device: str = "cuda"):
-        from ..export.tensorrt import (cuda_gpu, dla_runtime, load_cuda_runtime,
-                                       polygraphy_errors, tensorrt_module)
+        from ..export.tensorrt import (
+            cuda_gpu,
+            dla_runtime,
+            load_cuda_runtime,
+            polygraphy_errors,
+            tensorrt_module,
+        )
 
         super().__init__(path, device)
         trt = tensorrt_module()
         sidecar = read_engine_sidecar(path)
         gpu = cuda_gpu(device)
-        check_engine_compatible(sidecar, tensorrt_version=trt.__version__, gpu_name=gpu.name,
-                                compute_capability=gpu.compute_capability)
+        check_engine_compatible(
+            sidecar,
+            tensorrt_version=trt.__version__,
+            gpu_name=gpu.name,
+            compute_capability=gpu.compute_capability,
+        )
         self.card = ModelCard.from_dict(sidecar["card"])
         self.precision = sidecar["precision"]
         graph_input, graph_output = sidecar["io"]["inputs"][0], sidecar["io"]["outputs"][0]
         self._input_name, self._output_name = graph_input["name"], graph_output["name"]
-        self.input_format = _graph_input_format(f"tensor({graph_input['dtype']})",
-                                                len(graph_input["shape"]))
+        self.input_format = _graph_input_format(
+            f"tensor({graph_input['dtype']})", len(graph_input["shape"])
+        )
         self.output = "events" if len(graph_output["shape"]) == 5 else "logits"
         profile = sidecar["profile"]
         self.min_batch, self.batch_limit = profile["min"][0], profile["max"][0]
@@ -613,10 +694,18 @@ class TensorRTRunner(Runner):
             self._runner.deactivate()
 
 
-def load_runner(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
-                providers: list[str] | None = None, optimization: str = "all",
-                warmup: int = 1, cache: Path | None = None, spinning: bool = True,
-                **torch_options) -> Runner:
+def load_runner(
+    path: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    optimization: str = "all",
+    warmup: int = 1,
+    cache: Path | None = None,
+    spinning: bool = True,
+    **torch_options,
+) -> Runner:
     """Open a model file on the backend its kind names ('default' = the bundled model).
 
     ``torch_options`` go to the PyTorch runner (``graphs``, and ``load_checkpoint``

@@ -4,6 +4,7 @@
 Files are written to a temporary name beside the target and renamed on ``close()``, so a
 reader never sees a half-written file under the final name.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,17 +33,17 @@ class Sink:
     needs_canvas = False
     stopped = False  # set when the user closes the window: the stream ends
 
-    def render(self, frame: "Frame", prediction: "Prediction", status: str | None = None) -> None:
+    def render(self, frame: Frame, prediction: Prediction, status: str | None = None) -> None:
         canvas = annotate(frame, prediction, status) if self.needs_canvas else None
         self.write(frame, prediction, canvas)
 
-    def write(self, frame: "Frame", prediction: "Prediction", canvas: np.ndarray | None) -> None:
+    def write(self, frame: Frame, prediction: Prediction, canvas: np.ndarray | None) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
         """Flush and publish the output."""
 
-    def __enter__(self) -> "Sink":
+    def __enter__(self) -> Sink:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -67,8 +68,7 @@ class VideoSink(Sink):
     def __init__(self, path: str | os.PathLike, fps: float = 25.0):
         self.path = Path(path)
         if self.path.suffix.lower() not in VIDEO_CODECS:
-            raise I2EError(f"cannot write video {self.path}: use one of "
-                           f"{', '.join(VIDEO_CODECS)}")
+            raise I2EError(f"cannot write video {self.path}: use one of {', '.join(VIDEO_CODECS)}")
         self.fourcc = VIDEO_CODECS[self.path.suffix.lower()]
         self.fps = fps
         self.writers: dict[int, tuple[cv2.VideoWriter, Path, tuple[int, int]]] = {}
@@ -81,8 +81,10 @@ class VideoSink(Sink):
             writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*self.fourcc), self.fps, size)
             if not writer.isOpened():
                 tmp.unlink(missing_ok=True)
-                raise I2EError(f"cannot write video {self.path}: OpenCV has no {self.fourcc} "
-                               "encoder here; try an .avi output")
+                raise I2EError(
+                    f"cannot write video {self.path}: OpenCV has no {self.fourcc} "
+                    "encoder here; try an .avi output"
+                )
             self.writers[frame.source] = (writer, tmp, size)
             self.frames[frame.source] = 0
         writer, _, size = self.writers[frame.source]
@@ -114,10 +116,14 @@ class JsonlSink(Sink):
 
     def write(self, frame, prediction, canvas) -> None:
         file = self._open()
-        record = {"source": frame.source, "frame": frame.index,
-                  "top": [{"class": int(i), "label": label, "prob": round(float(p), 6)}
-                          for i, label, p in zip(prediction.indices, prediction.labels,
-                                                 prediction.probs)]}
+        record = {
+            "source": frame.source,
+            "frame": frame.index,
+            "top": [
+                {"class": int(i), "label": label, "prob": round(float(p), 6)}
+                for i, label, p in zip(prediction.indices, prediction.labels, prediction.probs)
+            ],
+        }
         if frame.span_us is not None:
             record["window_us"] = list(frame.span_us)
         if prediction.firing_rate is not None:
@@ -147,15 +153,18 @@ class DisplaySink(Sink):
 
     def __init__(self, title: str = "i2e-deploy"):
         if not screen_available():
-            raise I2EError("no screen to display on ($DISPLAY is not set); write a video "
-                           "instead: --output out.mp4")
+            raise I2EError(
+                "no screen to display on ($DISPLAY is not set); write a video "
+                "instead: --output out.mp4"
+            )
         self.title = title
         try:
             cv2.namedWindow(self.title, cv2.WINDOW_NORMAL)
         except cv2.error:
-            raise I2EError("this OpenCV build has no GUI (opencv-python-headless); "
-                           "`pip install opencv-python` to display, or use --output out.mp4"
-                           ) from None
+            raise I2EError(
+                "this OpenCV build has no GUI (opencv-python-headless); "
+                "`pip install opencv-python` to display, or use --output out.mp4"
+            ) from None
         self.windows = {0: self.title}
 
     def write(self, frame, prediction, canvas) -> None:
@@ -199,8 +208,10 @@ def open_sink(uri: str, *, fps: float = 25.0) -> Sink:
         return JsonlSink(text)
     if suffix in VIDEO_CODECS:
         return VideoSink(text, fps=fps)
-    raise I2EError(f"unknown output {text!r}: use display, none, a .jsonl file or a video "
-                   f"file ({', '.join(VIDEO_CODECS)})")
+    raise I2EError(
+        f"unknown output {text!r}: use display, none, a .jsonl file or a video "
+        f"file ({', '.join(VIDEO_CODECS)})"
+    )
 
 
 def open_sinks(uris: list[str], *, fps: float = 25.0) -> Sink:

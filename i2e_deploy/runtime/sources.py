@@ -6,6 +6,7 @@ like a handheld camera), and for event-input models event-camera recordings (``.
 Prophesee ``.raw``/EVT3, N-MNIST ``.bin``), iniVation cameras (``dvs:``, ``dvs:SERIAL``) and
 DV network event streams (``dv://HOST:PORT``): see ``event_sources``.
 """
+
 from __future__ import annotations
 
 import glob
@@ -13,8 +14,8 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -81,8 +82,16 @@ class LiveSource(Source):
 
     live = True
 
-    def __init__(self, uri: str, target, *, reconnect_attempts: int = 5, backoff_s: float = 0.5,
-                 timeout_s: float = 5.0, **options):
+    def __init__(
+        self,
+        uri: str,
+        target,
+        *,
+        reconnect_attempts: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 5.0,
+        **options,
+    ):
         super().__init__(uri, **options)
         self.target = target
         self.reconnect_attempts = reconnect_attempts
@@ -104,10 +113,14 @@ class LiveSource(Source):
 
     def _not_found(self) -> str:
         if self.is_camera:
-            return (f"camera {self.uri} not found or busy (is it connected? see `ls /dev/video*`); "
-                    "try another index, a video file, or --source demo")
-        return (f"cannot open stream {self.uri}: connection refused, timed out or not a video "
-                "stream; check the URL and that the server is up")
+            return (
+                f"camera {self.uri} not found or busy (is it connected? see `ls /dev/video*`); "
+                "try another index, a video file, or --source demo"
+            )
+        return (
+            f"cannot open stream {self.uri}: connection refused, timed out or not a video "
+            "stream; check the URL and that the server is up"
+        )
 
     def _open(self):
         if self.is_camera:
@@ -119,9 +132,16 @@ class LiveSource(Source):
                 if self.pace:
                     capture.set(cv2.CAP_PROP_FPS, self.pace)
         else:
-            capture = cv2.VideoCapture(self.target, cv2.CAP_FFMPEG,
-                                       [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.timeout_ms,
-                                        cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.timeout_ms])
+            capture = cv2.VideoCapture(
+                self.target,
+                cv2.CAP_FFMPEG,
+                [
+                    cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                    self.timeout_ms,
+                    cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                    self.timeout_ms,
+                ],
+            )
         if not capture.isOpened():
             capture.release()
             return None
@@ -140,8 +160,10 @@ class LiveSource(Source):
             delay *= 2
         self.capture = None
         what = "camera" if self.is_camera else "stream"
-        raise I2EError(f"{what} {self.uri} was lost and did not come back after "
-                       f"{self.reconnect_attempts} reconnect attempts")
+        raise I2EError(
+            f"{what} {self.uri} was lost and did not come back after "
+            f"{self.reconnect_attempts} reconnect attempts"
+        )
 
     @property
     def fps(self) -> float:
@@ -203,8 +225,15 @@ class DemoSource(Source):
 
     nominal_fps = 15.0
 
-    def __init__(self, uri: str = "demo", *, seconds_per_image: float = 1.5,
-                 size: tuple[int, int] = (320, 240), seed: int = 0, **options):
+    def __init__(
+        self,
+        uri: str = "demo",
+        *,
+        seconds_per_image: float = 1.5,
+        size: tuple[int, int] = (320, 240),
+        seed: int = 0,
+        **options,
+    ):
         super().__init__(uri, **options)
         import skimage.data
 
@@ -239,11 +268,19 @@ class DemoSource(Source):
                 s = scale * zoom
                 cos, sin = s * math.cos(angle), s * math.sin(angle)
                 # Output pixel (u, v) samples the photo at centre + R(angle) * s * (u, v) offset.
-                matrix = np.array([[cos, -sin, cx - cos * width / 2 + sin * height / 2],
-                                   [sin, cos, cy - sin * width / 2 - cos * height / 2]])
-                view = cv2.warpAffine(photo, matrix, (width, height),
-                                      flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                      borderMode=cv2.BORDER_REFLECT)
+                matrix = np.array(
+                    [
+                        [cos, -sin, cx - cos * width / 2 + sin * height / 2],
+                        [sin, cos, cy - sin * width / 2 - cos * height / 2],
+                    ]
+                )
+                view = cv2.warpAffine(
+                    photo,
+                    matrix,
+                    (width, height),
+                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                    borderMode=cv2.BORDER_REFLECT,
+                )
                 yield Frame(view, index)
 
 
@@ -251,15 +288,24 @@ def _handheld_shake(rng: np.random.Generator, n: int) -> np.ndarray:
     """[n, 4] smooth random (dx px, dy px, angle rad, zoom): low-passed noise, like a hand."""
     noise = rng.normal(size=(n + 8, 4))
     kernel = np.hanning(9)
-    smooth = np.stack([np.convolve(noise[:, k], kernel / kernel.sum(), "valid") for k in range(4)],
-                      axis=1)[:n]
+    smooth = np.stack(
+        [np.convolve(noise[:, k], kernel / kernel.sum(), "valid") for k in range(4)], axis=1
+    )[:n]
     smooth /= smooth.std(axis=0) + 1e-9
     return smooth * np.array([6.0, 6.0, math.radians(1.5), 0.02]) + np.array([0, 0, 0, 1.0])
 
 
-def open_source(uri: str, *, card: ModelCard | None = None, resolution=None,
-                fps: float | None = None, loop: bool = False, stride: int = 1,
-                window_ms: float = 100.0, **live_options) -> Source:
+def open_source(
+    uri: str,
+    *,
+    card: ModelCard | None = None,
+    resolution=None,
+    fps: float | None = None,
+    loop: bool = False,
+    stride: int = 1,
+    window_ms: float = 100.0,
+    **live_options,
+) -> Source:
     """Open a source URI (see the module doc). ``card`` is needed for event sources (their
     frames are built at the model's size); ``live_options`` (``reconnect_attempts``,
     ``backoff_s``, ``timeout_s``) tune reconnection of cameras and streams."""
@@ -282,13 +328,18 @@ def open_source(uri: str, *, card: ModelCard | None = None, resolution=None,
     if path.is_dir():
         return ImageFilesSource(text, list_images(path), **options)
     if glob.has_magic(text):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True)
-                       if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            Path(p)
+            for p in glob.glob(os.path.expanduser(text), recursive=True)
+            if Path(p).suffix.lower() in IMAGE_SUFFIXES
+        )
         return ImageFilesSource(text, files, **options)
     if not path.exists():
-        raise I2EError(f"source not found: {text} (expected a camera index, a video or image "
-                       "file, a folder, a glob, an rtsp:// or http:// URL, 'demo', an event "
-                       "recording, dv://HOST:PORT or dvs:)")
+        raise I2EError(
+            f"source not found: {text} (expected a camera index, a video or image "
+            "file, a folder, a glob, an rtsp:// or http:// URL, 'demo', an event "
+            "recording, dv://HOST:PORT or dvs:)"
+        )
     suffix = path.suffix.lower()
     if suffix in EVENT_SUFFIXES:
         return open_event_source(text, card, window_ms=window_ms, **options)
@@ -296,6 +347,8 @@ def open_source(uri: str, *, card: ModelCard | None = None, resolution=None,
         return ImageFilesSource(text, [path], **options)
     if suffix in VIDEO_SUFFIXES:
         return VideoFileSource(text, **options)
-    raise I2EError(f"{text}: unknown source type {suffix or '(no suffix)'}; expected a video "
-                   f"({', '.join(sorted(VIDEO_SUFFIXES))}), an image, a folder or an event "
-                   "recording (.aedat4, .raw, .bin)")
+    raise I2EError(
+        f"{text}: unknown source type {suffix or '(no suffix)'}; expected a video "
+        f"({', '.join(sorted(VIDEO_SUFFIXES))}), an image, a folder or an event "
+        "recording (.aedat4, .raw, .bin)"
+    )

@@ -1,5 +1,6 @@
 """Image datasets for training: ImageFolder trees, deterministic held-out splits, the
 paper's augmentations (SPEC §4 preprocessing for evaluation)."""
+
 from __future__ import annotations
 
 import os
@@ -43,20 +44,25 @@ def train_transform(card: ModelCard, style: str, source_size: int) -> transforms
     if style == "none":
         return eval_transform(card)
     if style == "cifar":
-        return transforms.Compose([
-            transforms.Pad(4, padding_mode="edge"),
-            transforms.RandomCrop(source_size),
-            transforms.Resize(card.imgsz, interpolation=InterpolationMode.BILINEAR,
-                              antialias=True),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-        ])
+        return transforms.Compose(
+            [
+                transforms.Pad(4, padding_mode="edge"),
+                transforms.RandomCrop(source_size),
+                transforms.Resize(
+                    card.imgsz, interpolation=InterpolationMode.BILINEAR, antialias=True
+                ),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+            ]
+        )
     if style == "imagenet":
-        return transforms.Compose([
-            transforms.RandomResizedCrop(card.imgsz, antialias=True),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-        ])
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(card.imgsz, antialias=True),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+            ]
+        )
     raise I2EError(f"unknown augmentation {style!r}; choose cifar, imagenet or none")
 
 
@@ -67,8 +73,10 @@ def image_folder(root: str | os.PathLike) -> datasets.ImageFolder:
     try:
         return datasets.ImageFolder(str(root))
     except (FileNotFoundError, RuntimeError) as exc:
-        raise I2EError(f"{root} is not an image folder with one sub-folder per class: "
-                       f"{str(exc).splitlines()[0]}") from None
+        raise I2EError(
+            f"{root} is not an image folder with one sub-folder per class: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
 
 
 def source_size(folder: datasets.ImageFolder) -> int:
@@ -82,14 +90,18 @@ def source_size(folder: datasets.ImageFolder) -> int:
     raise I2EError(f"none of the {len(folder.samples)} images under {folder.root} is readable")
 
 
-def split_indices(targets: list[int], holdout: int | float, seed: int) -> tuple[list[int], list[int]]:
+def split_indices(
+    targets: list[int], holdout: int | float, seed: int
+) -> tuple[list[int], list[int]]:
     """Stratified, deterministic (train, held-out) split. ``holdout`` is a count or a fraction.
 
     The same targets, holdout and seed always give the same split, so a model's card can
     name its held-out set by (holdout, seed).
     """
     total = len(targets)
-    count = int(round(holdout * total)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    count = (
+        int(round(holdout * total)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    )
     if not 0 <= count < total:
         raise I2EError(f"--val-split {holdout} leaves no training data ({total} images)")
     by_class: dict[int, list[int]] = {}

@@ -2,6 +2,7 @@
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is a no-op.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@
 Datasets written by ``i2e-deploy convert`` also carry ``i2e_dataset.json`` (ratio, size, class
 names); the paper's downloads lack it, and readers do not need it.
 """
+
 from __future__ import annotations
 
 import json
@@ -122,12 +123,16 @@ class EventFolder(torch.utils.data.Dataset):
         self.meta = read_meta(self.root)
         self.classes = class_folders(self.root)
         if not self.classes:
-            raise I2EError(f"{self.root}: no class folders; expected ROOT/<class>/<sample>.npz "
-                           "or .npy")
+            raise I2EError(
+                f"{self.root}: no class folders; expected ROOT/<class>/<sample>.npz or .npy"
+            )
         self.samples: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
-            files = sorted(p for p in (self.root / name).rglob("*")
-                           if p.suffix in SUFFIX_FORMATS and not p.name.startswith("."))
+            files = sorted(
+                p
+                for p in (self.root / name).rglob("*")
+                if p.suffix in SUFFIX_FORMATS and not p.name.startswith(".")
+            )
             self.samples.extend((str(p), label) for p in files)
         if not self.samples:
             raise I2EError(f"{self.root}: the class folders hold no .npz or .npy samples")

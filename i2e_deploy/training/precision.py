@@ -6,6 +6,7 @@ keeps its membrane in float32 (its spikes, 0 or 1, are exact in bf16), BatchNorm
 float32 parameters and running statistics, and the master weights and optimizer are float32.
 ``fp16`` (GPUs without bf16) scales the loss; bf16 has float32's range and needs no scaling.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,7 @@ def _cuda_has_native_bf16(device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class Precision:
-    name: str               # fp32 | bf16 | fp16
+    name: str  # fp32 | bf16 | fp16
     device_type: str
 
     @property
@@ -48,8 +49,9 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     """``auto`` -> bf16 on hardware with native bf16 (CPUs with AVX512-BF16/AMX, GPUs from
     Ampere on), fp16 on older CUDA GPUs, else fp32."""
     if name not in TRAINING_PRECISIONS:
-        raise I2EError(f"unknown precision {name!r}; choose one of "
-                       f"{', '.join(TRAINING_PRECISIONS)}")
+        raise I2EError(
+            f"unknown precision {name!r}; choose one of {', '.join(TRAINING_PRECISIONS)}"
+        )
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if _cuda_has_native_bf16(device) else "fp16"

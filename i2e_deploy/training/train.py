@@ -1,15 +1,17 @@
 """Train and fine-tune MS-ResNets with the paper's recipes (SGD + cosine, label smoothing,
 on-the-fly I2E conversion with random directions), on image folders or I2E event datasets,
 on one device or many through torchrun."""
+
 from __future__ import annotations
 
 import copy
 import csv
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,13 +19,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..card import ARCHS, ModelCard, default_resolution
 from ..errors import I2EError
+from ..images import Readable, skip_unreadable
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.msresnet import MSResNet, build_model
-from ..images import Readable, skip_unreadable
 from . import data as D
 from . import distributed as dist_util
-from .precision import Precision, resolve_precision
 from .eventsets import EventFolder, is_event_folder
+from .precision import Precision, resolve_precision
 
 RECIPES = ("baseline-i", "baseline-ii", "transfer")
 LOG_EVERY = 50  # steps between log lines when no progress bar is shown
@@ -38,39 +40,47 @@ class TrainConfig:
     imgsz: int | None = None
     ratio: float | None = None
     epochs: int = 256
-    batch: int = 64             # global batch, split evenly over torchrun processes
+    batch: int = 64  # global batch, split evenly over torchrun processes
     lr: float = 0.1
     min_lr: float = 5e-5
     momentum: float = 0.9
     weight_decay: float | None = None  # 2e-4 CIFAR-style, 1e-5 ImageNet-style
     label_smoothing: float = 0.1
     augment: str | None = None  # cifar | imagenet | none (default from recipe and image size)
-    val_split: float = 0.0      # held-out count (>= 1) or fraction of a single folder
+    val_split: float = 0.0  # held-out count (>= 1) or fraction of a single folder
     val_data: str | None = None
     seed: int = 0
     workers: int = 2
     device: str = "cpu"
     from_checkpoint: str | None = None
-    events: bool = False        # the trained model takes events (its card says input 'events')
+    events: bool = False  # the trained model takes events (its card says input 'events')
     resume: bool = False
-    max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans all epochs
-    precision: str = "auto"     # auto | fp32 | bf16 | fp16 (see training.precision)
+    max_steps: int | None = (
+        None  # stop early (tests, smoke runs); the schedule still spans all epochs
+    )
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see training.precision)
     time_budget: float | None = None  # minutes: as many epochs as fit, the schedule fitted to them
     class_names: list[str] | None = field(default=None)
-    mixup: bool = False         # CutMix or MixUp per batch for the first 2/3 of the epochs
-    tensorboard: bool = False   # also log scalars to OUTPUT/tensorboard
+    mixup: bool = False  # CutMix or MixUp per batch for the first 2/3 of the epochs
+    tensorboard: bool = False  # also log scalars to OUTPUT/tensorboard
 
 
-def build_card(arch: str, classes: list[str], imgsz: int | None, ratio: float | None,
-               events: bool = False) -> ModelCard:
+def build_card(
+    arch: str, classes: list[str], imgsz: int | None, ratio: float | None, events: bool = False
+) -> ModelCard:
     """The card of a new model: the paper's size and ratio for the class count unless given."""
     default_size, default_ratio, _ = default_resolution(len(classes))
     imgsz = imgsz or default_size
     resize = imgsz if len(classes) < 1000 else max(imgsz, round(imgsz * 256 / 224))
-    return ModelCard(arch=arch, input="events" if events else "images",
-                     num_classes=len(classes), class_names=list(classes),
-                     ratio=ratio if ratio is not None else default_ratio, imgsz=imgsz,
-                     resize=resize)
+    return ModelCard(
+        arch=arch,
+        input="events" if events else "images",
+        num_classes=len(classes),
+        class_names=list(classes),
+        ratio=ratio if ratio is not None else default_ratio,
+        imgsz=imgsz,
+        resize=resize,
+    )
 
 
 def _initial_model(cfg: TrainConfig, card: ModelCard, log) -> MSResNet:
@@ -80,15 +90,22 @@ def _initial_model(cfg: TrainConfig, card: ModelCard, log) -> MSResNet:
     if cfg.from_checkpoint:
         source, source_card = load_checkpoint(cfg.from_checkpoint)
         if source_card.arch != card.arch:
-            raise I2EError(f"--from {cfg.from_checkpoint} is a {source_card.arch}; pass "
-                           f"--arch {source_card.arch}")
+            raise I2EError(
+                f"--from {cfg.from_checkpoint} is a {source_card.arch}; pass "
+                f"--arch {source_card.arch}"
+            )
         target = model.state_dict()
-        state = {k: v for k, v in source.state_dict().items()
-                 if not (k.startswith("fc.") and v.shape != target[k].shape)}
+        state = {
+            k: v
+            for k, v in source.state_dict().items()
+            if not (k.startswith("fc.") and v.shape != target[k].shape)
+        }
         model.load_state_dict(state, strict=False)
         head = "new head" if "fc.weight" not in state else "its head"
-        log(f"fine-tuning from {cfg.from_checkpoint} ({source_card.input} input, "
-            f"{source_card.num_classes} classes) with {head}")
+        log(
+            f"fine-tuning from {cfg.from_checkpoint} ({source_card.input} input, "
+            f"{source_card.num_classes} classes) with {head}"
+        )
     return model
 
 
@@ -109,10 +126,15 @@ class TrainForward(nn.Module):
         return self.model.forward_events(events)
 
 
-def train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-               criterion: nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, precision: Precision
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    net: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: Precision,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns (loss, logits)."""
     with precision.autocast():
         logits = net(inputs)
@@ -161,8 +183,9 @@ def _prepare_data(cfg: TrainConfig, shard: slice) -> _Data:
     if len(classes) != len(folder.classes):
         raise I2EError(f"{len(classes)} class names given for {len(folder.classes)} class folders")
     card = build_card(cfg.arch, classes, cfg.imgsz, cfg.ratio, cfg.events)
-    style = cfg.augment or ("none" if cfg.recipe == "baseline-i"
-                            else "cifar" if src_size <= 64 else "imagenet")
+    style = cfg.augment or (
+        "none" if cfg.recipe == "baseline-i" else "cifar" if src_size <= 64 else "imagenet"
+    )
     if cfg.val_data:
         val_folder = D.image_folder(cfg.val_data)
         if val_folder.classes != folder.classes:
@@ -182,8 +205,10 @@ def _event_data(cfg: TrainConfig, shard: slice) -> _Data:
     if height != width:
         raise I2EError(f"{cfg.data}: event samples are {height}x{width}; models take square input")
     if cfg.imgsz and cfg.imgsz != height:
-        raise I2EError(f"--imgsz {cfg.imgsz} differs from the event samples' size {height}; "
-                       "convert the dataset at the size you want")
+        raise I2EError(
+            f"--imgsz {cfg.imgsz} differs from the event samples' size {height}; "
+            "convert the dataset at the size you want"
+        )
     ratio = cfg.ratio if cfg.ratio is not None else folder.meta.get("ratio")
     card = build_card(cfg.arch, cfg.class_names or folder.classes, height, ratio, cfg.events)
     if steps != card.T:
@@ -218,8 +243,9 @@ def _tensorboard(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise I2EError("--tensorboard needs the tensorboard package: pip install tensorboard"
-                       ) from None
+        raise I2EError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
     return SummaryWriter(str(path))
 
 
@@ -230,12 +256,22 @@ class _Reporter:
         self.log = log
         self.bar = None
         if enabled and console is not None and console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
-            self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(),
-                                MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                                TimeRemainingColumn(), console=console)
+            self.bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=console,
+            )
             self.bar.start()
             self.task = self.bar.add_task("train", total=0, epoch="", stats="")
         self.enabled = enabled
@@ -317,31 +353,48 @@ def run_training(cfg: TrainConfig, log=print, console=None) -> TrainResult:
         dist_util.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
-           console) -> TrainResult:
+def _train(
+    cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log, console
+) -> TrainResult:
     if cfg.batch % ctx.world:
         raise I2EError(f"--batch {cfg.batch} does not split evenly over {ctx.world} processes")
     torch.manual_seed(cfg.seed)
     data = _prepare_data(cfg, slice(ctx.rank, None, ctx.world))
     card = data.card
     style = data.style
-    wd = cfg.weight_decay if cfg.weight_decay is not None else (2e-4 if style != "imagenet" else 1e-5)
+    wd = (
+        cfg.weight_decay
+        if cfg.weight_decay is not None
+        else (2e-4 if style != "imagenet" else 1e-5)
+    )
     batch = cfg.batch // ctx.world
-    loader_kw: dict[str, Any] = dict(batch_size=batch, num_workers=cfg.workers,
-                                     collate_fn=skip_unreadable,
-                                     persistent_workers=cfg.workers > 0,
-                                     pin_memory=device.type == "cuda")
+    loader_kw: dict[str, Any] = dict(
+        batch_size=batch,
+        num_workers=cfg.workers,
+        collate_fn=skip_unreadable,
+        persistent_workers=cfg.workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     sampler: DistributedSampler | None = (
-        DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed,
-                           drop_last=True) if ctx.enabled else None)
-    train_loader = DataLoader(data.train, shuffle=sampler is None, sampler=sampler,
-                              drop_last=True, **loader_kw)
+        DistributedSampler(
+            data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        if ctx.enabled
+        else None
+    )
+    train_loader = DataLoader(
+        data.train, shuffle=sampler is None, sampler=sampler, drop_last=True, **loader_kw
+    )
     train_batches = Readable(train_loader, cfg.data)
-    val_loader = (Readable(DataLoader(data.heldout, shuffle=False, **loader_kw),
-                           cfg.val_data or cfg.data) if data.heldout else None)
+    val_loader = (
+        Readable(DataLoader(data.heldout, shuffle=False, **loader_kw), cfg.val_data or cfg.data)
+        if data.heldout
+        else None
+    )
     if len(train_loader) == 0:
-        raise I2EError(f"{len(data.train)} training samples are fewer than one batch of "
-                       f"{cfg.batch}")
+        raise I2EError(
+            f"{len(data.train)} training samples are fewer than one batch of {cfg.batch}"
+        )
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels
@@ -350,11 +403,16 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
         torch.backends.cudnn.allow_tf32 = False
     model = _initial_model(cfg, card, log).to(device).to(memory_format=torch.channels_last)
     forward = TrainForward(model)
-    net = (nn.parallel.DistributedDataParallel(
-        forward, device_ids=[device.index] if device.type == "cuda" else None)
-        if ctx.enabled else forward)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=wd)
+    net = (
+        nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if ctx.enabled
+        else forward
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd
+    )
     schedule = CosineSchedule(cfg.epochs * len(train_loader), cfg.min_lr / cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -372,8 +430,9 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
         if not last_path.is_file():
             raise I2EError(f"--resume: no {last_path} to resume from")
         state = torch.load(last_path, map_location="cpu", weights_only=True)
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                               for k, v in state["state_dict"].items()})
+        model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+        )
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         scheduler.load_state_dict(state["train_state"]["scheduler"])
         schedule.total = state["train_state"].get("total_steps", schedule.total)
@@ -386,15 +445,25 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
         log(f"resumed from {last_path} at epoch {start_epoch + 1}")
 
     heldout_images = dist_util.sum_across(ctx, [len(data.heldout or ())], device)[0]
-    card.provenance = {"trained_by": "i2e-deploy train", "recipe": cfg.recipe,
-                       "augment": style, "data": Path(cfg.data).name,
-                       "train_images": len(data.train), "heldout_images": int(heldout_images),
-                       "val_split": cfg.val_split, "seed": cfg.seed, "epochs": cfg.epochs,
-                       "batch": cfg.batch, "lr": cfg.lr, "weight_decay": wd,
-                       "processes": ctx.world, "mixup": cfg.mixup, "precision": precision.name,
-                       "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                                  else "cpu"),
-                       **({"time_budget_min": cfg.time_budget} if cfg.time_budget else {})}
+    card.provenance = {
+        "trained_by": "i2e-deploy train",
+        "recipe": cfg.recipe,
+        "augment": style,
+        "data": Path(cfg.data).name,
+        "train_images": len(data.train),
+        "heldout_images": int(heldout_images),
+        "val_split": cfg.val_split,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "batch": cfg.batch,
+        "lr": cfg.lr,
+        "weight_decay": wd,
+        "processes": ctx.world,
+        "mixup": cfg.mixup,
+        "precision": precision.name,
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+        **({"time_budget_min": cfg.time_budget} if cfg.time_budget else {}),
+    }
     if cfg.from_checkpoint:
         card.provenance["fine_tuned_from"] = Path(cfg.from_checkpoint).name
     board = _tensorboard(out / "tensorboard") if cfg.tensorboard and ctx.main else None
@@ -405,8 +474,9 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
     try:
         writer = csv.writer(log_file) if log_file else None
         if writer and new_log:
-            writer.writerow(["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "lr",
-                             "seconds"])
+            writer.writerow(
+                ["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "lr", "seconds"]
+            )
         budget = Budget(cfg.time_budget, len(train_loader), schedule) if cfg.time_budget else None
         epoch, epochs = start_epoch, cfg.epochs
         while epoch < epochs:
@@ -425,31 +495,41 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
                 if mixing:
                     inputs, targets = _mix(mixer, inputs, targets)
                     labels = targets.argmax(dim=1)
-                loss, logits = train_step(net, inputs, targets, criterion, optimizer, scaler,
-                                          precision)
+                loss, logits = train_step(
+                    net, inputs, targets, criterion, optimizer, scaler, precision
+                )
                 scheduler.step()
                 step += 1
                 # Running sums stay on the device: no host sync per step on a GPU.
                 loss_sum += loss.detach().float() * len(labels)
                 correct += (logits.detach().argmax(1) == labels).sum()
                 seen += len(labels)
-                reporter.step(step, schedule.total, lambda: (
-                    f"loss {float(loss_sum) / seen:.4f} top1 {100 * int(correct) / seen:.2f} "
-                    f"{seen * ctx.world / (time.time() - began):.1f} img/s"))
+                reporter.step(
+                    step,
+                    schedule.total,
+                    lambda: (  # called within this step
+                        f"loss {float(loss_sum) / seen:.4f} "  # noqa: B023
+                        f"top1 {100 * int(correct) / seen:.2f} "  # noqa: B023
+                        f"{seen * ctx.world / (time.time() - began):.1f} img/s"  # noqa: B023
+                    ),
+                )
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
             train_batches.report()  # one warning line about unreadable files, once
             dist_util.average_batchnorm(ctx, model)
             total_loss, total_correct, total_seen = dist_util.sum_across(
-                ctx, [float(loss_sum), int(correct), seen], device)
+                ctx, [float(loss_sum), int(correct), seen], device
+            )
             metrics: dict[str, float] = {}  # held-out top-1/top-5, when there is a held-out set
             if val_loader is not None:
                 # A contiguous copy: the layout deployment runs (channels_last convolutions
                 # round differently and flip a few spikes), so `val` reproduces this number.
-                reference = TrainForward(copy.deepcopy(model).to(
-                    memory_format=torch.contiguous_format))
-                c1, c5, n = dist_util.sum_across(ctx, evaluate(reference, val_loader, device),
-                                                 device)
+                reference = TrainForward(
+                    copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+                )
+                c1, c5, n = dist_util.sum_across(
+                    ctx, evaluate(reference, val_loader, device), device
+                )
                 val_loader.report()
                 metrics = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
             seconds = time.time() - began
@@ -459,32 +539,55 @@ def _train(cfg: TrainConfig, ctx: dist_util.Context, device: torch.device, log,
             if budget is not None:  # every process decides on the same (mean) epoch time
                 pace = dist_util.sum_across(ctx, [seconds], device)[0] / ctx.world
                 epochs = budget.fit(start_epoch, epoch + 1, pace)
-            heldout = (f"held-out top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}"
-                       if metrics else f"train top1 {train_top1:.2f} (no held-out set)")
-            log(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, {heldout} "
-                f"({seconds:.0f} s)")
+            heldout = (
+                f"held-out top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}"
+                if metrics
+                else f"train top1 {train_top1:.2f} (no held-out set)"
+            )
+            log(
+                f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, {heldout} "
+                f"({seconds:.0f} s)"
+            )
             # Without held-out data the latest epoch counts as the best.
             score = metrics["top1"] if metrics else float(epoch)
             if ctx.main:
                 if writer is not None and log_file is not None:
-                    writer.writerow([epoch + 1, f"{train_loss:.4f}", f"{train_top1:.2f}",
-                                     *(f"{metrics[k]:.2f}" if metrics else ""
-                                       for k in ("top1", "top5")),
-                                     f"{lr:.6f}", f"{seconds:.0f}"])
+                    writer.writerow(
+                        [
+                            epoch + 1,
+                            f"{train_loss:.4f}",
+                            f"{train_top1:.2f}",
+                            *(f"{metrics[k]:.2f}" if metrics else "" for k in ("top1", "top5")),
+                            f"{lr:.6f}",
+                            f"{seconds:.0f}",
+                        ]
+                    )
                     log_file.flush()
                 if board:
-                    for name, value in (("train/loss", train_loss), ("train/top1", train_top1),
-                                        *((f"heldout/{k}", v) for k, v in metrics.items()),
-                                        ("lr", lr)):
+                    for name, value in (
+                        ("train/loss", train_loss),
+                        ("train/top1", train_top1),
+                        *((f"heldout/{k}", v) for k, v in metrics.items()),
+                        ("lr", lr),
+                    ):
                         board.add_scalar(name, value, epoch + 1)
                     board.flush()
-                card.provenance.update({"epochs": epochs, "epochs_done": epoch + 1,
-                                        **{f"heldout_{k}": v for k, v in metrics.items()}})
-                train_state = {"epoch": epoch, "best": max(best, score),
-                               "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "config": asdict(cfg),
-                               "total_steps": schedule.total,
-                               "rng": torch.get_rng_state()}
+                card.provenance.update(
+                    {
+                        "epochs": epochs,
+                        "epochs_done": epoch + 1,
+                        **{f"heldout_{k}": v for k, v in metrics.items()},
+                    }
+                )
+                train_state = {
+                    "epoch": epoch,
+                    "best": max(best, score),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "config": asdict(cfg),
+                    "total_steps": schedule.total,
+                    "rng": torch.get_rng_state(),
+                }
                 if precision.scaled:
                     train_state["scaler"] = scaler.state_dict()
                 save_checkpoint(last_path, model, card, extra={"train_state": train_state})
