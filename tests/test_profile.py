@@ -346,7 +346,11 @@ def test_profile_default_with_plot_and_json(image_folder, tmp_path):
     image = cv2.imread(str(plot))
     assert image.shape[0] > 500 and image.shape[1] > 1000
     data = json.loads(out.read_text())
-    assert data["model"]["backend"] == "torch" and data["images"] == 3
+    # auto on a CPU: the INT8-exact bundled model runs through its ONNX Runtime INT8 graph,
+    # which shows every LIF layer's spikes.
+    assert data["model"]["backend"] == "onnxruntime" and data["images"] == 3
+    lifs = [layer for layer in data["layers"] if layer["kind"] == "lif"]
+    assert len(lifs) >= 17 and all(layer["firing_rate"] is not None for layer in lifs)
     assert data["total"]["macs"] == count_macs(ModelCard(imgsz=64, resize=64))
 
 
