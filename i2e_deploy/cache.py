@@ -1,11 +1,13 @@
 """One export cache for every tool (stream, demo, benchmark): ``$I2E_CACHE``, by default
-~/.cache/i2e-deploy; a file's name carries the sha256 of the checkpoint, the export options and
-the package version, so a changed model or a new release never reuses a stale export. The
+~/.cache/i2e-deploy; a file's name carries the sha256 of the checkpoint, the export options, the
+package version and the exporting code, so a changed model, a new release or an edited
+checkout never reuses a stale export. The
 verdicts of on-target verification live beside the exports (``verified/``), one JSON file per
 artifact and device, so an artifact is verified once on each machine."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +21,21 @@ from .fileio import atomic_output, temp_beside
 from .version import __version__
 
 VERDICTS = "verified"
+PACKAGE = Path(__file__).resolve().parent
+# What builds an artifact: the model definition, the deploy transforms, the precisions.
+EXPORTING_CODE = ("model", "export", "calibration", "targets.py")
+
+
+@functools.cache
+def code_digest(package: Path = PACKAGE) -> str:
+    """sha256 of the package's exporting code (``EXPORTING_CODE``)."""
+    digest = hashlib.sha256()
+    for entry in EXPORTING_CODE:
+        path = package / entry
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(source.relative_to(package).as_posix().encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -26,9 +43,16 @@ def cache_dir() -> Path:
 
 
 def cache_key(checkpoint: Path, **options: Any) -> str:
-    """sha256 of the checkpoint, the export options and the package version."""
+    """sha256 of the checkpoint, the export options, the package version and its exporting
+    code."""
     text = json.dumps(
-        {"sha256": sha256_file(checkpoint), "version": __version__, **options}, sort_keys=True
+        {
+            "sha256": sha256_file(checkpoint),
+            "version": __version__,
+            "code": code_digest(),
+            **options,
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from runtime_models import (
@@ -13,7 +14,7 @@ from runtime_models import (
 from typer.testing import CliRunner
 
 from i2e_deploy.apps.benchmark import plan_rows
-from i2e_deploy.cache import cache_key
+from i2e_deploy.cache import PACKAGE, cache_key, code_digest
 from i2e_deploy.cli import app
 from i2e_deploy.export.tensorrt import tensorrt_unavailable
 
@@ -88,6 +89,20 @@ def test_cache_key_tracks_weights_and_options(tmp_path):
     assert cache_key(first, precision="fp32") == cache_key(first, precision="fp32")
     assert cache_key(first, precision="fp32") != cache_key(first, precision="int8")
     assert cache_key(first, precision="fp32") != cache_key(second, precision="fp32")
+
+
+def test_code_digest_tracks_the_exporting_code(tmp_path):
+    """An edited exporter (same version) must not reuse the exports of the code before it."""
+    package = tmp_path / "i2e_deploy"
+    shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    before = code_digest(package)
+    assert before == code_digest(PACKAGE)
+    (package / "readme_only.txt").write_text("not code")
+    (package / "cli.py").write_text("# not exporting code\n")
+    assert code_digest.__wrapped__(package) == before
+    lif = package / "calibration" / "lif.py"
+    lif.write_text(lif.read_text() + "\n# changed\n")
+    assert code_digest.__wrapped__(package) != before
 
 
 def test_onnx_model_rows_say_what_is_missing(tmp_path):
