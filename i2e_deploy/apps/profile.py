@@ -114,6 +114,18 @@ def _event_samples(card: ModelCard, path: Path, limit: int) -> tuple[np.ndarray,
     return events, f"{len(events)} event samples of {path}"
 
 
+def _check_data(data: Path) -> None:
+    """One line for --data that cannot hold inputs of any kind; what a model reads from it is
+    checked with its card."""
+    if not data.exists():
+        raise I2EError(f"--data {data}: no such file or folder")
+    if data.is_dir() and not any(p.is_file() for p in data.rglob("*")):
+        raise I2EError(
+            f"--data {data}: the folder is empty; give images, an event recording or "
+            "an I2E event dataset"
+        )
+
+
 def run_profile(
     model: str | os.PathLike,
     data: str | os.PathLike,
@@ -141,6 +153,7 @@ def run_profile(
         raise I2EError(f"--limit must be at least 1, got {limit}")
     if runs < 1:
         raise I2EError(f"--runs must be at least 1, got {runs}")
+    _check_data(Path(data))  # before a runner is chosen, exported or verified
     with resolve_runner(
         model,
         backend=backend,
