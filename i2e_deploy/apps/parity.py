@@ -129,26 +129,19 @@ def run_parity(
     limits_for(precision or "fp32", tolerances)  # fail on a bad flag before loading models
     check_input_flags(data, random)
     opened: list[str] = []  # the runner lines, printed once both files are open and match
-    with (
-        resolve_runner(
-            model_a,
+
+    def open_file(model: str | os.PathLike, tag: str):
+        return resolve_runner(
+            model,
             backend="own",
             device=device,
             threads=threads,
             warmup=0,
             verify=False,
-            log=lambda msg: opened.append(f"A {msg}"),
-        ) as a,
-        resolve_runner(
-            model_b,
-            backend="own",
-            device=device,
-            threads=threads,
-            warmup=0,
-            verify=False,
-            log=lambda msg: opened.append(f"B {msg}"),
-        ) as b,
-    ):
+            log=lambda msg: opened.append(f"{tag} {msg}"),
+        )
+
+    with open_file(model_a, "A") as a, open_file(model_b, "B") as b:
         check_cards_match(a, b)
         for line in opened:
             (log or (lambda _msg: None))(line)

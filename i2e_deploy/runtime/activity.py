@@ -26,96 +26,25 @@ class SpikeReader:
     """``reader(batch) -> (output, {layer: bool [T, N, ...]})``: the spikes the backend
     computes, for every spiking layer of ``table`` it can show.
 
-    The runner's ``infer_spikes`` names what it finds; added here: the input events of an
-    event-input model (under the table's name for them, as the converter's events of an
-    image model are under 'i2e'); a downsampling block's shortcut LIF, which exported graphs run
-    once as
-    the block's first LIF (same input, same parameters); and, for an ONNX graph whose neuron
-    form the runner does not recognise (rewritten INT8 neurons), the remaining LIFs' spikes
-    found by structure (:func:`.layer_times.graph_spike_tensors`): from then on one session
-    of the graph outputs the logits and every layer's spikes in one run."""
+    The runner's ``infer_spikes`` finds them; added here: the input events of an event-input
+    model (under the table's name for them, as the converter's events of an image model are
+    under 'i2e'), and a downsampling block's shortcut LIF, which exported graphs run once as
+    the block's first LIF (same input, same parameters)."""
 
     def __init__(self, runner, table: list[Layer]):
         self.runner, self.table = runner, table
         self.wanted = [layer.name for layer in table if layer.kind == "lif"]
         self.events = next((layer.name for layer in table if layer.kind == "events"), "i2e")
-        self._probe: tuple | None = None
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        runner = self.runner
-        if self._probe is not None:
-            out, maps = self._run_probe(batch)
-        else:
-            out, maps = runner.infer_spikes(batch)
-            missing = [
-                name
-                for name in self.wanted
-                if name not in maps and not name.endswith(".downsample.0")
-            ]
-            if missing and runner.name == "onnxruntime":
-                self._probe = _graph_probe(runner, self.table)
-                out, maps = self._run_probe(batch)
+        out, maps = self.runner.infer_spikes(batch)
         for name in list(maps):
             block = name[: -len(".sn1")]
             if name.endswith(".sn1") and f"{block}.downsample.0" in self.wanted:
                 maps.setdefault(f"{block}.downsample.0", maps[name])
-        if runner.card.input == "events":
+        if self.runner.card.input == "events":
             maps = {self.events: np.asarray(batch).swapaxes(0, 1) != 0, **maps}
         return out, maps
-
-    def _run_probe(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        runner = self.runner  # its chunking and padding, as for its own calls
-        return runner._chunked(runner._adapt(np.asarray(batch)), self._probe_call)
-
-    def _probe_call(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        session, tensors = self._probe  # type: ignore[misc]
-        T = self.runner.card.T
-        feed = {session.get_inputs()[0].name: batch}
-        first, *found = session.run([session.get_outputs()[0].name, *tensors], feed)
-        return (
-            first.astype(np.float32, copy=False),
-            {
-                layer: value.reshape(T, -1, *value.shape[1:])
-                for layer, value in zip(tensors.values(), found)
-            },
-        )
-
-
-def _graph_probe(runner, table: list[Layer]):
-    """A session of an ONNX runner's graph that also outputs the spikes of every spiking
-    layer it computes: boolean joins of per-step spikes (as the runner finds them), else a
-    LIF's single comparison over all steps."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from ..calibration.flips import layer_name, spike_tensors
-    from ..calibration.graph import merge_spike_casts
-    from .layer_times import graph_spike_tensors
-
-    model = onnx.load(str(runner.path))
-    merge_spike_casts(model)
-    names = {layer.name for layer in table}
-    tensors = {t: layer_name(t) for t in spike_tensors(model) if layer_name(t) in names}
-    found = set(tensors.values())
-    tensors.update(
-        (t, layer)
-        for t, layer in graph_spike_tensors(model.graph, table).items()
-        if layer not in found
-    )
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(
-        helper.make_tensor_value_info(t, TensorProto.BOOL, None) for t in tensors if t not in known
-    )
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    threads = runner.session.get_session_options().intra_op_num_threads
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=runner.session.get_providers()
-    )
-    return session, tensors
 
 
 class ActivityCounter:

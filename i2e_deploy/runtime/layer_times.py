@@ -215,34 +215,6 @@ def attribute_nodes(graph, table: list[Layer]) -> list[str]:
     return found
 
 
-COMPARISONS = {"GreaterOrEqual", "LessOrEqual", "Greater", "Less"}
-
-
-def graph_spike_tensors(graph, table: list[Layer]) -> dict[str, str]:
-    """``{tensor: LIF layer}`` for LIF layers whose spikes a graph computes as one boolean
-    comparison over all T steps at once (a neuron form comparing the joined membranes): the
-    layer's single comparison node (see :func:`attribute_nodes`) whose result is not
-    joined with others (per-step comparisons are)."""
-    layers = attribute_nodes(graph, table)
-    kinds = {layer.name: layer.kind for layer in table}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for tensor in node.input:
-            consumers.setdefault(tensor, []).append(node)
-
-    def joined(tensor: str, depth: int = 0) -> bool:
-        return any(
-            c.op_type == "Concat" or (c.op_type == "Cast" and depth == 0 and joined(c.output[0], 1))
-            for c in consumers.get(tensor, [])
-        )
-
-    found: dict[str, list[str]] = {}
-    for node, layer in zip(graph.node, layers):
-        if node.op_type in COMPARISONS and kinds.get(layer) == "lif" and not joined(node.output[0]):
-            found.setdefault(layer, []).append(node.output[0])
-    return {tensors[0]: layer for layer, tensors in found.items() if len(tensors) == 1}
-
-
 # --- ONNX Runtime -----------------------------------------------------------------------------
 
 
