@@ -343,32 +343,29 @@ def stream(
 ):
     """Classify a camera, video, stream or event recording live, with the event view."""
     from .apps.stream import run_stream
+    from .runtime.options import StreamOptions
 
-    overrides = model_overrides(arch, classes, ratio, imgsz, events)
-    stats = run_stream(
-        model,
-        source,
-        output,
-        max_frames=max_frames,
-        topk=topk,
+    options = StreamOptions(
         backend=backend,
         precision=precision,
         device=device,
         threads=threads,
+        verify=verify,
+        verify_data=verify_data,
+        model_overrides=model_overrides(arch, classes, ratio, imgsz, events),
         resolution=resolution,
         fps=fps,
         loop=loop,
         stride=stride,
         window_ms=window_ms,
         reconnects=reconnects,
+        max_frames=max_frames,
+        topk=topk,
         stats_json=stats_json,
         activity=activity,
         show_activity=show_activity,
-        verify=verify,
-        data=verify_data,
-        log=say,
-        **overrides,
     )
+    stats = run_stream(model, source, output, options, log=say)
     say(stats.summary())
     if stats.error:
         raise I2EError(stats.error)
@@ -398,19 +395,18 @@ def demo(
 ):
     """Zero-argument demo: the bundled model watching bundled real photos, with its events."""
     from .apps.stream import run_demo
+    from .runtime.options import StreamOptions
 
-    stats, outputs = run_demo(
-        model=model,
-        output=output or None,
+    options = StreamOptions(
         backend=backend,
         precision=precision,
         device=device,
         threads=threads,
-        max_frames=max_frames,
-        stats_json=str(stats_json) if stats_json else None,
         verify=verify,
-        log=say,
+        max_frames=max_frames,
+        stats_json=stats_json,
     )
+    stats, outputs = run_demo(model=model, output=output or None, options=options, log=say)
     say(stats.summary())
     files = [o for o in outputs if o not in ("display", "none")]
     if files:

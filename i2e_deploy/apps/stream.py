@@ -12,6 +12,7 @@ from ..fileio import atomic_output
 from ..runtime.classify import Classifier
 from ..runtime.frames import Source
 from ..runtime.loop import Stream, StreamStats
+from ..runtime.options import StreamOptions
 from ..runtime.runners import Runner
 from ..runtime.sinks import open_sinks
 from ..runtime.sources import open_source
@@ -22,44 +23,23 @@ def run_stream(
     model: str | os.PathLike | Runner,
     sources: list[str],
     outputs: list[str],
+    options: StreamOptions | None = None,
     *,
-    max_frames: int | None = None,
-    topk: int = 3,
-    backend: str = "auto",
-    precision: str = "auto",
-    device: str = "cpu",
-    threads: int | None = None,
-    resolution: str | None = None,
-    fps: float | None = None,
-    loop: bool = False,
-    stride: int = 1,
-    window_ms: float = 100.0,
-    queue_size: int = 1,
-    reconnects: int = 5,
-    stats_json: str | os.PathLike | None = None,
-    activity: bool | None = None,
-    show_activity: bool = False,
-    verify: bool = True,
-    data: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
-    **overrides,
+    **changes,
 ) -> StreamStats:
     """Open everything by name (``model`` through :func:`i2e_deploy.targets.resolve_runner`,
-    or an already loaded runner), run the stream, write ``stats_json``. Open failures
-    (missing file, dead URL, no camera) raise I2EError before anything runs; a failure
-    mid-stream (camera lost, not back after ``reconnects`` attempts) ends the stream and is
-    reported in ``stats.error``.
+    or an already loaded runner), run the stream, write ``options.stats_json``. ``changes``
+    override single fields of ``options`` (``run_stream(m, ["0"], ["none"], threads=1)``).
+    Bad options and open failures (missing file, dead URL, no camera) raise I2EError before
+    anything runs; a failure mid-stream (camera lost, not back after ``reconnects``
+    attempts) ends the stream and is reported in ``stats.error``.
 
     ``activity``: count each prediction's firing rate and SOPs from the backend's spikes
     (in ``stats_json`` and ``.jsonl`` outputs); by default on when ``stats_json`` is written
     or ``show_activity`` (the overlay's status line) asks for it, where the backend exposes
     spikes. It costs time per frame (``benchmarks/profile_default.py`` measures how much)."""
-    if reconnects < 0:
-        raise I2EError(f"--reconnects must be >= 0, got {reconnects}")
-    if max_frames is not None and max_frames < 1:
-        raise I2EError(f"--max-frames must be >= 1, got {max_frames}")
-    if topk < 1:
-        raise I2EError(f"--topk must be >= 1, got {topk}")
+    opts = (options or StreamOptions()).replace(**changes).check()
     # The source's reader thread preprocesses beside inference: ONNX Runtime's spinning
     # idle threads would take its core on a small machine.
     runner = (
@@ -67,21 +47,22 @@ def run_stream(
         if isinstance(model, Runner)
         else resolve_runner(
             model,
-            backend=backend,
-            precision=precision,
-            device=device,
-            threads=threads,
-            verify=verify,
-            data=data,
+            backend=opts.backend,
+            precision=opts.precision,
+            device=opts.device,
+            threads=opts.threads,
+            verify=opts.verify,
+            data=opts.verify_data,
             spinning=False,
             log=log,
-            **overrides,
+            **opts.model_overrides,
         )
     )
+    activity = opts.activity
     if activity is None:
-        activity = (stats_json is not None or show_activity) and runner.exposes_spikes
+        activity = (opts.stats_json is not None or opts.show_activity) and runner.exposes_spikes
     try:
-        classifier = Classifier(runner, topk=topk, activity=activity)
+        classifier = Classifier(runner, topk=opts.topk, activity=activity)
     except BaseException:
         runner.close()
         raise
@@ -92,12 +73,12 @@ def run_stream(
                 open_source(
                     uri,
                     card=classifier.card,
-                    resolution=resolution,
-                    fps=fps,
-                    loop=loop,
-                    stride=stride,
-                    window_ms=window_ms,
-                    reconnect_attempts=reconnects,
+                    resolution=opts.resolution,
+                    fps=opts.fps,
+                    loop=opts.loop,
+                    stride=opts.stride,
+                    window_ms=opts.window_ms,
+                    reconnect_attempts=opts.reconnects,
                 )
             )
         sink = open_sinks(outputs or ["display"], fps=opened[0].fps if opened else 25.0)
@@ -107,18 +88,11 @@ def run_stream(
         classifier.close()
         raise
     try:
-        stats = Stream(
-            classifier,
-            opened,
-            sink,
-            max_frames=max_frames,
-            queue_size=queue_size,
-            show_activity=show_activity,
-        ).run()
+        stats = Stream(classifier, opened, sink, opts).run()
     finally:
         classifier.close()
-    if stats_json:
-        write_json_atomic(stats_json, stats.to_dict())
+    if opts.stats_json:
+        write_json_atomic(opts.stats_json, stats.to_dict())
     return stats
 
 
@@ -132,14 +106,9 @@ def run_demo(
     *,
     model: str = "default",
     output: list[str] | None = None,
-    backend: str = "auto",
-    precision: str = "auto",
-    device: str = "cpu",
-    threads: int | None = None,
-    max_frames: int | None = None,
-    stats_json: str | os.PathLike | None = None,
-    verify: bool = True,
+    options: StreamOptions | None = None,
     log: Callable[[str], None] = print,
+    **changes,
 ) -> tuple[StreamStats, list[str]]:
     """The zero-argument demo: the bundled model on the bundled 'demo' clip; a window when
     a screen and a GUI OpenCV are there, else demo.mp4 + demo.jsonl in the current folder.
@@ -158,19 +127,8 @@ def run_demo(
                 output = ["display"]
             except I2EError:
                 pass  # a screen but a headless OpenCV: fall back to files
-    paced = "display" in output  # on screen, play at the clip's own speed
-    stats = run_stream(
-        model,
-        ["demo"],
-        output,
-        max_frames=max_frames,
-        backend=backend,
-        precision=precision,
-        device=device,
-        threads=threads,
-        fps=DemoSource.nominal_fps if paced else None,
-        stats_json=stats_json,
-        verify=verify,
-        log=log,
-    )
+    opts = (options or StreamOptions()).replace(**changes)
+    if "display" in output:  # on screen, play at the clip's own speed
+        opts = opts.replace(fps=DemoSource.nominal_fps)
+    stats = run_stream(model, ["demo"], output, opts, log=log)
     return stats, output

@@ -344,6 +344,7 @@ class LiveEventSource(Source):
                     frame.image = self._fit(frame.image)
                     frame.timestamp = time.perf_counter()
                     frame.capture_ms = (frame.timestamp - began) * 1e3
+                    frame.captured_at = self.state.last_frame_at = time.time()
                     yield frame
                 index += 1
             if not self._reconnect():

@@ -26,6 +26,7 @@ class Frame:
     index: int
     timestamp: float = 0.0  # time.perf_counter() when the frame became available
     capture_ms: float = 0.0  # time spent reading and decoding it
+    captured_at: float = 0.0  # time.time() at capture: wall clock, for capture-to-result latency
     source: int = 0
     events: np.ndarray | None = None
     span_us: tuple[int, int] | None = None
@@ -39,6 +40,30 @@ def parse_resolution(text: str | tuple[int, int] | None) -> tuple[int, int] | No
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
         raise I2EError(f"resolution must be WIDTHxHEIGHT, e.g. 640x480, got {text!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+@dataclass
+class SourceState:
+    """What a source is doing now, for the stats, records, overlay and live page.
+    ``status``: ``live``, ``reconnecting`` (``attempt`` k of ``attempts``, -1 = forever),
+    ``lost`` (gave up: ``error`` says why) or ``ended`` (a recording's end)."""
+
+    status: str = "live"
+    attempt: int = 0
+    attempts: int = 0
+    last_frame_at: float | None = None  # time.time() of its newest frame
+    error: str | None = None
+
+    def to_dict(self, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        age = None if self.last_frame_at is None else round(now - self.last_frame_at, 3)
+        return {
+            "status": self.status,
+            "attempt": self.attempt,
+            "attempts": self.attempts,
+            "last_frame_age_s": age,
+            "error": self.error,
+        }
 
 
 class Source:
@@ -73,6 +98,7 @@ class Source:
         self.stride = stride
         self.unreadable = 0
         self.reconnects = 0
+        self.state = SourceState()
         if fps is not None:
             self.live = True
 
@@ -114,6 +140,7 @@ class Source:
                         time.sleep(delay)
                 emitted += 1
                 frame.timestamp, frame.capture_ms = time.perf_counter(), (done - began) * 1e3
+                frame.captured_at = self.state.last_frame_at = time.time()
                 yield frame
             if not (self.loop and produced):
                 return

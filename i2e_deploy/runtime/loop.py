@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import I2EError
 from .classify import Classifier
 from .frames import Source
+from .options import StreamOptions
 from .overlay import annotate
 from .sinks import Sink
 
@@ -186,9 +187,10 @@ class _Capture(threading.Thread):
                 if self.slots.acquire(timeout=0.01):
                     return
 
-    def get(self):
-        """Next item, or _END; waits in short steps so Ctrl-C is seen promptly."""
-        while True:
+    def get(self, stopping: threading.Event):
+        """Next item, or _END (also when ``stopping`` is set); waits in short steps so Ctrl-C
+        and a stop request are seen promptly."""
+        while not stopping.is_set():
             try:
                 item = self.queue.get(timeout=0.1)
             except queue.Empty:
@@ -196,40 +198,52 @@ class _Capture(threading.Thread):
             if item is not _END:
                 self.slots.release()
             return item
+        return _END
 
 
 class Stream:
-    """Run ``classifier`` over ``sources`` into ``sink`` until the sources end, ``max_frames``
-    are done, the sink's window is closed, or Ctrl-C. The stream closes sources and sink.
+    """Run ``classifier`` over ``sources`` into ``sink`` until the sources end,
+    ``options.max_frames`` are done, the sink's window is closed, :meth:`request_stop` (a
+    signal handler's way out) or Ctrl-C. The stream closes sources and sink.
 
-    ``latest`` (default: for live sources) selects the latest-frame policy; ``queue_size``
-    bounds each source's queue (1-2 keeps latency low)."""
+    ``options.latest`` (default: for live sources) selects the latest-frame policy;
+    ``options.queue_size`` bounds each source's queue (1-2 keeps latency low). Keyword
+    ``changes`` override single options."""
 
     def __init__(
         self,
         classifier: Classifier,
         sources: list[Source],
         sink: Sink,
-        *,
-        max_frames: int | None = None,
-        queue_size: int = 1,
-        latest: bool | None = None,
-        show_activity: bool = False,
+        options: StreamOptions | None = None,
+        **changes,
     ):
         if not sources:
             raise I2EError("no source given")
-        if queue_size < 1:
-            raise I2EError(f"queue size must be >= 1, got {queue_size}")
+        self.options = (options or StreamOptions()).replace(**changes).check()
+        latest = self.options.latest
         self.classifier, self.sources, self.sink = classifier, sources, sink
-        self.max_frames = max_frames
+        self.max_frames = self.options.max_frames
         self.captures = [
-            _Capture(s, i, classifier.prepare, queue_size, s.live if latest is None else latest)
+            _Capture(
+                s,
+                i,
+                classifier.prepare,
+                self.options.queue_size,
+                s.live if latest is None else latest,
+            )
             for i, s in enumerate(sources)
         ]
         self.stats = StreamStats([s.uri for s in sources], classifier.name)
         if classifier.activity is not None:
             self.stats.firing_rate, self.stats.sops = Ring(), Ring()
-        self.show_activity = show_activity and classifier.activity is not None
+        self.show_activity = self.options.show_activity and classifier.activity is not None
+        self.stopping = threading.Event()
+        sink.attach(self.stats, sources)
+
+    def request_stop(self) -> None:
+        """End the run as Ctrl-C does (safe from a signal handler or another thread)."""
+        self.stopping.set()
 
     def run(self) -> StreamStats:
         stats = self.stats
@@ -239,10 +253,10 @@ class Stream:
         active = list(self.captures)
         rate = 0.0
         try:
-            while active and not self.sink.stopped:
+            while active and not self.sink.stopped and not self.stopping.is_set():
                 items = []
                 for capture in list(active):
-                    item = capture.get()
+                    item = capture.get(self.stopping)
                     if item is _END:
                         active.remove(capture)
                     else:

@@ -21,7 +21,8 @@ from ..fileio import temp_beside
 from .overlay import annotate
 
 if TYPE_CHECKING:
-    from .frames import Frame, Prediction
+    from .frames import Frame, Prediction, Source
+    from .loop import StreamStats
 
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 
@@ -39,6 +40,10 @@ class Sink:
 
     def write(self, frame: Frame, prediction: Prediction, canvas: np.ndarray | None) -> None:
         raise NotImplementedError
+
+    def attach(self, stats: StreamStats, sources: list[Source]) -> None:
+        """Called once by the stream before it starts: a sink that reports live (the web
+        view) reads the running ``stats`` and each source's ``state`` from here on."""
 
     def close(self) -> None:
         """Flush and publish the output."""
@@ -185,6 +190,10 @@ class MultiSink(Sink):
     def __init__(self, sinks: list[Sink]):
         self.sinks = sinks
         self.needs_canvas = any(s.needs_canvas for s in sinks)
+
+    def attach(self, stats, sources) -> None:
+        for sink in self.sinks:
+            sink.attach(stats, sources)
 
     def write(self, frame, prediction, canvas) -> None:
         for sink in self.sinks:

@@ -190,7 +190,8 @@ class LiveSource(Source):
                 continue
             image = self._fit(_bgr_to_rgb(image))
             now = time.perf_counter()
-            yield Frame(image, index - 1, now, (now - began) * 1e3)
+            captured_at = self.state.last_frame_at = time.time()
+            yield Frame(image, index - 1, now, (now - began) * 1e3, captured_at=captured_at)
 
     def close(self) -> None:
         if self.capture is not None:

@@ -1,0 +1,66 @@
+"""Everything a stream run takes besides its model, sources and outputs, as one object (as
+Ultralytics carries one ``cfg``): the CLI fills it, ``run_stream`` and ``Stream`` read it, and
+it is checked once, before any camera opens or any model is exported."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import I2EError
+
+
+@dataclass
+class StreamOptions:
+    # The runner (see i2e_deploy.targets.resolve_runner).
+    backend: str = "auto"
+    precision: str = "auto"
+    device: str = "cpu"
+    threads: int | None = None
+    verify: bool = True
+    verify_data: str | os.PathLike | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # arch, classes, ratio, ...
+    # The sources (see i2e_deploy.runtime.sources.open_source).
+    resolution: str | None = None
+    fps: float | None = None
+    loop: bool = False
+    stride: int = 1
+    window_ms: float = 100.0
+    reconnects: int = 5
+    # The loop.
+    max_frames: int | None = None
+    queue_size: int = 1
+    latest: bool | None = None  # latest-frame policy; None: for live sources
+    topk: int = 3
+    # What is counted and written.
+    stats_json: str | os.PathLike | None = None
+    activity: bool | None = None  # None: on with stats_json or show_activity, if spikes show
+    show_activity: bool = False
+
+    def replace(self, **changes: Any) -> StreamOptions:
+        """A copy with ``changes``; an unknown name is a clear error, not a TypeError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise I2EError(f"unknown stream option(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def check(self) -> StreamOptions:
+        """Refuse impossible values in one line each (before anything is opened)."""
+        if self.reconnects < 0:
+            raise I2EError(f"--reconnects must be >= 0, got {self.reconnects}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise I2EError(f"--max-frames must be >= 1, got {self.max_frames}")
+        if self.topk < 1:
+            raise I2EError(f"--topk must be >= 1, got {self.topk}")
+        if self.queue_size < 1:
+            raise I2EError(f"queue size must be >= 1, got {self.queue_size}")
+        if self.stride < 1:
+            raise I2EError(f"--stride must be >= 1, got {self.stride}")
+        if self.fps is not None and not self.fps > 0:
+            raise I2EError(f"--fps must be positive, got {self.fps}")
+        if not self.window_ms > 0:
+            raise I2EError(f"--window-ms must be positive, got {self.window_ms}")
+        return self
