@@ -1,10 +1,10 @@
 """Frame sources named by URI: ``open_source(uri) -> Source``, iterate it for ``Frame``s.
 
 URIs: ``0`` or ``/dev/video0`` (camera), a video file, ``rtsp://``/``http(s)://`` streams,
-an image folder or glob, ``demo`` (real photos shipped with scikit-image, panned and jittered
-like a handheld camera), and for event-input models event-camera recordings (``.aedat4``,
-Prophesee ``.raw``/EVT3, N-MNIST ``.bin``), iniVation cameras (``dvs:``, ``dvs:SERIAL``) and
-DV network event streams (``dv://HOST:PORT``): see ``event_sources``.
+an image folder or glob, ``demo`` (bundled photos of the bundled model's classes, panned
+and jittered like a handheld camera), and for event-input models event-camera recordings
+(``.aedat4``, Prophesee ``.raw``/EVT3, N-MNIST ``.bin``), iniVation cameras (``dvs:``,
+``dvs:SERIAL``) and DV network event streams (``dv://HOST:PORT``): see ``event_sources``.
 """
 
 from __future__ import annotations
@@ -242,13 +242,18 @@ def _read_photo(path: Path) -> np.ndarray:
 
 def demo_intro(class_names: list[str] | None, num_classes: int) -> str:
     """The demo's first line: what the model knows and what the photos show. Only when the
-    photos are of the model's classes does it say the model should name them."""
-    known = ", ".join(class_names) if class_names else "unnamed"
-    shown = list(dict.fromkeys(photo["label"] for photo in demo_manifest()))
-    line = f"model knows {num_classes} classes: {known}; "
-    if class_names and set(shown) <= set(class_names):
-        return line + f"the demo shows photos of {', '.join(shown)}"
-    return line + f"the demo's photos ({', '.join(shown)}) are not of its classes"
+    photos are of the model's classes does it say so; otherwise the labels mean little."""
+    labels = list(dict.fromkeys(photo["label"] for photo in demo_manifest()))
+    shown = ", ".join(labels)
+    if not class_names:
+        return (
+            f"model knows {num_classes} unnamed classes; the demo's photos ({shown}) "
+            "cannot be matched to them"
+        )
+    line = f"model knows {num_classes} classes: {', '.join(class_names)}; "
+    if set(labels) <= set(class_names):
+        return line + f"the demo shows photos of {shown}"
+    return line + f"the demo's photos ({shown}) are not all of its classes"
 
 
 class DemoSource(Source):
