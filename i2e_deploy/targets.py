@@ -483,8 +483,8 @@ def verify_target(
 
 
 def sample_inputs(card: ModelCard, count: int) -> tuple[np.ndarray, str]:
-    """``count`` frames spread over the bundled demo clip (real photos: a cat, a rocket, a
-    cup, an astronaut), preprocessed per the card."""
+    """``count`` frames spread over the bundled demo clip (real photos of CIFAR-10 classes,
+    ``assets/demo``), preprocessed per the card."""
     from .images import preprocess
     from .runtime.sources import DemoSource
 

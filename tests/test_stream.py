@@ -256,7 +256,8 @@ def test_demo_falls_back_to_pytorch_when_export_fails(checkpoint, tmp_path, monk
         model=str(checkpoint), output=["none"], max_frames=2, threads=1, log=notes.append
     )
     assert stats.backend == "torch" and stats.frames == 2 and outputs == ["none"]
-    assert notes[0].startswith("runner: ONNX Runtime") and "running on PyTorch" in notes[-1]
+    assert notes[0].startswith("model knows 10 classes: airplane, automobile")
+    assert notes[1].startswith("runner: ONNX Runtime") and "running on PyTorch" in notes[-1]
 
 
 def test_open_errors_are_one_clear_line(checkpoint, tmp_path, monkeypatch):

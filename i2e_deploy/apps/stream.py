@@ -115,9 +115,15 @@ def run_demo(
     Returns the stats and the outputs used.
 
     ``backend='auto'``: the fastest verified runner here (:func:`~i2e_deploy.targets.choose_runner`;
-    on a CPU, ONNX Runtime, INT8 for an INT8-exact checkpoint), PyTorch if the export fails."""
+    on a CPU, ONNX Runtime, INT8 for an INT8-exact checkpoint), PyTorch if the export fails.
+    The first ``log`` line names the model's classes and what the demo's photos show."""
+    from ..artifacts import read_card
+    from ..assets import resolve_model
     from ..runtime.sinks import DisplaySink, screen_available
-    from ..runtime.sources import DemoSource
+    from ..runtime.sources import DemoSource, demo_intro
+
+    card = read_card(resolve_model(model))
+    log(demo_intro(card.class_names, card.num_classes))
 
     if output is None:
         output = ["demo.mp4", "demo.jsonl"]

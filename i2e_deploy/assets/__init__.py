@@ -1,4 +1,5 @@
-"""Files shipped with the package: the bundled default model and its training log."""
+"""Files shipped with the package: the bundled default model, its training log and the demo's
+photos (``demo/``, listed with their sources and licences in ``demo/photos.json``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from ..errors import I2EError
 
 ASSETS = Path(__file__).parent
 DEFAULT_MODEL = ASSETS / "i2e_cifar10_msresnet18.pt"
+DEMO_PHOTOS = ASSETS / "demo"
 
 
 def resolve_model(name: str) -> Path:

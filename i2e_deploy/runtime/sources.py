@@ -1,10 +1,10 @@
 """Frame sources named by URI: ``open_source(uri) -> Source``, iterate it for ``Frame``s.
 
 URIs: ``0`` or ``/dev/video0`` (camera), a video file, ``rtsp://``/``http(s)://`` streams,
-an image folder or glob, ``demo`` (real photos shipped with scikit-image, panned and jittered
-like a handheld camera), and for event-input models event-camera recordings (``.aedat4``,
-Prophesee ``.raw``/EVT3, N-MNIST ``.bin``), iniVation cameras (``dvs:``, ``dvs:SERIAL``) and
-DV network event streams (``dv://HOST:PORT``): see ``event_sources``.
+an image folder or glob, ``demo`` (bundled photos of the bundled model's classes, panned
+and jittered like a handheld camera), and for event-input models event-camera recordings
+(``.aedat4``, Prophesee ``.raw``/EVT3, N-MNIST ``.bin``), iniVation cameras (``dvs:``,
+``dvs:SERIAL``) and DV network event streams (``dv://HOST:PORT``): see ``event_sources``.
 """
 
 from __future__ import annotations
@@ -216,12 +216,50 @@ class ImageFilesSource(Source):
             yield None if image is None else Frame(_bgr_to_rgb(image), index)
 
 
-DEMO_IMAGES = ("chelsea", "rocket", "coffee", "astronaut")
+# The view shows this share of a photo: enough motion for a moving clip, while the model
+# still sees the subject whole (each photo is cropped so it fills the frame, as in CIFAR-10).
+DEMO_VIEW = 0.9
+
+
+def demo_manifest() -> list[dict]:
+    """The bundled demo photos (``assets/demo/photos.json``): file, labelled class, where each
+    came from (package, original file, author, licence) and the bundled model's verdict;
+    ``path`` is added: where the file is."""
+    import json
+
+    from ..assets import DEMO_PHOTOS
+
+    with open(DEMO_PHOTOS / "photos.json", encoding="utf-8") as fh:
+        photos = json.load(fh)["photos"]
+    return [dict(photo, path=DEMO_PHOTOS / photo["file"]) for photo in photos]
+
+
+def _read_photo(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise I2EError(f"bundled demo photo missing or unreadable: {path}")
+    return _bgr_to_rgb(image)
+
+
+def demo_intro(class_names: list[str] | None, num_classes: int) -> str:
+    """The demo's first line: what the model knows and what the photos show. Only when the
+    photos are of the model's classes does it say so; otherwise the labels mean little."""
+    labels = list(dict.fromkeys(photo["label"] for photo in demo_manifest()))
+    shown = ", ".join(labels)
+    if not class_names:
+        return (
+            f"model knows {num_classes} unnamed classes; the demo's photos ({shown}) "
+            "cannot be matched to them"
+        )
+    line = f"model knows {num_classes} classes: {', '.join(class_names)}; "
+    if set(labels) <= set(class_names):
+        return line + f"the demo shows photos of {shown}"
+    return line + f"the demo's photos ({shown}) are not all of its classes"
 
 
 class DemoSource(Source):
-    """A few seconds of real photos (scikit-image's bundled samples: a cat, a rocket launch,
-    a coffee cup, an astronaut), each panned across and shaken like a handheld camera.
+    """A few seconds of real photos of the bundled model's classes (``assets/demo``, sources
+    and licences in ``photos.json``), each panned across and shaken like a handheld camera.
     Deterministic, offline, no camera needed."""
 
     nominal_fps = 15.0
@@ -236,9 +274,9 @@ class DemoSource(Source):
         **options,
     ):
         super().__init__(uri, **options)
-        import skimage.data
-
-        self.photos = [getattr(skimage.data, name)() for name in DEMO_IMAGES]
+        manifest = demo_manifest()
+        self.photos = [_read_photo(photo["path"]) for photo in manifest]
+        self.labels = [photo["label"] for photo in manifest]
         self.size = self.resolution or size
         self.frames_per_image = max(1, round(seconds_per_image * self.nominal_fps))
         self.seed = seed
@@ -253,8 +291,8 @@ class DemoSource(Source):
         for photo_index, photo in enumerate(self.photos):
             shake = _handheld_shake(rng, n)
             ph, pw = photo.shape[:2]
-            # The view covers 70% of the photo; it pans from one side to the other.
-            scale = 0.7 * min(pw / width, ph / height)
+            # The view covers DEMO_VIEW of the photo; it pans from one side to the other.
+            scale = DEMO_VIEW * min(pw / width, ph / height)
             span_x = (pw - width * scale) / 2
             span_y = (ph - height * scale) / 2
             for step in range(n):
