@@ -6,7 +6,6 @@ source that cannot open is reported before any runner is chosen."""
 
 from __future__ import annotations
 
-import _thread
 import json
 import threading
 import time
@@ -129,50 +128,45 @@ def test_a_camera_that_stalls_refuses_and_returns_never_holds_the_other_back(
 
 
 @pytest.mark.slow
-def test_reconnects_forever_outlasts_a_20_s_outage(checkpoint, tmp_path):
-    preds, stats_json = tmp_path / "preds.jsonl", tmp_path / "stats.json"
+def test_reconnects_forever_outlasts_a_20_s_outage(model, tmp_path):
+    results, preds = Results(), tmp_path / "preds.jsonl"
+    timeline: dict[str, float] = {}
     with FlakyCamera("http") as healthy, FlakyCamera("tcp") as flaky:
-        timeline: dict[str, float] = {}
+        # What --reconnects -1 --timeout 2 opens (StreamOptions.reconnects -> run_stream).
+        sources = [
+            open_source(camera.url, reconnect_attempts=-1, timeout_s=2)
+            for camera in (healthy, flaky)
+        ]
+        stream = Stream(model, sources, MultiSink([JsonlSink(preds), results]))
 
         def outage():
-            wait_for(lambda: flaky.sent >= 10 and healthy.sent >= 10, 30)
-            flaky.refuse()
-            timeline["down"] = time.time()
-            time.sleep(20)
-            flaky.serve()
-            timeline["up"] = time.time()
-            before = flaky.sent
-            # Back with backoff capped at 10 s: the attempt after the outage reconnects.
-            wait_for(lambda: flaky.sent >= before + 20, 20)
-            _thread.interrupt_main()  # Ctrl-C
+            try:
+                wait_for(lambda: results.count(1) >= 5, 10)
+                flaky.refuse()
+                timeline["down"] = time.monotonic()
+                time.sleep(20)
+                flaky.serve()
+                timeline["up"] = time.monotonic()
+                # Backoff is capped at 10 s: the attempt after the outage reconnects.
+                wait_for(lambda: results.count(1, since=timeline["up"]) >= 5, 15)
+            finally:
+                stream.request_stop()
 
-        threading.Thread(target=outage, daemon=True).start()
-        result = CliRunner().invoke(
-            app,
-            [
-                "stream",
-                str(checkpoint),
-                *("--source", healthy.url, "--source", flaky.url),
-                *("--output", str(preds), "--json", str(stats_json)),
-                *("--reconnects", "-1", "--timeout", "2"),
-                *("--backend", "torch", "--threads", "1"),
-            ],
-        )
-    assert result.exit_code == 0, result.output
-    stats = json.loads(stats_json.read_text())
-    assert stats["interrupted"] and stats["error"] is None
-    assert [s["status"] for s in stats["per_source"]] == ["live", "live"]
-    assert stats["per_source"][1]["reconnects"] >= 1
-    records = read_jsonl(preds)
-    flaky_times = [r["captured_at"] for r in records if r["source"] == 1]
-    assert any(t > timeline["up"] for t in flaky_times)
+        control = threading.Thread(target=outage)
+        control.start()
+        stats = stream.run()
+        control.join()
+    assert stats.error is None
+    assert [s["status"] for s in stats.to_dict()["per_source"]] == ["live", "live"]
+    assert sources[1].reconnects == 1 and sources[0].reconnects == 0
+    flaky_times = results.times[1]
+    assert results.count(1, since=timeline["up"]) >= 5
     assert not any(timeline["down"] + 0.5 < t < timeline["up"] for t in flaky_times)
-    # Results for the healthy camera all along (result time = capture + latency).
-    healthy_done = [r["captured_at"] + r["latency_ms"] / 1e3 for r in records if r["source"] == 0]
-    assert healthy_done[0] < timeline["down"] and healthy_done[-1] > timeline["up"]
-    assert longest_gap(healthy_done) < MAX_GAP_S
-    # More attempts than the default 5, each recorded as one of "for ever" (-1).
-    degraded = [d for r in records for d in r.get("degraded", [])]
+    healthy_times = results.times[0]
+    assert healthy_times[0] < timeline["down"] and healthy_times[-1] > timeline["up"]
+    assert longest_gap(healthy_times) < MAX_GAP_S
+    # More attempts than the default 5, each one of "for ever" (-1), in the records.
+    degraded = [d for r in read_jsonl(preds) for d in r.get("degraded", [])]
     assert {d["attempts"] for d in degraded} == {-1}
     assert max(d["attempt"] for d in degraded) >= 5
 
@@ -202,10 +196,11 @@ def test_a_camera_lost_for_good_ends_alone_in_one_line(checkpoint, tmp_path):
         )
     assert result.exit_code == 2
     lost = f"stream {camera.url} was lost and did not come back after 1 reconnect attempts"
-    assert result.stderr.endswith(f"error: {lost}\n") and "Traceback" not in result.output
-    assert f"{lost}; 1 other source(s) go on\n" in result.stderr
-    summary = [line for line in result.stderr.splitlines() if line.startswith("stopped by error")]
-    assert len(summary) == 1 and "source 1 lost" in summary[0]
+    assert result.stderr == f"error: {lost}\n" and "Traceback" not in result.output
+    # Progress: the runner, the loss when it happens (the recording goes on), the summary.
+    runner, note, summary = result.stdout.splitlines()
+    assert runner.startswith("runner: ") and note == f"{lost}; 1 other source(s) go on"
+    assert summary.startswith("stopped by error: ") and "| source 1 lost" in summary
     stats = json.loads(stats_json.read_text())
     assert [s["status"] for s in stats["per_source"]] == ["ended", "lost"]
     assert stats["per_source"][1]["error"] == lost and stats["error"] == lost
@@ -240,6 +235,12 @@ def test_sources_that_cannot_open_are_reported_before_a_runner(checkpoint, tmp_p
 
 def test_reconnects_take_minus_one_for_ever_and_refuse_less(checkpoint):
     assert StreamOptions(reconnects=-1).check().reconnects == -1
+    result = CliRunner().invoke(
+        app,
+        ["stream", str(checkpoint), "--source", "demo", "-o", "none", "--max-frames", "2"]
+        + ["--reconnects", "-1", "--backend", "torch", "--threads", "1"],
+    )
+    assert result.exit_code == 0 and result.stdout.splitlines()[-1].startswith("done: 2 frames")
     for flag, value, message in (
         ("--reconnects", "-2", "--reconnects must be >= 0, or -1 for ever, got -2"),
         ("--timeout", "0", "--timeout must be positive, got 0.0"),
