@@ -35,8 +35,9 @@ def run_stream(
     or an already loaded runner), run the stream, write ``options.stats_json``. ``changes``
     override single fields of ``options`` (``run_stream(m, ["0"], ["none"], threads=1)``).
     Bad options and open failures (missing file, dead URL, no camera) raise I2EError before
-    anything runs; a failure mid-stream (camera lost, not back after ``reconnects``
-    attempts) ends the stream and is reported in ``stats.error``.
+    anything runs, a source's before a runner is chosen; a source lost mid-stream (not back
+    after ``reconnects`` attempts) ends alone, the others go on, and the loss is reported in
+    ``stats.error``.
 
     ``activity``: count each prediction's firing rate and SOPs from the backend's spikes
     (in ``stats_json`` and ``.jsonl`` outputs); by default on when ``stats_json`` is written
