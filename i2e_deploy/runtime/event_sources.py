@@ -306,7 +306,7 @@ class LiveEventSource(Source):
         self.card = card
         self.window_us = _check_window(window_ms)
         self.nominal_fps = 1000.0 / window_ms
-        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_attempts = self.state.attempts = reconnect_attempts
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self.stopping = threading.Event()

@@ -96,7 +96,7 @@ class LiveSource(Source):
     ):
         super().__init__(uri, **options)
         self.target = target
-        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_attempts = self.state.attempts = reconnect_attempts
         self.backoff_s = backoff_s
         self.timeout_ms = int(timeout_s * 1000)
         self.stopping = threading.Event()
