@@ -319,7 +319,13 @@ def stream(
     reconnects: int = typer.Option(
         5,
         "--reconnects",
-        help="cameras and streams: reconnect attempts when lost (backoff doubling from 0.5 s)",
+        help="cameras and streams: reconnect attempts when lost, -1 for ever (backoff "
+        "doubling from 0.5 s to 10 s, reset by a good frame)",
+    ),
+    timeout: float = typer.Option(
+        5.0,
+        "--timeout",
+        help="cameras and streams: seconds to open, and of silence that means lost",
     ),
     activity: bool | None = typer.Option(
         None,
@@ -359,6 +365,7 @@ def stream(
         stride=stride,
         window_ms=window_ms,
         reconnects=reconnects,
+        timeout_s=timeout,
         max_frames=max_frames,
         topk=topk,
         stats_json=stats_json,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
 from pathlib import Path
@@ -153,3 +154,106 @@ class FileServer(_LocalServer):
                 pass
 
         super().__init__(Handler, path.name)
+
+
+class FlakyCamera:
+    """A network camera on 127.0.0.1 that can stall, refuse connections and come back: MJPEG
+    (multipart JPEG frames, ``fps`` a second) over HTTP (``http://127.0.0.1:PORT/cam.mjpg``)
+    or plain TCP (``tcp://127.0.0.1:PORT``, read by FFmpeg's mpjpeg demuxer).
+
+    ``stall()``: connections stay open and silent, new ones too; ``refuse()``: the port
+    closes (connection refused) and open connections drop; ``serve()``: frames again.
+    ``sent`` counts the frames sent. The server stops with the ``with`` block."""
+
+    def __init__(self, protocol: str = "http", fps: float = 25.0):
+        self.protocol, self.period = protocol, 1 / fps
+        self.jpegs = [
+            cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+            for image in synthetic_frames(20, size=(64, 48))
+        ]
+        self.mode = "serve"
+        self.generation = 0  # refuse() drops the connections of earlier generations
+        self.sent = 0
+        self.closed = threading.Event()
+        self.listener = self._listen(0)
+        self.port = self.listener.getsockname()[1]
+        self.url = (
+            f"http://127.0.0.1:{self.port}/cam.mjpg"
+            if protocol == "http"
+            else f"tcp://127.0.0.1:{self.port}"
+        )
+
+    def _listen(self, port: int) -> socket.socket:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        listener.settimeout(0.05)  # accept() polls, so that refuse() and the end are seen
+        self.accepting = threading.Thread(
+            target=self._accept, args=(listener, self.generation), daemon=True
+        )
+        self.accepting.start()
+        return listener
+
+    def _accept(self, listener: socket.socket, generation: int) -> None:
+        with listener:
+            while not self.closed.is_set() and self.generation == generation:
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                threading.Thread(target=self._client, args=(conn, generation), daemon=True).start()
+
+    def _client(self, conn: socket.socket, generation: int) -> None:
+        def alive() -> bool:
+            return not self.closed.is_set() and self.generation == generation
+
+        with conn:
+            try:
+                if self.protocol == "http":
+                    conn.settimeout(5)
+                    request = b""
+                    while b"\r\n\r\n" not in request and (more := conn.recv(1024)):
+                        request += more
+                    while self.mode == "stall" and alive():  # a hung camera answers nothing
+                        time.sleep(0.02)
+                    conn.sendall(
+                        b"HTTP/1.0 200 OK\r\n"
+                        b"Content-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n"
+                    )
+                index = 0
+                while alive():
+                    if self.mode != "serve":
+                        time.sleep(0.02)
+                        continue
+                    jpeg = self.jpegs[index % len(self.jpegs)]
+                    conn.sendall(
+                        b"--frame\r\nContent-Type: image/jpeg\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(jpeg) + jpeg + b"\r\n"
+                    )
+                    self.sent += 1
+                    index += 1
+                    time.sleep(self.period)
+            except OSError:
+                pass  # the client went away
+
+    def stall(self) -> None:
+        self.mode = "stall"
+
+    def refuse(self) -> None:
+        self.mode = "refuse"
+        self.generation += 1  # the accept loop closes the port, the clients hang up
+
+    def serve(self) -> None:
+        if self.mode == "refuse":
+            self.accepting.join()  # the old accept loop lets the port go
+            self.listener = self._listen(self.port)
+        self.mode = "serve"
+
+    def __enter__(self) -> FlakyCamera:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.closed.set()

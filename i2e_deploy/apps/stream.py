@@ -7,6 +7,9 @@ import json
 import os
 from collections.abc import Callable
 
+from ..artifacts import read_card
+from ..assets import resolve_model
+from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import atomic_output
 from ..runtime.classify import Classifier
@@ -15,7 +18,7 @@ from ..runtime.loop import Stream, StreamStats
 from ..runtime.options import StreamOptions
 from ..runtime.runners import Runner
 from ..runtime.sinks import open_sinks
-from ..runtime.sources import open_source
+from ..runtime.sources import needs_card, open_source
 from ..targets import resolve_runner
 
 
@@ -32,14 +35,67 @@ def run_stream(
     or an already loaded runner), run the stream, write ``options.stats_json``. ``changes``
     override single fields of ``options`` (``run_stream(m, ["0"], ["none"], threads=1)``).
     Bad options and open failures (missing file, dead URL, no camera) raise I2EError before
-    anything runs; a failure mid-stream (camera lost, not back after ``reconnects``
-    attempts) ends the stream and is reported in ``stats.error``.
+    anything runs, a source's before a runner is chosen; a source lost mid-stream (not back
+    after ``reconnects`` attempts) ends alone, the others go on, and the loss is reported in
+    ``stats.error``.
 
     ``activity``: count each prediction's firing rate and SOPs from the backend's spikes
     (in ``stats_json`` and ``.jsonl`` outputs); by default on when ``stats_json`` is written
     or ``show_activity`` (the overlay's status line) asks for it, where the backend exposes
     spikes. It costs time per frame (``benchmarks/profile_default.py`` measures how much)."""
     opts = (options or StreamOptions()).replace(**changes).check()
+    # Sources open first, so that a dead camera is reported before a runner is chosen or
+    # anything exported; event sources need the card, read from the file without a runner
+    # (for a checkpoint that costs about a second, so only when one needs it).
+    card = None
+    if isinstance(model, Runner):
+        card = model.card
+    elif any(needs_card(uri) for uri in sources):
+        card = _card(model, opts)
+    opened: list[Source] = []
+    classifier: Classifier | None = None
+    try:
+        for uri in sources:
+            opened.append(
+                open_source(
+                    uri,
+                    card=card,
+                    resolution=opts.resolution,
+                    fps=opts.fps,
+                    loop=opts.loop,
+                    stride=opts.stride,
+                    window_ms=opts.window_ms,
+                    reconnect_attempts=opts.reconnects,
+                    timeout_s=opts.timeout_s,
+                )
+            )
+        classifier = _classifier(model, opts, log)
+        sink = open_sinks(outputs or ["display"], fps=opened[0].fps if opened else 25.0)
+    except BaseException:
+        for source in opened:
+            source.close()
+        if classifier is not None:
+            classifier.close()
+        raise
+    try:
+        stats = Stream(classifier, opened, sink, opts, log=log).run()
+    finally:
+        classifier.close()
+    if opts.stats_json:
+        write_json_atomic(opts.stats_json, stats.to_dict())
+    return stats
+
+
+def _card(model: str | os.PathLike, opts: StreamOptions) -> ModelCard:
+    path = resolve_model(str(model))
+    if not path.is_file():
+        raise I2EError(f"model file not found: {path}")
+    return read_card(path, **opts.model_overrides)
+
+
+def _classifier(
+    model: str | os.PathLike | Runner, opts: StreamOptions, log: Callable[[str], None] | None
+) -> Classifier:
     # The source's reader thread preprocesses beside inference: ONNX Runtime's spinning
     # idle threads would take its core on a small machine.
     runner = (
@@ -62,38 +118,10 @@ def run_stream(
     if activity is None:
         activity = (opts.stats_json is not None or opts.show_activity) and runner.exposes_spikes
     try:
-        classifier = Classifier(runner, topk=opts.topk, activity=activity)
+        return Classifier(runner, topk=opts.topk, activity=activity)
     except BaseException:
         runner.close()
         raise
-    opened: list[Source] = []
-    try:
-        for uri in sources:
-            opened.append(
-                open_source(
-                    uri,
-                    card=classifier.card,
-                    resolution=opts.resolution,
-                    fps=opts.fps,
-                    loop=opts.loop,
-                    stride=opts.stride,
-                    window_ms=opts.window_ms,
-                    reconnect_attempts=opts.reconnects,
-                )
-            )
-        sink = open_sinks(outputs or ["display"], fps=opened[0].fps if opened else 25.0)
-    except BaseException:
-        for source in opened:
-            source.close()
-        classifier.close()
-        raise
-    try:
-        stats = Stream(classifier, opened, sink, opts).run()
-    finally:
-        classifier.close()
-    if opts.stats_json:
-        write_json_atomic(opts.stats_json, stats.to_dict())
-    return stats
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:

@@ -284,8 +284,9 @@ class EventRecordingSource(Source):
 class LiveEventSource(Source):
     """Events arriving live, cut into windows of event time as recordings are. A capture
     thread polls the device; when it goes away it is reopened with doubling backoff
-    (``reconnect_attempts`` tries from ``backoff_s``), and windows start again from the first
-    event after the reconnection. ``interrupt()`` (Ctrl-C, end of the stream) stops polling."""
+    (``reconnect_attempts`` tries, -1 for ever, from ``backoff_s``), and windows start again
+    from the first event after the reconnection. ``interrupt()`` (Ctrl-C, end of the stream)
+    stops polling."""
 
     live = True
     poll_s = 0.002  # getNextEventBatch does not wait: it returns None until a batch is in
@@ -305,7 +306,7 @@ class LiveEventSource(Source):
         self.card = card
         self.window_us = _check_window(window_ms)
         self.nominal_fps = 1000.0 / window_ms
-        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_attempts = self.state.attempts = reconnect_attempts
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self.stopping = threading.Event()
@@ -344,7 +345,7 @@ class LiveEventSource(Source):
                     frame.image = self._fit(frame.image)
                     frame.timestamp = time.perf_counter()
                     frame.capture_ms = (frame.timestamp - began) * 1e3
-                    frame.captured_at = self.state.last_frame_at = time.time()
+                    frame.captured_at = self._delivered()
                     yield frame
                 index += 1
             if not self._reconnect():
@@ -364,21 +365,20 @@ class LiveEventSource(Source):
 
     def _reconnect(self) -> bool:
         self.input = None
-        delay = self.backoff_s
-        for _ in range(self.reconnect_attempts):
-            if self.stopping.wait(delay):
-                return False
-            try:
-                self.input, self.sensor = self._connect()
-            except I2EError:
-                delay *= 2
-                continue
-            self.reconnects += 1
+        connected = self._retry(
+            self._connect, self.reconnect_attempts, self.backoff_s, self.stopping
+        )
+        if connected is not None:
+            self.input, self.sensor = connected
             return True
+        if self.stopping.is_set():
+            return False
         error = self._lost()
-        if error is not None and not self.stopping.is_set():
-            raise error
-        return False
+        if error is None:  # gone for good is this source's end
+            self.state.status = "ended"
+            return False
+        self.state.error = str(error)
+        raise error
 
     def interrupt(self) -> None:
         self.stopping.set()

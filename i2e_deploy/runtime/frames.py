@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
 from ..card import ModelCard
 from ..errors import I2EError
+
+MAX_BACKOFF_S = 10.0  # the longest wait between reconnect attempts
+Opened = TypeVar("Opened")
 
 
 @dataclass
@@ -64,6 +69,19 @@ class SourceState:
             "last_frame_age_s": age,
             "error": self.error,
         }
+
+    def describe(self, now: float | None = None) -> str:
+        """One short phrase: 'reconnecting (attempt 3 of 5), last frame 4.2 s old'."""
+        now = time.time() if now is None else now
+        text = self.status
+        if self.status == "reconnecting":
+            of = f" of {self.attempts}" if self.attempts >= 0 else ""
+            text += f" (attempt {self.attempt}{of})"
+        elif self.status == "lost" and self.error:
+            text += f": {self.error}"
+        if self.status != "ended" and self.last_frame_at is not None:
+            text += f", last frame {now - self.last_frame_at:.1f} s old"
+        return text
 
 
 class Source:
@@ -140,10 +158,47 @@ class Source:
                         time.sleep(delay)
                 emitted += 1
                 frame.timestamp, frame.capture_ms = time.perf_counter(), (done - began) * 1e3
-                frame.captured_at = self.state.last_frame_at = time.time()
+                frame.captured_at = self._delivered()
                 yield frame
             if not (self.loop and produced):
                 return
+
+    def _delivered(self) -> float:
+        """A good frame is in: the source is live again and its backoff starts over.
+        Returns the wall-clock capture time."""
+        state = self.state
+        state.status, state.attempt, state.error = "live", 0, None
+        state.last_frame_at = time.time()
+        return state.last_frame_at
+
+    def _retry(
+        self,
+        open_: Callable[[], Opened | None],
+        attempts: int,
+        backoff_s: float,
+        stop: threading.Event,
+    ) -> Opened | None:
+        """Reopen with ``open_`` (None or I2EError: not yet) after waits doubling from
+        ``backoff_s`` up to MAX_BACKOFF_S, ``attempts`` times (-1: forever). The attempt count
+        runs on until a good frame resets it, so a stream that reopens but sends nothing
+        still runs out of attempts. None when stopped or out of attempts (state: lost)."""
+        state = self.state
+        state.attempts = attempts
+        while attempts < 0 or state.attempt < attempts:
+            state.status = "reconnecting"
+            state.attempt += 1
+            if stop.wait(min(backoff_s * 2 ** min(state.attempt - 1, 30), MAX_BACKOFF_S)):
+                return None
+            try:
+                opened = open_()
+            except I2EError as exc:
+                state.error = str(exc)
+                continue
+            if opened is not None:
+                self.reconnects += 1
+                return opened
+        state.status = "lost"
+        return None
 
     def interrupt(self) -> None:
         """Ask a read waiting in another thread to return soon (the stream is stopping)."""

@@ -2,8 +2,10 @@
 
 ``Stream`` adds what a live camera needs: capture on its own thread with a latest-frame
 policy (stale frames are dropped and counted), several sources micro-batched into one
-inference, FPS / latency percentiles / per-stage times in bounded memory, reconnection, and a
-clean end on Ctrl-C or end of input.
+inference (a stalled or reconnecting camera never holds the others back), FPS / latency
+percentiles / per-stage times in bounded memory, reconnection, and a clean end on Ctrl-C or
+end of input. A source lost for good ends alone: the others go on until every source has
+ended or is lost, and the run reports the loss as its error.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +52,29 @@ class Ring:
 
 
 @dataclass
+class SourceStats:
+    """One source's part of the stats: its state, read live from the source, and the stale
+    frames dropped for it."""
+
+    source: Source
+    dropped: int = 0
+
+    def to_dict(self, now: float | None = None) -> dict:
+        source = self.source
+        return {
+            "uri": source.uri,
+            **source.state.to_dict(now),
+            "reconnects": source.reconnects,
+            "dropped": self.dropped,
+            "unreadable": source.unreadable,
+        }
+
+
+@dataclass
 class StreamStats:
+    """What a run did so far (a live view reads it while the stream runs). ``latency`` is
+    capture to result: from a frame's capture until every sink has it."""
+
     sources: list[str]
     backend: str
     frames: int = 0
@@ -63,6 +88,7 @@ class StreamStats:
     stages: dict[str, Ring] = field(default_factory=lambda: {s: Ring() for s in STAGES})
     firing_rate: Ring | None = None  # per prediction, when the classifier counts activity
     sops: Ring | None = None
+    per_source: list[SourceStats] = field(default_factory=list)
 
     @property
     def fps(self) -> float:
@@ -70,6 +96,7 @@ class StreamStats:
 
     def to_dict(self) -> dict:
         infer_s = self.stages["infer"].total / 1e3
+        now = time.time()
         return {
             "sources": self.sources,
             "backend": self.backend,
@@ -92,6 +119,7 @@ class StreamStats:
             "reconnects": self.reconnects,
             "interrupted": self.interrupted,
             "error": self.error,
+            "per_source": [entry.to_dict(now) for entry in self.per_source],
             **(
                 {
                     "activity": {
@@ -114,6 +142,12 @@ class StreamStats:
             f"per frame: capture {st['capture']:.1f}, preprocess {st['preprocess']:.1f}, "
             f"infer {st['infer']:.1f}, overlay {st['overlay']:.1f}, sink {st['sink']:.1f} ms "
             f"| dropped {self.dropped}, unreadable {self.unreadable}"
+            + (f", reconnects {self.reconnects}" if self.reconnects else "")
+            + "".join(
+                f" | source {i} {entry.source.state.status}"
+                for i, entry in enumerate(self.per_source)
+                if entry.source.state.status in ("lost", "reconnecting")
+            )
             + (
                 f" | LIF rate {self.firing_rate.mean:.4f}, {self.sops.mean / 1e6:.1f} M SOPs "
                 "per prediction"
@@ -136,13 +170,21 @@ class _Capture(threading.Thread):
     only the newest frames (the oldest is dropped and counted); recordings wait for a free
     slot before decoding, so every frame is processed and none ages in the queue."""
 
-    def __init__(self, source: Source, index: int, prepare, queue_size: int, latest: bool):
+    def __init__(
+        self,
+        counts: SourceStats,
+        index: int,
+        prepare,
+        queue_size: int,
+        latest: bool,
+        ready: threading.Condition,
+    ):
         super().__init__(name=f"capture-{index}", daemon=True)
-        self.source, self.index, self.prepare, self.latest = source, index, prepare, latest
+        self.source, self.counts, self.index = counts.source, counts, index
+        self.prepare, self.latest, self.ready = prepare, latest, ready
         self.queue: queue.Queue = queue.Queue()  # bounded by the slots; +1 for the end marker
         self.slots = threading.Semaphore(queue_size)
         self.stop = threading.Event()
-        self.dropped = 0
         self.error: str | None = None
 
     def run(self) -> None:
@@ -160,14 +202,23 @@ class _Capture(threading.Thread):
                 prepared_ms = (time.perf_counter() - began) * 1e3
                 if self.latest and not self.slots.acquire(blocking=False):
                     self._drop_oldest()
-                self.queue.put((frame, model_input, prepared_ms))
+                self._put((frame, model_input, prepared_ms))
+            if not self.stop.is_set() and self.source.state.status != "lost":
+                self.source.state.status = "ended"
         except I2EError as exc:
             self.error = str(exc)
         except Exception as exc:  # a decoder failing mid-stream must not kill the loop silently
             self.error = f"source {self.source.uri} failed: {type(exc).__name__}: {exc}"
         finally:
+            if self.error:
+                self.source.state.status, self.source.state.error = "lost", self.error
             self.source.close()  # here, not from the main thread, which may still be reading
-            self.queue.put(_END)
+            self._put(_END)
+
+    def _put(self, item) -> None:
+        self.queue.put(item)
+        with self.ready:
+            self.ready.notify()
 
     def _take_slot(self) -> bool:
         while not self.stop.is_set():
@@ -181,30 +232,28 @@ class _Capture(threading.Thread):
         while True:
             try:
                 self.queue.get_nowait()
-                self.dropped += 1
+                self.counts.dropped += 1
                 return
             except queue.Empty:
                 if self.slots.acquire(timeout=0.01):
                     return
 
-    def get(self, stopping: threading.Event):
-        """Next item, or _END (also when ``stopping`` is set); waits in short steps so Ctrl-C
-        and a stop request are seen promptly."""
-        while not stopping.is_set():
-            try:
-                item = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is not _END:
-                self.slots.release()
-            return item
-        return _END
+    def take(self):
+        """The next item if one is ready (_END at the end), else None."""
+        try:
+            item = self.queue.get_nowait()
+        except queue.Empty:
+            return None
+        if item is not _END:
+            self.slots.release()
+        return item
 
 
 class Stream:
-    """Run ``classifier`` over ``sources`` into ``sink`` until the sources end,
+    """Run ``classifier`` over ``sources`` into ``sink`` until the sources end (or are lost),
     ``options.max_frames`` are done, the sink's window is closed, :meth:`request_stop` (a
-    signal handler's way out) or Ctrl-C. The stream closes sources and sink.
+    signal handler's way out) or Ctrl-C. The stream closes sources and sink. ``log`` gets a
+    line when a source is lost while others go on.
 
     ``options.latest`` (default: for live sources) selects the latest-frame policy;
     ``options.queue_size`` bounds each source's queue (1-2 keeps latency low). Keyword
@@ -216,6 +265,8 @@ class Stream:
         sources: list[Source],
         sink: Sink,
         options: StreamOptions | None = None,
+        *,
+        log: Callable[[str], None] | None = None,
         **changes,
     ):
         if not sources:
@@ -223,18 +274,26 @@ class Stream:
         self.options = (options or StreamOptions()).replace(**changes).check()
         latest = self.options.latest
         self.classifier, self.sources, self.sink = classifier, sources, sink
+        self.log = log or (lambda _line: None)
         self.max_frames = self.options.max_frames
+        self.stats = StreamStats([s.uri for s in sources], classifier.name)
+        self.stats.per_source = [SourceStats(s) for s in sources]
+        self.ready = threading.Condition()  # a capture queued something
         self.captures = [
             _Capture(
-                s,
+                counts,
                 i,
                 classifier.prepare,
                 self.options.queue_size,
-                s.live if latest is None else latest,
+                counts.source.live if latest is None else latest,
+                self.ready,
             )
-            for i, s in enumerate(sources)
+            for i, counts in enumerate(self.stats.per_source)
         ]
-        self.stats = StreamStats([s.uri for s in sources], classifier.name)
+        # How long a batch waits for the other live sources once one frame is in: a frame
+        # period of the fastest (cf. DeepStream's batched-push-timeout).
+        live = [s.fps for s in sources if s.live]
+        self.batch_wait_s = min(1.0, max(0.001, 1 / max(live))) if live else 0.0
         if classifier.activity is not None:
             self.stats.firing_rate, self.stats.sops = Ring(), Ring()
         self.show_activity = self.options.show_activity and classifier.activity is not None
@@ -244,6 +303,49 @@ class Stream:
     def request_stop(self) -> None:
         """End the run as Ctrl-C does (safe from a signal handler or another thread)."""
         self.stopping.set()
+
+    def _next_batch(self, active: list[_Capture]) -> list[tuple[_Capture, object]]:
+        """At most one item per active source, in source order: wait for a first one, then
+        up to ``batch_wait_s`` for the other live sources (a stalled or reconnecting camera
+        never holds the others back); recordings are waited for, so that every frame is
+        processed, in step. Empty when stopping."""
+        taken: dict[_Capture, object] = {}
+        deadline: float | None = None
+        with self.ready:
+            while not self.stopping.is_set():
+                for capture in active:
+                    if capture not in taken and (item := capture.take()) is not None:
+                        taken[capture] = item
+                now = time.perf_counter()
+                if taken and deadline is None:
+                    deadline = now + self.batch_wait_s
+                waiting = [c for c in active if c not in taken]
+                if (
+                    not waiting
+                    or _END in taken.values()  # update the active list at once
+                    or (
+                        deadline is not None
+                        and now >= deadline
+                        and all(c.source.live for c in waiting)
+                    )
+                ):
+                    break
+                self.ready.wait(0.1 if deadline is None else min(0.1, max(deadline - now, 0.001)))
+        return [(c, taken[c]) for c in active if c in taken]
+
+    def _lost_line(self, capture: _Capture, active: list[_Capture]) -> None:
+        if capture.error and active:
+            self.log(f"{capture.error}; {len(active)} other source(s) go on")
+
+    def _status(self, rate: float, frame_source: int, now: float) -> str:
+        """The overlay's status line, with any other source that is not live."""
+        status = (
+            f"{rate:.1f} FPS | {self.stats.latency.percentile(50):.0f} ms | {self.classifier.name}"
+        )
+        for i, source in enumerate(self.sources):
+            if i != frame_source and source.state.status != "live":
+                status += f" | source {i} {source.state.describe(now)}"
+        return status
 
     def run(self) -> StreamStats:
         stats = self.stats
@@ -255,10 +357,10 @@ class Stream:
         try:
             while active and not self.sink.stopped and not self.stopping.is_set():
                 items = []
-                for capture in list(active):
-                    item = capture.get(self.stopping)
+                for capture, item in self._next_batch(active):
                     if item is _END:
                         active.remove(capture)
+                        self._lost_line(capture, active)
                     else:
                         items.append(item)
                 if self.max_frames is not None:
@@ -271,12 +373,14 @@ class Stream:
                 inferred = time.perf_counter()
                 canvases: list[np.ndarray | None] = [None] * len(frames)
                 if self.sink.needs_canvas:
-                    status = (
-                        f"{rate:.1f} FPS | {stats.latency.percentile(50):.0f} ms | "
-                        f"{self.classifier.name}"
-                    )
+                    now = time.time()
                     canvases = [
-                        annotate(f, p, status + _activity(p) if self.show_activity else status)
+                        annotate(
+                            f,
+                            p,
+                            self._status(rate, f.source, now)
+                            + (_activity(p) if self.show_activity else ""),
+                        )
                         for f, p in zip(frames, predictions)
                     ]
                 drawn = time.perf_counter()
@@ -299,6 +403,7 @@ class Stream:
                     for prediction in predictions:
                         stats.firing_rate.add(prediction.firing_rate or 0.0)
                         stats.sops.add(prediction.sops or 0.0)
+                self._tally()
                 elapsed = written - start
                 rate = stats.frames / elapsed if elapsed > 0 else 0.0
                 if self.max_frames is not None and stats.frames >= self.max_frames:
@@ -310,6 +415,13 @@ class Stream:
             self._shutdown()
         return stats
 
+    def _tally(self) -> None:
+        """The run's totals from the sources' counts (during the run, for a live view)."""
+        stats = self.stats
+        stats.dropped = sum(entry.dropped for entry in stats.per_source)
+        stats.unreadable = sum(s.unreadable for s in self.sources)
+        stats.reconnects = sum(s.reconnects for s in self.sources)
+
     def _shutdown(self) -> None:
         for capture in self.captures:
             capture.stop.set()
@@ -318,9 +430,7 @@ class Stream:
             capture.join(timeout=5.0)  # a live read can block; the thread is a daemon
         self.sink.close()
         stats = self.stats
-        stats.dropped = sum(c.dropped for c in self.captures)
-        stats.unreadable = sum(s.unreadable for s in self.sources)
-        stats.reconnects = sum(s.reconnects for s in self.sources)
+        self._tally()
         errors = [c.error for c in self.captures if c.error]
         if errors and not stats.interrupted:
             stats.error = errors[0]

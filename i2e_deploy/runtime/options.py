@@ -28,7 +28,8 @@ class StreamOptions:
     loop: bool = False
     stride: int = 1
     window_ms: float = 100.0
-    reconnects: int = 5
+    reconnects: int = 5  # -1: for ever
+    timeout_s: float = 5.0  # cameras and streams: open timeout, and silence that means lost
     # The loop.
     max_frames: int | None = None
     queue_size: int = 1
@@ -49,8 +50,10 @@ class StreamOptions:
 
     def check(self) -> StreamOptions:
         """Refuse impossible values in one line each (before anything is opened)."""
-        if self.reconnects < 0:
-            raise I2EError(f"--reconnects must be >= 0, got {self.reconnects}")
+        if self.reconnects < -1:
+            raise I2EError(f"--reconnects must be >= 0, or -1 for ever, got {self.reconnects}")
+        if not self.timeout_s > 0:
+            raise I2EError(f"--timeout must be positive, got {self.timeout_s}")
         if self.max_frames is not None and self.max_frames < 1:
             raise I2EError(f"--max-frames must be >= 1, got {self.max_frames}")
         if self.topk < 1:

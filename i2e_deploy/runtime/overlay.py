@@ -1,5 +1,6 @@
 """Annotated view of one prediction: the frame with its top-k labels, and beside it the T
-event frames the spiking network sees (ON red, OFF blue), tiled two rows high."""
+event frames the spiking network sees (ON red, OFF blue), tiled two rows high; and the banner
+of a source that is not live."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:
-    from .frames import Frame, Prediction
+    from .frames import Frame, Prediction, SourceState
 
 # BGR, since the canvas goes straight to cv2.VideoWriter / imshow.
 ON_BGR = np.array([60, 70, 255], np.uint8)
@@ -114,4 +115,42 @@ def annotate(frame: Frame, prediction: Prediction, status: str | None = None) ->
     canvas = np.full((height, width + mosaic.shape[1], 3), BACKGROUND, np.uint8)
     canvas[:, :width] = panel
     canvas[: mosaic.shape[0], width:] = mosaic
+    return canvas
+
+
+# BGR banner colours by status: amber while reconnecting, red when lost, grey when ended.
+STATE_BGR = {"reconnecting": (0, 170, 255), "lost": (40, 40, 230), "ended": (150, 150, 150)}
+
+
+def draw_source_state(canvas: np.ndarray, state: SourceState, now: float) -> np.ndarray:
+    """Dim ``canvas`` (BGR, e.g. the source's last picture) in place and write across its
+    middle what the source is doing, e.g. "reconnecting (attempt 3), last frame 4.2 s old";
+    ``now`` is time.time(). Returns the canvas."""
+    height, width = canvas.shape[:2]
+    _shade(canvas, 0, 0, width, height)
+    text = state.describe(now)
+    font = max(0.4, min(height / 480 * 0.7, 1.2))
+    thick = 1 if font < 0.8 else 2
+    # Shrink until the phrase fits the width (a lost source's reason can be long).
+    while font > 0.3 and cv2.getTextSize(text, FONT, font, thick)[0][0] > width - 16:
+        font *= 0.9
+    (text_w, text_h), _ = cv2.getTextSize(text, FONT, font, thick)
+    top = (height - text_h) // 2 - 10
+    cv2.rectangle(
+        canvas,
+        (0, top),
+        (width - 1, top + text_h + 20),
+        STATE_BGR.get(state.status, (90, 90, 90)),
+        -1,
+    )
+    cv2.putText(
+        canvas,
+        text,
+        (max(8, (width - text_w) // 2), top + text_h + 10),
+        FONT,
+        font,
+        (255, 255, 255),
+        thick,
+        cv2.LINE_AA,
+    )
     return canvas

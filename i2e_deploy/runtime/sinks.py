@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -21,7 +22,7 @@ from ..fileio import temp_beside
 from .overlay import annotate
 
 if TYPE_CHECKING:
-    from .frames import Frame, Prediction, Source
+    from .frames import Frame, Prediction, Source, SourceState
     from .loop import StreamStats
 
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
@@ -105,13 +106,48 @@ class VideoSink(Sink):
         self.writers.clear()
 
 
+def prediction_record(
+    frame: Frame, prediction: Prediction, states: list[SourceState] | None = None
+) -> dict:
+    """One prediction as a JSON-ready dict: source, frame index, top-k classes with
+    probabilities, the frame's wall-clock ``captured_at`` and ``latency_ms`` from capture to
+    now; for event windows their event time span ``window_us`` [start, end); the activity if
+    counted; and, given every source's state (``states``, in source order), ``degraded``:
+    the other sources that are not live."""
+    now = time.time()
+    record: dict = {
+        "source": frame.source,
+        "frame": frame.index,
+        "top": [
+            {"class": int(i), "label": label, "prob": round(float(p), 6)}
+            for i, label, p in zip(prediction.indices, prediction.labels, prediction.probs)
+        ],
+    }
+    if frame.captured_at:
+        record["captured_at"] = round(frame.captured_at, 6)
+        record["latency_ms"] = round((now - frame.captured_at) * 1e3, 3)
+    if frame.span_us is not None:
+        record["window_us"] = list(frame.span_us)
+    if prediction.firing_rate is not None:
+        record["firing_rate"] = round(prediction.firing_rate, 6)
+        record["sops"] = round(prediction.sops or 0)
+    degraded = [
+        {"source": i, **state.to_dict(now)}
+        for i, state in enumerate(states or [])
+        if i != frame.source and state.status != "live"
+    ]
+    if degraded:
+        record["degraded"] = degraded
+    return record
+
+
 class JsonlSink(Sink):
-    """One JSON object per frame: source, frame index, top-k classes with probabilities, and
-    for event windows their event time span ``window_us`` [start, end)."""
+    """One JSON object per frame (see ``prediction_record``)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.file: TextIO | None = None
+        self.sources: list[Source] = []
 
     def _open(self) -> TextIO:
         if self.file is None:
@@ -119,21 +155,12 @@ class JsonlSink(Sink):
             self.file = open(self.tmp, "w", encoding="utf-8")
         return self.file
 
+    def attach(self, stats, sources) -> None:
+        self.sources = sources
+
     def write(self, frame, prediction, canvas) -> None:
         file = self._open()
-        record = {
-            "source": frame.source,
-            "frame": frame.index,
-            "top": [
-                {"class": int(i), "label": label, "prob": round(float(p), 6)}
-                for i, label, p in zip(prediction.indices, prediction.labels, prediction.probs)
-            ],
-        }
-        if frame.span_us is not None:
-            record["window_us"] = list(frame.span_us)
-        if prediction.firing_rate is not None:
-            record["firing_rate"] = round(prediction.firing_rate, 6)
-            record["sops"] = round(prediction.sops)
+        record = prediction_record(frame, prediction, [s.state for s in self.sources])
         file.write(json.dumps(record) + "\n")
         file.flush()  # one small write per frame; the temp file shows progress
 

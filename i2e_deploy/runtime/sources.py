@@ -13,6 +13,7 @@ import glob
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,8 +78,9 @@ class VideoFileSource(Source):
 
 
 class LiveSource(Source):
-    """A camera or network stream. If it stops delivering, it is reopened with exponential
-    backoff (``reconnect_attempts`` tries from ``backoff_s``), then a clear error is raised."""
+    """A camera or network stream. If it stops delivering (an error, or ``timeout_s`` of
+    silence), it is reopened with exponential backoff (``reconnect_attempts`` tries, -1 for
+    ever, from ``backoff_s``), then a clear error is raised."""
 
     live = True
 
@@ -94,9 +96,10 @@ class LiveSource(Source):
     ):
         super().__init__(uri, **options)
         self.target = target
-        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_attempts = self.state.attempts = reconnect_attempts
         self.backoff_s = backoff_s
         self.timeout_ms = int(timeout_s * 1000)
+        self.stopping = threading.Event()
         _quiet_opencv()
         self.capture = self._open()
         if self.capture is None:
@@ -147,23 +150,20 @@ class LiveSource(Source):
             return None
         return capture
 
-    def _reconnect(self) -> None:
+    def _reconnect(self) -> bool:
+        """Reopened: True; stopped meanwhile: False; out of attempts: I2EError."""
         self.capture.release()
-        delay = self.backoff_s
-        for _ in range(self.reconnect_attempts):
-            time.sleep(delay)
-            capture = self._open()
-            if capture is not None:
-                self.capture = capture
-                self.reconnects += 1
-                return
-            delay *= 2
-        self.capture = None
+        self.capture = self._retry(
+            self._open, self.reconnect_attempts, self.backoff_s, self.stopping
+        )
+        if self.capture is not None or self.stopping.is_set():
+            return self.capture is not None
         what = "camera" if self.is_camera else "stream"
-        raise I2EError(
+        self.state.error = (
             f"{what} {self.uri} was lost and did not come back after "
             f"{self.reconnect_attempts} reconnect attempts"
         )
+        raise I2EError(self.state.error)
 
     @property
     def fps(self) -> float:
@@ -177,9 +177,8 @@ class LiveSource(Source):
             began = time.perf_counter()
             ok = self.capture.grab()
             if not ok:
-                if self.finite:
+                if self.finite or self.stopping.is_set() or not self._reconnect():
                     return
-                self._reconnect()
                 continue
             index += 1
             if (index - 1) % self.stride:
@@ -190,8 +189,11 @@ class LiveSource(Source):
                 continue
             image = self._fit(_bgr_to_rgb(image))
             now = time.perf_counter()
-            captured_at = self.state.last_frame_at = time.time()
+            captured_at = self._delivered()
             yield Frame(image, index - 1, now, (now - began) * 1e3, captured_at=captured_at)
+
+    def interrupt(self) -> None:
+        self.stopping.set()  # ends a reconnect wait; a blocked read ends within timeout_s
 
     def close(self) -> None:
         if self.capture is not None:
@@ -332,6 +334,14 @@ def _handheld_shake(rng: np.random.Generator, n: int) -> np.ndarray:
     )[:n]
     smooth /= smooth.std(axis=0) + 1e-9
     return smooth * np.array([6.0, 6.0, math.radians(1.5), 0.02]) + np.array([0, 0, 0, 1.0])
+
+
+def needs_card(uri: str) -> bool:
+    """Whether ``open_source`` needs the model card for ``uri``: event sources do."""
+    from .event_sources import EVENT_SUFFIXES, LIVE_EVENT_SCHEMES
+
+    text = str(uri).strip().lower()
+    return text.startswith(LIVE_EVENT_SCHEMES) or Path(text).suffix in EVENT_SUFFIXES
 
 
 def open_source(
