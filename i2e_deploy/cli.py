@@ -422,7 +422,7 @@ def demo(
     )
     stats, outputs = run_demo(model=model, output=output or None, options=options, log=say)
     say(stats.summary())
-    files = [o for o in outputs if o not in ("display", "none")]
+    files = [o for o in outputs if o not in ("display", "none") and not o.startswith("http://")]
     if files:
         say(f"wrote {', '.join(files)}")
     if stats.error:

@@ -27,6 +27,7 @@ import pytest
 from stream_fixtures import make_checkpoint, read_video
 from typer.testing import CliRunner
 
+from i2e_deploy.apps.stream import run_demo
 from i2e_deploy.cli import app
 from i2e_deploy.runtime.classify import Classifier
 from i2e_deploy.runtime.live import LiveSink
@@ -284,17 +285,40 @@ def test_bad_live_outputs_are_one_line_before_the_model_loads(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_headless_demo_with_a_live_page_still_writes_its_files(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    said: list[str] = []
+    stats, outputs = run_demo(
+        model=str(checkpoint),
+        output=["http://127.0.0.1:0"],
+        backend="torch",
+        max_frames=3,
+        threads=1,
+        log=said.append,
+    )
+    assert re.fullmatch(r"live view: http://127\.0\.0\.1:\d+/", said[0])
+    assert outputs == ["http://127.0.0.1:0", "demo.mp4", "demo.jsonl"] and stats.frames == 3
+    assert len(read_video(tmp_path / "demo.mp4")) == 3
+    assert len((tmp_path / "demo.jsonl").read_text().splitlines()) == 3
+
+
 # -- a real browser ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def chromium():
-    if CHROMIUM is None:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    missing = "Chromium" if CHROMIUM is None else "Playwright" if sync_playwright is None else ""
+    if missing:
         if os.environ.get("CI") == "true":
-            pytest.fail("CI must run the browser test: Chromium is missing (.ci/run installs it)")
-        pytest.skip("no Chromium here (apt-get install chromium)")
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as driver:
+            pytest.fail(f"CI must run the browser test, but {missing} is missing (see .ci/run)")
+        pytest.skip(f"no {missing} here (apt-get install chromium; pip install playwright)")
+    with sync_playwright() as driver:
         browser = driver.chromium.launch(
             executable_path=CHROMIUM,
             # Belt and braces beside the route below: no name but 127.0.0.1 resolves.
@@ -331,9 +355,7 @@ def wait_for_new_picture(page, timeout: float = 60.0) -> None:
     raise AssertionError("the picture did not move")
 
 
-def test_browser_page_moves_charts_tabs_and_recovers_from_a_restart(
-    chromium, checkpoint, tmp_path
-):
+def test_browser_page_moves_charts_tabs_and_recovers_from_a_restart(chromium, checkpoint, tmp_path):
     port = free_port()
     outside: list[str] = []
     context = chromium.new_context(viewport={"width": 1280, "height": 720})
