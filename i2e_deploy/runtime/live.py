@@ -111,15 +111,14 @@ def tile(canvases: list[np.ndarray]) -> np.ndarray:
 class _Latest:
     frame: Frame
     prediction: Prediction
-    canvas: np.ndarray | None
-    version: int
+    canvas: np.ndarray | None  # drawn once, by the stream or the encoder
 
 
 class LiveSink(Sink):
-    """Serves the live page on ``http://HOST:PORT``. The port is bound here, so a port in use
-    or a bad host is refused before a model loads or a camera opens; serving starts at
-    :meth:`attach`; :meth:`close` stops the server, closes viewers' connections and joins
-    every thread."""
+    """Serves the live page on ``http://HOST:PORT`` from construction, so a port in use or a
+    bad host is refused before a model loads or a camera opens; :meth:`attach` hands it the
+    stream's stats and sources; :meth:`close` stops the server, closes viewers' connections
+    and joins every thread."""
 
     def __init__(self, uri: str, *, view_fps: float = 10.0, quality: int = 80):
         if not view_fps > 0:
@@ -151,7 +150,13 @@ class LiveSink(Sink):
         self.wake = threading.Event()  # a new frame or a new viewer: the encoder looks
         self.rates: collections.deque[tuple[float, int]] = collections.deque(maxlen=12)
         self.snapshot_cache: tuple[float, dict[str, Any]] = (0.0, {})
-        self.threads: list[threading.Thread] = []
+        # Serving from here on: a page opened while the model loads shows up at once.
+        self.threads = [
+            threading.Thread(target=self.server.serve_forever, args=(0.2,), name="live-http"),
+            threading.Thread(target=self._encode_loop, name="live-encode"),
+        ]
+        for thread in self.threads:
+            thread.start()
 
     @property
     def url(self) -> str:
@@ -169,18 +174,12 @@ class LiveSink(Sink):
 
     def attach(self, stats: StreamStats, sources: list[Source]) -> None:
         self.stats, self.sources = stats, sources
-        self.threads = [
-            threading.Thread(target=self.server.serve_forever, args=(0.2,), name="live-http"),
-            threading.Thread(target=self._encode_loop, name="live-encode"),
-        ]
-        for thread in self.threads:
-            thread.start()
 
     def write(self, frame, prediction, canvas) -> None:
         # Only a reference: drawing and encoding happen on the encoder thread, if watched.
         with self.lock:
             self.version += 1
-            self.latest[frame.source] = _Latest(frame, prediction, canvas, self.version)
+            self.latest[frame.source] = _Latest(frame, prediction, canvas)
         if self.viewers:
             self.wake.set()
 
@@ -191,8 +190,7 @@ class LiveSink(Sink):
         self.wake.set()
         with self.published:
             self.published.notify_all()
-        if self.threads:
-            self.server.shutdown()
+        self.server.shutdown()
         self.server.close_connections()
         self.server.server_close()  # joins the request threads (block_on_close)
         for thread in self.threads:
@@ -235,7 +233,7 @@ class LiveSink(Sink):
             if index < len(self.sources) and self.sources[index].state.status != "live":
                 canvas = draw_state_banner(canvas, self.sources[index].state, now)
             canvases.append(canvas)
-        ok, jpeg = cv2.imencode(".jpg", tile(canvases), [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        _, jpeg = cv2.imencode(".jpg", tile(canvases), [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         self.encodes += 1
         return jpeg.tobytes()
 
