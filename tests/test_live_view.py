@@ -2,7 +2,8 @@
 annotated canvas as MJPEG and the numbers as Server-Sent Events; nothing is encoded without a
 viewer; a viewer that never reads does not hold the loop up; bad input is one line; and in
 a real browser (Chromium, headless, nothing outside 127.0.0.1 reachable) the picture moves,
-the charts are drawn, four tabs load at once and the page recovers from a server restart."""
+the charts are drawn, four tabs load at once and the page recovers from a server restart
+and from a network blip."""
 
 from __future__ import annotations
 
@@ -395,6 +396,80 @@ INKED = """(id) => {
 }"""
 
 
+class BlipProxy:
+    """A TCP relay on 127.0.0.1 to ``port``; :meth:`blip` makes every connection open now
+    hang for good, as when a network drops them without a word (new ones pass)."""
+
+    def __init__(self, port: int):
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.generation = 0
+        self.sockets: list[socket.socket] = []
+        self.closed = False
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)  # closing a socket does not wake a blocked accept
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(
+                    target=self._pump, args=(a, b, self.generation), daemon=True
+                ).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, generation: int) -> None:
+        source.settimeout(0.2)
+        while not self.closed and generation == self.generation:
+            try:
+                data = source.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                target.shutdown(socket.SHUT_WR)
+                return
+            try:
+                target.sendall(data)
+            except OSError:
+                return
+
+    def blip(self) -> None:
+        self.generation += 1
+
+    def close(self) -> None:
+        self.closed = True
+        self.acceptor.join()
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def wait_for_frozen_picture(page, timeout: float = 30.0) -> None:
+    """The page's picture stops changing for two seconds."""
+    still, before = time.time(), page.evaluate(PICTURE)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        page.wait_for_timeout(250)
+        now = page.evaluate(PICTURE)
+        if now != before:
+            still, before = time.time(), now
+        elif time.time() - still > 2:
+            return
+    raise AssertionError("the picture kept moving")
+
+
 def wait_for_new_picture(page, timeout: float = 60.0) -> None:
     """The page's picture changes (the MJPEG stream moves), polled without a reload."""
     before = page.evaluate(PICTURE)
@@ -440,6 +515,20 @@ def test_browser_page_moves_charts_tabs_and_recovers_from_a_restart(chromium, ch
         stream = StreamProcess(checkpoint, port, "--activity")
         wait_for_new_picture(page)
         assert page.evaluate("window.sameDocument === true")  # recovered without a reload
+
+        # A network blip: the viewer's connections hang (no error, no close) and it recovers.
+        proxy = BlipProxy(port)
+        try:
+            remote = context.new_page()
+            remote.goto(proxy.url, wait_until="commit")
+            wait_for_new_picture(remote)
+            remote.evaluate("window.sameDocument = true")
+            proxy.blip()
+            wait_for_frozen_picture(remote)
+            wait_for_new_picture(remote)
+            assert remote.evaluate("window.sameDocument === true")
+        finally:
+            proxy.close()
     finally:
         stream.stop()
         context.close()

@@ -45,6 +45,7 @@ BOUNDARY = "i2eframe"
 EVENT_PERIOD_S = 0.5  # numbers pushed twice a second: enough for the charts
 STALE_REDRAW_S = 1.0  # a source that is not live: its banner's age is redrawn this often
 SEND_TIMEOUT_S = 10.0  # a viewer that stops reading for this long is disconnected
+SEND_BUFFER = 1 << 18  # bytes the kernel holds for a picture viewer: a picture or two
 _VIEWER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
@@ -395,6 +396,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _mjpeg(self, viewer: str) -> None:
         sink = self.server.sink
+        # Little kernel buffering: a slow viewer gets the newest picture, not a backlog of
+        # old ones, and a stalled one stops counting in ``sent`` soon.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._start_stream(f"multipart/x-mixed-replace; boundary={BOUNDARY}")
         with sink.published:
             sink.viewers += 1
