@@ -32,7 +32,7 @@ from i2e_deploy.apps.stream import run_demo
 from i2e_deploy.cli import app
 from i2e_deploy.runtime.classify import Classifier
 from i2e_deploy.runtime.frames import SourceState
-from i2e_deploy.runtime.live import LiveSink
+from i2e_deploy.runtime.live import LiveSink, banner, parse_address
 from i2e_deploy.runtime.loop import Stream
 from i2e_deploy.runtime.overlay import annotate
 from i2e_deploy.runtime.sources import open_source
@@ -311,6 +311,17 @@ def test_every_viewer_shares_one_encode_per_frame(checkpoint):
     assert sink.encodes <= min(stream.stats.frames, 50 * seconds + 1)
     assert max(got) <= sink.encodes
     assert sink.viewers == 0 and not sink.sent  # nothing kept for viewers gone
+
+
+def test_addresses_and_the_line_said_at_start():
+    assert parse_address("http://:8080") == ("127.0.0.1", 8080)  # this machine only
+    assert parse_address("http://0.0.0.0:8080/") == ("0.0.0.0", 8080)
+    assert parse_address("http://[::1]:0") == ("::1", 0)
+    assert banner("127.0.0.1", 8080) == "live view: http://127.0.0.1:8080/"
+    assert banner("::1", 8080) == "live view: http://[::1]:8080/"
+    network = banner("0.0.0.0", 8080)
+    assert "every network interface" in network and f"{socket.gethostname()}:8080" in network
+    assert "\n" not in network
 
 
 def test_bad_live_outputs_are_one_line_before_the_model_loads(tmp_path):

@@ -64,6 +64,20 @@ def parse_address(uri: str) -> tuple[str, int]:
     return host, port
 
 
+def banner(host: str, port: int) -> str:
+    """The one line said at start: where to look, and who can."""
+    if host in ("0.0.0.0", "::"):
+        return (
+            f"live view on every network interface, port {port}: open "
+            f"{http_url(socket.gethostname(), port)} (anyone who can reach this machine can watch)"
+        )
+    return f"live view: {http_url(host, port)}"
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
 def _resource(name: str) -> bytes:
     return resources.files("i2e_deploy.assets").joinpath(name).read_bytes()
 
@@ -161,17 +175,10 @@ class LiveSink(Sink):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
+        return http_url(self.host, self.port)
 
     def banner(self) -> str:
-        """The one line said at start: where to look, and who can."""
-        if self.host in ("0.0.0.0", "::"):
-            return (
-                f"live view on every network interface, port {self.port}: open "
-                f"http://{socket.gethostname()}:{self.port}/ (anyone who can reach this "
-                "machine can watch)"
-            )
-        return f"live view: {self.url}"
+        return banner(self.host, self.port)
 
     def attach(self, stats: StreamStats, sources: list[Source]) -> None:
         self.stats, self.sources = stats, sources
