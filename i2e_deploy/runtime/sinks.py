@@ -211,7 +211,7 @@ def open_sink(uri: str, *, fps: float = 25.0, view_fps: float = 10.0) -> Sink:
     ``http://HOST:PORT``, the live page (:mod:`.live`; ``view_fps`` pictures a second)."""
     text = str(uri).strip()
     if text.startswith("http://"):
-        from .live import LiveSink
+        from .live import LiveSink  # here: live.py builds on this module
 
         return LiveSink(text, view_fps=view_fps)
     if text == "none":
