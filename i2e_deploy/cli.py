@@ -274,6 +274,11 @@ def parity_cmd(
         raise typer.Exit(1)
 
 
+ViewFpsOpt = typer.Option(
+    10.0, "--view-fps", help="http:// outputs: pictures per second sent to the page, at most"
+)
+
+
 @command("stream")
 def stream(
     model: str = typer.Argument(..., help="model file (.pth/.pt, .onnx, .engine) or 'default'"),
@@ -290,7 +295,11 @@ def stream(
         "several",
     ),
     output: list[str] = typer.Option(
-        ["display"], "--output", "-o", help="display, none, out.mp4 or preds.jsonl; repeatable"
+        ["display"],
+        "--output",
+        "-o",
+        help="display, none, out.mp4, preds.jsonl or http://HOST:PORT (a live page; "
+        "http://:8080 serves this machine only, http://0.0.0.0:8080 the network); repeatable",
     ),
     max_frames: int | None = typer.Option(None, "--max-frames", help="stop after N frames"),
     stats_json: Path | None = typer.Option(None, "--json", help="write stream statistics here"),
@@ -339,6 +348,7 @@ def stream(
     show_activity: bool = typer.Option(
         False, "--show-activity", help="show firing rate and SOPs on the overlay"
     ),
+    view_fps: float = ViewFpsOpt,
     verify: bool = VerifyOpt,
     verify_data: Path | None = VerifyDataOpt,
     arch: str | None = ArchOpt,
@@ -371,6 +381,7 @@ def stream(
         stats_json=stats_json,
         activity=activity,
         show_activity=show_activity,
+        view_fps=view_fps,
     )
     stats = run_stream(model, source, output, options, log=say)
     say(stats.summary())
@@ -385,7 +396,8 @@ def demo(
         None,
         "--output",
         "-o",
-        help="default: a window if there is a screen, else demo.mp4 + demo.jsonl here",
+        help="default: a window if there is a screen, else demo.mp4 + demo.jsonl here; "
+        "http://HOST:PORT serves a live page (e.g. -o http://0.0.0.0:8080 -o demo.mp4)",
     ),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     precision: str = typer.Option(
@@ -398,6 +410,7 @@ def demo(
     threads: int | None = typer.Option(None, "--threads", help="inference threads"),
     max_frames: int | None = typer.Option(None, "--max-frames", help="stop after N frames"),
     stats_json: Path | None = typer.Option(None, "--json", help="write stream statistics here"),
+    view_fps: float = ViewFpsOpt,
     verify: bool = VerifyOpt,
 ):
     """Zero-argument demo: the bundled model watching bundled real photos, with its events."""
@@ -412,10 +425,11 @@ def demo(
         verify=verify,
         max_frames=max_frames,
         stats_json=stats_json,
+        view_fps=view_fps,
     )
     stats, outputs = run_demo(model=model, output=output or None, options=options, log=say)
     say(stats.summary())
-    files = [o for o in outputs if o not in ("display", "none")]
+    files = [o for o in outputs if o not in ("display", "none") and not o.startswith("http://")]
     if files:
         say(f"wrote {', '.join(files)}")
     if stats.error:

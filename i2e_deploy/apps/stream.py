@@ -14,6 +14,7 @@ from ..errors import I2EError
 from ..fileio import atomic_output
 from ..runtime.classify import Classifier
 from ..runtime.frames import Source
+from ..runtime.live import LiveSink
 from ..runtime.loop import Stream, StreamStats
 from ..runtime.options import StreamOptions
 from ..runtime.runners import Runner
@@ -44,9 +45,44 @@ def run_stream(
     or ``show_activity`` (the overlay's status line) asks for it, where the backend exposes
     spikes. It costs time per frame (``benchmarks/profile_default.py`` measures how much)."""
     opts = (options or StreamOptions()).replace(**changes).check()
-    # Sources open first, so that a dead camera is reported before a runner is chosen or
-    # anything exported; event sources need the card, read from the file without a runner
-    # (for a checkpoint that costs about a second, so only when one needs it).
+    # Live pages bind their port first: a port in use is refused before a model loads or a
+    # camera opens.
+    servers = open_live_outputs(outputs, opts.view_fps, log)
+    try:
+        return _run(model, sources, outputs, opts, servers, log)
+    except BaseException:
+        for server in servers.values():
+            server.close()  # closing twice is harmless: the stream may have closed it
+        raise
+
+
+def open_live_outputs(outputs: list[str], view_fps: float, log) -> dict[str, LiveSink]:
+    """The ``http://`` outputs, opened (bound) by URI, each announced in one line."""
+    servers: dict[str, LiveSink] = {}
+    try:
+        for uri in outputs:
+            if uri.strip().startswith("http://") and uri not in servers:
+                servers[uri] = sink = LiveSink(uri, view_fps=view_fps)
+                if log is not None:
+                    log(sink.banner())
+    except BaseException:
+        for sink in servers.values():
+            sink.close()
+        raise
+    return servers
+
+
+def _run(
+    model: str | os.PathLike | Runner,
+    sources: list[str],
+    outputs: list[str],
+    opts: StreamOptions,
+    servers: dict[str, LiveSink],
+    log: Callable[[str], None] | None,
+) -> StreamStats:
+    # Sources open before the runner, so that a dead camera is reported before a runner is
+    # chosen or anything exported; event sources need the card, read from the file without a
+    # runner (for a checkpoint that costs about a second, so only when one needs it).
     card = None
     if isinstance(model, Runner):
         card = model.card
@@ -70,7 +106,9 @@ def run_stream(
                 )
             )
         classifier = _classifier(model, opts, log)
-        sink = open_sinks(outputs or ["display"], fps=opened[0].fps if opened else 25.0)
+        sink = open_sinks(
+            outputs or ["display"], fps=opened[0].fps if opened else 25.0, opened=servers
+        )
     except BaseException:
         for source in opened:
             source.close()
@@ -139,8 +177,9 @@ def run_demo(
     **changes,
 ) -> tuple[StreamStats, list[str]]:
     """The zero-argument demo: the bundled model on the bundled 'demo' clip; a window when
-    a screen and a GUI OpenCV are there, else demo.mp4 + demo.jsonl in the current folder.
-    Returns the stats and the outputs used.
+    a screen and a GUI OpenCV are there, else demo.mp4 + demo.jsonl in the current folder
+    (also beside live pages, ``http://`` outputs, when there is no screen). Returns the stats
+    and the outputs used.
 
     ``backend='auto'``: the fastest verified runner here (:func:`~i2e_deploy.targets.choose_runner`;
     on a CPU, ONNX Runtime, INT8 for an INT8-exact checkpoint), PyTorch if the export fails.
@@ -161,8 +200,13 @@ def run_demo(
                 output = ["display"]
             except I2EError:
                 pass  # a screen but a headless OpenCV: fall back to files
+    live = [o for o in output if o.strip().startswith("http://")]
+    if live and len(live) == len(output) and not screen_available():
+        # Watched from elsewhere: the headless demo still leaves its files here.
+        output = [*output, "demo.mp4", "demo.jsonl"]
     opts = (options or StreamOptions()).replace(**changes)
-    if "display" in output:  # on screen, play at the clip's own speed
+    if "display" in output or live:
+        # Watched (on screen or the live page): play at the clip's own speed.
         opts = opts.replace(fps=DemoSource.nominal_fps)
     stats = run_stream(model, ["demo"], output, opts, log=log)
     return stats, output

@@ -39,6 +39,7 @@ class StreamOptions:
     stats_json: str | os.PathLike | None = None
     activity: bool | None = None  # None: on with stats_json or show_activity, if spikes show
     show_activity: bool = False
+    view_fps: float = 10.0  # the live page's pictures per second at most (http:// outputs)
 
     def replace(self, **changes: Any) -> StreamOptions:
         """A copy with ``changes``; an unknown name is a clear error, not a TypeError."""
@@ -64,6 +65,8 @@ class StreamOptions:
             raise I2EError(f"--stride must be >= 1, got {self.stride}")
         if self.fps is not None and not self.fps > 0:
             raise I2EError(f"--fps must be positive, got {self.fps}")
+        if not self.view_fps > 0:
+            raise I2EError(f"--view-fps must be positive, got {self.view_fps}")
         if not self.window_ms > 0:
             raise I2EError(f"--window-ms must be positive, got {self.window_ms}")
         return self

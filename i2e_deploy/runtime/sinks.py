@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -232,9 +233,14 @@ class MultiSink(Sink):
             sink.close()
 
 
-def open_sink(uri: str, *, fps: float = 25.0) -> Sink:
-    """``display``, ``none``, ``*.jsonl``, or a video file (``fps`` = the source's)."""
+def open_sink(uri: str, *, fps: float = 25.0, view_fps: float = 10.0) -> Sink:
+    """``display``, ``none``, ``*.jsonl``, a video file (``fps`` = the source's), or
+    ``http://HOST:PORT``, the live page (:mod:`.live`; ``view_fps`` pictures a second)."""
     text = str(uri).strip()
+    if text.startswith("http://"):
+        from .live import LiveSink  # here: live.py builds on this module
+
+        return LiveSink(text, view_fps=view_fps)
     if text == "none":
         return NullSink()
     if text == "display":
@@ -245,12 +251,16 @@ def open_sink(uri: str, *, fps: float = 25.0) -> Sink:
     if suffix in VIDEO_CODECS:
         return VideoSink(text, fps=fps)
     raise I2EError(
-        f"unknown output {text!r}: use display, none, a .jsonl file or a video "
-        f"file ({', '.join(VIDEO_CODECS)})"
+        f"unknown output {text!r}: use display, none, http://HOST:PORT, a .jsonl file or "
+        f"a video file ({', '.join(VIDEO_CODECS)})"
     )
 
 
-def open_sinks(uris: list[str], *, fps: float = 25.0) -> Sink:
-    """One sink for one URI, a MultiSink for several."""
-    sinks = [open_sink(uri, fps=fps) for uri in uris]  # files are created on first write
+def open_sinks(
+    uris: list[str], *, fps: float = 25.0, opened: Mapping[str, Sink] | None = None
+) -> Sink:
+    """One sink for one URI, a MultiSink for several; ``opened``: sinks already opened by URI."""
+    opened = opened or {}
+    # files are created on first write
+    sinks = [opened[uri] if uri in opened else open_sink(uri, fps=fps) for uri in uris]
     return sinks[0] if len(sinks) == 1 else MultiSink(sinks)
