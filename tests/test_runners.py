@@ -29,8 +29,8 @@ from i2e_deploy.runtime.runners import (
     check_engine_compatible,
     load_runner,
     ort_providers,
-    provider_problem,
     pad_batch,
+    provider_problem,
 )
 
 
