@@ -355,10 +355,10 @@ def test_gpu_provider_options(monkeypatch, tmp_path):
         folder = tmp_path / "a" / "ort-tensorrt"
         assert trt_options == {
             "device_id": 1,
-            "trt_fp16_enable": False,
-            "trt_int8_enable": True,
-            "trt_engine_cache_enable": True,
-            "trt_timing_cache_enable": True,
+            "trt_fp16_enable": 0,
+            "trt_int8_enable": 1,
+            "trt_engine_cache_enable": 1,
+            "trt_timing_cache_enable": 1,
             "trt_engine_cache_path": str(folder),
             "trt_timing_cache_path": str(folder),
         }
@@ -374,7 +374,7 @@ def test_gpu_provider_options(monkeypatch, tmp_path):
         provider_problem.cache_clear()
         assert ort_providers("cuda", cuda_graph=True)[0] == (
             "CUDAExecutionProvider",
-            {"device_id": 0, "use_tf32": 0, "enable_cuda_graph": True},
+            {"device_id": 0, "use_tf32": 0, "enable_cuda_graph": 1},
         )
         assert ort_providers("cuda")[0] == (
             "CUDAExecutionProvider",
@@ -411,3 +411,27 @@ def cv2_blur(image):
     import cv2
 
     return cv2.GaussianBlur(image, (9, 9), 3)
+
+
+def test_a_session_is_what_it_says():
+    """A session without a provider asked for is refused in one line (ONNX Runtime registers
+    the CPU provider instead of one that fails to load); the spike session is the serving
+    session's configuration, and its logits are the serving session's."""
+    import onnxruntime as ort
+
+    from i2e_deploy.runtime.runners import check_session
+
+    graph = shared_model("onnx")
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    asked = [("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0}), "CPUExecutionProvider"]
+    with pytest.raises(I2EError, match="did not register CUDAExecutionProvider.*--device cpu"):
+        check_session(session, "cuda", asked)
+    check_session(session, "cpu", ["CPUExecutionProvider"])
+    with OrtRunner(graph, threads=1, optimization="basic") as runner:
+        batch = synthetic_images(2, runner.card)
+        out, maps = runner.infer_spikes(batch)
+        np.testing.assert_array_equal(out, runner.infer(batch))
+        assert maps
+        served, spikes = (s.get_session_options() for s in (runner.session, runner._spike_session))
+        assert spikes.graph_optimization_level == served.graph_optimization_level
+        assert spikes.intra_op_num_threads == served.intra_op_num_threads == 1

@@ -463,10 +463,11 @@ def ort_providers(
         # TensorRT builds with TF32 unless this is 0 when it builds (the provider has no
         # TF32 option); process-wide, as TF32 is off everywhere else here.
         os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
+        # Flags as 0/1: what ONNX Runtime parses and reports back (check_session).
         trt: dict[str, Any] = {
             "device_id": index,
-            "trt_fp16_enable": False,
-            "trt_int8_enable": precision == "int8",
+            "trt_fp16_enable": 0,
+            "trt_int8_enable": int(precision == "int8"),
         }
         if cache is not None:
             folder = cache / "ort-tensorrt"
@@ -474,16 +475,16 @@ def ort_providers(
             # would leave it without a cache.
             folder.mkdir(parents=True, exist_ok=True)
             trt.update(
-                trt_engine_cache_enable=True,
+                trt_engine_cache_enable=1,
                 trt_engine_cache_path=str(folder),
-                trt_timing_cache_enable=True,
+                trt_timing_cache_enable=1,
                 trt_timing_cache_path=str(folder),
             )
         chosen.append(("TensorrtExecutionProvider", trt))
     if problems["CUDAExecutionProvider"] is None:
         options: dict[str, Any] = {"device_id": index, "use_tf32": 0}
         if cuda_graph and not tensorrt:
-            options["enable_cuda_graph"] = True
+            options["enable_cuda_graph"] = 1
         chosen.append(("CUDAExecutionProvider", options))
     return chosen + ["CPUExecutionProvider"]
 
@@ -495,9 +496,7 @@ def check_session(session, device: str, chosen: list) -> None:
     registered = session.get_providers()
     options = session.get_provider_options()
     for entry in chosen:
-        if not isinstance(entry, tuple):
-            continue
-        name, wanted = entry
+        name, wanted = entry if isinstance(entry, tuple) else (entry, {})
         if name not in registered:
             raise I2EError(
                 f"--device {device}: ONNX Runtime did not register {name} (it runs on "
@@ -505,7 +504,7 @@ def check_session(session, device: str, chosen: list) -> None:
             )
         got = options.get(name, {})
         for key, value in wanted.items():
-            text = str(int(value)) if isinstance(value, bool) else str(value)
+            text = str(value)
             if key in got and got[key] != text:
                 raise I2EError(
                     f"--device {device}: ONNX Runtime's {name} took {key}={got[key]}, "
