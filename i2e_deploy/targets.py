@@ -650,7 +650,8 @@ def runner_chain(card: ModelCard, backend: str, precision: str, device: str) -> 
         why = ", ".join(
             part for part in (missing, no_gpu_ort and f"no GPU ONNX Runtime: {no_gpu_ort}") if part
         )
-        chain.append(Choice("torch", "fp32", f"CUDA graphs, verified on this GPU ({why})"))
+        why = f" ({why})" if why else ""
+        chain.append(Choice("torch", "fp32", f"CUDA graphs, verified on this GPU{why}"))
         chain.append(Choice("torch", "fp32", "eager CUDA, the reference itself", graphs=False))
     if not chain:
         raise I2EError(
