@@ -97,10 +97,34 @@ def test_cuda_is_refused_in_one_line_and_never_run_on_the_cpu(gpu_python, tmp_pa
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert "gpu-cu12" in lines[0] and "--device cpu" in lines[0]
+        assert "TensorrtExecutionProvider: " in lines[0] and "CUDAExecutionProvider: " in lines[0]
         assert "EP Error" not in result.stdout + result.stderr
         assert "frames" not in result.stdout  # nothing ran
         assert "verified" not in result.stdout
     assert not list((tmp_path / "cache").rglob("verified/*.json"))
+
+
+def test_listed_providers_that_cannot_load_are_not_asked_for(gpu_python):
+    """onnxruntime-gpu lists its TensorRT and CUDA providers whether or not their libraries
+    are here; the probe loads them as ONNX Runtime would and says why it cannot."""
+    probe = subprocess.run(
+        [
+            str(gpu_python),
+            "-c",
+            "import onnxruntime as ort; from i2e_deploy.runtime.runners import provider_problem\n"
+            "for name in ('TensorrtExecutionProvider', 'CUDAExecutionProvider'):\n"
+            "    print(name in ort.get_available_providers(), provider_problem(name))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert probe.returncode == 0, probe.stderr
+    for line in probe.stdout.strip().splitlines():
+        listed, why = line.split(" ", 1)
+        assert listed == "True" and why != "None", probe.stdout
+    assert not probe.stderr.strip()  # no ONNX Runtime error lines: nothing was asked of it
 
 
 def test_the_cpu_streams_with_json_there(gpu_python, tmp_path):
