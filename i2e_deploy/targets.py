@@ -700,7 +700,7 @@ def resolve_runner(
     ``load_runner``). ``overrides`` are ``load_checkpoint``'s."""
     from .assets import resolve_model
     from .cache import cache_key, read_refusal, write_refusal
-    from .runtime.runners import load_runner
+    from .runtime.runners import gpu_name, load_runner
 
     say = log or (lambda _msg: None)
     if backend not in (*BACKENDS, "own"):
@@ -768,6 +768,8 @@ def resolve_runner(
                 precision=choice.precision,
                 graphs=choice.graphs,
                 device=device,
+                gpu=gpu_name(device) if parse_device(device)[0] == "cuda" else None,
+                runtime=_runtime_version(choice.backend),
                 data=str(data),
                 tolerances=tolerances or {},
                 **{f"load_{k}": v for k, v in sorted(overrides.items())},
@@ -811,6 +813,17 @@ def resolve_runner(
             write_refusal(memo, {"when": when, "why": why, "runner": label}, folder)
             say(f"refused: {label} ({why}); trying the next runner")
     raise AssertionError("unreachable: the last runner returns or raises")
+
+
+def _runtime_version(backend: str) -> str | None:
+    """The version of the library that runs ``backend`` (a refusal is kept per version)."""
+    import importlib
+
+    module = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch"}[backend]
+    try:
+        return str(importlib.import_module(module).__version__)
+    except ImportError:
+        return None
 
 
 def _open_choice(
