@@ -105,7 +105,6 @@ def read_refusal(key: dict[str, Any], cache: Path | None = None) -> dict[str, An
 
 def write_refusal(key: dict[str, Any], record: dict[str, Any], cache: Path | None = None) -> Path:
     path = refusal_path(key, cache)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, "w") as fh:
         json.dump({**record, "key": key}, fh, indent=2)
         fh.write("\n")

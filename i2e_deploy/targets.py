@@ -699,7 +699,7 @@ def resolve_runner(
     first ``log`` line says which runner and why. ``spinning``: ONNX Runtime's (see
     ``load_runner``). ``overrides`` are ``load_checkpoint``'s."""
     from .assets import resolve_model
-    from .cache import cache_key, read_refusal, write_refusal
+    from .cache import cache_key, read_refusal
     from .runtime.runners import gpu_name, load_runner
 
     say = log or (lambda _msg: None)
@@ -758,9 +758,12 @@ def resolve_runner(
             f"{chain[0].precision} graph: add --backend onnx (CPU or GPU) or "
             "--backend tensorrt (GPU)"
         )
+    # Runners refused here before are skipped (the last is always tried); the first line
+    # names the runner that is tried, why, and what was skipped.
+    tries: list[tuple[Choice, str, dict[str, Any]]] = []
+    skipped: list[str] = []
     for number, choice in enumerate(chain):
         label = _label(choice.backend, choice.precision, device, choice.graphs)
-        last = number == len(chain) - 1
         memo = {
             "refused": cache_key(
                 path,
@@ -775,12 +778,14 @@ def resolve_runner(
                 **{f"load_{k}": v for k, v in sorted(overrides.items())},
             )
         }
-        if len(chain) > 1 and not last:
-            known = read_refusal(memo, folder)
-            if known is not None:
-                say(f"skipped: {label}, refused here before ({known['when']}): {known['why']}")
-                continue
-        say(f"runner: {label} ({choice.why})")
+        known = read_refusal(memo, folder) if number < len(chain) - 1 else None
+        if known is not None:
+            skipped.append(f"{label} refused here before ({known['when']}: {known['why']})")
+        else:
+            tries.append((choice, label, memo))
+    first, label, _ = tries[0]
+    say(f"runner: {label} ({'; '.join([first.why, *skipped])})")
+    for number, (choice, label, memo) in enumerate(tries):
         try:
             return _open_choice(
                 path,
@@ -805,14 +810,26 @@ def resolve_runner(
                     f"{why}; --backend auto moves on to the next runner, --device cpu runs "
                     "on the CPU"
                 ) from None
-            if last:
+            if number == len(tries) - 1:
                 raise
-            import datetime
-
-            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            write_refusal(memo, {"when": when, "why": why, "runner": label}, folder)
-            say(f"refused: {label} ({why}); trying the next runner")
+            _remember_refusal(memo, why, label, folder)
+            following, following_label, _ = tries[number + 1]
+            say(f"refused: {label} ({why}); running on {following_label} instead ({following.why})")
     raise AssertionError("unreachable: the last runner returns or raises")
+
+
+def _remember_refusal(memo: dict[str, Any], why: str, label: str, cache: Path | None) -> None:
+    """Keep a refusal for later runs; a cache that cannot be written keeps none (the
+    runner is tried again next time)."""
+    import datetime
+
+    from .cache import write_refusal
+
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    try:
+        write_refusal(memo, {"when": when, "why": why, "runner": label}, cache)
+    except (OSError, I2EError):  # temp_beside says I2EError for an unwritable folder
+        pass
 
 
 def _runtime_version(backend: str) -> str | None:

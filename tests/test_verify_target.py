@@ -171,15 +171,16 @@ def test_a_refused_runner_falls_back_under_auto_and_the_refusal_is_kept(graphs, 
     ) as run:
         assert run.name == "torch"
     assert notes[0].startswith("runner: ONNX Runtime fp32 on cpu")
-    refused = next(n for n in notes if n.startswith("refused: "))
-    assert "spike agreement" in refused and refused.endswith("trying the next runner")
-    assert notes[-1].startswith("runner: PyTorch fp32 on cpu")
+    refused = notes[-1]
+    assert refused.startswith("refused: ONNX Runtime fp32 on cpu") and "spike agreement" in refused
+    assert "; running on PyTorch fp32 on cpu instead (the reference itself)" in refused
     again: list[str] = []
     with resolve_runner(
         graphs["ckpt"], cache=tmp_path, tolerances=tight, log=again.append, threads=1
     ) as run:
         assert run.name == "torch"
-    assert again[0].startswith("skipped: ONNX Runtime fp32 on cpu, refused here before")
+    assert again[0].startswith("runner: PyTorch fp32 on cpu (the reference itself; ONNX ")
+    assert "refused here before" in again[0]
     assert not any(n.startswith("exporting") for n in again)
     with pytest.raises(VerificationError, match="--backend auto.*--device cpu"):
         resolve_runner(graphs["ckpt"], backend="onnx", cache=tmp_path, tolerances=tight)
