@@ -4,8 +4,8 @@ how fast? (part of ``benchmarks/gpu_check.sh``; needs a CUDA GPU).
     python benchmarks/gpu_check.py --model default --data cifar10/train [--onnx model.onnx]
                                    [--limit 1000] [--json benchmarks/results/gpu_check.json]
 
-Runs the PyTorch reference on the CPU, the same checkpoint on CUDA (eager and, with
-``--compile``, torch.compile with CUDA graphs), and an exported ONNX graph on ONNX Runtime
+Runs the PyTorch reference on the CPU, the same checkpoint on CUDA (eager, and replayed as
+CUDA graphs: the torch runner's default there), and an exported ONNX graph on ONNX Runtime
 (CPU) when given; reports top-1 accuracy, the verdict of ``i2e_deploy.compare`` against the
 CPU reference (decisive flips, median |Δlogit|; top-1 agreement reported), and latency /
 throughput of each runner. Writes JSON.
@@ -73,7 +73,6 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks/results/gpu_check.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -81,14 +80,11 @@ def main() -> None:
 
     runners = {
         "torch-cpu": lambda: load_runner(args.model, threads=4),
-        "torch-cuda": lambda: load_runner(args.model, device="cuda"),
+        "torch-cuda-eager": lambda: load_runner(args.model, device="cuda", graphs=False),
+        "torch-cuda-graphs": lambda: load_runner(args.model, device="cuda"),
     }
     if args.onnx:
         runners["onnxruntime-cpu"] = lambda: load_runner(args.onnx, threads=4)
-    if args.compile:  # last: compiling takes a while
-        runners["torch-cuda-compiled"] = lambda: load_runner(
-            args.model, device="cuda", compile=True
-        )
     rows, logits = [], {}
     labels = None
     for name, open_runner in runners.items():

@@ -31,6 +31,7 @@ CARD_KEY = META_PREFIX + "card"
 PRECISION_KEY = META_PREFIX + "precision"
 FLAVOUR_KEY = META_PREFIX + "int8_flavour"
 VERIFICATION_KEY = META_PREFIX + "verification"  # the export's verdict, JSON
+LAYERS_KEY = META_PREFIX + "layers"  # the model's layer table (model.layers), JSON
 SIDECAR_SUFFIX = ".json"
 
 

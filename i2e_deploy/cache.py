@@ -21,6 +21,7 @@ from .fileio import atomic_output, temp_beside
 from .version import __version__
 
 VERDICTS = "verified"
+REFUSALS = "refused"  # runners --backend auto moved past: not built or tried again
 PACKAGE = Path(__file__).resolve().parent
 # What builds an artifact: the model definition, the deploy transforms, the precisions.
 EXPORTING_CODE = ("model", "export", "calibration", "targets.py")
@@ -89,6 +90,25 @@ def verdict_path(key: dict[str, Any], cache: Path | None = None) -> Path:
     return (
         (cache or cache_dir()) / VERDICTS / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
     )
+
+
+def refusal_path(key: dict[str, Any], cache: Path | None = None) -> Path:
+    return verdict_path(key, cache).parent.parent / REFUSALS / verdict_path(key, cache).name
+
+
+def read_refusal(key: dict[str, Any], cache: Path | None = None) -> dict[str, Any] | None:
+    try:
+        return json.loads(refusal_path(key, cache).read_text())
+    except (OSError, ValueError):
+        return None  # none yet, or unreadable: try the runner again
+
+
+def write_refusal(key: dict[str, Any], record: dict[str, Any], cache: Path | None = None) -> Path:
+    path = refusal_path(key, cache)
+    with atomic_output(path, "w") as fh:
+        json.dump({**record, "key": key}, fh, indent=2)
+        fh.write("\n")
+    return path
 
 
 def read_verdict(key: dict[str, Any], cache: Path | None = None) -> dict[str, Any] | None:

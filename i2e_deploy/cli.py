@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from .device import GPU_INSTALL
 from .errors import I2EError, VerificationError, logger
 
 app = typer.Typer(
@@ -72,15 +73,19 @@ def command(*args, **kwargs):
                 )
                 raise typer.Exit(1 if isinstance(exc, VerificationError) else 2) from None
             except ImportError as exc:
-                if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+                name = fn.__name__.removesuffix("_cmd")
+                missing = (exc.name or "").split(".")[0]
+                if missing in ("torch", "torchvision"):
+                    need = (
+                        "PyTorch here (checkpoints, export, training; exported .onnx/.engine "
+                        "files run without it): pip install 'i2e-deploy[torch]'"
+                    )
+                elif missing == "onnxruntime":
+                    need = f"ONNX Runtime: pip install 'i2e-deploy[cpu]', or {GPU_INSTALL}"
+                else:
                     raise
                 err_console.print(
-                    Text.assemble(
-                        ("error:", "red"),
-                        f" `{fn.__name__.removesuffix('_cmd')}` needs PyTorch "
-                        "here (checkpoints, export, training; exported .onnx/.engine files run "
-                        "without it): pip install 'i2e-deploy[torch]'",
-                    ),
+                    Text.assemble(("error:", "red"), f" `{name}` needs {need}"),
                     highlight=False,
                     soft_wrap=True,
                 )

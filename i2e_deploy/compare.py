@@ -308,7 +308,7 @@ def compare(
             if reference.exposes_spikes or candidate.exposes_spikes
             else "the runners do"
         )
-        comparison.notes.append(f"spike maps not compared: {who} not expose them")
+        comparison.notes.append(f"judged on logits only: {who} not expose spike maps")
     elif with_spikes and not any(row["layer"] != "i2e" for row in layers or ()):
         comparison.notes.append(
             "LIF spike maps not compared: no LIF layer of one runner is "

@@ -9,6 +9,13 @@ from pathlib import Path
 
 from .errors import I2EError
 
+# The one install of ONNX Runtime's GPU providers per CUDA major (pyproject.toml's extras;
+# tests/test_install_hints.py ties every hint to them).
+GPU_INSTALL = (
+    "pip install 'i2e-deploy[gpu-cu12]' on a CUDA 12 driver or 'i2e-deploy[gpu-cu13]' on a "
+    "CUDA 13 (R580+) driver, in an environment without the `onnxruntime` package"
+)
+
 
 def parse_device(device: str) -> tuple[str, int]:
     """'cpu' -> ('cpu', 0); 'cuda' / 'cuda:N' -> ('cuda', N)."""

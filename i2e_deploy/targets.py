@@ -35,7 +35,7 @@ from .artifacts import (
 )
 from .card import ModelCard
 from .compare import compare, limits_for
-from .device import parse_device
+from .device import GPU_INSTALL, parse_device
 from .errors import I2EError, VerificationError
 
 FORMATS = ("onnx", "engine", "triton")
@@ -591,67 +591,84 @@ class Choice:
     backend: str  # torch | onnx | tensorrt
     precision: str
     why: str
+    graphs: bool = True  # torch on CUDA: CUDA graphs, else eager
 
 
-def gpu_onnxruntime() -> bool:
-    """Whether this ONNX Runtime has a GPU provider (onnxruntime-gpu)."""
-    import onnxruntime as ort
+def gpu_onnxruntime() -> str | None:
+    """Why ONNX Runtime cannot run on a GPU here (no onnxruntime-gpu, or its CUDA provider,
+    which its TensorRT provider runs beside, does not load), or None."""
+    from .runtime.runners import provider_problem
 
-    return bool(
-        {"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(ort.get_available_providers())
-    )
+    return provider_problem("CUDAExecutionProvider")
 
 
-def choose_runner(card: ModelCard, backend: str, precision: str, device: str) -> Choice:
-    """For a checkpoint: the fastest runner that is verified here. On CUDA, a TensorRT
-    engine where TensorRT imports, else ONNX Runtime's TensorRT/CUDA providers where
-    onnxruntime-gpu is installed, else PyTorch CUDA graphs; on a CPU, ONNX Runtime (INT8 for
-    an INT8-exact checkpoint, else FP32). ``backend`` other than auto forces one."""
+def runner_chain(card: ModelCard, backend: str, precision: str, device: str) -> list[Choice]:
+    """For a checkpoint: the runners to try, fastest first; ``--backend auto`` moves to the
+    next when one is refused. On CUDA: a TensorRT engine where TensorRT imports, ONNX
+    Runtime's GPU providers where they load (onnxruntime-gpu), PyTorch CUDA graphs, eager
+    PyTorch CUDA; on a CPU, ONNX Runtime (INT8 for an INT8-exact checkpoint, else FP32),
+    then eager PyTorch. ``backend`` other than auto forces one."""
     if backend not in BACKENDS:
         raise I2EError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
-    on_gpu = parse_device(device)[0] == "cuda"
     if backend != "auto":
         chosen = run_precision(card, precision, backend, device)
-        return Choice(backend, chosen, f"--backend {backend}")
-    if on_gpu:
-        from .export.tensorrt import tensorrt_unavailable
+        return [Choice(backend, chosen, f"--backend {backend}")]
+    if parse_device(device)[0] == "cpu":
+        chosen = run_precision(card, precision, "onnx", device)
+        why = (
+            "an INT8-exact checkpoint: its INT8 graph predicts what FP32 does, the fastest on a CPU"
+            if chosen == "int8" and precision == "auto"
+            else "ONNX Runtime runs the verified graph faster than eager PyTorch on a CPU"
+        )
+        chain = [Choice("onnx", chosen, why)]
+        if precision in ("auto", "fp32"):
+            chain.append(Choice("torch", "fp32", "the reference itself", graphs=False))
+        return chain
+    from .export.tensorrt import tensorrt_unavailable
 
-        missing = tensorrt_unavailable(device)
-        if missing is None:
-            return Choice(
+    chain = []
+    missing = tensorrt_unavailable(device)
+    if missing is None:
+        chain.append(
+            Choice(
                 "tensorrt",
                 run_precision(card, precision, "tensorrt", device),
                 "TensorRT is installed: an engine built and verified on this GPU",
             )
-        if gpu_onnxruntime():
-            return Choice(
+        )
+    no_gpu_ort = gpu_onnxruntime()
+    if no_gpu_ort is None:
+        chain.append(
+            Choice(
                 "onnx",
                 run_precision(card, precision, "onnx", device),
-                f"{missing}; onnxruntime-gpu's TensorRT/CUDA providers, verified on this GPU",
+                "onnxruntime-gpu's providers, verified on this GPU"
+                + (f" ({missing})" if missing else ""),
             )
-        if precision not in ("auto", "fp32"):
-            raise I2EError(
-                f"--precision {precision} on CUDA needs TensorRT or "
-                "onnxruntime-gpu (pip install 'i2e-deploy[gpu]')"
-            )
-        return Choice(
-            "torch",
-            "fp32",
-            f"{missing}, no onnxruntime-gpu: PyTorch CUDA graphs, verified on this GPU",
         )
-    chosen = run_precision(card, precision, "onnx", device)
-    why = (
-        "an INT8-exact checkpoint: its INT8 graph predicts what FP32 does, the fastest on a CPU"
-        if chosen == "int8" and precision == "auto"
-        else "ONNX Runtime runs the verified graph faster than eager PyTorch on a CPU"
-    )
-    return Choice("onnx", chosen, why)
+    if precision in ("auto", "fp32"):
+        why = ", ".join(
+            part for part in (missing, no_gpu_ort and f"no GPU ONNX Runtime: {no_gpu_ort}") if part
+        )
+        why = f" ({why})" if why else ""
+        chain.append(Choice("torch", "fp32", f"CUDA graphs, verified on this GPU{why}"))
+        chain.append(Choice("torch", "fp32", "eager CUDA, the reference itself", graphs=False))
+    if not chain:
+        raise I2EError(
+            f"--precision {precision} on CUDA needs TensorRT or onnxruntime-gpu ({GPU_INSTALL})"
+        )
+    return chain
 
 
-def _label(backend: str, precision: str, device: str) -> str:
+def choose_runner(card: ModelCard, backend: str, precision: str, device: str) -> Choice:
+    """The first runner :func:`runner_chain` tries."""
+    return runner_chain(card, backend, precision, device)[0]
+
+
+def _label(backend: str, precision: str, device: str, graphs: bool = True) -> str:
     names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "tensorrt": "TensorRT"}
     if backend == "torch" and parse_device(device)[0] == "cuda":
-        return f"PyTorch CUDA graphs fp32 on {device}"
+        return f"PyTorch {'CUDA graphs' if graphs else 'eager'} fp32 on {device}"
     if backend == "tensorrt" and device == "cpu":  # engines run on the first GPU
         device = "cuda"
     return f"{names[backend]} {precision} on {device}"
@@ -682,7 +699,8 @@ def resolve_runner(
     first ``log`` line says which runner and why. ``spinning``: ONNX Runtime's (see
     ``load_runner``). ``overrides`` are ``load_checkpoint``'s."""
     from .assets import resolve_model
-    from .runtime.runners import load_runner
+    from .cache import cache_key, read_refusal
+    from .runtime.runners import gpu_name, load_runner
 
     say = log or (lambda _msg: None)
     if backend not in (*BACKENDS, "own"):
@@ -733,14 +751,118 @@ def resolve_runner(
             log=say,
         )
     card = read_card(path, **overrides)
-    choice = choose_runner(card, backend, precision, device)
-    if choice.backend == "torch" and choice.precision != "fp32":
+    chain = runner_chain(card, backend, precision, device)
+    if chain[0].backend == "torch" and chain[0].precision != "fp32":
         raise I2EError(
-            f"--precision {choice.precision} runs a checkpoint's "
-            f"{choice.precision} graph: add --backend onnx (CPU or GPU) or "
+            f"--precision {chain[0].precision} runs a checkpoint's "
+            f"{chain[0].precision} graph: add --backend onnx (CPU or GPU) or "
             "--backend tensorrt (GPU)"
         )
-    say(f"runner: {_label(choice.backend, choice.precision, device)} ({choice.why})")
+    # Runners refused here before are skipped (the last is always tried); the first line
+    # names the runner that is tried, why, and what was skipped.
+    tries: list[tuple[Choice, str, dict[str, Any]]] = []
+    skipped: list[str] = []
+    for number, choice in enumerate(chain):
+        label = _label(choice.backend, choice.precision, device, choice.graphs)
+        memo = {
+            "refused": cache_key(
+                path,
+                backend=choice.backend,
+                precision=choice.precision,
+                graphs=choice.graphs,
+                device=device,
+                gpu=gpu_name(device) if parse_device(device)[0] == "cuda" else None,
+                runtime=_runtime_version(choice.backend),
+                data=str(data),
+                tolerances=tolerances or {},
+                **{f"load_{k}": v for k, v in sorted(overrides.items())},
+            )
+        }
+        known = read_refusal(memo, folder) if number < len(chain) - 1 else None
+        if known is not None:
+            skipped.append(f"{label} refused here before ({known['when']}: {known['why']})")
+        else:
+            tries.append((choice, label, memo))
+    first, label, _ = tries[0]
+    say(f"runner: {label} ({'; '.join([first.why, *skipped])})")
+    for number, (choice, label, memo) in enumerate(tries):
+        try:
+            return _open_choice(
+                path,
+                choice,
+                device=device,
+                threads=threads,
+                folder=folder,
+                warmup=warmup,
+                verify=verify,
+                data=data,
+                tolerances=tolerances,
+                spinning=spinning,
+                log=say,
+                overrides=overrides,
+            )
+        except I2EError as exc:
+            why = str(exc).strip().splitlines()[0]
+            if len(chain) == 1:
+                if backend == "auto":
+                    raise
+                raise type(exc)(
+                    f"{why}; --backend auto moves on to the next runner, --device cpu runs "
+                    "on the CPU"
+                ) from None
+            if number == len(tries) - 1:
+                raise
+            _remember_refusal(memo, why, label, folder)
+            following, following_label, _ = tries[number + 1]
+            say(f"refused: {label} ({why}); running on {following_label} instead ({following.why})")
+    raise AssertionError("unreachable: the last runner returns or raises")
+
+
+def _remember_refusal(memo: dict[str, Any], why: str, label: str, cache: Path | None) -> None:
+    """Keep a refusal for later runs; a cache that cannot be written keeps none (the
+    runner is tried again next time)."""
+    import datetime
+
+    from .cache import write_refusal
+
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    try:
+        write_refusal(memo, {"when": when, "why": why, "runner": label}, cache)
+    except (OSError, I2EError):  # temp_beside says I2EError for an unwritable folder
+        pass
+
+
+def _runtime_version(backend: str) -> str | None:
+    """The version of the library that runs ``backend`` (a refusal is kept per version)."""
+    import importlib
+
+    module = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch"}[backend]
+    try:
+        return str(importlib.import_module(module).__version__)
+    except ImportError:
+        return None
+
+
+def _open_choice(
+    path: Path,
+    choice: Choice,
+    *,
+    device: str,
+    threads: int | None,
+    folder: Path | None,
+    warmup: int,
+    verify: bool,
+    data: str | os.PathLike | None,
+    tolerances: dict[str, float] | None,
+    spinning: bool,
+    log: Callable[[str], None],
+    overrides: dict[str, Any],
+):
+    """One runner of :func:`runner_chain`, built (once, into the export cache), loaded and
+    verified where it runs on a GPU."""
+    from .runtime.runners import load_runner
+
+    on_gpu = parse_device(device)[0] == "cuda"
     if choice.backend in ("onnx", "tensorrt"):
         request = ExportRequest(
             str(path),
@@ -752,34 +874,30 @@ def resolve_runner(
             verify=verify,
             overrides=overrides,
         )
-        try:
-            artifact = cached_artifact(request, log=say, cache=folder)
-        except I2EError as exc:  # auto: PyTorch, the reference itself, is always right
-            if backend != "auto":
-                raise
-            say(f"export failed ({str(exc).splitlines()[0]}); running on PyTorch instead")
-        else:
-            runner = load_runner(
-                artifact,
-                device=device,
-                threads=threads,
-                warmup=warmup,
-                cache=folder or _cache(),
-                spinning=spinning,
-            )
-            reference = path if choice.precision == "fp32" else artifact
-            return _verified(
-                runner,
-                artifact,
-                reference,
-                verify=verify and on_gpu,
-                data=data,
-                tolerances=tolerances,
-                cache=folder,
-                log=say,
-                overrides=overrides,
-            )
-    runner = load_runner(path, device=device, threads=threads, warmup=warmup, **overrides)
+        artifact = cached_artifact(request, log=log, cache=folder)
+        runner = load_runner(
+            artifact,
+            device=device,
+            threads=threads,
+            warmup=warmup,
+            cache=folder or _cache(),
+            spinning=spinning,
+        )
+        reference = path if choice.precision == "fp32" else artifact
+        return _verified(
+            runner,
+            artifact,
+            reference,
+            verify=verify and on_gpu,
+            data=data,
+            tolerances=tolerances,
+            cache=folder,
+            log=log,
+            overrides=overrides,
+        )
+    # CUDA graphs by default on CUDA; eager is the chain's last resort.
+    graphs: dict[str, Any] = {"graphs": False} if on_gpu and not choice.graphs else {}
+    runner = load_runner(path, device=device, threads=threads, warmup=warmup, **graphs, **overrides)
     return _verified(
         runner,
         path,
@@ -788,7 +906,7 @@ def resolve_runner(
         data=data,
         tolerances=tolerances,
         cache=folder,
-        log=say,
+        log=log,
         overrides=overrides,
     )
 
@@ -841,7 +959,11 @@ def _verified(
         if runner.name == "onnxruntime":
             import onnxruntime
 
-            versions = {"onnxruntime": onnxruntime.__version__, "providers": runner.providers}
+            versions = {
+                "onnxruntime": onnxruntime.__version__,
+                "providers": runner.providers,
+                "provider_options": runner.session.get_provider_options(),
+            }
         else:
             import torch
 

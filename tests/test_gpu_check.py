@@ -55,3 +55,42 @@ def test_cpu_dry_run_records_each_step_within_the_budget(tmp_path):
     refused = rows[names.index("parity: corrupted graph refused on cpu")]
     assert refused["expected_exit"] == 1
     assert "results:" in done.stdout
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_runs_every_step_command_line(tmp_path):
+    """With the time it needs, the dry run runs every step, the GPU ones with --device cpu
+    (refused where they need a GPU or TensorRT, as expected), and none shows a usage error:
+    each command line's options, backends and devices are ones the CLI takes."""
+    env = dict(
+        os.environ,
+        GPU_CHECK_BUDGET="1500",
+        GPU_CHECK_LIMIT_SCALE="4",  # CI's shared CPU: the GPU's limits do not fit it
+        GPU_CHECK_RESULTS=str(tmp_path),
+        PYTHON=sys.executable,
+        I2E_CACHE=str(tmp_path / "cache"),
+    )
+    env.pop("GPU_CHECK_DATA", None)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--cpu"], env=env, capture_output=True, text=True, timeout=1700
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "gpu_check_steps_cpu.jsonl").read_text().splitlines()
+    ]
+    for row in rows:
+        assert row["ok"] and row["usage_error"] is None, row
+    names = [row["step"] for row in rows]
+    for step in (
+        "stream: PyTorch CUDA graphs",
+        "stream: ONNX Runtime GPU (verified on first use)",
+        "TensorRT: build an FP16 engine (verified before it is written)",
+        "TensorRT: corrupted engine refused by parity",
+        "eager CUDA PyTorch and CUDA graphs vs the CPU reference",
+    ):
+        assert step in names, step
+    refused = rows[names.index("TensorRT: build an FP16 engine (verified before it is written)")]
+    assert refused["exit"] == 2 and "TensorRT" in "\n".join(refused["output_tail"]), refused
+    checked = rows[names.index("eager CUDA PyTorch and CUDA graphs vs the CPU reference")]
+    assert "no CUDA GPU" in "\n".join(checked["output_tail"]), checked

@@ -6,6 +6,7 @@ work, and a command that needs PyTorch says so in one line, naming the extra (ex
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,6 +92,30 @@ def test_stream_parity_benchmark_run_an_onnx_file_without_torch(without_torch):
     assert measured.returncode == 0, measured.stderr
     row = next(line for line in measured.stdout.splitlines() if line.startswith("| ONNX Runtime"))
     assert "| cpu |" in row  # the row ran (a row that could not run has no device)
+
+
+@pytest.mark.slow
+def test_stream_json_counts_spikes_without_torch(without_torch, tmp_path):
+    """``--json`` counts firing rates and SOPs with the layer table the graph carries (the
+    reference model, PyTorch, is not there to build it)."""
+    stats = tmp_path / "stats.json"
+    streamed = without_torch(
+        "stream",
+        shared_model("onnx"),
+        "--source",
+        "demo",
+        "--output",
+        "none",
+        "--max-frames",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        stats,
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    activity = json.loads(stats.read_text())["activity"]
+    assert 0 < activity["firing_rate"] < 1 and activity["sops_per_prediction"] > 0
 
 
 def test_commands_that_need_torch_say_which_extra(without_torch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -29,6 +30,7 @@ from i2e_deploy.runtime.runners import (
     load_runner,
     ort_providers,
     pad_batch,
+    provider_problem,
 )
 
 
@@ -187,12 +189,10 @@ def test_devices_and_providers():
     assert ort_providers("cpu") == ["CPUExecutionProvider"]
     with pytest.raises(I2EError, match="lacks provider"):
         ort_providers("cpu", ["NoSuchExecutionProvider"])
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        assert ort_providers("cuda:1")[-2] == ("CUDAExecutionProvider", {"device_id": 1})
+    if provider_problem("CUDAExecutionProvider") is None:
+        assert ort_providers("cuda:1")[-2][1]["device_id"] == 1
     else:
-        with pytest.raises(I2EError, match="no GPU provider"):
+        with pytest.raises(I2EError, match="cannot run on the GPU here.*gpu-cu12"):
             ort_providers("cuda")
 
 
@@ -340,31 +340,48 @@ def test_cuda_graph_buckets_and_padding():
 
 def test_gpu_provider_options(monkeypatch, tmp_path):
     """The options given to ONNX Runtime's GPU providers (what onnxruntime-gpu would get;
-    this machine's onnxruntime lists no GPU provider, so the list is set here)."""
+    this machine's onnxruntime lists no GPU provider, so the list is set here, and its
+    provider libraries, absent, cannot be probed)."""
     import onnxruntime as ort
 
     both = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: both)
-    chosen = ort_providers("cuda:1", precision="fp16", cache=tmp_path, cuda_graph=True)
-    (trt, trt_options), (cuda, cuda_options), cpu = chosen
-    assert (trt, cuda, cpu) == tuple(both)
-    assert trt_options == {
-        "device_id": 1,
-        "trt_fp16_enable": True,
-        "trt_int8_enable": False,
-        "trt_engine_cache_enable": True,
-        "trt_timing_cache_enable": True,
-        "trt_engine_cache_path": str(tmp_path / "ort-tensorrt"),
-        "trt_timing_cache_path": str(tmp_path / "ort-tensorrt"),
-    }
-    assert cuda_options == {"device_id": 1}  # TensorRT takes the graph: no CUDA graph here
-    assert ort_providers("cuda", precision="int8")[0][1]["trt_int8_enable"] is True
-    monkeypatch.setattr(ort, "get_available_providers", lambda: both[1:])
-    assert ort_providers("cuda", cuda_graph=True)[0] == (
-        "CUDAExecutionProvider",
-        {"device_id": 0, "enable_cuda_graph": True},
-    )
-    assert ort_providers("cuda")[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    provider_problem.cache_clear()
+    try:
+        chosen = ort_providers("cuda:1", precision="int8", cache=tmp_path / "a", cuda_graph=True)
+        (trt, trt_options), (cuda, cuda_options), cpu = chosen
+        assert (trt, cuda, cpu) == tuple(both)
+        folder = tmp_path / "a" / "ort-tensorrt"
+        assert trt_options == {
+            "device_id": 1,
+            "trt_fp16_enable": 0,
+            "trt_int8_enable": 1,
+            "trt_engine_cache_enable": 1,
+            "trt_timing_cache_enable": 1,
+            "trt_engine_cache_path": str(folder),
+            "trt_timing_cache_path": str(folder),
+        }
+        assert folder.is_dir()  # the provider makes only the last folder of the path
+        assert os.environ["NVIDIA_TF32_OVERRIDE"] == "0"  # TensorRT builds without TF32
+        # TensorRT takes the graph: no CUDA graph here; TF32 off (its default is on).
+        assert cuda_options == {"device_id": 1, "use_tf32": 0}
+        # FP16 through the TensorRT provider is weakly typed: the CUDA provider runs it.
+        notes: list[str] = []
+        assert ort_providers("cuda", precision="fp16", log=notes.append)[0][0] == cuda
+        assert "weakly typed" in notes[0]
+        monkeypatch.setattr(ort, "get_available_providers", lambda: both[1:])
+        provider_problem.cache_clear()
+        assert ort_providers("cuda", cuda_graph=True)[0] == (
+            "CUDAExecutionProvider",
+            {"device_id": 0, "use_tf32": 0, "enable_cuda_graph": 1},
+        )
+        assert ort_providers("cuda")[0] == (
+            "CUDAExecutionProvider",
+            {"device_id": 0, "use_tf32": 0},
+        )
+    finally:
+        provider_problem.cache_clear()
 
 
 def test_static_graphs_are_told_apart():
@@ -394,3 +411,27 @@ def cv2_blur(image):
     import cv2
 
     return cv2.GaussianBlur(image, (9, 9), 3)
+
+
+def test_a_session_is_what_it_says():
+    """A session without a provider asked for is refused in one line (ONNX Runtime registers
+    the CPU provider instead of one that fails to load); the spike session is the serving
+    session's configuration, and its logits are the serving session's."""
+    import onnxruntime as ort
+
+    from i2e_deploy.runtime.runners import check_session
+
+    graph = shared_model("onnx")
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    asked = [("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0}), "CPUExecutionProvider"]
+    with pytest.raises(I2EError, match="did not register CUDAExecutionProvider.*--device cpu"):
+        check_session(session, "cuda", asked)
+    check_session(session, "cpu", ["CPUExecutionProvider"])
+    with OrtRunner(graph, threads=1, optimization="basic") as runner:
+        batch = synthetic_images(2, runner.card)
+        out, maps = runner.infer_spikes(batch)
+        np.testing.assert_array_equal(out, runner.infer(batch))
+        assert maps
+        served, spikes = (s.get_session_options() for s in (runner.session, runner._spike_session))
+        assert spikes.graph_optimization_level == served.graph_optimization_level
+        assert spikes.intra_op_num_threads == served.intra_op_num_threads == 1

@@ -117,11 +117,11 @@ def test_auto_on_cuda_without_tensorrt_or_onnxruntime_gpu_is_cuda_graphs(graphs)
     choice = choose_runner(read_card(graphs["ckpt"]), "auto", "auto", "cuda")
     if tensorrt_unavailable("cuda") is None:
         assert choice.backend == "tensorrt"
-    elif gpu_onnxruntime():
+    elif gpu_onnxruntime() is None:
         assert choice.backend == "onnx" and "onnxruntime-gpu" in choice.why
     else:
         assert (choice.backend, choice.precision) == ("torch", "fp32")
-        assert "CUDA graphs" in choice.why and "no onnxruntime-gpu" in choice.why
+        assert "CUDA graphs" in choice.why and "no GPU ONNX Runtime" in choice.why
         with pytest.raises(I2EError, match="needs TensorRT or onnxruntime-gpu"):
             choose_runner(read_card(graphs["ckpt"]), "auto", "int8", "cuda")
 
@@ -152,6 +152,38 @@ def test_on_a_gpu_the_runner_is_verified_once_and_info_shows_it(graphs, tmp_path
     assert not any(n.startswith("verify: ") for n in again)
     if run.name == "torch-cudagraph":
         assert describe_file(graphs["ckpt"])["verification"][0]["passed"]
-    if gpu_onnxruntime():  # the corrupted graph on this GPU's ONNX Runtime
+    if gpu_onnxruntime() is None:  # the corrupted graph on this GPU's ONNX Runtime
         with pytest.raises(VerificationError):
             resolve_runner(graphs["bad"], device="cuda").close()
+
+
+def test_a_refused_runner_falls_back_under_auto_and_the_refusal_is_kept(graphs, tmp_path):
+    """A real runner refused: a spike agreement above 1 no graph can reach refuses the ONNX
+    Runtime export. ``--backend auto`` moves on to the next runner (on this CPU, PyTorch),
+    one line each, and remembers the refusal (no second export); ``--backend onnx`` forced
+    exits 1 naming the ways out."""
+    from i2e_deploy.targets import resolve_runner
+
+    tight = {"spike_agreement": 1.01}
+    notes: list[str] = []
+    with resolve_runner(
+        graphs["ckpt"], cache=tmp_path, tolerances=tight, log=notes.append, threads=1
+    ) as run:
+        assert run.name == "torch"
+    assert notes[0].startswith("runner: ONNX Runtime fp32 on cpu")
+    refused = notes[-1]
+    assert refused.startswith("refused: ONNX Runtime fp32 on cpu") and "spike agreement" in refused
+    assert "; running on PyTorch fp32 on cpu instead (the reference itself)" in refused
+    again: list[str] = []
+    with resolve_runner(
+        graphs["ckpt"], cache=tmp_path, tolerances=tight, log=again.append, threads=1
+    ) as run:
+        assert run.name == "torch"
+    assert again[0].startswith("runner: PyTorch fp32 on cpu (the reference itself; ONNX ")
+    assert "refused here before" in again[0]
+    assert not any(n.startswith("exporting") for n in again)
+    with pytest.raises(VerificationError, match="--backend auto.*--device cpu"):
+        resolve_runner(graphs["ckpt"], backend="onnx", cache=tmp_path, tolerances=tight)
+    # The default limits are another configuration: not refused.
+    with resolve_runner(graphs["ckpt"], cache=tmp_path, threads=1) as run:
+        assert run.name == "onnxruntime"

@@ -20,7 +20,7 @@ walks the reference's modules and
   max == min);
 - averages the head over T at the end.
 
-Inputs: ``'uint8'`` images ``[N, H, W, 3]`` RGB (scaled /255 in the graph), ``'float'`` images
+Inputs: ``'uint8'`` images ``[N, H, W, 3]`` RGB (x / 255 looked up in the graph), ``'float'`` images
 ``[N, 3, H, W]`` in [0, 1], or ``'events'`` ``[N, T, 2, H, W]`` float. :class:`DeployConverter`
 maps images to uint8 0/1 events ``[N, T, 2, H, W]``.
 
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..model.converter import EVAL_PAIRS, TIME_ORDER, check_ratio
+from ..model.converter import EVAL_PAIRS, LEVELS, TIME_ORDER, check_ratio
 from ..model.msresnet import BasicBlock, MSResNet
 from ..model.neuron import LIF
 
@@ -162,6 +162,10 @@ class DeployI2E(nn.Module):
         super().__init__()
         check_ratio(ratio)  # at ratio <= 0 the comparisons below would not be the reference's
         self.ratio = float(ratio)
+        # A Gather of the CPU's x / 255 per level, not a Div a GPU provider may turn into a
+        # reciprocal multiply (see model.converter): the same events on every device.
+        self.levels: torch.Tensor
+        self.register_buffer("levels", LEVELS.clone(), persistent=False)
         # (b, a) cell offsets per output timestep: diff = cell(b) - cell(a).
         self.cells = [
             tuple(divmod(c - 1, 3) for c in (EVAL_PAIRS[k][1], EVAL_PAIRS[k][0]))
@@ -169,8 +173,9 @@ class DeployI2E(nn.Module):
         ]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:  # NHWC; max before /255 is exact (monotone)
-            v = images.float().amax(dim=-1).unsqueeze(1) / 255.0
+        if images.dtype == torch.uint8:  # NHWC; the level's intensity from the table
+            levels = images.float().amax(dim=-1).unsqueeze(1).long()
+            v = self.levels[levels]
         else:
             v = images.amax(dim=1, keepdim=True)
         value_range = v.amax(dim=(1, 2, 3), keepdim=True) - v.amin(dim=(1, 2, 3), keepdim=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..artifacts import CARD_KEY, META_PREFIX, PRECISION_KEY, default_output
+from ..artifacts import CARD_KEY, LAYERS_KEY, META_PREFIX, PRECISION_KEY, default_output
 from ..card import ModelCard
 from ..errors import I2EError
 from ..fileio import atomic_path
@@ -290,7 +290,13 @@ def _metadata(
             "shape": [n, card.num_classes],
             "meaning": "mean over T of the linear head (no softmax)",
         }
+    from ..model.layers import layers_to_json
+    from ..model.profile import layer_table
+
+    # Streams of the graph count its spikes with this table where PyTorch is absent.
+    layers = {} if graph == "converter" else {LAYERS_KEY: layers_to_json(layer_table(card))}
     return {
+        **layers,
         CARD_KEY: card.to_json(),
         f"{META_PREFIX}version": __version__,
         f"{META_PREFIX}graph": graph,

@@ -6,6 +6,12 @@ conv (the seven zero products add exactly) and several times cheaper.
 
 uint8 images on the CPU take an integer path (``convert_uint8``) that reproduces the float
 comparisons exactly through per-threshold lookup tables, and is much faster again.
+
+A uint8 level becomes its intensity by a lookup in :data:`LEVELS` (computed once on the CPU),
+never by a division on the device: PyTorch's CUDA division by a scalar multiplies by its
+reciprocal, which rounds 126 of the 256 levels differently, and a tie with the threshold
+then gives other events than the CPU. The rest is subtraction, one multiplication and
+comparisons, rounded alike on every IEEE device: the same events everywhere.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ def pairs_to_kernels(pairs) -> torch.Tensor:
     return weight
 
 
+# The intensity of each uint8 level, x / 255 in float32, divided on the CPU (see above).
+LEVELS = torch.arange(256, dtype=torch.float32) / 255.0
+
+
 def intensity(images: torch.Tensor) -> torch.Tensor:
     """Max over colour channels as float in [0, 1], [B, 1, H, W].
 
@@ -56,7 +66,7 @@ def intensity(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         if images.shape[-1] != 3:
             raise ValueError(f"uint8 images must be NHWC RGB, got shape {tuple(images.shape)}")
-        return images.amax(dim=-1).unsqueeze(1).float().div_(255.0)
+        return LEVELS.to(images.device)[images.amax(dim=-1).long()].unsqueeze(1)
     if images.shape[1] != 3:
         raise ValueError(f"float images must be NCHW RGB, got shape {tuple(images.shape)}")
     return images.amax(dim=1, keepdim=True).float()
@@ -70,6 +80,13 @@ def convert(images: torch.Tensor, ratio: float, pairs=EVAL_PAIRS, order=TIME_ORD
     """
     if images.dtype == torch.uint8 and images.device.type == "cpu":
         return torch.from_numpy(convert_uint8(images.numpy(), ratio, pairs, order)).float()
+    return convert_tensor(images, ratio, pairs, order)
+
+
+def convert_tensor(
+    images: torch.Tensor, ratio: float, pairs=EVAL_PAIRS, order=TIME_ORDER
+) -> torch.Tensor:
+    """``convert`` as tensor operations on the images' device (what a GPU runs)."""
     v = intensity(images)
     height, width = v.shape[-2:]
     padded = nn.functional.pad(v, (1, 1, 1, 1), mode="replicate")
@@ -103,8 +120,7 @@ def _threshold(value_range: torch.Tensor, ratio: float) -> torch.Tensor:
 
 # The float intensities uint8 levels map to, and all their pairwise differences
 # [a, b] = f(b) - f(a), rounded exactly as the float path rounds them.
-_LEVELS = torch.arange(256, dtype=torch.float32) / 255.0
-_LEVEL_DIFFS = (_LEVELS[None, :] - _LEVELS[:, None]).numpy()
+_LEVEL_DIFFS = (LEVELS[None, :] - LEVELS[:, None]).numpy()
 _CHUNK = 16  # images per work item: keeps a chunk's intermediates in cache
 
 
@@ -147,8 +163,8 @@ def _convert_uint8_chunk(images: np.ndarray, ratio: float, pairs, order, out: np
     rows[:, 0], rows[:, -1] = v[:, 0], v[:, -1]
     flat = v.reshape(count, -1)
     value_range = (
-        _LEVELS[torch.from_numpy(flat.max(axis=1)).long()]
-        - _LEVELS[torch.from_numpy(flat.min(axis=1)).long()]
+        LEVELS[torch.from_numpy(flat.max(axis=1)).long()]
+        - LEVELS[torch.from_numpy(flat.min(axis=1)).long()]
     )
     thresholds = _threshold(value_range, ratio).tolist()
     on_rows, off_rows = np.empty_like(rows), np.empty_like(rows)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..card import ModelCard
 from .converter import I2E
+from .layers import Layer
 from .msresnet import BasicBlock, build_model
 from .neuron import LIF
 
@@ -25,22 +24,6 @@ def count_params(model: nn.Module) -> int:
 
 # The name of the event input of an event-input model (image models: 'i2e', the converter).
 INPUT_EVENTS = "input"
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One row of a model's layer table, in network order.
-
-    ``kind``: 'events' (the converter's events, or the input events of an event model),
-    'lif', 'conv', 'linear' or 'residual' (a block's membrane sum). ``macs``: dense
-    multiply-accumulates per image over all T steps (conv / linear). ``source``: the spiking
-    layer whose output a conv / linear reads (every one reads binary spikes)."""
-
-    name: str
-    kind: str
-    macs: int = 0
-    source: str | None = None
-    shape: tuple[int, ...] = ()  # output per time step and image, [C, H, W] or [C]
 
 
 @torch.no_grad()

@@ -15,11 +15,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # model/ imports PyTorch; ONNX Runtime streams need not
-    from ..model.profile import Layer
+from ..model.layers import Layer, layers_from_json
+
+if TYPE_CHECKING:
+    from .runners import Runner
 
 ENERGY_AC_PJ = 0.9
 ENERGY_MAC_PJ = 4.6
+
+
+def layer_table_of(runner: Runner) -> list[Layer]:
+    """The layer table of the model ``runner`` runs: an exported graph's own (written at
+    export, so no PyTorch is needed), else built from the card by the reference model."""
+    from ..artifacts import LAYERS_KEY, kind_of, read_metadata
+
+    if kind_of(runner.path) == "onnx":
+        stored = read_metadata(runner.path).get(LAYERS_KEY)
+        if stored:
+            return layers_from_json(stored)
+    from ..model.profile import layer_table
+
+    return layer_table(runner.card)
 
 
 class SpikeReader:

@@ -22,7 +22,7 @@ import numpy as np
 from ..card import ModelCard
 from ..errors import I2EError
 from ..images import preprocess
-from .activity import ActivityCounter, SpikeReader
+from .activity import ActivityCounter, SpikeReader, layer_table_of
 from .frames import Frame, Prediction, image_to_events
 from .runners import Runner, load_runner
 
@@ -75,9 +75,7 @@ class Classifier:
                     f"the {self.runner.name} backend does not expose spike maps: "
                     "no firing rates or SOPs; use the ONNX or PyTorch backend"
                 )
-            from ..model.profile import layer_table
-
-            table = layer_table(self.card)
+            table = layer_table_of(self.runner)
             self.activity = SpikeReader(self.runner, table), ActivityCounter(table, self.card.T)
 
     @property

@@ -249,25 +249,29 @@ def profile_events(
     runs: int,
     *,
     threads: int | None = None,
-    providers: list | None = None,
-    optimization: Any = None,
+    open_session=None,
 ) -> list[dict]:
     """ONNX Runtime's profiler events of the kernels of ``runs`` calls (after one untimed
-    call): ``{'node', 'op', 'ms', 'run'}`` each."""
+    call): ``{'node', 'op', 'ms', 'run'}`` each. ``open_session(model_bytes, configure)``:
+    a runner's own session configuration (:meth:`OrtRunner.open_session`), so the times are
+    those of the providers, options and optimization level that serve; default: the CPU."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    if threads:
-        options.intra_op_num_threads = threads
-    if optimization is not None:
-        options.graph_optimization_level = optimization
     with tempfile.TemporaryDirectory() as scratch:
-        options.profile_file_prefix = str(Path(scratch) / "profile")
-        session = ort.InferenceSession(
-            model_bytes, options, providers=providers or ["CPUExecutionProvider"]
-        )
+
+        def configure(options) -> None:
+            options.log_severity_level = 3
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(scratch) / "profile")
+            if threads:
+                options.intra_op_num_threads = threads
+
+        if open_session is not None:
+            session = open_session(model_bytes, configure)
+        else:
+            options = ort.SessionOptions()
+            configure(options)
+            session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         for _ in range(runs + 1):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -290,16 +294,18 @@ def profile_events(
 
 
 def _ort_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> LayerTimes:
+    from .runners import without_cuda_graph
+
     model = tagged_graph(runner.path, table)
-    options = runner.session.get_session_options()
     feed = {runner.session.get_inputs()[0].name: runner._adapt(batch)}
+    # The serving configuration less its CUDA graph, which a profiled run cannot replay.
     events = profile_events(
         model.SerializeToString(),
         feed,
         runs,
-        threads=options.intra_op_num_threads,
-        providers=runner.session.get_providers(),
-        optimization=options.graph_optimization_level,
+        open_session=lambda graph, configure: runner.open_session(
+            graph, configure, without_cuda_graph(runner.chosen)
+        ),
     )
     known = {layer.name for layer in table}
     per_node: dict[str, list[float]] = {}

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..artifacts import PRECISION_KEY, kind_of, onnx_card, read_engine_sidecar, read_metadata
 from ..card import ModelCard
-from ..device import parse_device
+from ..device import GPU_INSTALL, parse_device
 from ..errors import I2EError, warn
 
 if TYPE_CHECKING:
@@ -202,13 +202,15 @@ class _CudaGraphs:
         host_in = torch.zeros((bucket, *shape), dtype=dtype).pin_memory()
         side = torch.cuda.Stream(self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.inference_mode():
+        # torch.cuda.graph captures on a stream of the device current when first used (its
+        # class-wide default): capture on this device's side stream, with it current.
+        with torch.inference_mode(), torch.cuda.device(self._device):
             with torch.cuda.stream(side):
                 for _ in range(GRAPH_WARMUP):
                     self._model(static_in)
             torch.cuda.current_stream(self._device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):
                 static_out = self._model(static_in).float()
         host_out = torch.empty(static_out.shape, dtype=torch.float32).pin_memory()
         return graph, static_in, static_out, host_in, host_out
@@ -220,10 +222,11 @@ class _CudaGraphs:
             self._graphs[bucket] = self._capture(bucket)
         graph, static_in, static_out, host_in, host_out = self._graphs[bucket]
         host_in.numpy()[:] = pad_batch(batch, bucket)
-        static_in.copy_(host_in, non_blocking=True)
-        graph.replay()
-        host_out.copy_(static_out, non_blocking=True)
-        self._torch.cuda.current_stream(self._device).synchronize()
+        with self._torch.cuda.device(self._device):  # replay runs on the current device
+            static_in.copy_(host_in, non_blocking=True)
+            graph.replay()
+            host_out.copy_(static_out, non_blocking=True)
+            self._torch.cuda.current_stream(self._device).synchronize()
         return host_out.numpy()[:count].copy()
 
     def capture_all(self) -> None:
@@ -360,6 +363,51 @@ def gpu_name(device: str) -> str:
     return f"{kind}:{index}"
 
 
+# The library each GPU provider of onnxruntime-gpu lives in (onnxruntime/capi/).
+_PROVIDER_LIBRARIES = {
+    "TensorrtExecutionProvider": "tensorrt",
+    "CUDAExecutionProvider": "cuda",
+}
+
+
+@functools.cache
+def provider_problem(name: str) -> str | None:
+    """Why ONNX Runtime's GPU provider ``name`` cannot load here, or None. onnxruntime-gpu
+    lists its providers as available whether or not their libraries (CUDA, cuDNN, TensorRT)
+    are present, and a session then falls back to the CPU with a warning: load the
+    provider's library as ONNX Runtime would (its shared bridge first, with global
+    symbols), after ONNX Runtime's own preloading of the nvidia-* wheels' libraries."""
+    import contextlib
+    import ctypes
+    import io
+    import sys
+
+    import onnxruntime as ort
+
+    if name not in ort.get_available_providers():
+        return f"this onnxruntime has no {name}"
+    capi = Path(ort.__file__).parent / "capi"
+    pattern = (
+        "onnxruntime_providers_{}.dll"
+        if sys.platform == "win32"
+        else ("libonnxruntime_providers_{}.so")
+    )
+    library = capi / pattern.format(_PROVIDER_LIBRARIES[name])
+    if not library.is_file():  # linked in (a custom build): the session check decides
+        return None
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+    if preload is not None:
+        # It prints each library it misses; the probe below says what matters in one line.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+            preload()
+    try:
+        ctypes.CDLL(str(capi / pattern.format("shared")), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
+
+
 def ort_providers(
     device: str,
     providers: list[str] | None = None,
@@ -367,16 +415,23 @@ def ort_providers(
     precision: str = "fp32",
     cache: Path | None = None,
     cuda_graph: bool = False,
+    log=None,
 ) -> list:
-    """Execution providers for a device, best first (TensorRT > CUDA > CPU), with options:
-    the TensorRT provider's engine and timing caches in ``cache`` (a build takes minutes;
-    ONNX Runtime names its cached engines by graph and GPU), its FP16/INT8 flags from the
-    graph's ``precision`` (an INT8 graph for GPUs is the S8S8 Q/DQ one: explicit
-    quantization, no calibration table), and, with ``cuda_graph`` and no TensorRT provider,
-    the CUDA provider's CUDA graph (static shapes, inputs and outputs bound to fixed GPU
-    buffers: :class:`OrtRunner` runs it through IO binding)."""
+    """Execution providers for a device, best first (TensorRT > CUDA > CPU), with options,
+    asking only for providers whose libraries load here (:func:`provider_problem`), so
+    that ONNX Runtime's silent fallback never runs: the TensorRT provider's engine and
+    timing caches in ``cache`` (a build takes minutes; ONNX Runtime names its cached engines
+    by graph and GPU), its INT8 flag from the graph's ``precision`` (an INT8 graph for GPUs
+    is the S8S8 Q/DQ one: explicit quantization, no calibration table); the CUDA provider
+    with TF32 off (its default is on; TF32 convolutions flip spikes) and, with ``cuda_graph``
+    and no TensorRT provider, its CUDA graph (static shapes, inputs and outputs bound to
+    fixed GPU buffers: :class:`OrtRunner` runs it through IO binding). FP16 graphs skip the
+    TensorRT provider: its FP16 is weakly typed (FP16 with FP32 fallback), which may run the
+    FP32 neurons in FP16; the CUDA provider runs each node in its graph's type. ``log``
+    hears why a provider is left out."""
     import onnxruntime as ort
 
+    say = log or (lambda _msg: None)
     available = ort.get_available_providers()
     if providers:
         missing = [p for p in providers if p not in available]
@@ -389,35 +444,72 @@ def ort_providers(
     kind, index = parse_device(device)
     if kind == "cpu":
         return ["CPUExecutionProvider"]
-    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-    if not gpu:
+    problems = {name: provider_problem(name) for name in _PROVIDER_LIBRARIES}
+    if precision == "fp16" and problems["TensorrtExecutionProvider"] is None:
+        problems["TensorrtExecutionProvider"] = (
+            "its FP16 is weakly typed (trt_fp16_enable: FP16 with FP32 fallback), which may "
+            "run the FP32 neurons in FP16"
+        )
+        say(f"ONNX Runtime's TensorRT provider left out: {problems['TensorrtExecutionProvider']}")
+    if all(problems.values()):
+        reasons = "; ".join(f"{name}: {why}" for name, why in problems.items())
         raise I2EError(
-            f"device {device} requested but this onnxruntime has no GPU provider; "
-            "install onnxruntime-gpu (pip install 'i2e-deploy[gpu]') or use "
-            "--device cpu"
+            f"--device {device}: ONNX Runtime cannot run on the GPU here ({reasons}); "
+            f"{GPU_INSTALL}, or use --device cpu"
         )
     chosen: list = []
-    if "TensorrtExecutionProvider" in gpu:
+    tensorrt = problems["TensorrtExecutionProvider"] is None
+    if tensorrt:
+        # TensorRT builds with TF32 unless this is 0 when it builds (the provider has no
+        # TF32 option); process-wide, as TF32 is off everywhere else here.
+        os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
+        # Flags as 0/1: what ONNX Runtime parses and reports back (check_session).
         trt: dict[str, Any] = {
             "device_id": index,
-            "trt_fp16_enable": precision == "fp16",
-            "trt_int8_enable": precision == "int8",
+            "trt_fp16_enable": 0,
+            "trt_int8_enable": int(precision == "int8"),
         }
         if cache is not None:
-            folder = str(cache / "ort-tensorrt")
+            folder = cache / "ort-tensorrt"
+            # The provider creates only the last folder of the path; a missing parent
+            # would leave it without a cache.
+            folder.mkdir(parents=True, exist_ok=True)
             trt.update(
-                trt_engine_cache_enable=True,
-                trt_engine_cache_path=folder,
-                trt_timing_cache_enable=True,
-                trt_timing_cache_path=folder,
+                trt_engine_cache_enable=1,
+                trt_engine_cache_path=str(folder),
+                trt_timing_cache_enable=1,
+                trt_timing_cache_path=str(folder),
             )
         chosen.append(("TensorrtExecutionProvider", trt))
-    if "CUDAExecutionProvider" in gpu:
-        options: dict[str, Any] = {"device_id": index}
-        if cuda_graph and "TensorrtExecutionProvider" not in gpu:
-            options["enable_cuda_graph"] = True
+    if problems["CUDAExecutionProvider"] is None:
+        options: dict[str, Any] = {"device_id": index, "use_tf32": 0}
+        if cuda_graph and not tensorrt:
+            options["enable_cuda_graph"] = 1
         chosen.append(("CUDAExecutionProvider", options))
     return chosen + ["CPUExecutionProvider"]
+
+
+def check_session(session, device: str, chosen: list) -> None:
+    """Refuse, in one line, a session that is not what was asked for: every GPU provider
+    asked for registered, with the device id, TF32 and precision flags given (ONNX Runtime
+    registers the CPU provider instead of one that fails to load, with a warning)."""
+    registered = session.get_providers()
+    options = session.get_provider_options()
+    for entry in chosen:
+        name, wanted = entry if isinstance(entry, tuple) else (entry, {})
+        if name not in registered:
+            raise I2EError(
+                f"--device {device}: ONNX Runtime did not register {name} (it runs on "
+                f"{', '.join(registered)}); {GPU_INSTALL}, or use --device cpu"
+            )
+        got = options.get(name, {})
+        for key, value in wanted.items():
+            text = str(value)
+            if key in got and got[key] != text:
+                raise I2EError(
+                    f"--device {device}: ONNX Runtime's {name} took {key}={got[key]}, "
+                    f"not {text}; use --device cpu"
+                )
 
 
 class OrtRunner(Runner):
@@ -452,32 +544,22 @@ class OrtRunner(Runner):
                 f"unknown optimization level {optimization!r}; choose one of "
                 f"{', '.join(OPTIMIZATION_LEVELS)}"
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel,
-            "ORT_DISABLE_ALL"
-            if optimization == "disable"
-            else f"ORT_ENABLE_{optimization.upper()}",
-        )
-        if threads:
-            options.intra_op_num_threads = threads
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._optimization, self._spinning = optimization, spinning
         on_gpu = parse_device(device)[0] == "cuda" and not providers
         static = on_gpu and _static_input(path)
-        chosen = ort_providers(
-            device, providers, precision=self.precision, cache=cache, cuda_graph=static
+        self.chosen = ort_providers(
+            device, providers, precision=self.precision, cache=cache, cuda_graph=static, log=warn
         )
         try:
             try:
-                self.session = ort.InferenceSession(str(path), options, providers=chosen)
+                self.session = self.open_session(str(path))
             except Exception:
                 if not static:
                     raise
                 # ONNX Runtime refuses a CUDA graph unless every node runs on the CUDA
                 # provider: the same providers without it.
-                chosen = ort_providers(device, providers, precision=self.precision, cache=cache)
-                self.session = ort.InferenceSession(str(path), options, providers=chosen)
+                self.chosen = without_cuda_graph(self.chosen)
+                self.session = self.open_session(str(path))
         except I2EError:
             raise
         except Exception as exc:
@@ -489,8 +571,36 @@ class OrtRunner(Runner):
         if isinstance(graph_input.shape[0], int):  # exported with --static
             self.batch_limit = self.min_batch = graph_input.shape[0]
         self.output = "events" if len(self.session.get_outputs()[0].shape) == 5 else "logits"
-        if any(isinstance(p, tuple) and p[1].get("enable_cuda_graph") for p in chosen):
+        # A graph with every spike as an output is another TensorRT engine (fused
+        # otherwise): its spikes would judge an engine that never serves.
+        self.exposes_spikes = "TensorrtExecutionProvider" not in self.providers
+        if any(isinstance(p, tuple) and p[1].get("enable_cuda_graph") for p in self.chosen):
             self._bind_cuda_graph(ort, parse_device(device)[1])
+
+    def open_session(self, model: str | bytes, configure=None, chosen: list | None = None):
+        """An ONNX Runtime session of ``model`` (a path or serialized graph) configured as
+        this runner's own (providers and their options, optimization level, threads,
+        spinning; ``configure(options)`` adds to it), checked to be on the device asked
+        for. ONNX Runtime's fallback to other providers without their options is off."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel,
+            "ORT_DISABLE_ALL"
+            if self._optimization == "disable"
+            else f"ORT_ENABLE_{self._optimization.upper()}",
+        )
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        if not self._spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if configure is not None:
+            configure(options)
+        chosen = self.chosen if chosen is None else chosen
+        session = ort.InferenceSession(model, options, providers=chosen, enable_fallback=0)
+        check_session(session, self.device, chosen)
+        return session
 
     def _bind_cuda_graph(self, ort, index: int) -> None:
         """The CUDA provider replays a CUDA graph only when inputs and outputs stay at the
@@ -510,18 +620,15 @@ class OrtRunner(Runner):
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    exposes_spikes = True
-
     def _run_spikes(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The output of the serving session (IO binding and CUDA graph included), the
+        spikes of the same graph with every spike as an output, on the same providers."""
         if self._spike_session is None:
             self._spike_session, self._spike_layers = self._open_spike_session()
         session = self._spike_session
         results = session.run(None, {self._input_name: batch})
-        names = [o.name for o in session.get_outputs()]
-        found = dict(zip(names, results))
-        out = found[names[0]]
-        out = out if self.output == "events" else out.astype(np.float32, copy=False)
-        return out, {
+        found = dict(zip([o.name for o in session.get_outputs()], results))
+        return self._run(batch), {
             layer: _time_major(found[tensor], self.card.T, len(batch))
             for tensor, layer in self._spike_layers.items()
         }
@@ -530,7 +637,6 @@ class OrtRunner(Runner):
         """A second session of the same graph that also outputs every LIF layer's boolean
         spikes (and the converter's events), found by name as ``calibration.flips`` does."""
         import onnx
-        import onnxruntime as ort
 
         from ..calibration.flips import layer_name, spike_tensors
         from ..calibration.graph import merge_spike_casts
@@ -544,12 +650,12 @@ class OrtRunner(Runner):
             for t in tensors
             if t not in known
         )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self._threads:
-            options.intra_op_num_threads = self._threads
-        session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=self.session.get_providers()
+        # The serving configuration, less the CUDA graph (which replays fixed buffers; the
+        # kernels are the same).
+        session = self.open_session(
+            model.SerializeToString(),
+            lambda options: setattr(options, "log_severity_level", 3),
+            without_cuda_graph(self.chosen),
         )
         return session, {t: layer_name(t) for t in tensors}
 
@@ -564,6 +670,15 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         self.session = self._spike_session = self._binding = None
+
+
+def without_cuda_graph(chosen: list) -> list:
+    return [
+        (entry[0], {k: v for k, v in entry[1].items() if k != "enable_cuda_graph"})
+        if isinstance(entry, tuple)
+        else entry
+        for entry in chosen
+    ]
 
 
 ONNX_DTYPES = {
