@@ -18,10 +18,11 @@ from i2e_deploy.compare import compare, limits_for
 from i2e_deploy.errors import I2EError
 from i2e_deploy.images import preprocess
 from i2e_deploy.runtime.classify import Classifier
-from i2e_deploy.runtime.loop import Ring, Stream
+from i2e_deploy.runtime.loop import Stream
 from i2e_deploy.runtime.runners import load_runner
 from i2e_deploy.runtime.sinks import NullSink, open_sink
 from i2e_deploy.runtime.sources import open_source
+from i2e_deploy.runtime.stats import Ring
 
 N_FRAMES = 12
 # One thread: on a shared 2-core box, OpenMP spinning on 2 threads is many times slower.

@@ -15,11 +15,12 @@ from ..fileio import atomic_output
 from ..runtime.classify import Classifier
 from ..runtime.frames import Source
 from ..runtime.live import LiveSink
-from ..runtime.loop import Stream, StreamStats
+from ..runtime.loop import Stream
 from ..runtime.options import StreamOptions
 from ..runtime.runners import Runner
 from ..runtime.sinks import open_sinks
 from ..runtime.sources import needs_card, open_source
+from ..runtime.stats import StreamStats
 from ..targets import resolve_runner
 
 

@@ -39,7 +39,7 @@ from .sinks import Sink
 
 if TYPE_CHECKING:
     from .frames import Frame, Prediction, Source
-    from .loop import StreamStats
+    from .stats import StreamStats
 
 BOUNDARY = "i2eframe"
 EVENT_PERIOD_S = 0.5  # numbers pushed twice a second: enough for the charts

@@ -24,7 +24,7 @@ from .overlay import annotate
 
 if TYPE_CHECKING:
     from .frames import Frame, Prediction, Source, SourceState
-    from .loop import StreamStats
+    from .stats import StreamStats
 
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 
