@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from .errors import I2EError, VerificationError, logger
+from .errors import I2EError, SourceLostError, logger
 
 app = typer.Typer(
     add_completion=False,
@@ -56,8 +57,9 @@ _warning_line = _WarningLine(logging.WARNING)
 
 
 def command(*args, **kwargs):
-    """Register a command whose I2EError becomes one red line and exit code 2 (1 for a
-    refused verification, as parity's failure). The message
+    """Register a command whose I2EError becomes one red line and its exit code: 2 (bad
+    input), 1 for a refused verification (as parity's failure), 3 for a stream's source lost
+    for good. The message
     prints literally: a Text, not markup, so "pip install 'i2e-deploy[events]'" keeps its
     brackets."""
 
@@ -70,7 +72,7 @@ def command(*args, **kwargs):
                 err_console.print(
                     Text.assemble(("error:", "red"), f" {exc}"), highlight=False, soft_wrap=True
                 )
-                raise typer.Exit(1 if isinstance(exc, VerificationError) else 2) from None
+                raise typer.Exit(exc.exit_code) from None
             except ImportError as exc:
                 if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
                     raise
@@ -333,6 +335,20 @@ def stream(
     show_activity: bool = typer.Option(
         False, "--show-activity", help="show firing rate and SOPs on the overlay"
     ),
+    rotate: str | None = typer.Option(
+        None,
+        "--rotate",
+        help="close file outputs as timestamped segments at this size (100MB, 512KiB)",
+    ),
+    rotate_every: str | None = typer.Option(
+        None, "--rotate-every", help="close file outputs as segments this often (10m, 1h, 1d)"
+    ),
+    keep: int | None = typer.Option(
+        None, "--keep", help="closed segments kept per output (default: all)"
+    ),
+    log_format: str = typer.Option(
+        "text", "--log-format", help="text, or json: one JSON object per event on stderr"
+    ),
     verify: bool = VerifyOpt,
     verify_data: Path | None = VerifyDataOpt,
     arch: str | None = ArchOpt,
@@ -341,9 +357,14 @@ def stream(
     imgsz: int | None = ImgszOpt,
     events: bool | None = EventsOpt,
 ):
-    """Classify a camera, video, stream or event recording live, with the event view."""
+    """Classify a camera, video, stream or event recording live, with the event view.
+    SIGTERM, SIGHUP and Ctrl-C end it cleanly. Exit 0: ended (input done, --max-frames, a
+    stop signal); 2: bad input; 3: a source lost for good; 1: an internal error."""
     from .apps.stream import run_stream
     from .runtime.options import StreamOptions
+    from .runtime.service import EventLog, interrupt_on_stop_signals, parse_duration, parse_size
+
+    interrupt_on_stop_signals()  # until the stream runs and takes over the signals
 
     options = StreamOptions(
         backend=backend,
@@ -364,11 +385,35 @@ def stream(
         stats_json=stats_json,
         activity=activity,
         show_activity=show_activity,
-    )
-    stats = run_stream(model, source, output, options, log=say)
-    say(stats.summary())
+        rotate_bytes=None if rotate is None else parse_size(rotate),
+        rotate_every_s=None if rotate_every is None else parse_duration(rotate_every),
+        keep=keep,
+        log_format=log_format,
+    ).check()
+    events = EventLog(log_format, say)
+    if events.json:  # every line on stderr is an event, warnings and errors included
+        logger.removeHandler(_warning_line)
+        logger.addHandler(events.handler())
+        logger.propagate = False  # a root handler (some exporters configure one) adds text
+    events.emit("start", model=model, sources=source, outputs=output, pid=os.getpid())
+    try:
+        stats = run_stream(
+            model, source, output, options, log=events.log if events.json else say, events=events
+        )
+    except KeyboardInterrupt:  # a stop signal while the model loads or sources open
+        events.emit("end", "stopped before the stream started", stats=None)
+        return
+    except I2EError as exc:
+        if not events.json:
+            raise
+        events.emit("error", str(exc), exit_code=exc.exit_code)
+        raise typer.Exit(exc.exit_code) from None
+    events.emit("end", stats.summary(), stats=stats.to_dict())
     if stats.error:
-        raise I2EError(stats.error)
+        if not events.json:
+            raise SourceLostError(stats.error)
+        events.emit("error", stats.error, exit_code=SourceLostError.exit_code)
+        raise typer.Exit(SourceLostError.exit_code)
 
 
 @command("demo")

@@ -3,6 +3,7 @@ loop (:mod:`.loop`) over them, with statistics written as JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from ..runtime.frames import Source
 from ..runtime.loop import Stream, StreamStats
 from ..runtime.options import StreamOptions
 from ..runtime.runners import Runner
-from ..runtime.sinks import open_sinks
+from ..runtime.service import EventLog, stop_signals
+from ..runtime.sinks import check_outputs, open_sinks
 from ..runtime.sources import open_source
 from ..targets import resolve_runner
 
@@ -26,6 +28,7 @@ def run_stream(
     options: StreamOptions | None = None,
     *,
     log: Callable[[str], None] | None = None,
+    events: EventLog | None = None,
     **changes,
 ) -> StreamStats:
     """Open everything by name (``model`` through :func:`i2e_deploy.targets.resolve_runner`,
@@ -38,8 +41,13 @@ def run_stream(
     ``activity``: count each prediction's firing rate and SOPs from the backend's spikes
     (in ``stats_json`` and ``.jsonl`` outputs); by default on when ``stats_json`` is written
     or ``show_activity`` (the overlay's status line) asks for it, where the backend exposes
-    spikes. It costs time per frame (``benchmarks/profile_default.py`` measures how much)."""
+    spikes. It costs time per frame (``benchmarks/profile_default.py`` measures how much).
+
+    SIGINT, SIGTERM and SIGHUP end the run as Ctrl-C does (outputs published, stats
+    written; from the main thread). ``events`` reports the runner and the sources' state
+    changes (``--log-format json``)."""
     opts = (options or StreamOptions()).replace(**changes).check()
+    check_outputs(outputs or ["display"])
     # The source's reader thread preprocesses beside inference: ONNX Runtime's spinning
     # idle threads would take its core on a small machine.
     runner = (
@@ -58,6 +66,10 @@ def run_stream(
             **opts.model_overrides,
         )
     )
+    if events is None and opts.log_format == "json":
+        events = EventLog("json")
+    if events is not None:
+        events.emit("runner", runner=runner.name)
     activity = opts.activity
     if activity is None:
         activity = (opts.stats_json is not None or opts.show_activity) and runner.exposes_spikes
@@ -81,18 +93,32 @@ def run_stream(
                     reconnect_attempts=opts.reconnects,
                 )
             )
-        sink = open_sinks(outputs or ["display"], fps=opened[0].fps if opened else 25.0)
+        sink = open_sinks(
+            outputs or ["display"],
+            fps=opened[0].fps if opened else 25.0,
+            rotation=opts.rotation,
+        )
     except BaseException:
         for source in opened:
             source.close()
         classifier.close()
         raise
-    try:
-        stats = Stream(classifier, opened, sink, opts).run()
-    finally:
-        classifier.close()
-    if opts.stats_json:
-        write_json_atomic(opts.stats_json, stats.to_dict())
+    stream = Stream(classifier, opened, sink, opts)
+
+    def stop(signal_name: str) -> None:
+        stream.stats.interrupted = True
+        stream.request_stop()
+        if events is not None:
+            events.emit("signal", signal=signal_name)
+
+    with stop_signals(stop):  # held until the stats are written: nothing is cut halfway
+        try:
+            with events.watch(opened) if events is not None else contextlib.nullcontext():
+                stats = stream.run()
+        finally:
+            classifier.close()
+        if opts.stats_json:
+            write_json_atomic(opts.stats_json, stats.to_dict())
     return stats
 
 
