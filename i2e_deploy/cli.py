@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -360,11 +361,8 @@ def stream(
     """Classify a camera, video, stream or event recording live, with the event view.
     SIGTERM, SIGHUP and Ctrl-C end it cleanly. Exit 0: ended (input done, --max-frames, a
     stop signal); 2: bad input; 3: a source lost for good; 1: an internal error."""
-    from .apps.stream import run_stream
     from .runtime.options import StreamOptions
-    from .runtime.service import EventLog, interrupt_on_stop_signals, parse_duration, parse_size
-
-    interrupt_on_stop_signals()  # until the stream runs and takes over the signals
+    from .runtime.service import EventLog, parse_duration, parse_size
 
     options = StreamOptions(
         backend=backend,
@@ -391,15 +389,41 @@ def stream(
         log_format=log_format,
     ).check()
     events = EventLog(log_format, say)
-    if events.json:  # every line on stderr is an event, warnings and errors included
-        logger.removeHandler(_warning_line)
-        logger.addHandler(events.handler())
-        logger.propagate = False  # a root handler (some exporters configure one) adds text
+    with _warnings_as_events(events) if events.json else contextlib.nullcontext():
+        _stream_logged(events, model, source, output, options)
+
+
+@contextlib.contextmanager
+def _warnings_as_events(events):
+    """With --log-format json, every line on stderr is an event, warnings included."""
+    handler = events.handler()
+    logger.removeHandler(_warning_line)
+    logger.addHandler(handler)
+    logger.propagate = False  # a root handler (some exporters configure one) adds text
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.addHandler(_warning_line)
+        logger.propagate = True
+
+
+def _stream_logged(events, model, source, output, options) -> None:
+    """Run the stream with its start, end and error as events (lines in text format)."""
+    from .apps.stream import run_stream
+    from .runtime.service import interrupt_on_stop_signals
+
     events.emit("start", model=model, sources=source, outputs=output, pid=os.getpid())
     try:
-        stats = run_stream(
-            model, source, output, options, log=events.log if events.json else say, events=events
-        )
+        with interrupt_on_stop_signals():  # until the stream runs and takes them over
+            stats = run_stream(
+                model,
+                source,
+                output,
+                options,
+                log=events.log if events.json else say,
+                events=events,
+            )
     except KeyboardInterrupt:  # a stop signal while the model loads or sources open
         events.emit("end", "stopped before the stream started", stats=None)
         return

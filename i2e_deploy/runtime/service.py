@@ -137,12 +137,23 @@ def _raise_interrupt(signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
-def interrupt_on_stop_signals() -> None:
-    """Before the stream runs (model export, opening sources): SIGTERM and SIGHUP stop the
-    command as Ctrl-C does, instead of killing it with half-written files."""
+@contextmanager
+def interrupt_on_stop_signals() -> Iterator[None]:
+    """Around a command: SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does, so a
+    stop while the model exports or sources open ends it cleanly instead of killing it
+    with half-written files (the stream loop takes the signals over while it runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
     for name in STOP_SIGNALS[1:]:
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _raise_interrupt)
+            previous[name] = signal.signal(getattr(signal, name), _raise_interrupt)
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 class EventLog:
