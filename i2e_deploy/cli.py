@@ -7,6 +7,8 @@ import functools
 import json
 import logging
 import os
+import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -389,8 +391,11 @@ def stream(
         log_format=log_format,
     ).check()
     events = EventLog(log_format, say)
-    with _warnings_as_events(events) if events.json else contextlib.nullcontext():
-        _stream_logged(events, model, source, output, options)
+    try:
+        with _warnings_as_events(events) if events.json else contextlib.nullcontext():
+            _stream_logged(events, model, source, output, options)
+    finally:
+        _closed.set()
 
 
 @contextlib.contextmanager
@@ -879,8 +884,21 @@ def export_cmd(
     build_artifact(request, log=say)
 
 
+# Set by `stream` once its outputs are published and its sources closed.
+_closed = threading.Event()
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if not _closed.is_set():
+            raise
+        # Nothing is left to tear down but the interpreter, and PyTorch's teardown takes
+        # seconds on a busy machine: a service stop must end well inside Docker's 10 s.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1)
 
 
 if __name__ == "__main__":

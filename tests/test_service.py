@@ -150,10 +150,10 @@ def test_stop_signals_end_a_live_two_camera_stream_cleanly(model, tmp_path, sign
 
 
 def test_sigterm_ends_the_run_fast_while_a_camera_is_reconnecting(model, tmp_path):
-    with Camera() as steady, Camera(lost_after=10) as lost:
+    with Camera() as steady, Camera(lost_after=40) as lost:
         process = start_stream(model, [steady.url, lost.url], tmp_path, "--reconnects", "10")
         # The lost camera's reconnect attempt hangs in FFmpeg's open when the signal comes.
-        wait_for_records(process, tmp_path / "p.jsonl", 6, until=lambda: lost.connections >= 2)
+        wait_for_records(process, tmp_path / "p.jsonl", 2, until=lambda: lost.connections >= 2)
         time.sleep(0.5)
         stop_and_check(process, signal.SIGTERM, tmp_path)
 
