@@ -390,10 +390,10 @@ def stream(
         keep=keep,
         log_format=log_format,
     ).check()
-    events = EventLog(log_format, say)
+    event_log = EventLog(log_format, say)  # `events` is the event-input model flag
     try:
-        with _warnings_as_events(events) if events.json else contextlib.nullcontext():
-            _stream_logged(events, model, source, output, options)
+        with _warnings_as_events(event_log) if event_log.json else contextlib.nullcontext():
+            _stream_logged(event_log, model, source, output, options)
     finally:
         _closed.set()
 

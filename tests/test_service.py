@@ -158,6 +158,15 @@ def test_sigterm_ends_the_run_fast_while_a_camera_is_reconnecting(model, tmp_pat
         stop_and_check(process, signal.SIGTERM, tmp_path)
 
 
+def test_a_run_killed_outright_leaves_whole_lines(model, tmp_path):
+    with Camera() as camera:
+        process = start_stream(model, [camera.url], tmp_path)
+        wait_for_records(process, tmp_path / "p.jsonl", 4)
+        process.kill()  # SIGKILL: no handler runs, nothing is flushed on the way out
+        process.communicate(timeout=30)
+    assert len(whole_lines(tmp_path / "p.jsonl")) >= 4
+
+
 def test_rotation_segments_hold_whole_lines_and_every_frame(model, video, tmp_path):
     # .mp4: its muxer writes each frame out at once (WebM buffers seconds-long clusters, so
     # its size on disk, which rotation reads, lags by up to a cluster).
