@@ -51,9 +51,9 @@ def video(tmp_path_factory):
 class Camera(_LocalServer):
     """A loopback MJPEG camera streaming until closed. ``lost_after``: its first connection
     drops after that many frames and later ones hang unanswered (a camera gone: each
-    reconnect attempt waits for FFmpeg's open timeout)."""
+    reconnect attempt waits for FFmpeg's open timeout); ``hang``: every connection does."""
 
-    def __init__(self, lost_after: int | None = None, fps: float = 20.0):
+    def __init__(self, lost_after: int | None = None, fps: float = 20.0, hang: bool = False):
         jpegs = [
             cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))[1].tobytes()
             for f in synthetic_frames(8, size=(64, 48))
@@ -65,7 +65,7 @@ class Camera(_LocalServer):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 camera.connections += 1
-                if lost_after is not None and camera.connections > 1:
+                if hang or (lost_after is not None and camera.connections > 1):
                     camera.closing.wait()
                     return
                 self.send_response(200)
@@ -156,6 +156,18 @@ def test_sigterm_ends_the_run_fast_while_a_camera_is_reconnecting(model, tmp_pat
         wait_for_records(process, tmp_path / "p.jsonl", 2, until=lambda: lost.connections >= 2)
         time.sleep(0.5)
         stop_and_check(process, signal.SIGTERM, tmp_path)
+
+
+def test_sigterm_while_a_camera_opens_ends_the_command_cleanly(model, tmp_path):
+    with Camera(hang=True) as camera:
+        process = start_stream(model, [camera.url], tmp_path)
+        deadline = time.monotonic() + 120
+        while camera.connections == 0 and time.monotonic() < deadline:  # the model is loaded
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0 and "stopped before the stream started" in out, out + err
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_run_killed_outright_leaves_whole_lines(model, tmp_path):
