@@ -27,8 +27,9 @@ from typer.testing import CliRunner
 
 from i2e_deploy.apps.stream import run_stream
 from i2e_deploy.cli import app
-from i2e_deploy.runtime.service import Rotation, parse_duration, parse_size
+from i2e_deploy.runtime.service import EventLog, Rotation, parse_duration, parse_size
 from i2e_deploy.runtime.sinks import h264_available
+from i2e_deploy.runtime.sources import DemoSource
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "docs" / "service" / "i2e-deploy.service"
@@ -292,6 +293,20 @@ def test_json_log_reports_reconnects_and_a_lost_camera_exits_3(model, tmp_path):
     assert end["stats"]["reconnects"] == 1
     assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 3
     assert "did not come back" in events[-1]["message"]
+
+
+def test_json_events_report_source_state_changes(capsys):
+    source = DemoSource()  # its state is changed here as a capture thread would
+    log = EventLog("json")
+    with log.watch([source], every_s=0.02):
+        source.state.status, source.state.attempt, source.state.attempts = "reconnecting", 1, 5
+        time.sleep(0.2)
+        source.reconnects, source.state.status = 1, "live"
+        time.sleep(0.2)
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    seen = [(e["event"], e.get("status"), e.get("reconnects")) for e in events]
+    assert seen[0] == ("source", "reconnecting", None) and events[0]["attempt"] == 1
+    assert sorted(seen[1:]) == [("reconnect", None, 1), ("source", "live", None)]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
