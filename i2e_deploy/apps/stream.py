@@ -104,12 +104,13 @@ def run_stream(
         classifier.close()
         raise
     stream = Stream(classifier, opened, sink, opts)
+    received: list[str] = []
 
     def stop(signal_name: str) -> None:
+        # Only flags here: the handler may interrupt a holder of the stderr lock.
+        received.append(signal_name)
         stream.stats.interrupted = True
         stream.request_stop()
-        if events is not None:
-            events.emit("signal", signal=signal_name)
 
     with stop_signals(stop):  # held until the stats are written: nothing is cut halfway
         try:
@@ -117,6 +118,8 @@ def run_stream(
                 stats = stream.run()
         finally:
             classifier.close()
+        if events is not None and received:
+            events.emit("signal", signal=received[0])
         if opts.stats_json:
             write_json_atomic(opts.stats_json, stats.to_dict())
     return stats
