@@ -8,7 +8,8 @@ run it: ``i2e-deploy stream default --source demo --loop --fps F`` into a ``.jso
 
 Checks at the end: exit 0 within 10 s of SIGTERM, no temp file left, every line of every
 kept segment parses, at most ``--keep`` segments per output. Prints a Markdown table; writes
-JSON (default benchmarks/results/soak.json).
+JSON (default benchmarks/results/soak.json). The outputs and the event log are deleted at
+the end unless SOAK_KEEP_OUTPUTS is set.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ def main() -> None:
         for path in folder.iterdir():
             path.unlink()
         folder.rmdir()
+        events_path.unlink()
 
 
 if __name__ == "__main__":
