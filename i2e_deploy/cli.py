@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
+import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -12,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .device import GPU_INSTALL
-from .errors import I2EError, VerificationError, logger
+from .errors import I2EError, SourceLostError, logger
 
 app = typer.Typer(
     add_completion=False,
@@ -57,8 +61,9 @@ _warning_line = _WarningLine(logging.WARNING)
 
 
 def command(*args, **kwargs):
-    """Register a command whose I2EError becomes one red line and exit code 2 (1 for a
-    refused verification, as parity's failure). The message
+    """Register a command whose I2EError becomes one red line and its exit code: 2 (bad
+    input), 1 for a refused verification (as parity's failure), 3 for a stream's source lost
+    for good. The message
     prints literally: a Text, not markup, so "pip install 'i2e-deploy[events]'" keeps its
     brackets."""
 
@@ -71,7 +76,7 @@ def command(*args, **kwargs):
                 err_console.print(
                     Text.assemble(("error:", "red"), f" {exc}"), highlight=False, soft_wrap=True
                 )
-                raise typer.Exit(1 if isinstance(exc, VerificationError) else 2) from None
+                raise typer.Exit(exc.exit_code) from None
             except ImportError as exc:
                 name = fn.__name__.removesuffix("_cmd")
                 missing = (exc.name or "").split(".")[0]
@@ -354,6 +359,20 @@ def stream(
         False, "--show-activity", help="show firing rate and SOPs on the overlay"
     ),
     view_fps: float = ViewFpsOpt,
+    rotate: str | None = typer.Option(
+        None,
+        "--rotate",
+        help="close file outputs as timestamped segments at this size (100MB, 512KiB)",
+    ),
+    rotate_every: str | None = typer.Option(
+        None, "--rotate-every", help="close file outputs as segments this often (10m, 1h, 1d)"
+    ),
+    keep: int | None = typer.Option(
+        None, "--keep", help="closed segments kept per output (default: all)"
+    ),
+    log_format: str = typer.Option(
+        "text", "--log-format", help="text, or json: one JSON object per event on stderr"
+    ),
     verify: bool = VerifyOpt,
     verify_data: Path | None = VerifyDataOpt,
     arch: str | None = ArchOpt,
@@ -362,9 +381,11 @@ def stream(
     imgsz: int | None = ImgszOpt,
     events: bool | None = EventsOpt,
 ):
-    """Classify a camera, video, stream or event recording live, with the event view."""
-    from .apps.stream import run_stream
+    """Classify a camera, video, stream or event recording live, with the event view.
+    SIGTERM, SIGHUP and Ctrl-C end it cleanly. Exit 0: ended (input done, --max-frames, a
+    stop signal); 2: bad input; 3: a source lost for good; 1: an internal error."""
     from .runtime.options import StreamOptions
+    from .runtime.service import EventLog, parse_duration, parse_size
 
     options = StreamOptions(
         backend=backend,
@@ -387,11 +408,64 @@ def stream(
         activity=activity,
         show_activity=show_activity,
         view_fps=view_fps,
-    )
-    stats = run_stream(model, source, output, options, log=say)
-    say(stats.summary())
+        rotate_bytes=None if rotate is None else parse_size(rotate),
+        rotate_every_s=None if rotate_every is None else parse_duration(rotate_every),
+        keep=keep,
+        log_format=log_format,
+    ).check()
+    event_log = EventLog(log_format, say)  # `events` is the event-input model flag
+    try:
+        with _warnings_as_events(event_log) if event_log.json else contextlib.nullcontext():
+            _stream_logged(event_log, model, source, output, options)
+    finally:
+        _closed.set()
+
+
+@contextlib.contextmanager
+def _warnings_as_events(events):
+    """With --log-format json, every line on stderr is an event, warnings included."""
+    handler = events.handler()
+    logger.removeHandler(_warning_line)
+    logger.addHandler(handler)
+    logger.propagate = False  # a root handler (some exporters configure one) adds text
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.addHandler(_warning_line)
+        logger.propagate = True
+
+
+def _stream_logged(events, model, source, output, options) -> None:
+    """Run the stream with its start, end and error as events (lines in text format)."""
+    from .apps.stream import run_stream
+    from .runtime.service import interrupt_on_stop_signals
+
+    events.emit("start", model=model, sources=source, outputs=output, pid=os.getpid())
+    try:
+        with interrupt_on_stop_signals():  # until the stream runs and takes them over
+            stats = run_stream(
+                model,
+                source,
+                output,
+                options,
+                log=events.log if events.json else say,
+                events=events,
+            )
+    except KeyboardInterrupt:  # a stop signal while the model loads or sources open
+        events.emit("end", "stopped before the stream started", stats=None)
+        return
+    except I2EError as exc:
+        if not events.json:
+            raise
+        events.emit("error", str(exc), exit_code=exc.exit_code)
+        raise typer.Exit(exc.exit_code) from None
+    events.emit("end", stats.summary(), stats=stats.to_dict())
     if stats.error:
-        raise I2EError(stats.error)
+        if not events.json:
+            raise SourceLostError(stats.error)
+        events.emit("error", stats.error, exit_code=SourceLostError.exit_code)
+        raise typer.Exit(SourceLostError.exit_code)
 
 
 @command("demo")
@@ -836,8 +910,21 @@ def export_cmd(
     build_artifact(request, log=say)
 
 
+# Set by `stream` once its outputs are published and its sources closed.
+_closed = threading.Event()
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if not _closed.is_set():
+            raise
+        # Nothing is left to tear down but the interpreter, and PyTorch's teardown takes
+        # seconds on a busy machine: a service stop must end well inside Docker's 10 s.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1)
 
 
 if __name__ == "__main__":

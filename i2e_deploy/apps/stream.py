@@ -3,6 +3,7 @@ loop (:mod:`.loop`) over them, with statistics written as JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -17,8 +18,9 @@ from ..runtime.frames import Source
 from ..runtime.live import LiveSink
 from ..runtime.loop import Stream
 from ..runtime.options import StreamOptions
+from ..runtime.outputs import check_outputs, open_sinks
 from ..runtime.runners import Runner
-from ..runtime.sinks import open_sinks
+from ..runtime.service import EventLog, stop_signals
 from ..runtime.sources import needs_card, open_source
 from ..runtime.stats import StreamStats
 from ..targets import resolve_runner
@@ -31,26 +33,34 @@ def run_stream(
     options: StreamOptions | None = None,
     *,
     log: Callable[[str], None] | None = None,
+    events: EventLog | None = None,
     **changes,
 ) -> StreamStats:
     """Open everything by name (``model`` through :func:`i2e_deploy.targets.resolve_runner`,
     or an already loaded runner), run the stream, write ``options.stats_json``. ``changes``
     override single fields of ``options`` (``run_stream(m, ["0"], ["none"], threads=1)``).
-    Bad options and open failures (missing file, dead URL, no camera) raise I2EError before
-    anything runs, a source's before a runner is chosen; a source lost mid-stream (not back
-    after ``reconnects`` attempts) ends alone, the others go on, and the loss is reported in
-    ``stats.error``.
+    Bad options and open failures (missing file, dead URL, no camera, a port in use) raise
+    I2EError before anything runs, a source's before a runner is chosen; a source lost
+    mid-stream (not back after ``reconnects`` attempts) ends alone, the others go on, and
+    the loss is reported in ``stats.error``.
 
     ``activity``: count each prediction's firing rate and SOPs from the backend's spikes
     (in ``stats_json`` and ``.jsonl`` outputs); by default on when ``stats_json`` is written
     or ``show_activity`` (the overlay's status line) asks for it, where the backend exposes
-    spikes. It costs time per frame (``benchmarks/profile_default.py`` measures how much)."""
+    spikes. It costs time per frame (``benchmarks/profile_default.py`` measures how much).
+
+    SIGINT, SIGTERM and SIGHUP end the run as Ctrl-C does (outputs published, stats
+    written; from the main thread). ``events`` reports the runner and the sources' state
+    changes (``--log-format json``)."""
     opts = (options or StreamOptions()).replace(**changes).check()
+    check_outputs(outputs or ["display"])
+    if events is None and opts.log_format == "json":
+        events = EventLog("json")
     # Live pages bind their port first: a port in use is refused before a model loads or a
     # camera opens.
     servers = open_live_outputs(outputs, opts.view_fps, log)
     try:
-        return _run(model, sources, outputs, opts, servers, log)
+        return _run(model, sources, outputs, opts, servers, log, events)
     except BaseException:
         for server in servers.values():
             server.close()  # closing twice is harmless: the stream may have closed it
@@ -80,6 +90,7 @@ def _run(
     opts: StreamOptions,
     servers: dict[str, LiveSink],
     log: Callable[[str], None] | None,
+    events: EventLog | None,
 ) -> StreamStats:
     # Sources open before the runner, so that a dead camera is reported before a runner is
     # chosen or anything exported; event sources need the card, read from the file without a
@@ -107,8 +118,13 @@ def _run(
                 )
             )
         classifier = _classifier(model, opts, log)
+        if events is not None:
+            events.emit("runner", runner=classifier.name)
         sink = open_sinks(
-            outputs or ["display"], fps=opened[0].fps if opened else 25.0, opened=servers
+            outputs or ["display"],
+            fps=opened[0].fps if opened else 25.0,
+            rotation=opts.rotation,
+            opened=servers,
         )
     except BaseException:
         for source in opened:
@@ -116,12 +132,25 @@ def _run(
         if classifier is not None:
             classifier.close()
         raise
-    try:
-        stats = Stream(classifier, opened, sink, opts, log=log).run()
-    finally:
-        classifier.close()
-    if opts.stats_json:
-        write_json_atomic(opts.stats_json, stats.to_dict())
+    stream = Stream(classifier, opened, sink, opts, log=log)
+    received: list[str] = []
+
+    def stop(signal_name: str) -> None:
+        # Only flags here: the handler may interrupt a holder of the stderr lock.
+        received.append(signal_name)
+        stream.stats.interrupted = True
+        stream.request_stop()
+
+    with stop_signals(stop):  # held until the stats are written: nothing is cut halfway
+        try:
+            with events.watch(opened) if events is not None else contextlib.nullcontext():
+                stats = stream.run()
+        finally:
+            classifier.close()
+        if events is not None and received:
+            events.emit("signal", signal=received[0])
+        if opts.stats_json:
+            write_json_atomic(opts.stats_json, stats.to_dict())
     return stats
 
 

@@ -5,7 +5,7 @@ Python API, in the style of jetson-inference's examples::
 
     from i2e_deploy.runtime.classify import Classifier
     from i2e_deploy.runtime.sources import open_source
-    from i2e_deploy.runtime.sinks import open_sink
+    from i2e_deploy.runtime.outputs import open_sink
 
     model = Classifier("model.onnx")
     with open_source("video.mp4") as source, open_sink("out.mp4") as sink:

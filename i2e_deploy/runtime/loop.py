@@ -295,8 +295,11 @@ class Stream:
         for capture in self.captures:
             capture.stop.set()
             capture.source.interrupt()
+        # One deadline for all: a stop ends well inside Docker's 10 s even while cameras
+        # reconnect (a live read or a backoff can block; the threads are daemons).
+        deadline = time.monotonic() + 3.0
         for capture in self.captures:
-            capture.join(timeout=5.0)  # a live read can block; the thread is a daemon
+            capture.join(timeout=max(0.0, deadline - time.monotonic()))
         self.sink.close()
         stats = self.stats
         self._tally()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import I2EError
+from .service import Rotation
 
 
 @dataclass
@@ -40,6 +41,12 @@ class StreamOptions:
     activity: bool | None = None  # None: on with stats_json or show_activity, if spikes show
     show_activity: bool = False
     view_fps: float = 10.0  # the live page's pictures per second at most (http:// outputs)
+    # Running as a service (see i2e_deploy.runtime.service): file outputs are closed as
+    # segments at rotate_bytes and/or after rotate_every_s, the newest ``keep`` kept.
+    rotate_bytes: int | None = None
+    rotate_every_s: float | None = None
+    keep: int | None = None  # None: every closed segment
+    log_format: str = "text"  # or json: one object per event on stderr
 
     def replace(self, **changes: Any) -> StreamOptions:
         """A copy with ``changes``; an unknown name is a clear error, not a TypeError."""
@@ -48,6 +55,12 @@ class StreamOptions:
         if unknown:
             raise I2EError(f"unknown stream option(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
+
+    @property
+    def rotation(self) -> Rotation | None:
+        if self.rotate_bytes is None and self.rotate_every_s is None:
+            return None
+        return Rotation(self.rotate_bytes, self.rotate_every_s, self.keep)
 
     def check(self) -> StreamOptions:
         """Refuse impossible values in one line each (before anything is opened)."""
@@ -69,4 +82,14 @@ class StreamOptions:
             raise I2EError(f"--view-fps must be positive, got {self.view_fps}")
         if not self.window_ms > 0:
             raise I2EError(f"--window-ms must be positive, got {self.window_ms}")
+        if self.rotate_bytes is not None and self.rotate_bytes < 1:
+            raise I2EError(f"--rotate must be a positive size, got {self.rotate_bytes} bytes")
+        if self.rotate_every_s is not None and not self.rotate_every_s > 0:
+            raise I2EError(f"--rotate-every must be positive, got {self.rotate_every_s} s")
+        if self.keep is not None and self.keep < 0:
+            raise I2EError(f"--keep must be >= 0, got {self.keep}")
+        if self.keep is not None and self.rotation is None:
+            raise I2EError("--keep counts rotated segments: give --rotate or --rotate-every")
+        if self.log_format not in ("text", "json"):
+            raise I2EError(f"--log-format must be text or json, got {self.log_format!r}")
         return self

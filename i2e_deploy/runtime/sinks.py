@@ -1,32 +1,93 @@
 """Where predictions go, named by URI: ``display`` (OpenCV window), a video file
-(``out.mp4``: annotated frames with the event view), a ``.jsonl`` file of predictions, ``none``.
+(``out.mp4``, ``out.webm``: annotated frames with the event view), a ``.jsonl`` file of
+predictions, ``none``.
 
-Files are written to a temporary name beside the target and renamed on ``close()``, so a
-reader never sees a half-written file under the final name.
+A ``.jsonl`` file grows at its own path by whole lines as predictions come (``tail -f``
+works; a run killed at any moment leaves whole lines). A video is written to a temporary
+name beside the target and renamed when complete, since a half-written video does not play.
+With a :class:`~.service.Rotation` both are closed as timestamped segments as they go.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from ..errors import I2EError
+from ..errors import I2EError, warn
 from ..fileio import temp_beside
 from .overlay import annotate
+from .service import STDERR_LOCK, Rotation
 
 if TYPE_CHECKING:
     from .frames import Frame, Prediction, Source, SourceState
     from .stats import StreamStats
 
-VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
+# MP4-family files get H.264 ('avc1', what browsers play) where OpenCV's FFmpeg can encode
+# it, else MPEG-4 Part 2 ('mp4v'); .webm is VP8, which every browser plays.
+VIDEO_CODECS = {
+    ".mp4": "avc1",
+    ".m4v": "avc1",
+    ".mov": "avc1",
+    ".mkv": "mp4v",
+    ".avi": "MJPG",
+    ".webm": "VP80",
+}
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 while OpenCV opens a writer: it prints codec-tag notes
+    ('tag VP80 is not supported ... webm') straight to stderr, which would break a
+    one-line error or a JSON log (whose writes wait on the same lock)."""
+    with STDERR_LOCK:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _open_writer(path: Path, fourcc: str, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
+    with _quiet_stderr():
+        return cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), fps, size)
+
+
+@functools.lru_cache(maxsize=1)
+def h264_available() -> bool:
+    """Whether this OpenCV can write H.264 into .mp4 (opencv-python-headless from PyPI
+    cannot: its FFmpeg has no software H.264 encoder)."""
+    with tempfile.TemporaryDirectory() as folder:
+        writer = _open_writer(Path(folder, "probe.mp4"), "avc1", 10.0, (64, 64))
+        available = writer.isOpened()
+        writer.release()
+    return available
+
+
+def video_codec(suffix: str) -> str:
+    """The FourCC a video output of ``suffix`` is written with here."""
+    fourcc = VIDEO_CODECS[suffix]
+    if fourcc == "avc1" and not h264_available():
+        warn(
+            f"this OpenCV has no H.264 encoder: {suffix} is written as MPEG-4 Part 2 (mp4v), "
+            "which browsers do not play; write .webm (VP8) for a browser"
+        )
+        return "mp4v"
+    return fourcc
 
 
 class Sink:
@@ -68,43 +129,110 @@ def numbered(path: Path, source: int) -> Path:
 
 
 class VideoSink(Sink):
-    """Annotated frames to a video file (one file per source: out.mp4, out.1.mp4, ...)."""
+    """Annotated frames to a video file (one file per source: out.mp4, out.1.mp4, ...). Each
+    file (and each rotated segment) is written under a hidden name and renamed when
+    released: a video is playable only once complete."""
 
     needs_canvas = True
 
-    def __init__(self, path: str | os.PathLike, fps: float = 25.0):
+    def __init__(
+        self, path: str | os.PathLike, fps: float = 25.0, rotation: Rotation | None = None
+    ):
         self.path = Path(path)
         if self.path.suffix.lower() not in VIDEO_CODECS:
             raise I2EError(f"cannot write video {self.path}: use one of {', '.join(VIDEO_CODECS)}")
-        self.fourcc = VIDEO_CODECS[self.path.suffix.lower()]
+        self.fourcc = video_codec(self.path.suffix.lower())
         self.fps = fps
-        self.writers: dict[int, tuple[cv2.VideoWriter, Path, tuple[int, int]]] = {}
+        self.rotation = rotation
+        # per source: writer, its temp file, frame size, monotonic time it was opened
+        self.writers: dict[int, tuple[cv2.VideoWriter, Path, tuple[int, int], float]] = {}
         self.frames: dict[int, int] = {}
 
     def write(self, frame, prediction, canvas) -> None:
-        if frame.source not in self.writers:
-            size = (canvas.shape[1], canvas.shape[0])
-            tmp = temp_beside(self.path, f".tmp{self.path.suffix}")
-            writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*self.fourcc), self.fps, size)
-            if not writer.isOpened():
-                tmp.unlink(missing_ok=True)
-                raise I2EError(
-                    f"cannot write video {self.path}: OpenCV has no {self.fourcc} "
-                    "encoder here; try an .avi output"
-                )
-            self.writers[frame.source] = (writer, tmp, size)
-            self.frames[frame.source] = 0
-        writer, _, size = self.writers[frame.source]
+        source = frame.source
+        if source in self.writers and self.rotation is not None:
+            _, tmp, _, opened_at = self.writers[source]
+            if self.rotation.due(tmp.stat().st_size, 0, opened_at):
+                target = numbered(self.path, source)
+                self._release(source, self.rotation.segment_path(target))
+                self.rotation.prune(target)
+        if source not in self.writers:
+            self._open(source, (canvas.shape[1], canvas.shape[0]))
+        writer, _, size, _ = self.writers[source]
         if (canvas.shape[1], canvas.shape[0]) != size:  # a source changed resolution
             canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_AREA)
         writer.write(canvas)
-        self.frames[frame.source] += 1
+        self.frames[source] += 1
+
+    def _open(self, source: int, size: tuple[int, int]) -> None:
+        target = numbered(self.path, source)
+        if source not in self.frames:
+            self.frames[source] = 0
+            if self.rotation is not None and target.exists():
+                # A restarted service keeps the previous run's video, as a segment.
+                os.replace(target, self.rotation.segment_path(target))
+                self.rotation.prune(target)
+        tmp = temp_beside(self.path, f".tmp{self.path.suffix}")
+        writer = _open_writer(tmp, self.fourcc, self.fps, size)
+        if not writer.isOpened():
+            tmp.unlink(missing_ok=True)
+            raise I2EError(
+                f"cannot write video {self.path}: OpenCV has no {self.fourcc} "
+                "encoder here; try an .avi output"
+            )
+        self.writers[source] = (writer, tmp, size, time.monotonic())
+
+    def _release(self, source: int, to: Path) -> None:
+        writer, tmp, _, _ = self.writers.pop(source)
+        writer.release()
+        os.replace(tmp, to)
 
     def close(self) -> None:
-        for source, (writer, tmp, _) in self.writers.items():
-            writer.release()
-            os.replace(tmp, numbered(self.path, source))
-        self.writers.clear()
+        for source in list(self.writers):
+            self._release(source, numbered(self.path, source))
+
+
+class LineFile:
+    """A text file of whole lines at its own path, growing as lines come: each line goes
+    out in one ``write()`` on an O_APPEND descriptor, so a reader (``tail -f``), or a run
+    killed at any moment, sees only whole lines. With a ``rotation`` it is closed as a
+    timestamped segment and begun anew."""
+
+    def __init__(self, path: Path, rotation: Rotation | None = None):
+        self.path, self.rotation = path, rotation
+        if rotation is not None and path.is_file() and path.stat().st_size > 0:
+            # A restarted service keeps the previous run's records, as a segment.
+            os.replace(path, rotation.segment_path(path))
+            rotation.prune(path)
+        self._begin()
+
+    def _begin(self) -> None:
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+            self.fd = os.open(self.path, flags, 0o666)  # less the umask, as open() does
+        except OSError as exc:
+            raise I2EError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.size = 0
+        self.opened_at = time.monotonic()
+
+    def write(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        if self.rotation is not None and self.rotation.due(self.size, len(data), self.opened_at):
+            os.close(self.fd)
+            os.replace(self.path, self.rotation.segment_path(self.path))
+            self.rotation.prune(self.path)
+            self._begin()
+        self.size += len(data)
+        try:
+            while data:  # a regular file takes it in one write unless the disk is full
+                data = data[os.write(self.fd, data) :]
+        except OSError as exc:
+            raise I2EError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def prediction_record(
@@ -145,15 +273,15 @@ def prediction_record(
 class JsonlSink(Sink):
     """One JSON object per frame (see ``prediction_record``)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, rotation: Rotation | None = None):
         self.path = Path(path)
-        self.file: TextIO | None = None
+        self.rotation = rotation
+        self.file: LineFile | None = None
         self.sources: list[Source] = []
 
-    def _open(self) -> TextIO:
+    def _open(self) -> LineFile:
         if self.file is None:
-            self.tmp = temp_beside(self.path, ".tmp.jsonl")
-            self.file = open(self.tmp, "w", encoding="utf-8")
+            self.file = LineFile(self.path, self.rotation)
         return self.file
 
     def attach(self, stats, sources) -> None:
@@ -163,13 +291,9 @@ class JsonlSink(Sink):
         file = self._open()
         record = prediction_record(frame, prediction, [s.state for s in self.sources])
         file.write(json.dumps(record) + "\n")
-        file.flush()  # one small write per frame; the temp file shows progress
 
     def close(self) -> None:
-        file = self._open()  # no frames: publish an empty file, the truthful result
-        if not file.closed:
-            file.close()
-            os.replace(self.tmp, self.path)
+        self._open().close()  # no frames: an empty file, the truthful result
 
 
 def screen_available() -> bool:
@@ -231,36 +355,3 @@ class MultiSink(Sink):
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
-
-
-def open_sink(uri: str, *, fps: float = 25.0, view_fps: float = 10.0) -> Sink:
-    """``display``, ``none``, ``*.jsonl``, a video file (``fps`` = the source's), or
-    ``http://HOST:PORT``, the live page (:mod:`.live`; ``view_fps`` pictures a second)."""
-    text = str(uri).strip()
-    if text.startswith("http://"):
-        from .live import LiveSink  # here: live.py builds on this module
-
-        return LiveSink(text, view_fps=view_fps)
-    if text == "none":
-        return NullSink()
-    if text == "display":
-        return DisplaySink()
-    suffix = Path(text).suffix.lower()
-    if suffix == ".jsonl":
-        return JsonlSink(text)
-    if suffix in VIDEO_CODECS:
-        return VideoSink(text, fps=fps)
-    raise I2EError(
-        f"unknown output {text!r}: use display, none, http://HOST:PORT, a .jsonl file or "
-        f"a video file ({', '.join(VIDEO_CODECS)})"
-    )
-
-
-def open_sinks(
-    uris: list[str], *, fps: float = 25.0, opened: Mapping[str, Sink] | None = None
-) -> Sink:
-    """One sink for one URI, a MultiSink for several; ``opened``: sinks already opened by URI."""
-    opened = opened or {}
-    # files are created on first write
-    sinks = [opened[uri] if uri in opened else open_sink(uri, fps=fps) for uri in uris]
-    return sinks[0] if len(sinks) == 1 else MultiSink(sinks)
