@@ -1,10 +1,12 @@
 """Atomic file output: a temp file beside the target, renamed into place only on success,
-so an interrupted or failed write never leaves a half-written file."""
+so an interrupted or failed write never leaves a half-written file. Also the muting of native
+libraries' own stderr lines."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,3 +59,19 @@ def copy_into_place(source: str | os.PathLike, output: str | os.PathLike) -> Pat
     except OSError as exc:
         raise I2EError(f"cannot write {output}: {exc.strerror}") from None
     return Path(output)
+
+
+@contextmanager
+def native_stderr_muted() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the block: native libraries (OpenCV's FFmpeg,
+    PyTorch's profiler) print notes there that a user would take for errors, and that would
+    break a one-line error or a JSON log. Python exceptions still raise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

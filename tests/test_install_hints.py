@@ -36,12 +36,12 @@ def expand(extras: list[str]) -> list[str]:
 
 def hinted_extras() -> set[str]:
     """Extras named as ``i2e-deploy[...]``, ``.[...]`` or ``whl[...]`` in the package, the
-    README, docs and benchmarks."""
+    README, docs and benchmarks (an extra's name starts with a letter: ``.[0-9]`` is a glob)."""
     files = [REPO / "README.md", *(REPO / "docs").glob("*.md")]
     files += [*(REPO / "i2e_deploy").rglob("*.py"), *(REPO / "benchmarks").glob("*.sh")]
     names: set[str] = set()
     for path in files:
-        for group in re.findall(r"(?:i2e-deploy|\.|\.whl)\[([a-z0-9,-]+)\]", path.read_text()):
+        for group in re.findall(r"(?:i2e-deploy|\.|\.whl)\[([a-z][a-z0-9,-]*)\]", path.read_text()):
             names.update(group.split(","))
     return names
 

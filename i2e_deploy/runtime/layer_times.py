@@ -13,7 +13,6 @@ layer (pooling, the mean over T) is 'other'. Nodes the backend adds itself are '
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import tempfile
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import I2EError
+from ..fileio import native_stderr_muted
 
 if TYPE_CHECKING:  # model/ imports PyTorch; ONNX Runtime streams need not
     from ..model.profile import Layer
@@ -380,7 +380,7 @@ def _torch_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> La
     try:
         with torch.inference_mode():
             model(x)
-            with _native_stderr_muted(), profile(activities=activities) as prof:
+            with native_stderr_muted(), profile(activities=activities) as prof:
                 for _ in range(runs):
                     with record_function(tag + "#total"):
                         model(x)
@@ -421,24 +421,6 @@ def _torch_times(runner, batch: np.ndarray, table: list[Layer], runs: int) -> La
         + " time per module; BatchNorm counted with its conv, a block's own time "
         "(its membrane sum and the Python around its modules) as its residual",
     )
-
-
-@contextlib.contextmanager
-def _native_stderr_muted():
-    """Silence the C++ side's stderr (this PyTorch build's profiler logs its start, stop
-    and a GPU probe as lines a user would take for errors); Python errors still raise."""
-    import os
-    import sys
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 # --- TensorRT ---------------------------------------------------------------------------------

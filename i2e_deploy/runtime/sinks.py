@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from ..errors import I2EError, warn
-from ..fileio import temp_beside
+from ..fileio import native_stderr_muted, temp_beside
 from .overlay import annotate
 from .service import STDERR_LOCK, Rotation
 
@@ -47,19 +47,10 @@ VIDEO_CODECS = {
 
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 while OpenCV opens a writer: it prints codec-tag notes
-    ('tag VP80 is not supported ... webm') straight to stderr, which would break a
-    one-line error or a JSON log (whose writes wait on the same lock)."""
-    with STDERR_LOCK:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "w") as null:
-                os.dup2(null.fileno(), 2)
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    """Mute stderr while OpenCV opens a writer: it prints codec-tag notes ('tag VP80 is not
+    supported ... webm'); under the lock that the JSON log's writes wait on."""
+    with STDERR_LOCK, native_stderr_muted():
+        yield
 
 
 def _open_writer(path: Path, fourcc: str, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
