@@ -108,13 +108,28 @@ class Rotation:
 
 
 @contextmanager
-def stop_signals(stop: Callable[[str], None]) -> Iterator[None]:
-    """Route SIGINT, SIGTERM and SIGHUP to ``stop(name)`` (once; later ones are ignored
-    while the run winds down, so a second Ctrl-C cannot tear half-published outputs)
-    and restore the previous handlers after. Outside the main thread, signals are not ours."""
+def _signals_to(handler, names: tuple[str, ...]) -> Iterator[None]:
+    """``handler`` for the signals ``names`` during the block, the previous ones restored
+    after. Outside the main thread, signals are not ours: nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {}
+    for name in names:
+        if hasattr(signal, name):  # no SIGHUP on Windows
+            previous[name] = signal.signal(getattr(signal, name), handler)
+    try:
+        yield
+    finally:
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
+
+
+@contextmanager
+def stop_signals(stop: Callable[[str], None]) -> Iterator[None]:
+    """Route SIGINT, SIGTERM and SIGHUP to ``stop(name)`` (once; later ones are ignored
+    while the run winds down, so a second Ctrl-C cannot tear half-published outputs)
+    and restore the previous handlers after."""
     stopping = threading.Event()
 
     def handle(signum, _frame) -> None:
@@ -122,15 +137,8 @@ def stop_signals(stop: Callable[[str], None]) -> Iterator[None]:
             stopping.set()
             stop(signal.Signals(signum).name)
 
-    previous = {}
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):  # no SIGHUP on Windows
-            previous[name] = signal.signal(getattr(signal, name), handle)
-    try:
+    with _signals_to(handle, STOP_SIGNALS):
         yield
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
 
 
 def _raise_interrupt(signum, _frame) -> None:
@@ -142,18 +150,8 @@ def interrupt_on_stop_signals() -> Iterator[None]:
     """Around a command: SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does, so a
     stop while the model exports or sources open ends it cleanly instead of killing it
     with half-written files (the stream loop takes the signals over while it runs)."""
-    if threading.current_thread() is not threading.main_thread():
+    with _signals_to(_raise_interrupt, STOP_SIGNALS[1:]):
         yield
-        return
-    previous = {}
-    for name in STOP_SIGNALS[1:]:
-        if hasattr(signal, name):
-            previous[name] = signal.signal(getattr(signal, name), _raise_interrupt)
-    try:
-        yield
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
 
 
 class EventLog:
